@@ -1,0 +1,55 @@
+# Every target does its own setup on a fresh machine: Python deps, the pinned opencode
+# binary, and (for the Kubernetes tests) etcd/kube-apiserver/kubectl built from Go modules.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+OPENCODE_VERSION := $(shell sed -n 's/^OPENCODE_VERSION = "\(.*\)"/\1/p' operator/reactor/__init__.py)
+OPENCODE_DIR := .tools/opencode
+OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
+export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
+
+.PHONY: help setup venv opencode envtest test test-fast demo bench clean
+
+help:
+	@echo "make demo    - offline demo: local control plane + operator + scripted model"
+	@echo "make test    - full test suite (does its own setup)"
+	@echo "make bench   - benchmarks (prints figures)"
+
+$(PY): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(PY)
+
+venv: $(PY)
+
+# The opencode binary from the npm package, pinned, project-local (no global install).
+$(OPENCODE_BIN): operator/reactor/__init__.py
+	@if [ -x "$(OPENCODE_BIN)" ] && [ "$$($(OPENCODE_BIN) --version 2>/dev/null)" = "$(OPENCODE_VERSION)" ]; then \
+	  touch $(OPENCODE_BIN); \
+	else \
+	  mkdir -p $(OPENCODE_DIR) && \
+	  npm install --prefix $(OPENCODE_DIR) --no-audit --no-fund --loglevel=error opencode-ai@$(OPENCODE_VERSION) && \
+	  test "$$($(OPENCODE_BIN) --version)" = "$(OPENCODE_VERSION)"; \
+	fi
+
+opencode: $(OPENCODE_BIN)
+
+# etcd + kube-apiserver + kubectl, built once into the envtest cache outside the repo.
+envtest:
+	@hack/envtest/build.sh
+
+setup: venv opencode envtest
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m reactor.demo
+
+bench: venv opencode
+	$(PY) bench/cell_bootstrap.py
+
+clean:
+	rm -rf $(VENV) .tools .reactor

@@ -1,0 +1,1 @@
+"""Infrastructure: ports, git worktrees, opencode server processes. No HTTP, no Kubernetes."""

@@ -1,0 +1,41 @@
+"""`reactor cleanup`: remove what a crashed Reactor process left behind.
+
+Only things Reactor marked are touched: servers carrying its environment markers whose
+owning process is gone, and worktrees it recorded whose owner is gone. A concurrent,
+live Reactor process keeps its cells.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from reactor.infra.processes import find_marked_processes, kill_process_group
+from reactor.infra.worktrees import WorktreeManager, safe_component
+
+
+def cleanup_leftovers(work_dir: Path, repo: Path | None = None) -> list[str]:
+    work_dir = Path(work_dir).resolve()
+    report = []
+    live_cells = set()
+    for server in find_marked_processes(str(work_dir)):
+        if server.owner_alive:
+            live_cells.add(safe_component(server.cell))
+            continue
+        kill_process_group(server.pid)
+        report.append(f"killed orphaned server pid {server.pid} (cell {server.cell})")
+
+    manager = WorktreeManager(work_dir / "worktrees")
+    repos = {Path(repo).resolve()} if repo is not None else set(manager.recorded_repositories())
+    for repository in sorted(repos):
+        if not repository.exists():
+            continue
+        for worktree in manager.cleanup(repository):
+            report.append(f"removed worktree {worktree.path} (branch {worktree.branch}) of {repository}")
+
+    cells_dir = work_dir / "cells"
+    for cell_dir in sorted(cells_dir.iterdir()) if cells_dir.is_dir() else []:
+        if cell_dir.name not in live_cells:
+            shutil.rmtree(cell_dir, ignore_errors=True)
+            report.append(f"removed cell state {cell_dir}")
+    return report

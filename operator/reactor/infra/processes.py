@@ -1,0 +1,120 @@
+"""Process ownership and orphan finding.
+
+Every server Reactor starts carries marker variables in its environment (never in argv,
+which other users can read): which cell it serves, which Reactor process started it, and
+under which work dir. After a crash, a later run finds orphans by these markers with psutil
+and kills their process groups. A process without the markers is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import psutil
+
+MARK_CELL = "REACTOR_CELL"
+MARK_OWNER = "REACTOR_OWNER"
+MARK_WORK_DIR = "REACTOR_WORK_DIR"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A process identity that survives PID reuse: the PID plus its start time."""
+
+    pid: int
+    started: float
+
+    @classmethod
+    def current(cls) -> Owner:
+        return cls(os.getpid(), psutil.Process().create_time())
+
+    @property
+    def token(self) -> str:
+        return f"{self.pid}:{self.started:.2f}"
+
+    @staticmethod
+    def is_alive_token(token: str) -> bool:
+        try:
+            pid_text, started_text = token.split(":", 1)
+            process = psutil.Process(int(pid_text))
+            return f"{process.create_time():.2f}" == started_text and process.status() != psutil.STATUS_ZOMBIE
+        except (ValueError, psutil.Error):
+            return False
+
+
+@dataclass(frozen=True)
+class MarkedProcess:
+    pid: int
+    cell: str
+    owner: str
+    work_dir: str
+
+    @property
+    def owner_alive(self) -> bool:
+        return Owner.is_alive_token(self.owner)
+
+
+def marker_env(cell: str, owner: Owner, work_dir: str) -> dict[str, str]:
+    return {MARK_CELL: cell, MARK_OWNER: owner.token, MARK_WORK_DIR: work_dir}
+
+
+def find_marked_processes(work_dir: str | None = None) -> list[MarkedProcess]:
+    """Processes carrying Reactor's markers (optionally only those of one work dir).
+
+    Only the group leaders are returned: children inherit the environment but are ended
+    with their leader's process group."""
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            env = process.environ()
+            if MARK_CELL not in env or os.getpgid(process.pid) != process.pid:
+                continue
+        except (psutil.Error, OSError):
+            continue
+        if work_dir is not None and env.get(MARK_WORK_DIR) != work_dir:
+            continue
+        found.append(MarkedProcess(process.pid, env[MARK_CELL], env.get(MARK_OWNER, ""), env.get(MARK_WORK_DIR, "")))
+    return found
+
+
+def is_marked_for(pid: int, cell: str) -> bool:
+    """True when ``pid`` is alive and is the server of ``cell`` (a recorded PID may have been reused)."""
+    try:
+        return psutil.Process(pid).environ().get(MARK_CELL) == cell
+    except psutil.Error:
+        return False
+
+
+def kill_process_group(pgid: int, grace: float = 5.0) -> None:
+    """SIGTERM the group, then SIGKILL what is left after ``grace`` seconds. Blocking."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.02)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # Zombies (exited, not yet reaped by their parent) count as gone.
+    for process in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False

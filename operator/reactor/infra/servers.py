@@ -1,0 +1,214 @@
+"""`opencode serve` processes: one per cell (INV-002 cwd = worktree, INV-003 health before
+use, INV-005 killed with its whole process group).
+
+A server gets its configuration through the environment (OPENCODE_CONFIG_CONTENT: nothing is
+written into the worktree, where it would be committed), a random per-cell password, and its
+own XDG data/state/config directories; the XDG cache (npm packages OpenCode installs on first
+start) is shared between cells so only the first cell pays for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from reactor import OPENCODE_VERSION
+from reactor.errors import ConfigurationError, ReactorError
+from reactor.infra.processes import Owner, marker_env
+
+log = logging.getLogger(__name__)
+
+LISTENING_LINE = "opencode server listening on"
+HEALTH_PATH = "/global/health"
+
+# What a server inherits from our environment when it must not see the rest of it (the
+# operator's). Secrets reach a server only through ServerSpec.env.
+_PASSTHROUGH_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+                    "NPM_CONFIG_REGISTRY", "npm_config_registry", "NODE_EXTRA_CA_CERTS")
+# Never handed down even when inheriting: they belong to Reactor, not to the agent.
+_WITHHELD_ENV = ("KUBECONFIG", "OPENCODE_SERVER_PASSWORD", "OPENCODE_SERVER_USERNAME", "OPENCODE_CONFIG_CONTENT")
+
+
+class ServerBootError(ReactorError):
+    """The server did not become healthy (it exited, timed out, or failed its health check)."""
+
+
+def find_opencode_binary(explicit: str | None = None) -> str:
+    """--opencode-bin, then $REACTOR_OPENCODE_BIN, then `opencode` on PATH."""
+    for candidate in (explicit, os.environ.get("REACTOR_OPENCODE_BIN")):
+        if candidate:
+            if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+                raise ConfigurationError(f"opencode binary {candidate} does not exist or is not executable")
+            return candidate
+    found = shutil.which("opencode")
+    if not found:
+        raise ConfigurationError(
+            f"no opencode binary: run `make opencode` (installs opencode-ai@{OPENCODE_VERSION} into .tools/) "
+            "or set REACTOR_OPENCODE_BIN"
+        )
+    return found
+
+
+@dataclass
+class ServerSpec:
+    binary: str
+    cwd: Path  # the worktree (INV-002)
+    port: int
+    cell_id: str
+    state_dir: Path  # per cell: XDG data/state/config, logs
+    cache_dir: Path  # shared between cells
+    work_dir: Path
+    config: dict = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # the task's secrets (API keys); never logged
+    inherit_env: bool = True  # False in the operator: the server sees only _PASSTHROUGH_ENV + env
+    owner: Owner = field(default_factory=Owner.current)
+
+
+class OpenCodeServer:
+    def __init__(self, spec: ServerSpec):
+        self.spec = spec
+        self.password = secrets.token_urlsafe(24)
+        self._process: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task | None = None
+        self._listening = asyncio.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.spec.state_dir / "server.log"
+
+    def environment(self) -> dict[str, str]:
+        spec = self.spec
+        if spec.inherit_env:
+            base = {k: v for k, v in os.environ.items() if k not in _WITHHELD_ENV and not k.startswith("REACTOR_")}
+        else:
+            base = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
+        return {
+            **base,
+            **spec.env,
+            "XDG_DATA_HOME": str(spec.state_dir / "data"),
+            "XDG_STATE_HOME": str(spec.state_dir / "state"),
+            "XDG_CONFIG_HOME": str(spec.state_dir / "config"),
+            "XDG_CACHE_HOME": str(spec.cache_dir),
+            "OPENCODE_CONFIG_CONTENT": json.dumps(spec.config),
+            "OPENCODE_SERVER_PASSWORD": self.password,
+            "OPENCODE_DISABLE_AUTOUPDATE": "1",
+            **marker_env(spec.cell_id, spec.owner, str(spec.work_dir)),
+        }
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Spawn the server and return once GET /global/health answers 200 (INV-003)."""
+        spec = self.spec
+        if not spec.cwd.is_dir():
+            raise ServerBootError(f"worktree {spec.cwd} does not exist")
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        spec.cache_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with open(self.log_path, "ab") as log_file:
+            self._process = await asyncio.create_subprocess_exec(
+                spec.binary, "serve", "--port", str(spec.port), "--hostname", "127.0.0.1",
+                cwd=spec.cwd, env=self.environment(),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                start_new_session=True,  # its own process group, so stop() ends its children too
+            )
+        self._pump = asyncio.create_task(self._pump_stdout(), name=f"opencode-stdout-{spec.cell_id}")
+        try:
+            await self._wait_healthy(started + timeout)
+        except BaseException:
+            await self.stop(grace=1.0)
+            raise
+        log.debug("cell %s: server pid %s healthy on port %s in %.2fs",
+                  spec.cell_id, self.pid, spec.port, time.monotonic() - started)
+
+    async def _wait_healthy(self, deadline: float) -> None:
+        assert self._process is not None
+        listening = asyncio.create_task(self._listening.wait())
+        exited = asyncio.create_task(self._process.wait())
+        try:
+            done, _ = await asyncio.wait({listening, exited}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listening.cancel()
+            if exited not in done:
+                exited.cancel()
+        if exited in done:
+            raise ServerBootError(
+                f"opencode serve exited with code {self._process.returncode} before listening on port "
+                f"{self.spec.port}:\n{self.log_tail()}"
+            )
+        if listening not in done:
+            raise ServerBootError(f"opencode serve did not listen on port {self.spec.port} in time:\n{self.log_tail()}")
+        # The line says the socket is open; confirm the API answers (and our password works).
+        async with httpx.AsyncClient(auth=("opencode", self.password), timeout=2.0) as http:
+            while True:
+                try:
+                    response = await http.get(self.base_url + HEALTH_PATH)
+                    if response.status_code == 200 and response.json().get("healthy"):
+                        return
+                    failure = f"HTTP {response.status_code}"
+                except httpx.HTTPError as exc:
+                    failure = type(exc).__name__
+                if time.monotonic() >= deadline:
+                    raise ServerBootError(f"health check of port {self.spec.port} failed: {failure}")
+                await asyncio.sleep(0.02)
+
+    async def _pump_stdout(self) -> None:
+        """Copy the server's stdout to its log file, noticing the listening line."""
+        assert self._process is not None and self._process.stdout is not None
+        with open(self.log_path, "ab") as log_file:
+            async for line in self._process.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if not self._listening.is_set() and LISTENING_LINE.encode() in line:
+                    self._listening.set()
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the process group, SIGKILL after ``grace`` seconds (INV-005). Idempotent."""
+        process = self._process
+        if process is None:
+            return
+        pgid = process.pid  # leader of its own session: pgid == pid
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("cell %s: server pid %s ignored SIGTERM for %.1fs; killing", self.spec.cell_id, pgid, grace)
+        # Whatever is left of the group (children that outlived the leader) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        await process.wait()
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._pump, 1.0)
+            self._pump = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no server log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"

@@ -1,0 +1,1 @@
+"""Kubernetes adapter: Kopf handlers translating AgentTask resources to engine calls."""

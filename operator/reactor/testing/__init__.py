@@ -1,0 +1,1 @@
+"""Test helpers shipped with the package (like kopf.testing): the scripted model, control plane fixtures."""

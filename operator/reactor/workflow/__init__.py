@@ -1,0 +1,1 @@
+"""The Test-Commit-Revert workflow over one cell. Knows nothing of Kubernetes."""

@@ -1,0 +1,150 @@
+"""A cell: one task's worktree, port, `opencode serve` process, client and session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec
+from reactor.infra.worktrees import Worktree, safe_component
+from reactor.opencode.client import OpenCodeClient
+from reactor.workflow.engine import Engine
+from reactor.workflow.types import CellInfo, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class Cell:
+    def __init__(self, spec: TaskSpec, engine: Engine, cell_id: str | None = None):
+        self.spec = spec
+        self.engine = engine
+        self.cell_id = cell_id or spec.task_id
+        self.port: int | None = None
+        self.worktree: Worktree | None = None
+        self.server: OpenCodeServer | None = None
+        self.client: OpenCodeClient | None = None
+        self.session_id: str | None = None
+        self.boot_attempts = 0
+        self.state_dir = engine.cells_dir / safe_component(self.cell_id)
+
+    def info(self) -> CellInfo:
+        return CellInfo(
+            port=self.port,
+            worktree=str(self.worktree.path) if self.worktree else None,
+            server_pid=self.server.pid if self.server else None,
+            session_id=self.session_id,
+        )
+
+    def opencode_config(self) -> dict[str, Any]:
+        config = deep_merge(self.engine.settings.base_opencode_config, self.spec.opencode_config)
+        if self.spec.model:
+            config["model"] = self.spec.model
+        return config
+
+    # -- bootstrap --
+
+    async def create_worktree(self) -> Worktree:
+        spec = self.spec
+        self.worktree = await asyncio.to_thread(
+            self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch
+        )
+        return self.worktree
+
+    async def start_server(self) -> None:
+        """Start the server and open a session; BOOT_RETRY: on failure kill it and start again
+        (up to policy.boot_restarts more times, linear backoff, a fresh port each time)."""
+        policy = self.engine.settings.recovery
+        for restart in range(policy.boot_restarts + 1):
+            if restart:
+                await asyncio.sleep(policy.boot_delay * restart)
+            self.boot_attempts += 1
+            try:
+                await self._boot_once()
+                return
+            except ServerBootError as exc:
+                await self.stop_server()
+                self._release_port()
+                if restart == policy.boot_restarts:
+                    raise
+                log.warning("BOOT_RETRY: %s: server failed to boot (attempt %d/%d): %s",
+                            self.cell_id, restart + 1, policy.boot_restarts + 1, str(exc).splitlines()[0])
+
+    async def _boot_once(self) -> None:
+        assert self.worktree is not None
+        if self.port is None:
+            self.port = self.engine.ports.allocate(owner=self.cell_id)
+        settings = self.engine.settings
+        self.server = OpenCodeServer(ServerSpec(
+            binary=self.engine.opencode_bin,
+            cwd=self.worktree.path,
+            port=self.port,
+            cell_id=self.cell_id,
+            state_dir=self.state_dir,
+            cache_dir=self.engine.cache_dir,
+            work_dir=self.engine.work_dir,
+            config=self.opencode_config(),
+            env=self.spec.env,
+            inherit_env=settings.inherit_env,
+            owner=self.engine.owner,
+        ))
+        await self.server.start(timeout=settings.health_timeout)
+        # INV-004: the client knows only http://127.0.0.1:PORT and the cell's password.
+        self.client = OpenCodeClient(self.server.base_url, self.server.password)
+        try:
+            session = await self.client.create_session(title=self.spec.commit_message)
+        except Exception as exc:
+            raise ServerBootError(f"server on port {self.port} is healthy but could not open a session: {exc}") from exc
+        self.session_id = session.id
+
+    async def restart_server(self) -> None:
+        """BOOT_RETRY after the server died mid-task: kill what is left, throw away the dead
+        agent's partial edits, and boot a fresh server with a new session."""
+        await self.stop_server()
+        if self.worktree is not None:
+            await asyncio.to_thread(self.worktree.revert)
+        await self.start_server()
+
+    # -- teardown --
+
+    async def stop_server(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+        if self.server is not None:
+            await self.server.stop(grace=self.engine.settings.stop_grace)
+        self.session_id = None
+
+    def _release_port(self) -> None:
+        if self.port is not None:
+            self.engine.ports.release(self.port)
+            self.port = None
+
+    async def teardown(self, *, keep_branch: bool) -> None:
+        """Kill the server's group, remove the worktree (and the branch unless it holds the
+        result), release the port, remove the cell's state. Safe after a partial bootstrap."""
+        try:
+            await self.stop_server()
+        finally:
+            try:
+                if self.worktree is not None:
+                    await asyncio.to_thread(self.engine.worktrees.remove, self.worktree, keep_branch=keep_branch)
+            finally:
+                self._release_port()
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def cell_state_dir(engine: Engine, cell_id: str) -> Path:
+    return engine.cells_dir / safe_component(cell_id)

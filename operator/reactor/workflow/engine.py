@@ -1,0 +1,68 @@
+"""The engine: what all cells of one Reactor process share (ports, worktrees, settings,
+the max-agents bound). The CLI makes one; the operator makes one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reactor.infra.ports import DEFAULT_PORT_RANGE, PortAllocator, PortRange
+from reactor.infra.processes import Owner
+from reactor.infra.servers import find_opencode_binary
+from reactor.infra.worktrees import WorktreeManager
+from reactor.workflow.recovery import RecoveryPolicy
+
+
+def default_work_dir() -> Path:
+    """$REACTOR_WORK_DIR, else $XDG_STATE_HOME/reactor (~/.local/state/reactor)."""
+    explicit = os.environ.get("REACTOR_WORK_DIR")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return (Path(state) / "reactor").resolve()
+
+
+@dataclass
+class EngineSettings:
+    work_dir: Path = field(default_factory=default_work_dir)
+    port_range: PortRange = PortRange(*DEFAULT_PORT_RANGE)
+    opencode_bin: str | None = None
+    max_agents: int = 50
+    health_timeout: float = 10.0
+    stop_grace: float = 5.0
+    # The CLI hands its own environment to servers (the user's API keys); the operator does not.
+    inherit_env: bool = True
+    recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
+    # Base OpenCode config for every cell: a headless agent has nobody to answer a
+    # permission prompt, and must not reach outside its worktree.
+    base_opencode_config: dict = field(default_factory=lambda: {
+        "autoupdate": False,
+        "share": "disabled",
+        "permission": {"edit": "allow", "bash": "allow", "webfetch": "allow", "external_directory": "deny"},
+    })
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings | None = None):
+        self.settings = settings or EngineSettings()
+        self.settings.work_dir = Path(self.settings.work_dir).resolve()
+        self.opencode_bin = find_opencode_binary(self.settings.opencode_bin)
+        self.owner = Owner.current()
+        self.ports = PortAllocator(self.settings.port_range)
+        self.worktrees = WorktreeManager(self.work_dir / "worktrees", self.owner)
+        # Bounds cells alive at once; waiting tasks queue here in arrival order.
+        self.capacity = asyncio.Semaphore(self.settings.max_agents)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.settings.work_dir
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.work_dir / "cells"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work_dir / "cache"
