@@ -11,7 +11,7 @@ import pytest
 
 from reactor.infra.processes import find_marked_processes
 
-pytest_plugins = []
+pytest_plugins = ["reactor.testing.kube_fixtures"]
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -81,7 +81,7 @@ def test_cleanup_removes_what_a_dead_owner_left_and_keeps_results(repo, work_dir
     live = WorktreeManager(work_dir / "worktrees").create(repo, "LIVE", "main")
 
     removed = WorktreeManager(work_dir / "worktrees").cleanup(repo)
-    assert sorted(w.task_id for w in removed) == ["EMPTY", "RESULT"]
+    assert sorted(w.slot for w in removed) == ["EMPTY", "RESULT"]
     assert worktrees_of(repo) == [str(live.path)]
     assert git(repo, "branch", "--list", "reactor/EMPTY") == ""
     assert git(repo, "branch", "--list", "reactor/RESULT").strip() == "reactor/RESULT"

@@ -43,39 +43,42 @@ def store_dir(version: str = KUBERNETES_VERSION) -> Path:
     return data_home / "kubebuilder-envtest" / "k8s" / f"{version.removeprefix('v')}-{suffix}"
 
 
+def _candidate(name: str, env: dict[str, str]) -> tuple[Path, str]:
+    """Where ``name`` should be, and which setting said so."""
+    variable = BINARIES[name]
+    if env.get(variable):
+        return Path(env[variable]), variable
+    if env.get("KUBEBUILDER_ASSETS"):
+        return Path(env["KUBEBUILDER_ASSETS"]) / name, "KUBEBUILDER_ASSETS"
+    return store_dir() / name, "make envtest"
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
 def find_assets(env: dict[str, str] | None = None) -> Assets:
     """Resolve the three binaries or raise :class:`AssetsNotFound` naming what is missing."""
     env = dict(os.environ) if env is None else env
-    kubebuilder_assets = env.get("KUBEBUILDER_ASSETS")
-    directory = Path(kubebuilder_assets) if kubebuilder_assets else store_dir()
     found: dict[str, Path] = {}
     missing: list[str] = []
-    for name, variable in BINARIES.items():
-        path = Path(env[variable]) if env.get(variable) else directory / name
-        if path.is_file() and os.access(path, os.X_OK):
+    for name in BINARIES:
+        path, source = _candidate(name, env)
+        if _is_executable(path):
             found[name] = path
         else:
-            source = variable if env.get(variable) else ("KUBEBUILDER_ASSETS" if kubebuilder_assets else "build dir")
-            missing.append(f"{path} ({source})")
+            missing.append(f"{path} (from {source})")
     if missing:
         raise AssetsNotFound(
             "control plane binaries not found: " + ", ".join(missing) + ". "
-            "Run `make envtest` (builds etcd, kube-apiserver and kubectl "
-            f"{KUBERNETES_VERSION} from Go modules), or set KUBEBUILDER_ASSETS to a directory holding "
-            "etcd, kube-apiserver and kubectl, or USE_EXISTING_CLUSTER=true to use the current kubeconfig."
+            f"Run `make envtest` (builds etcd, kube-apiserver and kubectl {KUBERNETES_VERSION} from Go modules), "
+            "or set KUBEBUILDER_ASSETS to a directory holding etcd, kube-apiserver and kubectl, "
+            "or USE_EXISTING_CLUSTER=true to use the cluster of the current kubeconfig."
         )
     return Assets(etcd=found["etcd"], kube_apiserver=found["kube-apiserver"], kubectl=found["kubectl"])
 
 
 def find_kubectl(env: dict[str, str] | None = None) -> Path | None:
-    """kubectl alone (for an existing cluster, where etcd and kube-apiserver are not needed)."""
-    try:
-        return find_assets(env).kubectl
-    except AssetsNotFound:
-        pass
-    env = dict(os.environ) if env is None else env
-    candidates = [env.get("TEST_ASSET_KUBECTL"), env.get("KUBEBUILDER_ASSETS") and str(Path(env["KUBEBUILDER_ASSETS"]) / "kubectl"), str(store_dir() / "kubectl")]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return Path(candidate)
-    return None
+    """kubectl alone, looked up as :func:`find_assets` does (an existing cluster needs no etcd)."""
+    path, _ = _candidate("kubectl", dict(os.environ) if env is None else env)
+    return path if _is_executable(path) else None

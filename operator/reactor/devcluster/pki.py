@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,18 +34,25 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _name(common_name: str, organizations: list[str] = ()) -> x509.Name:
+def _name(common_name: str, organizations: tuple[str, ...] | list[str] = ()) -> x509.Name:
     attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in organizations]
-    return x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    # RFC 5280 caps a CN at 64 characters, but Kubernetes takes any length and service
+    # account user names (system:serviceaccount:<ns>:<name>) are often longer.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the over-length warning, said above
+        common = x509.NameAttribute(NameOID.COMMON_NAME, common_name, _validate=False)
+    return x509.Name([*attributes, common])
 
 
 class CertificateAuthority:
     def __init__(self, common_name: str = "reactor-dev-cluster-ca"):
         self._key = _new_key()
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         name = _name(common_name)
         self._cert = (
             x509.CertificateBuilder()
@@ -73,7 +81,7 @@ class CertificateAuthority:
 
     def _issue(self, subject: x509.Name, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> KeyPair:
         key = _new_key()
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)

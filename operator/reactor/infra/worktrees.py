@@ -40,7 +40,7 @@ class Worktree:
     branch: str
     base_branch: str
     base_commit: str
-    task_id: str
+    slot: str  # the worktree directory's name (the task id, or namespace.name in the operator)
     owner: str  # the Owner token of the Reactor process that created it
 
     # -- operations on the worktree's own branch; none of these touch the base branch --
@@ -92,11 +92,14 @@ class WorktreeManager:
 
     # -- public API --
 
-    def create(self, repo: Path, task_id: str, base_branch: str = "main", branch: str | None = None) -> Worktree:
+    def create(self, repo: Path, task_id: str, base_branch: str = "main", branch: str | None = None,
+               slot: str | None = None) -> Worktree:
+        """``slot`` names the worktree's directory (default: the task id); the operator uses
+        namespace.name, since task ids need only be unique per repository and namespace."""
         top = resolve_repository(repo)
         branch = branch or f"reactor/{task_id}"
         validate_branch_name(branch)
-        path = self._repo_dir(top) / safe_component(task_id)
+        path = self._repo_dir(top) / safe_component(slot or task_id)
         with repository_lock(top):
             base_commit = resolve_base_branch(top, base_branch)
             if git_ok(top, "show-ref", "--verify", "--quiet", f"refs/heads/{branch}"):
@@ -109,7 +112,7 @@ class WorktreeManager:
                     f"worktree path {path} already exists (left by a crashed run?); run `reactor cleanup --repo {top}`"
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
-            worktree = Worktree(top, path, branch, base_branch, base_commit, task_id, self.owner.token)
+            worktree = Worktree(top, path, branch, base_branch, base_commit, slot or task_id, self.owner.token)
             self._write_meta(worktree)
             try:
                 git(top, "worktree", "add", "--quiet", "-b", branch, str(path), base_commit)
@@ -145,15 +148,26 @@ class WorktreeManager:
         no commit of their own (a branch with a commit is a result and is kept)."""
         removed = []
         for worktree in self.leftovers(repo):
-            has_own_commits = (
-                git_ok(worktree.repo, "show-ref", "--verify", "--quiet", f"refs/heads/{worktree.branch}")
-                and git(worktree.repo, "rev-parse", worktree.branch, check=False) != worktree.base_commit
-            )
-            self.remove(worktree, keep_branch=has_own_commits)
+            self.discard(worktree)
             removed.append(worktree)
         with repository_lock(resolve_repository(repo)):
             git(resolve_repository(repo), "worktree", "prune", check=False)
         return removed
+
+    def discard(self, worktree: Worktree) -> None:
+        """Remove a worktree found after the fact; keep its branch only if it holds a commit."""
+        has_own_commits = (
+            git_ok(worktree.repo, "show-ref", "--verify", "--quiet", f"refs/heads/{worktree.branch}")
+            and git(worktree.repo, "rev-parse", worktree.branch, check=False) != worktree.base_commit
+        )
+        self.remove(worktree, keep_branch=has_own_commits)
+
+    def remove_slot(self, slot: str) -> list[Worktree]:
+        """Discard the worktrees recorded under ``slot`` in any repository (a deleted task's)."""
+        found = [w for repo in self.recorded_repositories() for w in self._recorded(repo) if w.slot == slot]
+        for worktree in found:
+            self.discard(worktree)
+        return found
 
     def recorded_repositories(self) -> list[Path]:
         """Repositories that have worktrees recorded under this root."""
@@ -171,7 +185,7 @@ class WorktreeManager:
         return self.root / repository_key(top)
 
     def _meta_path(self, worktree: Worktree) -> Path:
-        return self._repo_dir(worktree.repo) / ".meta" / f"{safe_component(worktree.task_id)}.json"
+        return self._repo_dir(worktree.repo) / ".meta" / f"{safe_component(worktree.slot)}.json"
 
     def _write_meta(self, worktree: Worktree) -> None:
         meta = self._meta_path(worktree)
@@ -192,7 +206,7 @@ class WorktreeManager:
                     branch=record["branch"],
                     base_branch=record["base_branch"],
                     base_commit=record["base_commit"],
-                    task_id=record["task_id"],
+                    slot=record["slot"],
                     owner=record["owner"],
                 )
             except (OSError, ValueError, KeyError):
@@ -233,13 +247,20 @@ def repository_key(top: Path) -> str:
 @contextmanager
 def repository_lock(top: Path) -> Iterator[None]:
     """Serialise worktree/branch bookkeeping on one repository, across threads and processes."""
-    key = str(top)
-    with _thread_locks_guard:
-        lock = _thread_locks.setdefault(key, threading.Lock())
     git_dir = Path(git(top, "rev-parse", "--git-common-dir"))
     if not git_dir.is_absolute():
         git_dir = top / git_dir
-    with lock, open(git_dir / "reactor.lock", "a") as lock_file:
+    with file_lock(git_dir / "reactor.lock"):
+        yield
+
+
+@contextmanager
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock named by a file: a thread lock (flock is per process) plus flock."""
+    key = str(lock_path)
+    with _thread_locks_guard:
+        lock = _thread_locks.setdefault(key, threading.Lock())
+    with lock, open(lock_path, "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield

@@ -59,7 +59,7 @@ class Cell:
     async def create_worktree(self) -> Worktree:
         spec = self.spec
         self.worktree = await asyncio.to_thread(
-            self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch
+            self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id
         )
         return self.worktree
 

@@ -3,7 +3,6 @@ the max-agents bound). The CLI makes one; the operator makes one."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from reactor.infra.ports import DEFAULT_PORT_RANGE, PortAllocator, PortRange
 from reactor.infra.processes import Owner
 from reactor.infra.servers import find_opencode_binary
 from reactor.infra.worktrees import WorktreeManager
+from reactor.workflow.capacity import CapacityGate
 from reactor.workflow.recovery import RecoveryPolicy
 
 
@@ -52,8 +52,8 @@ class Engine:
         self.owner = Owner.current()
         self.ports = PortAllocator(self.settings.port_range)
         self.worktrees = WorktreeManager(self.work_dir / "worktrees", self.owner)
-        # Bounds cells alive at once; waiting tasks queue here in arrival order.
-        self.capacity = asyncio.Semaphore(self.settings.max_agents)
+        # Bounds cells alive at once (--max-agents); waiters start in priority order.
+        self.capacity = CapacityGate(self.settings.max_agents)
 
     @property
     def work_dir(self) -> Path:

@@ -67,9 +67,14 @@ class _Phases:
 
 
 async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | None = None,
-                   cell_id: str | None = None) -> TaskResult:
+                   cell_id: str | None = None, priority: object = 0, take_capacity: bool = True) -> TaskResult:
     """Run one task to a verdict. Never raises for task failures (they are results); a
-    cancellation (task deleted, operator stopping) tears the cell down and propagates."""
+    cancellation (task deleted, operator stopping) tears the cell down and propagates.
+
+    ``cell_id`` names the cell's worktree, state and server markers (default: the task id);
+    ``priority`` orders tasks waiting for capacity (lower first); ``take_capacity=False``
+    when the caller already holds a slot of engine.capacity."""
+    gate = engine.capacity if take_capacity else None
     started = time.monotonic()
     phases = _Phases(spec.task_id, on_phase)
     cell = Cell(spec, engine, cell_id)
@@ -77,7 +82,9 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                         message="", branch=spec.branch, base_branch=spec.base_branch)
     committed = False
     try:
-        async with engine.capacity:
+        if gate is not None and gate.would_wait():
+            await phases.enter(Phase.PENDING, f"waiting for capacity: {gate.in_use}/{gate.limit} agents busy")
+        async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
             time_box = asyncio.timeout(spec.timeout)
             try:
                 async with time_box:

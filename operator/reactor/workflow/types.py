@@ -43,6 +43,8 @@ class Reason(str, enum.Enum):
     AGENT_ERROR = "AgentError"
     INVALID_INPUT = "InvalidInput"
     CANCELLED = "Cancelled"
+    PUSH_FAILED = "PushFailed"
+    OPERATOR_RESTARTED = "OperatorRestarted"
     INTERNAL_ERROR = "InternalError"
 
 

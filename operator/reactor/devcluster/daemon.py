@@ -1,0 +1,84 @@
+"""The background process behind ``reactor dev-cluster up``.
+
+Runs a :class:`ControlPlane` until SIGTERM (or SIGINT), then stops it cleanly. Once the
+control plane is ready it writes ``kubeconfig`` and then ``state.json`` into the state
+dir; ``state.json`` appearing is the readiness signal ``up`` waits for. Both are removed
+on the way out, so a state dir without them never claims a running cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from reactor.devcluster.controlplane import ControlPlane
+from reactor.errors import ReactorError
+
+STATE_FILE = "state.json"
+KUBECONFIG_FILE = "kubeconfig"
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    # Unwinds whatever runs (even a start() in progress, whose cleanup stops what it began).
+    raise SystemExit(128 + signum)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.touch(mode=0o600)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(state_dir: Path) -> int:
+    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGINT, _raise_exit)
+    control_plane = ControlPlane()
+    state, kubeconfig = state_dir / STATE_FILE, state_dir / KUBECONFIG_FILE
+    try:
+        control_plane.start()
+        write_atomically(kubeconfig, control_plane.kubeconfig_path.read_text())
+        write_atomically(
+            state,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "server_url": control_plane.server_url,
+                    "kubeconfig": str(kubeconfig),
+                    "work_dir": str(control_plane.work_dir),
+                    "pids": control_plane.pids,
+                },
+                indent=2,
+            ),
+        )
+        print(f"ready: {control_plane.server_url}, pids {control_plane.pids}", flush=True)
+        # Wakes once a second only to notice a crashed etcd or kube-apiserver.
+        idle = threading.Event()
+        while control_plane.running:
+            idle.wait(1.0)
+        print(f"a control plane process exited\n{control_plane.log_tails()}", flush=True)
+        return 1
+    except ReactorError as error:
+        print(f"error: {error}", flush=True)
+        return 1
+    finally:
+        state.unlink(missing_ok=True)
+        kubeconfig.unlink(missing_ok=True)
+        control_plane.stop()
+        print("stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reactor.devcluster.daemon")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    return run(args.state_dir.resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

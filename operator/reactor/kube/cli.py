@@ -1,0 +1,50 @@
+"""`reactor operator`: run the AgentTask operator (kopf) with one engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+def add_subparser(sub: Any) -> None:
+    from reactor.cli import _add_engine_flags
+
+    parser = sub.add_parser("operator", help="run the AgentTask operator against the current kubeconfig or in-cluster")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=None,
+                       help="watch this namespace (repeatable; default: $WATCH_NAMESPACE, else all namespaces)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    _add_engine_flags(parser)
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                        help="liveness endpoint (default: http://0.0.0.0:8080/healthz; 'none' to disable)")
+    parser.set_defaults(func=cmd_operator)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+    import kubernetes
+
+    from reactor.cli import engine_settings_from
+    from reactor.kube.handlers import registry
+    from reactor.kube.supervisor import TaskSupervisor
+    from reactor.workflow.engine import Engine
+
+    namespaces = args.namespace or [ns for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns]
+    clusterwide = args.all_namespaces or not namespaces
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    # Servers must not inherit the operator's environment: only their task's secrets.
+    engine = Engine(engine_settings_from(args, inherit_env=False))
+    supervisor = TaskSupervisor(engine, kubernetes.client.ApiClient())
+    kopf.run(
+        registry=registry,
+        memo=kopf.Memo(supervisor=supervisor),
+        standalone=True,  # one replica (Deployment strategy Recreate): no peering
+        clusterwide=clusterwide,
+        namespaces=namespaces,
+        liveness_endpoint=None if args.liveness == "none" else args.liveness,
+    )
+    return 0

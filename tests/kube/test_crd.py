@@ -1,0 +1,72 @@
+"""The AgentTask schema as the real API server enforces it."""
+
+import json
+
+import pytest
+
+from tests.kube.conftest import agenttask, kubectl_apply
+
+
+def test_a_valid_task_is_accepted_with_defaults(crd_installed, namespace):
+    out = kubectl_apply(crd_installed, namespace, agenttask("ok"))
+    assert out.returncode == 0, out.stderr
+    got = json.loads(crd_installed.kubectl("get", "-n", namespace, "agenttask", "ok", "-o", "json").stdout)
+    assert got["spec"]["repository"]["push"] is True
+    assert got["spec"]["timeout"] == "30m" and got["spec"]["test"]["timeout"] == "10m"
+    # short name and category work as users expect
+    assert crd_installed.kubectl("get", "-n", namespace, "at", "ok").returncode == 0
+    assert "ok" in crd_installed.kubectl("get", "-n", namespace, "reactor").stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "why"),
+    [
+        ({"prompt": ""}, "spec.prompt", "at least 1 chars"),
+        ({"prompt": "   "}, "spec.prompt", "must not be blank"),
+        ({"repository": {"url": "ftp://example.com/r.git"}}, "spec.repository.url", "https://, ssh:// or file://"),
+        ({"repository": {"url": "file:///r", "branch": "feature..x"}}, "spec.repository.branch", "valid git branch name"),
+        ({"resultBranch": "bad branch"}, "spec.resultBranch", "valid git branch name"),
+        ({"resultBranch": "reactor/x.lock"}, "spec.resultBranch", "valid git branch name"),
+        ({"timeout": "thirty minutes"}, "spec.timeout", "must be a duration such as"),
+        ({"test": {"command": "pytest", "timeout": "10 m"}}, "spec.test.timeout", "must be a duration such as"),
+        ({"agent": {"model": "claude-sonnet"}}, "spec.agent.model", "must be provider/model"),
+        ({"taskId": "-x"}, "spec.taskId", "should match"),
+        ({"test": {}}, "spec.test.command", "Required value"),
+    ],
+)
+def test_invalid_specs_are_rejected_naming_the_field(crd_installed, namespace, overrides, field, why):
+    out = kubectl_apply(crd_installed, namespace, agenttask("bad", **overrides))
+    assert out.returncode != 0
+    assert field in out.stderr and why in out.stderr, out.stderr
+    assert crd_installed.kubectl("get", "-n", namespace, "agenttask", "bad").returncode != 0, "nothing was stored"
+
+
+def test_spec_is_immutable_and_reapplying_the_same_manifest_changes_nothing(crd_installed, namespace):
+    task = agenttask("frozen")
+    assert kubectl_apply(crd_installed, namespace, task).returncode == 0
+    before = json.loads(crd_installed.kubectl("get", "-n", namespace, "at", "frozen", "-o", "json").stdout)
+    again = kubectl_apply(crd_installed, namespace, task)
+    assert again.returncode == 0 and "unchanged" in again.stdout
+    after = json.loads(crd_installed.kubectl("get", "-n", namespace, "at", "frozen", "-o", "json").stdout)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+    changed = agenttask("frozen", prompt="Something else")
+    out = kubectl_apply(crd_installed, namespace, changed)
+    assert out.returncode != 0
+    assert "spec is immutable: create a new AgentTask" in out.stderr, out.stderr
+
+
+def test_printer_columns(crd_installed, namespace):
+    assert kubectl_apply(crd_installed, namespace, agenttask("cols")).returncode == 0
+    status = {"status": {"phase": "Succeeded", "result": {"outcome": "committed", "shortCommit": "abc1234"},
+                         "usage": {"cost": 0.0123, "costDisplay": "$0.0123"}, "cell": {"port": 8001},
+                         "conditions": [{"type": "Succeeded", "status": "True", "reason": "Committed"}]}}
+    patched = crd_installed.kubectl("patch", "-n", namespace, "at", "cols", "--subresource=status", "--type=merge",
+                                    "-p", json.dumps(status))
+    assert patched.returncode == 0, patched.stderr
+    table = crd_installed.kubectl("get", "-n", namespace, "agenttasks").stdout.splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE"]
+    assert table[1].split()[:5] == ["cols", "Succeeded", "committed", "abc1234", "$0.0123"]
+    wide = crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide").stdout.splitlines()
+    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "PORT", "REASON"]
+    assert wide[1].split()[-2:] == ["8001", "Committed"]
