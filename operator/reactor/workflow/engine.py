@@ -24,11 +24,18 @@ def default_work_dir() -> Path:
     return (Path(state) / "reactor").resolve()
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else None
+
+
 @dataclass
 class EngineSettings:
     work_dir: Path = field(default_factory=default_work_dir)
     port_range: PortRange = PortRange(*DEFAULT_PORT_RANGE)
     opencode_bin: str | None = None
+    # OpenCode's download cache (npm packages it installs on first start), shared by cells.
+    cache_dir: Path | None = field(default_factory=lambda: _env_path("REACTOR_OPENCODE_CACHE"))
     max_agents: int = 50
     health_timeout: float = 10.0
     stop_grace: float = 5.0
@@ -65,4 +72,4 @@ class Engine:
 
     @property
     def cache_dir(self) -> Path:
-        return self.work_dir / "cache"
+        return Path(self.settings.cache_dir or self.work_dir / "cache")

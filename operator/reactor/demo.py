@@ -1,0 +1,179 @@
+"""The offline demo (`make demo` / `python -m reactor.demo`): the whole product on one
+machine, with no cluster and no API key.
+
+It starts a local control plane (etcd + kube-apiserver), installs the CRD, runs the
+operator, makes a small repository whose test fails, applies an AgentTask whose agent (the
+real OpenCode server, driven by the scripted model) fixes it, follows the task's phases,
+shows `kubectl get agenttasks` and the result branch's commit, then tears everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+
+from reactor.devcluster.controlplane import ControlPlane
+from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
+
+BUGGY = "def add(a, b):\n    return a - b\n"
+TEST = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+
+
+def say(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def run(*cmd: str, cwd: Path | None = None) -> str:
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def make_repository(path: Path) -> Path:
+    path.mkdir(parents=True)
+    run("git", "init", "--quiet", "--initial-branch=main", cwd=path)
+    (path / "calc.py").write_text(BUGGY)
+    (path / "test_calc.py").write_text(TEST)
+    run("git", "add", "--all", cwd=path)
+    run("git", "-c", "user.name=Demo", "-c", "user.email=demo@example.com", "commit", "--quiet", "-m", "calc with a bug",
+        cwd=path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reactor.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--crd", type=Path, default=Path("crds/agenttask.yaml"), help="the AgentTask CRD file")
+    parser.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
+    args = parser.parse_args(argv)
+    if not args.crd.is_file():
+        parser.error(f"{args.crd} not found: run the demo from the repository root (make demo)")
+
+    with ExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="reactor-demo-"))
+        if not args.keep:
+            stack.callback(lambda: subprocess.run(["rm", "-rf", str(tmp)], check=False))
+
+        say("Starting a local Kubernetes control plane (etcd + kube-apiserver)")
+        started = time.monotonic()
+        cluster = stack.enter_context(ControlPlane())
+        print(f"    API server {cluster.server_url} ready in {time.monotonic() - started:.1f}s")
+        kubectl = cluster.kubectl
+
+        say("Installing the AgentTask CRD")
+        for step in (("apply", "--server-side", "-f", str(args.crd)),
+                     ("wait", "--for=condition=Established", "--timeout=60s", "crd/agenttasks.reactor.dev"),
+                     ("create", "namespace", "demo")):
+            out = kubectl(*step)
+            if out.returncode != 0:
+                raise SystemExit(f"kubectl {' '.join(step)} failed: {out.stderr}")
+            print("    " + out.stdout.strip())
+
+        say("Starting the scripted model (an OpenAI-compatible server on 127.0.0.1)")
+        model = stack.enter_context(ScriptedModel([
+            Scenario("fix-calc:", [edit("calc.py", "return a - b", "return a + b"), text("Fixed add(): it subtracted.")]),
+        ]))
+        print(f"    {model.base_url}")
+
+        repo = make_repository(tmp / "app")
+        say(f"A repository whose test fails: {repo}")
+        failing = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=repo, capture_output=True, text=True)
+        print("    " + (failing.stdout.strip().splitlines() or ["?"])[-1])
+
+        say("Starting the operator (reactor operator)")
+        liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        log_path = tmp / "operator.log"
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path)}
+        with open(log_path, "wb") as log:
+            operator = subprocess.Popen(
+                [sys.executable, "-m", "reactor.cli", "operator", "--namespace", "demo", "--work-dir", str(tmp / "work"),
+                 "--liveness", liveness], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stack.callback(stop_operator, operator)
+        wait_until(lambda: _live(liveness) or operator.poll() is not None, 60)
+        if operator.poll() is not None:
+            raise SystemExit(f"the operator exited:\n{log_path.read_text()}")
+        print(f"    pid {operator.pid}, liveness {liveness}")
+
+        say("kubectl apply -f task.yaml")
+        task = {
+            "apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask",
+            "metadata": {"name": "fix-calc", "namespace": "demo"},
+            "spec": {
+                "description": "Fix add()",
+                "prompt": "fix-calc: the test in test_calc.py fails; fix add() in calc.py.",
+                "repository": {"url": f"file://{repo}", "branch": "main"},
+                "test": {"command": "python3 -m pytest -q"},
+                "agent": {"config": model.opencode_config()},
+                "timeout": "5m",
+            },
+        }
+        print("    " + kubectl("apply", "-f", "-", input=json.dumps(task)).stdout.strip())
+
+        say("Following the task")
+        seen, final = None, None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            out = kubectl("get", "-n", "demo", "agenttask", "fix-calc", "-o", "json")
+            status = json.loads(out.stdout).get("status", {}) if out.returncode == 0 else {}
+            phase = status.get("phase")
+            if phase and phase != seen:
+                print(f"    {phase:<13} {status.get('message', '')}", flush=True)
+                seen = phase
+            if phase in ("Succeeded", "Failed"):
+                final = status
+                break
+            time.sleep(0.1)
+        if final is None:
+            raise SystemExit(f"the task did not finish in time; operator log:\n{log_path.read_text()[-3000:]}")
+
+        say("kubectl get agenttasks -n demo -o wide")
+        print(kubectl("get", "agenttasks", "-n", "demo", "-o", "wide").stdout)
+        if final["phase"] == "Succeeded":
+            say("The result branch in the repository (main is unchanged)")
+            print(run("git", "log", "--stat", "-1", "reactor/fix-calc", cwd=repo))
+            print(run("git", "log", "--oneline", "main", cwd=repo))
+        say("Tearing down (operator, model, control plane)")
+        return 0 if final["phase"] == "Succeeded" else 1
+
+
+def _live(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out")
+        time.sleep(0.05)
+
+
+def stop_operator(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Runs `reactor operator` as a real subprocess against the test control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.workflow.conftest import OPENCODE_CACHE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    def __init__(self, cluster, namespace: str, work_dir: Path, *extra_args: str):
+        self.cluster, self.namespace, self.work_dir = cluster, namespace, work_dir
+        self.extra_args = extra_args
+        self.process: subprocess.Popen | None = None
+        self.log_path = work_dir / "operator.log"
+
+    def start(self) -> OperatorProcess:
+        port = free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig_path),
+               "REACTOR_OPENCODE_CACHE": str(OPENCODE_CACHE)}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "reactor.cli", "operator", "--namespace", self.namespace,
+                 "--work-dir", str(self.work_dir), "--port-range", "18500-19000",
+                 "--liveness", f"http://127.0.0.1:{port}/healthz", *self.extra_args],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while True:  # ready when kopf's liveness endpoint answers
+            if self.process.poll() is not None:
+                raise RuntimeError(f"operator exited {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"operator not live in 60s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        os.killpg(self.process.pid, sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+    # -- reading the cluster --
+
+    def get(self, name: str) -> dict | None:
+        out = self.cluster.kubectl("get", "-n", self.namespace, "agenttask", name, "-o", "json")
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def wait_for(self, name: str, predicate, timeout: float = 180, what: str = "condition") -> dict | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self.get(name)
+            if predicate(obj):
+                return obj
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: {what} not reached in {timeout}s; last: "
+                                     f"{json.dumps((obj or {}).get('status'), indent=1)}\noperator log:\n{self.log()}")
+            time.sleep(0.1)
+
+    def wait_terminal(self, name: str, timeout: float = 180) -> dict:
+        return self.wait_for(name, lambda o: o and (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
+                             timeout, "a terminal phase")
+
+    def events(self, name: str) -> list[dict]:
+        out = self.cluster.kubectl("get", "events", "-n", self.namespace, "--field-selector",
+                                   f"involvedObject.name={name}", "-o", "json")
+        items = json.loads(out.stdout)["items"]
+        return sorted(items, key=lambda e: e["metadata"]["creationTimestamp"])

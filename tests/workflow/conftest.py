@@ -1,0 +1,38 @@
+"""Fixtures for tests that run real cells: the opencode binary, an engine, scripted models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from reactor.infra.ports import PortRange
+from reactor.workflow.engine import Engine, EngineSettings
+from reactor.workflow.recovery import RecoveryPolicy
+
+# OpenCode installs its provider packages from npm on first start; one cache for the whole
+# suite (and across runs) so only the first server pays for it.
+OPENCODE_CACHE = Path(os.environ.get("REACTOR_TEST_OPENCODE_CACHE", Path.home() / ".cache" / "reactor-tests" / "opencode"))
+# Ports for test servers: away from the default range a developer's own run may use.
+TEST_PORTS = PortRange(18000, 18500)
+
+
+def engine_settings(work_dir: Path, **overrides) -> EngineSettings:
+    values = dict(
+        work_dir=work_dir,
+        cache_dir=OPENCODE_CACHE,
+        port_range=TEST_PORTS,
+        # Two cores shared with other servers: a cold start can take several seconds.
+        health_timeout=60.0,
+        recovery=RecoveryPolicy(r3_initial_delay=0.2, boot_delay=0.2),
+    )
+    values.update(overrides)
+    return EngineSettings(**values)
+
+
+@pytest.fixture
+def engine(work_dir: Path) -> Engine:
+    engine = Engine(engine_settings(work_dir))
+    yield engine
+    assert engine.ports.held() == {}, "every port is released"

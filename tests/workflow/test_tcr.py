@@ -1,0 +1,153 @@
+"""Test-Commit-Revert end to end: the real opencode server, real git, the scripted model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, fail, hang, text
+from reactor.workflow.tcr import run_task
+from reactor.workflow.types import Outcome, Phase, Reason, TaskSpec
+from tests.conftest import git, worktrees_of
+
+pytestmark = pytest.mark.opencode
+
+FIX = edit("calc.py", "return a - b", "return a + b")
+WRONG_FIX = edit("calc.py", "return a - b", "return a * b")
+
+
+def spec(repo, model: ScriptedModel, task_id: str, **overrides) -> TaskSpec:
+    values = dict(task_id=task_id, description="Fix add", prompt=f"{task_id}: fix add() in calc.py",
+                  repo=repo, test_command="python3 -m pytest -q", opencode_config=model.opencode_config(),
+                  timeout=120)
+    values.update(overrides)
+    return TaskSpec(**values)
+
+
+def assert_nothing_left(repo, engine):
+    assert worktrees_of(repo) == []
+    assert engine.ports.held() == {}
+    assert not any(engine.cells_dir.iterdir()) if engine.cells_dir.exists() else True
+    assert git(repo, "status", "--porcelain") == "", "the user's checkout is untouched"
+
+
+async def test_a_passing_fix_is_committed_on_the_result_branch(repo, engine):
+    main_before = git(repo, "rev-parse", "main")
+    phases = []
+
+    async def record(event):
+        phases.append(event.phase)
+
+    with ScriptedModel([Scenario("T-OK", [FIX, text("Fixed add().")])]) as model:
+        result = await run_task(spec(repo, model, "T-OK"), engine, record)
+
+    assert result.outcome is Outcome.COMMITTED, result.message
+    assert phases == [Phase.BOOTSTRAPPING, Phase.EXECUTING, Phase.TESTING, Phase.COMMITTING,
+                      Phase.TEARING_DOWN, Phase.SUCCEEDED]
+    assert git(repo, "rev-parse", "reactor/T-OK") == result.commit
+    assert git(repo, "log", "-1", "--format=%s", "reactor/T-OK") == "Task T-OK: Fix add"
+    assert "return a + b" in git(repo, "show", "reactor/T-OK:calc.py")
+    assert git(repo, "rev-parse", "main") == main_before
+    assert result.files_changed == ["calc.py"] and result.test_exit_code == 0
+    assert "1 passed" in result.test_output_tail
+    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    assert set(result.phase_durations) >= {"Bootstrapping", "Executing", "Testing", "Committing", "TearingDown"}
+    assert_nothing_left(repo, engine)
+
+
+async def test_a_wrong_fix_is_reverted_and_nothing_is_committed(repo, engine):
+    main_before = git(repo, "rev-parse", "main")
+    with ScriptedModel([Scenario("T-BAD", [WRONG_FIX, text("Done.")])]) as model:
+        result = await run_task(spec(repo, model, "T-BAD"), engine)
+    assert result.outcome is Outcome.REVERTED and result.reason is Reason.TESTS_FAILED
+    assert result.test_exit_code == 1 and "assert" in result.test_output_tail
+    assert result.commit is None
+    assert git(repo, "branch", "--list", "reactor/T-BAD") == ""
+    assert git(repo, "rev-parse", "main") == main_before
+    assert_nothing_left(repo, engine)
+
+
+async def test_server_killed_mid_task_is_restarted_boot_retry(repo, engine):
+    """The model hangs on the first request; we kill the server's process group meanwhile.
+    BOOT_RETRY restarts it with a fresh session, and the task still commits."""
+    killed = asyncio.Event()
+    with ScriptedModel([Scenario("T-KILL", [hang(times=1), FIX, text("Fixed.")])]) as model:
+
+        async def kill_when_the_agent_is_waiting(event):
+            if event.phase is Phase.EXECUTING and not killed.is_set():
+                pid = event.cell.server_pid
+                await _until(lambda: any(r.get("kind") == "hang" for r in model.requests))
+                os.killpg(pid, signal.SIGKILL)
+                killed.set()
+
+        result = await run_task(spec(repo, model, "T-KILL"), engine, kill_when_the_agent_is_waiting)
+    assert killed.is_set()
+    assert result.outcome is Outcome.COMMITTED, result.message
+    assert result.boot_attempts == 2
+    assert_nothing_left(repo, engine)
+
+
+async def test_model_errors_are_retried_r3(repo, engine):
+    with ScriptedModel([Scenario("T-500", [fail(500, times=R3_FAILURES), FIX, text("Fixed.")])]) as model:
+        result = await run_task(spec(repo, model, "T-500"), engine)
+        failures = [r for r in model.requests if r.get("kind") == "fail"]
+    assert len(failures) == R3_FAILURES
+    assert result.outcome is Outcome.COMMITTED, result.message
+    assert result.prompt_attempts == 2, "the first prompt failed, R3 retried it once"
+    assert_nothing_left(repo, engine)
+
+
+async def test_a_hanging_model_hits_the_time_box_and_is_reverted(repo, engine):
+    with ScriptedModel([Scenario("T-HANG", [hang(times=100)])]) as model:
+        result = await run_task(spec(repo, model, "T-HANG", timeout=8), engine)
+    assert result.outcome is Outcome.FAILED and result.reason is Reason.TIMEOUT
+    assert "time box" in result.message
+    assert git(repo, "branch", "--list", "reactor/T-HANG") == ""
+    assert_nothing_left(repo, engine)
+
+
+async def test_an_agent_that_changes_nothing_fails_clearly(repo, engine):
+    with ScriptedModel([Scenario("T-NOOP", [text("Nothing to do.")])]) as model:
+        result = await run_task(spec(repo, model, "T-NOOP"), engine)
+    assert result.outcome is Outcome.FAILED and result.reason is Reason.NO_CHANGES
+    assert "changed no file" in result.message
+    assert_nothing_left(repo, engine)
+
+
+async def test_a_missing_test_command_fails_clearly(repo, engine):
+    with ScriptedModel([Scenario("T-NOCMD", [FIX, text("Fixed.")])]) as model:
+        result = await run_task(spec(repo, model, "T-NOCMD", test_command="no-such-test-runner --all"), engine)
+    assert result.reason is Reason.TEST_COMMAND_NOT_FOUND
+    assert "no-such-test-runner" in result.message and result.test_exit_code == 127
+    assert git(repo, "branch", "--list", "reactor/T-NOCMD") == ""
+    assert_nothing_left(repo, engine)
+
+
+async def test_bad_repository_or_base_branch_fail_before_anything_starts(tmp_path, repo, engine):
+    with ScriptedModel([]) as model:
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        not_git = await run_task(spec(plain, model, "T-X"), engine)
+        no_branch = await run_task(spec(repo, model, "T-Y", base_branch="develop"), engine)
+    assert not_git.reason is Reason.INVALID_INPUT and "not a git repository" in not_git.message
+    assert no_branch.reason is Reason.INVALID_INPUT and "'develop' does not exist" in no_branch.message
+    assert model.requests == [], "no server was started"
+    assert_nothing_left(repo, engine)
+
+
+async def _until(condition, timeout: float = 30.0) -> None:
+    """Poll (not sleep-and-hope) until a condition holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+# How many 500s the model must answer before the failure reaches Reactor instead of being
+# absorbed by OpenCode's own retries (measured: see docs/opencode-api.md).
+R3_FAILURES = 1
