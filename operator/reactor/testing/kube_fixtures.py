@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 
 import kubernetes
 import pytest
@@ -42,28 +43,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.kube)
 
 
+def _fail(error: Exception) -> NoReturn:
+    # Outside the `except` block, so the report shows the message, not a chained traceback.
+    pytest.fail(str(error), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def kube_assets() -> Assets:
     try:
         return find_assets()
     except AssetsNotFound as error:
-        pytest.fail(str(error), pytrace=False)
+        failure = error
+    _fail(failure)
 
 
 @pytest.fixture(scope="session")
 def control_plane(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    failure: ControlPlaneError | None = None
     if use_existing_cluster():
         try:
             existing = ExistingCluster()
         except ControlPlaneError as error:
-            pytest.fail(str(error), pytrace=False)
+            failure = error
+        if failure:
+            _fail(failure)
         yield existing
         return
     plane = ControlPlane(request.getfixturevalue("kube_assets"))
     try:
         plane.start()
     except ControlPlaneError as error:
-        pytest.fail(str(error), pytrace=False)
+        failure = error
+    if failure:
+        _fail(failure)
     try:
         yield plane
     finally:
