@@ -9,7 +9,9 @@ OPENCODE_DIR := .tools/opencode
 OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 
-.PHONY: help setup venv opencode envtest test test-fast demo bench clean
+.PHONY: help setup venv opencode envtest test test-fast demo bench clean image deploy undeploy kind-up kind-load
+IMAGE ?= reactor:0.1.0
+KIND_CLUSTER ?= reactor
 
 help:
 	@echo "make demo    - offline demo: local control plane + operator + scripted model"
@@ -51,5 +53,28 @@ demo: setup
 bench: venv opencode
 	$(PY) bench/cell_bootstrap.py
 
+# Tests that need neither opencode nor a control plane (seconds).
+test-fast: venv
+	$(PY) -m pytest -m "not kube and not opencode" $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .tools .reactor
+
+# --- deployment (needs docker / kubectl / kind on the user's machine) ---
+image:
+	docker build --build-arg OPENCODE_VERSION=$(OPENCODE_VERSION) -t $(IMAGE) .
+
+deploy:
+	kubectl apply -k manifests/
+
+# Tasks first, while the operator still runs to remove their finalizers; otherwise
+# deleting the CRD waits forever.
+undeploy:
+	-kubectl delete agenttasks --all --all-namespaces --wait=true --timeout=120s
+	kubectl delete -k manifests/ --ignore-not-found
+
+kind-up:
+	kind get clusters | grep -qx $(KIND_CLUSTER) || kind create cluster --name $(KIND_CLUSTER) --config examples/kind/kind-config.yaml
+
+kind-load: image
+	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)

@@ -23,15 +23,18 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    def __init__(self, cluster, namespace: str, work_dir: Path, *extra_args: str):
+    def __init__(self, cluster, namespace: str, work_dir: Path, *extra_args: str, kubeconfig: Path | None = None):
         self.cluster, self.namespace, self.work_dir = cluster, namespace, work_dir
+        # The identity the operator runs as: the cluster's admin unless given (e.g. a
+        # ServiceAccount's, minted with cluster.kubeconfig_for).
+        self.kubeconfig = Path(kubeconfig) if kubeconfig is not None else Path(cluster.kubeconfig_path)
         self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self.log_path = work_dir / "operator.log"
 
     def start(self) -> OperatorProcess:
         port = free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig_path),
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
                "REACTOR_OPENCODE_CACHE": str(OPENCODE_CACHE)}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

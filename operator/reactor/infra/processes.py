@@ -51,32 +51,44 @@ class MarkedProcess:
     cell: str
     owner: str
     work_dir: str
+    command: tuple[str, ...] = ()
 
     @property
     def owner_alive(self) -> bool:
         return Owner.is_alive_token(self.owner)
+
+    @property
+    def is_server(self) -> bool:
+        """The `opencode serve` process itself (not a shell the agent or a test started)."""
+        return len(self.command) >= 2 and os.path.basename(self.command[0]).startswith("opencode") \
+            and "serve" in self.command[1:3]
 
 
 def marker_env(cell: str, owner: Owner, work_dir: str) -> dict[str, str]:
     return {MARK_CELL: cell, MARK_OWNER: owner.token, MARK_WORK_DIR: work_dir}
 
 
-def find_marked_processes(work_dir: str | None = None) -> list[MarkedProcess]:
-    """Processes carrying Reactor's markers (optionally only those of one work dir).
+def find_marked_processes(work_dir: str | None = None, cell: str | None = None) -> list[MarkedProcess]:
+    """Process-group leaders carrying Reactor's markers (optionally of one work dir or cell).
 
-    Only the group leaders are returned: children inherit the environment but are ended
-    with their leader's process group."""
+    Members of a group are ended with their leader. Leaders include, besides servers, the
+    shells that OpenCode's bash tool and /shell endpoint start in sessions of their own:
+    they inherit the server's environment, markers included, and escape its group."""
     found = []
     for process in psutil.process_iter(["pid"]):
         try:
             env = process.environ()
             if MARK_CELL not in env or os.getpgid(process.pid) != process.pid:
                 continue
+            command = tuple(process.cmdline())
         except (psutil.Error, OSError):
             continue
         if work_dir is not None and env.get(MARK_WORK_DIR) != work_dir:
             continue
-        found.append(MarkedProcess(process.pid, env[MARK_CELL], env.get(MARK_OWNER, ""), env.get(MARK_WORK_DIR, "")))
+        if cell is not None and env.get(MARK_CELL) != cell:
+            continue
+        found.append(MarkedProcess(process.pid, env[MARK_CELL], env.get(MARK_OWNER, ""),
+                                   env.get(MARK_WORK_DIR, ""), command))
     return found
 
 

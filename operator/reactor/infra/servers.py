@@ -25,7 +25,7 @@ import httpx
 
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
-from reactor.infra.processes import Owner, marker_env
+from reactor.infra.processes import Owner, find_marked_processes, kill_process_group, marker_env
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,20 @@ class OpenCodeServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         await process.wait()
+        await asyncio.to_thread(self._kill_escaped)
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._pump, 1.0)
             self._pump = None
+
+    def _kill_escaped(self) -> None:
+        """Shells the agent or a test started run in sessions of their own, outside the
+        server's group; they carry this cell's markers, so end them by those."""
+        spec = self.spec
+        for leftover in find_marked_processes(str(spec.work_dir), spec.cell_id):
+            if leftover.owner == spec.owner.token:
+                log.debug("cell %s: ending escaped process %s %s", spec.cell_id, leftover.pid, leftover.command[:2])
+                kill_process_group(leftover.pid, grace=1.0)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

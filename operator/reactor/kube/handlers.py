@@ -23,6 +23,13 @@ registry = kopf.OperatorRegistry()
 RESOURCE = (GROUP, VERSION, PLURAL)
 
 
+@kopf.on.login(registry=registry)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # A plain OperatorRegistry has no login handler: use the kubernetes client's
+    # configuration (in-cluster service account, else the kubeconfig).
+    return kopf.login_via_client(**kwargs)
+
+
 @kopf.on.startup(registry=registry)
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
@@ -32,6 +39,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
         prefix="reactor.dev", key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # our own Events tell the story of each task
     settings.watching.server_timeout = 300
+    # The resource is known; without this kopf lists CRDs and namespaces cluster-wide,
+    # which least-privilege RBAC refuses (and kopf retries for ~1 minute).
+    settings.scanning.disabled = True
     for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir):
         logger.warning("startup cleanup: %s", line)
 

@@ -83,6 +83,12 @@ class StatusWriter:
             except ApiException as exc:
                 if exc.status == 404:
                     return False
+                if exc.status == 403:
+                    message = (f"RBAC: the operator may not patch agenttasks/status in namespace {ref.namespace}; "
+                               "grant it (see manifests/rbac.yaml)")
+                    log.error("%s: %s", ref, message)
+                    await self.event(ref, "Forbidden", message, warning=True)
+                    raise PermissionError(message) from None
                 raise
 
     async def phase(self, ref: TaskRef, phase: Phase, message: str, generation: int | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from typing import Any
 
@@ -121,8 +122,9 @@ class TaskSupervisor:
             raise
         except Exception as exc:  # a bug must end the task visibly, not leave it hanging
             log.exception("%s: internal error", ref)
-            await self.status.phase(ref, Phase.FAILED, f"internal error: {exc}", generation,
-                                    reason=Reason.INTERNAL_ERROR.value, cell=None, completionTime=now())
+            with contextlib.suppress(Exception):  # e.g. the status write itself was forbidden
+                await self.status.phase(ref, Phase.FAILED, f"internal error: {exc}", generation,
+                                        reason=Reason.INTERNAL_ERROR.value, cell=None, completionTime=now())
 
     async def _execute(self, ref: TaskRef, spec: AgentTaskSpec, generation: int | None,
                        attempt: int) -> tuple[TaskResult, bool]:

@@ -75,6 +75,7 @@ class Step:
     status: int = 500
     times: int = 1
     usage: tuple[int, int] = DEFAULT_USAGE
+    retry_after: float | None = None
 
     @property
     def stateful(self) -> bool:
@@ -89,8 +90,8 @@ def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE) ->
 
 
 def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
-    """OpenCode's ``edit`` tool (exact string replacement; the file must have been read
-    or written in the session? no: OpenCode 1.18 edits without a prior read)."""
+    """OpenCode's ``edit`` tool: replace the exact string ``old`` (which must occur once)
+    with ``new``. OpenCode 1.18 does not require a prior ``read``."""
     return Step(
         "tool",
         tool="edit",
@@ -99,9 +100,9 @@ def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAG
     )
 
 
-def bash(command: str, description: str = "Run a command", *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
-    """OpenCode's ``bash`` tool."""
-    return Step("tool", tool="bash", arguments={"command": command, "description": description}, usage=usage)
+def bash(command: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+    """OpenCode's ``bash`` tool (runs in the project directory)."""
+    return Step("tool", tool="bash", arguments={"command": command}, usage=usage)
 
 
 def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
@@ -109,11 +110,14 @@ def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
     return Step("text", content=content, usage=usage)
 
 
-def fail(status: int = 500, times: int = 1) -> Step:
-    """Answer with HTTP ``status`` ``times`` times, then continue with the next step."""
+def fail(status: int = 500, times: int = 1, *, retry_after: float | None = None) -> Step:
+    """Answer with HTTP ``status`` ``times`` times, then continue with the next step.
+
+    ``retry_after`` (seconds) adds ``retry-after-ms``/``retry-after`` headers, which
+    OpenCode honours for its own retry delay (default backoff: about 2, 4, 8, 16, 32 s)."""
     if times < 1:
         raise ValueError("times must be >= 1")
-    return Step("fail", status=status, times=times)
+    return Step("fail", status=status, times=times, retry_after=retry_after)
 
 
 def hang(times: int = 1) -> Step:
@@ -137,6 +141,11 @@ class Script:
 
     def __init__(self, scenarios: Iterable[Scenario] = ()) -> None:
         self.scenarios = list(scenarios)
+
+    def add(self, scenario: Scenario) -> Scenario:
+        """Add a scenario (also while the server runs: tests sharing one server)."""
+        self.scenarios.append(scenario)
+        return scenario
 
     def find(self, prompt: str) -> tuple[int, Scenario] | None:
         for index, scenario in enumerate(self.scenarios):
@@ -176,6 +185,27 @@ def _working_directory(messages: list[dict[str, Any]]) -> str | None:
             if found:
                 return found.group(1)
     return None
+
+
+# OpenCode records a command run through POST /session/{id}/shell as a user message
+# with this text followed by an assistant message carrying the bash call; the model sees
+# both on the next prompt. They are not the model's turns.
+_USER_SHELL_TEXT = "The following tool was executed by the user"
+
+
+def _model_turns(messages: list[dict[str, Any]]) -> int:
+    """Assistant messages the model produced (user-run shell commands excluded)."""
+    turns = 0
+    previous_user = ""
+    for message in messages:
+        role = message.get("role")
+        if role == "user":
+            previous_user = _content_text(message.get("content"))
+        elif role == "assistant":
+            if not previous_user.startswith(_USER_SHELL_TEXT):
+                turns += 1
+            previous_user = ""
+    return turns
 
 
 @dataclass
@@ -298,7 +328,7 @@ class ScriptedModel:
         if found is None:
             return _Decision("unmatched")
         scenario_index, scenario = found
-        turns = sum(1 for m in messages if m.get("role") == "assistant")
+        turns = _model_turns(messages)
         # Walk the steps: stateless steps are numbered by assistant turns; a stateful
         # step (fail/hang) in front of the current one fires until exhausted.
         produced = 0
@@ -363,9 +393,14 @@ class _Handler(BaseHTTPRequestHandler):
         if decision.kind == "fail":
             assert step is not None
             entry["answer"] = f"http {step.status}"
+            headers = {}
+            if step.retry_after is not None:
+                headers["retry-after-ms"] = str(int(step.retry_after * 1000))
+                headers["retry-after"] = str(max(0, round(step.retry_after)))
             self._send_json(
                 step.status,
-                {"error": {"message": f"scripted failure ({step.status})", "type": "server_error", "code": step.status}},
+                {"error": {"message": f"scripted failure ({step.status})", "type": "scripted_error", "code": step.status}},
+                headers,
             )
         elif decision.kind == "hang":
             entry["answer"] = "hang"
@@ -408,9 +443,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self.close_connection = True
 
-    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

@@ -163,10 +163,13 @@ async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, resul
 
     # -- Testing: through the server (INV-006), never a subprocess of ours --
     await phases.enter(Phase.TESTING, test_command, cell)
-    assert cell.client is not None
+    client = cell.client
+    assert client is not None
+    # A session of its own: shell runs are stored in a session and an agent would see them.
+    test_session = (await client.create_session(title=f"Tests of {spec.task_id}")).id
     test = await retry_transient(
         f"{spec.task_id}: tests",
-        lambda: cell.client.run_command(cell.session_id, test_command, timeout=spec.test_timeout),
+        lambda: client.run_command(test_session, test_command, timeout=spec.test_timeout),
         policy,
     )
     result.test_exit_code = test.exit_code
