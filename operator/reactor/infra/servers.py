@@ -112,6 +112,9 @@ class OpenCodeServer:
             "OPENCODE_CONFIG_CONTENT": json.dumps(spec.config),
             "OPENCODE_SERVER_PASSWORD": self.password,
             "OPENCODE_DISABLE_AUTOUPDATE": "1",
+            # No fetch of the models.dev catalogue: a cell talks to its configured provider
+            # and nothing else (and where that host is unreachable the fetch can stall turns).
+            "OPENCODE_DISABLE_MODELS_FETCH": "1",
             **marker_env(spec.cell_id, spec.owner, str(spec.work_dir)),
         }
 
