@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 from typing import Any
 
@@ -64,6 +65,14 @@ def usage_status(result: TaskResult) -> dict[str, Any]:
     }
 
 
+def _api_message(exc: ApiException) -> str:
+    """The API server's own explanation (it names the user, verb, resource and namespace)."""
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{exc.status} {exc.reason}"
+
+
 class StatusWriter:
     def __init__(self, api_client: k8s.ApiClient):
         self.custom = k8s.CustomObjectsApi(api_client)
@@ -84,8 +93,8 @@ class StatusWriter:
                 if exc.status == 404:
                     return False
                 if exc.status == 403:
-                    message = (f"RBAC: the operator may not patch agenttasks/status in namespace {ref.namespace}; "
-                               "grant it (see manifests/rbac.yaml)")
+                    message = (f"RBAC: {_api_message(exc)}; grant `patch` on agenttasks/status in namespace "
+                               f"{ref.namespace} (see manifests/rbac.yaml)")
                     log.error("%s: %s", ref, message)
                     await self.event(ref, "Forbidden", message, warning=True)
                     raise PermissionError(message) from None

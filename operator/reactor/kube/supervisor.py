@@ -46,11 +46,10 @@ class TaskSupervisor:
     # -- what the handlers call --
 
     async def admit(self, body: Any) -> None:
-        """A new AgentTask: record it as Pending and start it (it may wait for capacity)."""
-        if (body.get("status") or {}).get("phase") in TERMINAL:
+        """A new AgentTask: start it. Its first status write is Bootstrapping, or Pending
+        with reason WaitingForCapacity when it must wait (no write in between: latency)."""
+        if (body.get("status") or {}).get("phase") in TERMINAL or body["metadata"]["uid"] in self._runs:
             return
-        ref = TaskRef.from_body(body)
-        await self.status.phase(ref, Phase.PENDING, "accepted", body["metadata"].get("generation"), attempts=0)
         self._start(body, attempt=1)
 
     async def resume(self, body: Any) -> None:

@@ -1,0 +1,124 @@
+"""`reactor run` and `reactor cleanup` as a user runs them: a real subprocess, real opencode,
+real git, the scripted model (pointed at through --opencode-config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from reactor.infra.processes import find_marked_processes
+from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
+from tests.conftest import git, worktrees_of
+from tests.workflow.conftest import OPENCODE_CACHE
+
+pytestmark = pytest.mark.opencode
+
+FIX = edit("calc.py", "return a - b", "return a + b")
+
+
+def reactor(*args: str, work_dir, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "REACTOR_OPENCODE_CACHE": str(OPENCODE_CACHE)}
+    return subprocess.run([sys.executable, "-m", "reactor.cli", *args, "--work-dir", str(work_dir)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    def write_config(model: ScriptedModel):
+        path = tmp_path / "opencode.json"
+        path.write_text(json.dumps(model.opencode_config()))
+        return str(path)
+    return write_config
+
+
+def test_run_commits_a_passing_fix_and_prints_json(repo, work_dir, config_file):
+    with ScriptedModel([Scenario("TASK-001", [FIX, text("Fixed.")])]) as model:
+        out = reactor("run", "--task", "TASK-001", "--desc", "Fix add", "--prompt", "TASK-001: fix add() in calc.py",
+                      "--opencode-config", config_file(model), "--port-range", "18600-18700", "--json",
+                      work_dir=work_dir, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["outcome"] == "committed" and result["branch"] == "reactor/TASK-001"
+    assert result["commit"] == git(repo, "rev-parse", "reactor/TASK-001")
+    assert result["test_command"] == "python3 -m pytest -q", "detected from the repository"
+    for phase in ("Bootstrapping", "Executing", "Testing", "Committing", "TearingDown", "Succeeded"):
+        assert f"[TASK-001] {phase}" in out.stderr
+    assert worktrees_of(repo) == []
+
+
+def test_run_exits_1_when_the_tests_fail(repo, work_dir, config_file):
+    main_before = git(repo, "rev-parse", "main")
+    with ScriptedModel([Scenario("TASK-BAD", [edit("calc.py", "return a - b", "return a * b"), text("Done.")])]) as m:
+        out = reactor("run", "--task", "TASK-BAD", "--prompt", "TASK-BAD: fix add", "--test-cmd", "python3 -m pytest -q",
+                      "--opencode-config", config_file(m), "--port-range", "18600-18700", work_dir=work_dir, cwd=repo)
+    assert out.returncode == 1
+    assert "FAIL TASK-BAD: TestsFailed: tests failed (exit 1)" in out.stdout
+    assert git(repo, "branch", "--list", "reactor/*") == "" and git(repo, "rev-parse", "main") == main_before
+
+
+def test_parallel_tasks_on_one_repository_get_three_branches(repo, work_dir, config_file):
+    scenarios = [Scenario(f"P-{i}:", [write(f"feature_{i}.py", f"VALUE = {i}\n"), text("Added.")]) for i in (1, 2, 3)]
+    with ScriptedModel(scenarios) as model:
+        out = reactor("run", "--parallel", "--task", "P-1,P-2,P-3", "--desc", "One,Two,Three",
+                      "--prompt", "P-1: add feature_1.py,P-2: add feature_2.py,P-3: add feature_3.py",
+                      "--test-cmd", "ls feature_*.py",
+                      "--opencode-config", config_file(model), "--port-range", "18600-18700", "--json",
+                      work_dir=work_dir, cwd=repo)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(r["task_id"] for r in results) == ["P-1", "P-2", "P-3"]
+    for i, desc in ((1, "One"), (2, "Two"), (3, "Three")):
+        branch = f"reactor/P-{i}"
+        assert git(repo, "log", "-1", "--format=%s", branch) == f"Task P-{i}: {desc}"
+        assert git(repo, "diff", "--name-only", "main", branch) == f"feature_{i}.py", "each cell saw only its own work"
+    assert worktrees_of(repo) == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--parallel", "--task", "A,B", "--prompt", "only one"], "same number of items"),
+    (["--task", "A", "--prompt", "x", "--port-range", "9000-8000"], "port range"),
+    (["--task", "A", "--prompt", "x", "--model", "claude"], "provider/model"),
+    (["--task", "A", "--prompt", "x", "--timeout", "soon"], "not a duration"),
+])
+def test_bad_usage_exits_2_with_a_clear_message(repo, work_dir, args, message):
+    out = reactor("run", *args, work_dir=work_dir, cwd=repo, timeout=60)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_not_a_repository_fails_with_exit_1_and_leaves_nothing(tmp_path, work_dir):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    out = reactor("run", "--task", "T", "--prompt", "x", "--test-cmd", "true", work_dir=work_dir, cwd=plain, timeout=60)
+    assert out.returncode == 1 and "is not a git repository" in out.stdout
+
+
+def test_cleanup_after_a_crashed_run(repo, work_dir, config_file):
+    """SIGKILL `reactor run` mid-task: its server and worktree survive it; `reactor cleanup`
+    removes them, and touches nothing else."""
+    with ScriptedModel([Scenario("CRASH", [hang(times=100)])]) as model:
+        env = {**os.environ, "REACTOR_OPENCODE_CACHE": str(OPENCODE_CACHE)}
+        run = subprocess.Popen([sys.executable, "-m", "reactor.cli", "run", "--task", "CRASH", "--prompt", "CRASH: x",
+                                "--test-cmd", "true", "--opencode-config", config_file(model),
+                                "--port-range", "18600-18700", "--work-dir", str(work_dir)],
+                               cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not any(r.get("kind") == "hang" for r in model.requests):
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        orphans = find_marked_processes(str(work_dir.resolve()))
+        assert orphans and len(worktrees_of(repo)) == 1
+
+        out = reactor("cleanup", "--repo", str(repo), work_dir=work_dir, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "killed orphaned server" in out.stdout and "removed worktree" in out.stdout
+    assert find_marked_processes(str(work_dir.resolve())) == []
+    assert worktrees_of(repo) == [] and git(repo, "branch", "--list", "reactor/*") == ""
