@@ -190,3 +190,20 @@ def test_reapplying_a_finished_task_does_not_run_it_again(operator, namespace, a
         once_requests = [r for r in model.requests if r.get("scenario") == "once:"]
     assert after["status"] == first["status"]
     assert len(once_requests) == 2, "one tool call and one final answer: the task ran exactly once"
+
+
+def test_operator_sigterm_stops_every_cell_and_requeues_the_task(operator, namespace, app_repo, work_dir):
+    op = operator()
+    with ScriptedModel([Scenario("stopped:", [hang(times=1), FIX, text("Fixed.")])]) as model:
+        kubectl_apply(op.cluster, namespace, task_manifest("stopped", app_repo, model))
+        obj = op.wait_for("stopped", lambda o: o and (o.get("status", {}).get("cell") or {}).get("serverPid")
+                          and any(r["kind"] == "hang" for r in model.requests), what="agent mid-turn")
+        server = obj["status"]["cell"]["serverPid"]
+        assert op.stop(signal.SIGTERM) == 0
+        assert find_marked_processes(str(work_dir)) == [], "nothing outlives the operator"
+        assert not psutil.pid_exists(server) or psutil.Process(server).status() == psutil.STATUS_ZOMBIE
+        status = op.get("stopped")["status"]
+        assert status["phase"] == "Pending" and condition(op.get("stopped"))["reason"] == "OperatorShutdown"
+        # The next operator runs it again, from a fresh worktree.
+        obj = operator().wait_terminal("stopped")
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]

@@ -12,7 +12,7 @@ from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec
 from reactor.infra.worktrees import Worktree, safe_component
 from reactor.opencode.client import OpenCodeClient
 from reactor.workflow.engine import Engine
-from reactor.workflow.types import CellInfo, TaskSpec
+from reactor.workflow.types import CellInfo, TaskSpec, Usage
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Cell:
         self.client: OpenCodeClient | None = None
         self.session_id: str | None = None
         self.boot_attempts = 0
+        self.spent = Usage()  # usage of sessions already left behind (R3 retries)
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
 
     def info(self) -> CellInfo:

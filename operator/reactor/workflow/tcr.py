@@ -107,7 +107,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                 await _revert(cell)
                 result.reason, result.message = Reason.AGENT_ERROR, str(exc)
             finally:
-                result.usage = await _usage(cell)
+                result.usage = _add(cell.spent, await _usage(cell))
                 await phases.enter(Phase.TEARING_DOWN, cell=cell)
                 await _shielded(cell.teardown(keep_branch=committed))
     except asyncio.CancelledError:
@@ -201,6 +201,7 @@ async def _fresh_session(cell: Cell) -> None:
     """Before an R3 retry of the prompt: a clean worktree and a new session, so the retry
     does not build on a half-finished turn."""
     assert cell.client is not None and cell.worktree is not None
+    cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
     await asyncio.to_thread(cell.worktree.revert)
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
 
@@ -229,16 +230,17 @@ async def _revert(cell: Cell) -> None:
         await ignore_and_warn(f"{cell.cell_id}: revert", lambda: asyncio.to_thread(cell.worktree.revert), None)
 
 
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(**{name: getattr(a, name) + getattr(b, name) for name in Usage.model_fields})
+
+
 async def _usage(cell: Cell) -> Usage:
     if cell.client is None or cell.session_id is None:
         return Usage()
     client, session_id = cell.client, cell.session_id
 
-    async def read() -> Usage:
-        usage = await asyncio.wait_for(client.usage(session_id), 5)
-        return Usage.model_validate(usage.model_dump())
-
-    return await ignore_and_warn(f"{cell.cell_id}: read usage", read, Usage())
+    return await ignore_and_warn(f"{cell.cell_id}: read usage",
+                                 lambda: asyncio.wait_for(client.usage(session_id), 5), Usage())
 
 
 async def _shielded(coro: Awaitable[None]) -> None:

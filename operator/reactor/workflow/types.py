@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from reactor.opencode.models import Usage  # token/cost totals, as the server reports them
+
 
 class Phase(str, enum.Enum):
     PENDING = "Pending"
@@ -70,15 +72,6 @@ class TaskSpec(BaseModel):
     @property
     def commit_message(self) -> str:
         return f"Task {self.task_id}: {self.description or self.prompt.splitlines()[0][:72]}"
-
-
-class Usage(BaseModel):
-    input_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    cost: float = 0.0
 
 
 class CellInfo(BaseModel):
