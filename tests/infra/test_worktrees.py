@@ -19,7 +19,7 @@ def test_worktree_on_a_fresh_branch_leaves_base_and_checkout_alone(repo, work_di
     (wt.path / "calc.py").write_text("changed\n")
     (wt.path / "new.txt").write_text("new\n")
     assert sorted(wt.changed_paths()) == ["calc.py", "new.txt"]
-    sha = wt.commit("Task TASK-1: fix")
+    sha = wt.commit("Task TASK-1: fix", wt.changed_paths())
     assert git(repo, "rev-parse", "reactor/TASK-1") == sha
     assert git(repo, "rev-parse", "main") == base_before
     assert git(repo, "status", "--porcelain") == "", "the user's checkout is untouched"
@@ -77,7 +77,7 @@ def test_cleanup_removes_what_a_dead_owner_left_and_keeps_results(repo, work_dir
     empty = crashed.create(repo, "EMPTY", "main")
     result = crashed.create(repo, "RESULT", "main")
     (result.path / "r.txt").write_text("r\n")
-    result.commit("Task RESULT: done")
+    result.commit("Task RESULT: done", ["r.txt"])
     live = WorktreeManager(work_dir / "worktrees").create(repo, "LIVE", "main")
 
     removed = WorktreeManager(work_dir / "worktrees").cleanup(repo)
@@ -86,3 +86,16 @@ def test_cleanup_removes_what_a_dead_owner_left_and_keeps_results(repo, work_dir
     assert git(repo, "branch", "--list", "reactor/EMPTY") == ""
     assert git(repo, "branch", "--list", "reactor/RESULT").strip() == "reactor/RESULT"
     assert not empty.path.exists()
+
+
+def test_commit_takes_only_the_given_paths_including_deletions(repo, work_dir):
+    manager = WorktreeManager(work_dir / "worktrees")
+    wt = manager.create(repo, "T3", "main")
+    (wt.path / "test_calc.py").unlink()
+    (wt.path / "calc.py").write_text("def add(a, b):\n    return a + b\n")
+    change = sorted(wt.changed_paths())
+    assert change == ["calc.py", "test_calc.py"]
+    (wt.path / "build-artifact.log").write_text("written by a test run\n")
+    sha = wt.commit("Task T3: change", change)
+    assert git(repo, "show", "--name-status", "--format=", sha).split() == ["M", "calc.py", "D", "test_calc.py"]
+    manager.remove(wt, keep_branch=True)

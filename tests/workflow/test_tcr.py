@@ -50,6 +50,8 @@ async def test_a_passing_fix_is_committed_on_the_result_branch(repo, engine):
     assert git(repo, "rev-parse", "reactor/T-OK") == result.commit
     assert git(repo, "log", "-1", "--format=%s", "reactor/T-OK") == "Task T-OK: Fix add"
     assert "return a + b" in git(repo, "show", "reactor/T-OK:calc.py")
+    # The repository has no .gitignore: the test run's __pycache__ must not be committed.
+    assert git(repo, "show", "--name-only", "--format=", "reactor/T-OK") == "calc.py"
     assert git(repo, "rev-parse", "main") == main_before
     assert result.files_changed == ["calc.py"] and result.test_exit_code == 0
     assert "1 passed" in result.test_output_tail

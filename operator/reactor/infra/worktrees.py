@@ -46,23 +46,22 @@ class Worktree:
     # -- operations on the worktree's own branch; none of these touch the base branch --
 
     def changed_paths(self) -> list[str]:
-        """Paths that differ from the branch head, including untracked files."""
+        """Paths that differ from the branch head, including untracked files (and both
+        sides of a rename)."""
         out = git(self.path, "status", "--porcelain=v1", "-z", "--untracked-files=all", strip=False)
-        entries = [e for e in out.split("\0") if e]
-        paths, skip = [], False
+        entries = iter(e for e in out.split("\0") if e)
+        paths = []
         for entry in entries:
-            if skip:  # the source path of a rename
-                skip = False
-                continue
             status, path = entry[:2], entry[3:]
-            if "R" in status or "C" in status:
-                skip = True
             paths.append(path)
-        return paths
+            if "R" in status or "C" in status:
+                paths.append(next(entries, ""))  # -z puts the source path in its own entry
+        return [p for p in paths if p]
 
-    def commit(self, message: str) -> str:
-        """Commit everything in the worktree on its branch; return the commit SHA."""
-        git(self.path, "add", "--all")
+    def commit(self, message: str, paths: list[str]) -> str:
+        """Commit ``paths`` (added, changed or deleted) on the worktree's branch; return the
+        commit SHA. Only those paths: files a test run left behind are not the change."""
+        git(self.path, "add", "--all", "--", *paths)
         identity = []
         if not git(self.path, "config", "user.email", check=False):
             identity = ["-c", f"user.name={DEFAULT_COMMITTER['name']}", "-c", f"user.email={DEFAULT_COMMITTER['email']}"]

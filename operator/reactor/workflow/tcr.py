@@ -185,7 +185,8 @@ async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, resul
     # -- Committing --
     await phases.enter(Phase.COMMITTING, cell=cell)
     assert cell.worktree is not None
-    result.commit = await asyncio.to_thread(cell.worktree.commit, spec.commit_message)
+    # The agent's change as it stood when tested (files the test run wrote are not part of it).
+    result.commit = await asyncio.to_thread(cell.worktree.commit, spec.commit_message, files)
     result.outcome, result.reason = Outcome.COMMITTED, Reason.COMMITTED
     result.message = f"tests passed; committed {result.commit[:12]} on {spec.branch}"
     return True
