@@ -73,7 +73,8 @@ class Cell:
                 await asyncio.sleep(policy.boot_delay * restart)
             self.boot_attempts += 1
             try:
-                await self._boot_once()
+                async with self.engine.starting:  # the health timeout then times one start, not a queue
+                    await self._boot_once()
                 return
             except ServerBootError as exc:
                 await self.stop_server()

@@ -3,6 +3,7 @@ the max-agents bound). The CLI makes one; the operator makes one."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ class EngineSettings:
     # OpenCode's download cache (npm packages it installs on first start), shared by cells.
     cache_dir: Path | None = field(default_factory=lambda: _env_path("REACTOR_OPENCODE_CACHE"))
     max_agents: int = 50
+    # Servers starting at once. A start is ~1.2 s of CPU: ten at once on 2 cores all miss
+    # the health timeout, and BOOT_RETRY would restart them all at once again.
+    max_starting: int = field(default_factory=lambda: os.cpu_count() or 2)
     health_timeout: float = 10.0
     stop_grace: float = 5.0
     # The CLI hands its own environment to servers (the user's API keys); the operator does not.
@@ -61,6 +65,7 @@ class Engine:
         self.worktrees = WorktreeManager(self.work_dir / "worktrees", self.owner)
         # Bounds cells alive at once (--max-agents); waiters start in priority order.
         self.capacity = CapacityGate(self.settings.max_agents)
+        self.starting = asyncio.Semaphore(self.settings.max_starting)
 
     @property
     def work_dir(self) -> Path:
