@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def tasks_from(args: argparse.Namespace):
             base_branch=args.branch, test_command=args.test_cmd, test_timeout=parse_duration(args.test_timeout),
             model=args.model, opencode_config=config, timeout=parse_duration(args.timeout),
         )
-        for task_id, desc, prompt in zip(ids, descs, prompts)
+        for task_id, desc, prompt in zip(ids, descs, prompts, strict=True)
     ]
 
 

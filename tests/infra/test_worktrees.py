@@ -1,13 +1,12 @@
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from reactor.errors import ConfigurationError
 from reactor.infra.processes import Owner
 from reactor.infra.worktrees import WorktreeManager
-from tests.conftest import git, make_repo, worktrees_of
+from tests.conftest import git, worktrees_of
 
 
 def test_worktree_on_a_fresh_branch_leaves_base_and_checkout_alone(repo, work_dir):
@@ -71,7 +70,6 @@ def test_cleanup_removes_what_a_dead_owner_left_and_keeps_results(repo, work_dir
     # A Reactor process that is gone: a child we start and wait for.
     dead = subprocess.Popen(["true"])
     dead.wait()
-    import psutil
     ghost = Owner(dead.pid, 12345.0)
     crashed = WorktreeManager(work_dir / "worktrees", ghost)
     empty = crashed.create(repo, "EMPTY", "main")

@@ -3,7 +3,6 @@ process, real opencode servers, real git, the scripted model."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from pathlib import Path
 from typing import Any
 
 from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec
@@ -146,7 +145,3 @@ class Cell:
             finally:
                 self._release_port()
                 shutil.rmtree(self.state_dir, ignore_errors=True)
-
-
-def cell_state_dir(engine: Engine, cell_id: str) -> Path:
-    return engine.cells_dir / safe_component(cell_id)

@@ -148,7 +148,7 @@ async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, resul
             break
         except OpenCodeUnavailable as exc:
             if not restarts_left:
-                raise TaskFailed(Reason.AGENT_ERROR, f"the OpenCode server died and restarts are used up: {exc}")
+                raise TaskFailed(Reason.AGENT_ERROR, f"the OpenCode server died and restarts are used up: {exc}") from exc
             restarts_left -= 1
             log.warning("BOOT_RETRY: %s: server lost mid-task (%s); restarting it", spec.task_id, exc)
             await cell.restart_server()
