@@ -16,7 +16,7 @@ KIND_CLUSTER ?= reactor
 help:
 	@echo "make demo    - offline demo: local control plane + operator + scripted model"
 	@echo "make test    - full test suite (does its own setup)"
-	@echo "make bench   - benchmarks (prints figures)"
+	@echo "make bench   - benchmarks: cell vs bare opencode, operator vs reactor run (prints figures)"
 
 $(PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,10 @@ test: setup
 demo: setup
 	$(PY) -m reactor.demo
 
-bench: venv opencode
+# Speed and memory figures, as ratios against baselines measured in the same run.
+bench: setup
 	$(PY) bench/cell_bootstrap.py
+	$(PY) bench/operator_overhead.py
 
 # Tests that need neither opencode nor a control plane (seconds).
 test-fast: venv
