@@ -32,24 +32,15 @@ import psutil
 
 from reactor.infra.processes import find_marked_processes
 from reactor.infra.servers import LISTENING_LINE, find_opencode_binary
+from reactor.testing.operator_process import free_port
+from reactor.testing.repos import make_repo
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
 from reactor.workflow.cell import Cell
 from reactor.workflow.engine import Engine, EngineSettings
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import TaskSpec
 
-CACHE = Path(os.environ.get("REACTOR_TEST_OPENCODE_CACHE", Path.home() / ".cache" / "reactor-tests" / "opencode"))
-
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    run = lambda *a: subprocess.run(a, cwd=path, check=True, capture_output=True)  # noqa: E731
-    run("git", "init", "-q", "-b", "main")
-    (path / "calc.py").write_text("def add(a, b):\n    return a - b\n")
-    (path / "test_calc.py").write_text("from calc import add\n\ndef test_add():\n    assert add(2, 3) == 5\n")
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "init")
-    return path
+CACHE = Path(os.environ.get("REACTOR_OPENCODE_CACHE", Path.home() / ".cache" / "reactor-tests" / "opencode"))
 
 
 def group_rss(pid: int) -> int:
@@ -70,39 +61,28 @@ def bare_server(repo: Path, config: dict, state: Path) -> tuple[float, float, in
     env = {**os.environ, "OPENCODE_CONFIG_CONTENT": json.dumps(config), "OPENCODE_SERVER_PASSWORD": password,
            "XDG_DATA_HOME": str(state / "data"), "XDG_STATE_HOME": str(state / "state"),
            "XDG_CONFIG_HOME": str(state / "config"), "XDG_CACHE_HOME": str(CACHE)}
-    with socketless_port() as port:
-        started = time.perf_counter()
-        proc = subprocess.Popen([find_opencode_binary(), "serve", "--port", str(port), "--hostname", "127.0.0.1"],
-                                cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            for line in proc.stdout:
-                if LISTENING_LINE.encode() in line:
-                    break
-            while httpx.get(f"http://127.0.0.1:{port}/global/health", auth=("opencode", password)).status_code != 200:
-                pass
-            ready = time.perf_counter() - started
-            session_started = time.perf_counter()
-            created = httpx.post(f"http://127.0.0.1:{port}/session", json={"title": "bare"},
-                                 auth=("opencode", password), timeout=30)
-            assert created.status_code == 200, created.text
-            session = time.perf_counter() - session_started
-            time.sleep(1.0)  # idle memory: let start-up allocations settle (measurement, not synchronisation)
-            return ready, session, group_rss(proc.pid)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
-
-
-class socketless_port:
-    def __enter__(self) -> int:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        pass
+    port = free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen([find_opencode_binary(), "serve", "--port", str(port), "--hostname", "127.0.0.1"],
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if LISTENING_LINE.encode() in line:
+                break
+        while httpx.get(f"http://127.0.0.1:{port}/global/health", auth=("opencode", password)).status_code != 200:
+            pass
+        ready = time.perf_counter() - started
+        session_started = time.perf_counter()
+        created = httpx.post(f"http://127.0.0.1:{port}/session", json={"title": "bare"},
+                             auth=("opencode", password), timeout=30)
+        assert created.status_code == 200, created.text
+        session = time.perf_counter() - session_started
+        time.sleep(1.0)  # idle memory: let start-up allocations settle (measurement, not synchronisation)
+        return ready, session, group_rss(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
 
 
 async def cell_once(engine: Engine, repo: Path, config: dict, index: int) -> dict[str, float]:

@@ -28,13 +28,14 @@ import kubernetes
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from reactor.devcluster.controlplane import ControlPlane  # noqa: E402
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text  # noqa: E402
-from tests.conftest import make_repo  # noqa: E402
-from tests.kube.operator_harness import OperatorProcess  # noqa: E402
-from tests.workflow.conftest import OPENCODE_CACHE  # noqa: E402
+from reactor.testing.operator_process import OperatorProcess  # noqa: E402
+from reactor.testing.repos import make_repo  # noqa: E402
+
+# One OpenCode download cache for every server of the run (cells of `reactor run` and of the operator).
+os.environ.setdefault("REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode"))
 
 FIX = edit("calc.py", "return a - b", "return a + b")
 
@@ -78,12 +79,11 @@ def operator_task(op: OperatorProcess, ns: str, name: str, repo: Path, config: d
 
 
 def cli_task(work: Path, name: str, repo: Path, config_path: Path) -> float:
-    env = {**os.environ, "REACTOR_OPENCODE_CACHE": str(OPENCODE_CACHE)}
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "reactor.cli", "run", "--task", name, "--prompt", f"{name}: fix add",
                           "--repo", str(repo), "--test-cmd", "python3 -m pytest -q", "--opencode-config",
                           str(config_path), "--work-dir", str(work), "--port-range", "18700-18800"],
-                         env=env, capture_output=True, text=True)
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     return time.perf_counter() - start
 

@@ -3,51 +3,19 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from reactor.infra.processes import find_marked_processes
+from reactor.testing.repos import git, make_repo
 
 pytest_plugins = ["reactor.testing.kube_fixtures"]
 
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
-
-
-BUGGY_CALC = textwrap.dedent('''\
-    def add(a, b):
-        return a - b
-''')
-FIXED_CALC = textwrap.dedent('''\
-    def add(a, b):
-        return a + b
-''')
-TEST_CALC = textwrap.dedent('''\
-    from calc import add
-
-
-    def test_add():
-        assert add(2, 3) == 5
-''')
-
-
-def make_repo(path: Path, files: dict[str, str] | None = None, branch: str = "main") -> Path:
-    """A real git repository with one commit on ``branch``. Default content: a Python module
-    with a bug and the test that catches it."""
-    path.mkdir(parents=True, exist_ok=True)
-    git(path, "init", "--quiet", f"--initial-branch={branch}")
-    git(path, "config", "user.email", "dev@example.com")
-    git(path, "config", "user.name", "Dev")
-    for name, content in (files or {"calc.py": BUGGY_CALC, "test_calc.py": TEST_CALC}).items():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (path / name).write_text(content)
-    git(path, "add", "--all")
-    git(path, "commit", "--quiet", "-m", "initial")
-    return path
+# OpenCode's download cache, shared by every server of the suite (and across runs) so only
+# the first pays for it; in the environment, so `reactor` subprocesses use it too.
+OPENCODE_CACHE = Path(os.environ.setdefault(
+    "REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode")))
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,38 +19,14 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 
 from reactor.devcluster.controlplane import ControlPlane
+from reactor.testing.operator_process import OperatorProcess
+from reactor.testing.repos import git, make_repo
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
-
-BUGGY = "def add(a, b):\n    return a - b\n"
-TEST = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
-
 
 def say(message: str) -> None:
     print(f"\n==> {message}", flush=True)
-
-
-def run(*cmd: str, cwd: Path | None = None) -> str:
-    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-def make_repository(path: Path) -> Path:
-    path.mkdir(parents=True)
-    run("git", "init", "--quiet", "--initial-branch=main", cwd=path)
-    (path / "calc.py").write_text(BUGGY)
-    (path / "test_calc.py").write_text(TEST)
-    run("git", "add", "--all", cwd=path)
-    run("git", "-c", "user.name=Demo", "-c", "user.email=demo@example.com", "commit", "--quiet", "-m", "calc with a bug",
-        cwd=path)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         tmp = Path(tempfile.mkdtemp(prefix="reactor-demo-"))
         if not args.keep:
-            stack.callback(lambda: subprocess.run(["rm", "-rf", str(tmp)], check=False))
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
 
         say("Starting a local Kubernetes control plane (etcd + kube-apiserver)")
         started = time.monotonic()
@@ -89,24 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         ]))
         print(f"    {model.base_url}")
 
-        repo = make_repository(tmp / "app")
+        repo = make_repo(tmp / "app")
         say(f"A repository whose test fails: {repo}")
         failing = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=repo, capture_output=True, text=True)
         print("    " + (failing.stdout.strip().splitlines() or ["?"])[-1])
 
         say("Starting the operator (reactor operator)")
-        liveness = f"http://127.0.0.1:{free_port()}/healthz"
-        log_path = tmp / "operator.log"
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path)}
-        with open(log_path, "wb") as log:
-            operator = subprocess.Popen(
-                [sys.executable, "-m", "reactor.cli", "operator", "--namespace", "demo", "--work-dir", str(tmp / "work"),
-                 "--liveness", liveness], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        stack.callback(stop_operator, operator)
-        wait_until(lambda: _live(liveness) or operator.poll() is not None, 60)
-        if operator.poll() is not None:
-            raise SystemExit(f"the operator exited:\n{log_path.read_text()}")
-        print(f"    pid {operator.pid}, liveness {liveness}")
+        (tmp / "work").mkdir()
+        operator = OperatorProcess(cluster, "demo", tmp / "work")
+        stack.callback(operator.stop)
+        operator.start()
+        print(f"    pid {operator.process.pid}, log {operator.log_path}")
 
         say("kubectl apply -f task.yaml")
         task = {
@@ -138,41 +105,16 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(0.1)
         if final is None:
-            raise SystemExit(f"the task did not finish in time; operator log:\n{log_path.read_text()[-3000:]}")
+            raise SystemExit(f"the task did not finish in time; operator log:\n{operator.log()}")
 
         say("kubectl get agenttasks -n demo -o wide")
         print(kubectl("get", "agenttasks", "-n", "demo", "-o", "wide").stdout)
         if final["phase"] == "Succeeded":
             say("The result branch in the repository (main is unchanged)")
-            print(run("git", "log", "--stat", "-1", "reactor/fix-calc", cwd=repo))
-            print(run("git", "log", "--oneline", "main", cwd=repo))
+            print(git(repo, "log", "--stat", "-1", "reactor/fix-calc"))
+            print(git(repo, "log", "--oneline", "main"))
         say("Tearing down (operator, model, control plane)")
         return 0 if final["phase"] == "Succeeded" else 1
-
-
-def _live(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_until(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit("timed out")
-        time.sleep(0.05)
-
-
-def stop_operator(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import pytest
 from reactor.infra.processes import find_marked_processes
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
 from tests.conftest import git, worktrees_of
-from tests.workflow.conftest import OPENCODE_CACHE
 
 pytestmark = pytest.mark.opencode
 
@@ -23,9 +22,8 @@ FIX = edit("calc.py", "return a - b", "return a + b")
 
 
 def reactor(*args: str, work_dir, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "REACTOR_OPENCODE_CACHE": str(OPENCODE_CACHE)}
     return subprocess.run([sys.executable, "-m", "reactor.cli", *args, "--work-dir", str(work_dir)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -102,11 +100,10 @@ def test_cleanup_after_a_crashed_run(repo, work_dir, config_file):
     """SIGKILL `reactor run` mid-task: its server and worktree survive it; `reactor cleanup`
     removes them, and touches nothing else."""
     with ScriptedModel([Scenario("CRASH", [hang(times=100)])]) as model:
-        env = {**os.environ, "REACTOR_OPENCODE_CACHE": str(OPENCODE_CACHE)}
         run = subprocess.Popen([sys.executable, "-m", "reactor.cli", "run", "--task", "CRASH", "--prompt", "CRASH: x",
                                 "--test-cmd", "true", "--opencode-config", config_file(model),
                                 "--port-range", "18600-18700", "--work-dir", str(work_dir)],
-                               cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
         deadline = time.monotonic() + 120
         while not any(r.get("kind") == "hang" for r in model.requests):

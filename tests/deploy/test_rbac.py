@@ -16,7 +16,7 @@ from reactor.devcluster.controlplane import ControlPlane
 from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, text
 from tests.conftest import git, make_repo
 from tests.deploy.conftest import CRD, EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all, ok
-from tests.kube.operator_harness import OperatorProcess
+from reactor.testing.operator_process import OperatorProcess, operators
 from tests.kube.test_operator import task_manifest
 
 TENANT_RBAC = EXAMPLES / "tenant" / "rbac.yaml"
@@ -35,17 +35,8 @@ def as_serviceaccount(reactor_system, namespace, work_dir, tmp_path):
     """Start the operator as the ServiceAccount, watching the test namespace."""
     cluster = reactor_system
     kubeconfig = cluster.kubeconfig_for(SA_USER, SA_GROUPS, tmp_path / "reactor-sa.kubeconfig")
-    started: list[OperatorProcess] = []
-
-    def start() -> OperatorProcess:
-        proc = OperatorProcess(cluster, namespace, work_dir, kubeconfig=kubeconfig).start()
-        started.append(proc)
-        return proc
-
-    yield start
-    cluster.kubectl("delete", "agenttasks", "--all", "-n", namespace, "--wait=true", "--timeout=30s")
-    for proc in started:
-        proc.stop()
+    with operators(cluster, namespace, work_dir, kubeconfig=kubeconfig) as start:
+        yield start
 
 
 def can_i(cluster, namespace: str, verb: str, resource: str) -> bool:

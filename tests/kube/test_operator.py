@@ -13,7 +13,7 @@ from reactor.infra.processes import find_marked_processes
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text
 from tests.conftest import git, make_repo
 from tests.kube.conftest import kubectl_apply
-from tests.kube.operator_harness import OperatorProcess
+from reactor.testing.operator_process import operators
 
 pytestmark = pytest.mark.opencode
 
@@ -27,19 +27,9 @@ def app_repo(tmp_path):
 
 
 @pytest.fixture
-def operator(crd_installed, namespace, work_dir, request):
-    started: list[OperatorProcess] = []
-
-    def start(*args: str) -> OperatorProcess:
-        proc = OperatorProcess(crd_installed, namespace, work_dir, *args).start()
-        started.append(proc)
-        return proc
-
-    yield start
-    # Delete what the test left so the operator reaps it, then stop the operator.
-    crd_installed.kubectl("delete", "agenttasks", "--all", "-n", namespace, "--wait=true", "--timeout=30s")
-    for proc in started:
-        proc.stop()
+def operator(crd_installed, namespace, work_dir):
+    with operators(crd_installed, namespace, work_dir) as start:
+        yield start
 
 
 def task_manifest(name: str, repo, model: ScriptedModel, **spec) -> dict:

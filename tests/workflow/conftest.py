@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,7 @@ import pytest
 from reactor.infra.ports import PortRange
 from reactor.workflow.engine import Engine, EngineSettings
 from reactor.workflow.recovery import RecoveryPolicy
-
-# OpenCode installs its provider packages from npm on first start; one cache for the whole
-# suite (and across runs) so only the first server pays for it.
-OPENCODE_CACHE = Path(os.environ.get("REACTOR_TEST_OPENCODE_CACHE", Path.home() / ".cache" / "reactor-tests" / "opencode"))
+from tests.conftest import OPENCODE_CACHE
 # Ports for test servers: away from the default range a developer's own run may use.
 TEST_PORTS = PortRange(18000, 18500)
 

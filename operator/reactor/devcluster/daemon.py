@@ -16,7 +16,6 @@ import sys
 import threading
 from pathlib import Path
 
-from reactor.devcluster.controlplane import ControlPlane
 from reactor.errors import ReactorError
 
 STATE_FILE = "state.json"
@@ -38,6 +37,9 @@ def write_atomically(path: Path, text: str) -> None:
 def run(state_dir: Path) -> int:
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, _raise_exit)
+    # Imported here: the CLI imports this module for its file names on every `reactor` call.
+    from reactor.devcluster.controlplane import ControlPlane
+
     control_plane = ControlPlane()
     state, kubeconfig = state_dir / STATE_FILE, state_dir / KUBECONFIG_FILE
     try:

@@ -15,7 +15,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from reactor.infra.git import GitError, git
@@ -34,7 +34,6 @@ class GitCredentials:
     username: str | None = None
     password: str | None = None
     ssh_private_key: str | None = None
-    _files: list[Path] = field(default_factory=list)
 
     def __repr__(self) -> str:  # never show the secret
         return "GitCredentials(<redacted>)"

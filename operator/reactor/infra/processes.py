@@ -102,14 +102,15 @@ def is_marked_for(pid: int, cell: str) -> bool:
 
 def kill_process_group(pgid: int, grace: float = 5.0) -> None:
     """SIGTERM the group, then SIGKILL what is left after ``grace`` seconds. Blocking."""
+    members = _group_members(pgid)
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return
+    # Poll the members found once (rescanning every process on the machine each time would
+    # be costly); anything that joined the group meanwhile gets the SIGKILL below.
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _group_alive(pgid):
-            return
+    while any(_running(p) for p in members) and time.monotonic() < deadline:
         time.sleep(0.02)
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -117,16 +118,20 @@ def kill_process_group(pgid: int, grace: float = 5.0) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
+def _running(process: psutil.Process) -> bool:
+    """Zombies (exited, not yet reaped by their parent) count as gone."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    # Zombies (exited, not yet reaped by their parent) count as gone.
-    for process in psutil.process_iter(["pid", "status"]):
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter(["pid"]):
         try:
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
+            if os.getpgid(process.pid) == pgid:
+                members.append(process)
         except (OSError, psutil.Error):
             continue
-    return False
+    return members

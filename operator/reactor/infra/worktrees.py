@@ -133,24 +133,15 @@ class WorktreeManager:
                 git(worktree.repo, "branch", "--quiet", "-D", worktree.branch, check=False)
             self._meta_path(worktree).unlink(missing_ok=True)
 
-    def leftovers(self, repo: Path) -> list[Worktree]:
-        """Worktrees of ``repo`` recorded by Reactor whose owning process is gone."""
-        top = resolve_repository(repo)
-        found = []
-        for worktree in self._recorded(top):
-            if not Owner.is_alive_token(worktree.owner):
-                found.append(worktree)
-        return found
-
     def cleanup(self, repo: Path) -> list[Worktree]:
         """Remove what crashed runs left: their worktrees, and their branches when those hold
         no commit of their own (a branch with a commit is a result and is kept)."""
-        removed = []
-        for worktree in self.leftovers(repo):
+        top = resolve_repository(repo)
+        removed = [w for w in self._recorded(top) if not Owner.is_alive_token(w.owner)]
+        for worktree in removed:
             self.discard(worktree)
-            removed.append(worktree)
-        with repository_lock(resolve_repository(repo)):
-            git(resolve_repository(repo), "worktree", "prune", check=False)
+        with repository_lock(top):  # also entries git still lists for directories already gone
+            git(top, "worktree", "prune", check=False)
         return removed
 
     def discard(self, worktree: Worktree) -> None:

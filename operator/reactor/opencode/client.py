@@ -139,6 +139,24 @@ class OpenCodeClient:
         except OpenCodeError:
             pass
 
+    async def _session_request(self, session_id: str, path: str, body: Any, read_timeout: float | None,
+                               what: str) -> Any:
+        """POST to a call that runs work in the session (a turn, a shell command). Closing the
+        connection does not stop that work on the server, so when the read limit expires or
+        the caller is cancelled, the session is aborted before the error propagates."""
+        try:
+            return await self._request(
+                "POST", f"/session/{session_id}/{path}", json=body, timeout=self._timeout(read_timeout)
+            )
+        except OpenCodeTimeout:
+            await self._abort_quietly(session_id)
+            raise OpenCodeTimeout(
+                f"{what} in session {session_id} did not finish within {read_timeout} s; aborted"
+            ) from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abort_quietly(session_id))
+            raise
+
     # ----------------------------------------------------------------------- calls
 
     async def health(self) -> Health:
@@ -178,19 +196,7 @@ class OpenCodeClient:
             body["model"] = {"providerID": provider_id, "modelID": model_id}
         if agent is not None:
             body["agent"] = agent
-        try:
-            data = await self._request(
-                "POST", f"/session/{session_id}/message", json=body, timeout=self._timeout(timeout)
-            )
-        except OpenCodeTimeout:
-            await self._abort_quietly(session_id)
-            raise OpenCodeTimeout(
-                f"prompt in session {session_id} did not finish within {timeout} s; the turn was aborted"
-            ) from None
-        except asyncio.CancelledError:
-            # Dropping the HTTP request does not stop the turn on the server: abort it.
-            await asyncio.shield(self._abort_quietly(session_id))
-            raise
+        data = await self._session_request(session_id, "message", body, timeout, "prompt")
         result = await self._turn_result(session_id, data)
         if result.error is not None and not result.error.aborted:
             failure = result.error
@@ -280,21 +286,9 @@ class OpenCodeClient:
             f"bash {shlex.quote(wrapper_script_path())} {nonce} {limit} {int(max_output)} {encoded}"
         )
         started = time.monotonic()
-        try:
-            data = await self._request(
-                "POST",
-                f"/session/{session_id}/shell",
-                json={"agent": SHELL_AGENT, "command": shell_command},
-                timeout=self._timeout(limit + SHELL_HTTP_GRACE),
-            )
-        except OpenCodeTimeout:
-            await self._abort_quietly(session_id)
-            raise OpenCodeTimeout(
-                f"command in session {session_id} did not return within {limit + SHELL_HTTP_GRACE} s; aborted"
-            ) from None
-        except asyncio.CancelledError:
-            await asyncio.shield(self._abort_quietly(session_id))
-            raise
+        data = await self._session_request(
+            session_id, "shell", {"agent": SHELL_AGENT, "command": shell_command}, limit + SHELL_HTTP_GRACE, "command"
+        )
         duration = time.monotonic() - started
         tool = next((p for p in data.get("parts") or [] if p.get("type") == "tool"), None)
         if tool is None:

@@ -120,9 +120,8 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
         result.boot_attempts = cell.boot_attempts
         result.phase_durations = phases.durations
         result.duration = round(time.monotonic() - started, 3)
-    if not result.succeeded:
-        result.commit = None
-        result.branch = None if not committed else result.branch
+    if not committed:  # the branch was deleted at teardown; there is nothing to point at
+        result.commit = result.branch = None
     await phases.enter(Phase.SUCCEEDED if result.succeeded else Phase.FAILED, result.message)
     return result
 

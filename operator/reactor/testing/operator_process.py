@@ -1,4 +1,5 @@
-"""Runs `reactor operator` as a real subprocess against the test control plane."""
+"""`reactor operator` as a real subprocess against a cluster (a ControlPlane, or any object
+with ``kubeconfig_path`` and ``kubectl``): for tests, benchmarks and the demo."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.workflow.conftest import OPENCODE_CACHE
 
 
 def free_port() -> int:
@@ -34,8 +36,7 @@ class OperatorProcess:
 
     def start(self) -> OperatorProcess:
         port = free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "REACTOR_OPENCODE_CACHE": str(OPENCODE_CACHE)}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "reactor.cli", "operator", "--namespace", self.namespace,
@@ -95,3 +96,22 @@ class OperatorProcess:
                                    f"involvedObject.name={name}", "-o", "json")
         items = json.loads(out.stdout)["items"]
         return sorted(items, key=lambda e: e["metadata"]["creationTimestamp"])
+
+
+@contextmanager
+def operators(cluster, namespace: str, work_dir: Path, kubeconfig: Path | None = None) -> Iterator:
+    """Yields ``start(*args) -> OperatorProcess``; on exit deletes the namespace's tasks while
+    the operators still run (so they reap their cells and release finalizers), then stops them."""
+    started: list[OperatorProcess] = []
+
+    def start(*args: str) -> OperatorProcess:
+        proc = OperatorProcess(cluster, namespace, work_dir, *args, kubeconfig=kubeconfig).start()
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        cluster.kubectl("delete", "agenttasks", "--all", "-n", namespace, "--wait=true", "--timeout=30s")
+        for proc in started:
+            proc.stop()
