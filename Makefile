@@ -9,7 +9,11 @@ OPENCODE_DIR := .tools/opencode
 OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 
-.PHONY: help setup venv opencode envtest test test-fast demo bench clean image deploy undeploy kind-up kind-load
+# Debian packages the observability tests drive for real: a Prometheus server and a
+# headless Chromium. Installed only when missing (apt-get needs root, as on CI).
+OBSERVE_PACKAGES := prometheus chromium
+
+.PHONY: help setup venv opencode envtest observe-tools test test-fast demo bench clean image deploy undeploy kind-up kind-load
 IMAGE ?= reactor:0.1.0
 KIND_CLUSTER ?= reactor
 
@@ -42,7 +46,16 @@ opencode: $(OPENCODE_BIN)
 envtest:
 	@hack/envtest/build.sh
 
-setup: venv opencode envtest
+observe-tools:
+	@missing=""; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+setup: venv opencode envtest observe-tools
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -14,6 +14,7 @@ import re
 import secrets
 import shlex
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -28,6 +29,7 @@ from reactor.opencode.errors import (
     OpenCodeUnavailable,
     TransientModelError,
 )
+from reactor.opencode.events import Event, read_events
 from reactor.opencode.models import (
     AgentFailure,
     CommandResult,
@@ -329,6 +331,13 @@ class OpenCodeClient:
         data = await self._request("GET", f"/session/{session_id}")
         tokens = TokenUsage.from_opencode(data.get("tokens"))
         return Usage(**tokens.model_dump(), cost=float(data.get("cost") or 0.0))
+
+    def events(self, *, read_timeout: float = 30.0) -> AsyncIterator[Event]:
+        """The server's event stream (``GET /event``, all sessions) as typed events, until
+        the server closes it. Raises :class:`OpenCodeUnavailable` when nothing (not even a
+        heartbeat, sent every 10 s) arrives for ``read_timeout`` seconds. For a background
+        subscription with several consumers use :class:`reactor.opencode.events.EventFollower`."""
+        return read_events(self._http, "/event", read_timeout)
 
     async def abort(self, session_id: str) -> bool:
         """Stop the session's running turn (``POST /session/{id}/abort``). True also

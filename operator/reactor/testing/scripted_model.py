@@ -76,6 +76,7 @@ class Step:
     times: int = 1
     usage: tuple[int, int] = DEFAULT_USAGE
     retry_after: float | None = None
+    delay: float = 0.0  # seconds the model "thinks" before answering (a slow model)
 
     @property
     def stateful(self) -> bool:
@@ -83,13 +84,15 @@ class Step:
         return self.kind in ("fail", "hang")
 
 
-def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
     """OpenCode's ``write`` tool. A relative path is resolved against the working
-    directory OpenCode reports in its system prompt."""
-    return Step("tool", tool="write", arguments={"filePath": path, "content": content}, usage=usage)
+    directory OpenCode reports in its system prompt. ``usage`` is the (input, output)
+    tokens the answer reports (cost follows from the model's price: $3/$15 per million);
+    ``delay`` holds the answer back that many seconds."""
+    return Step("tool", tool="write", arguments={"filePath": path, "content": content}, usage=usage, delay=delay)
 
 
-def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
     """OpenCode's ``edit`` tool: replace the exact string ``old`` (which must occur once)
     with ``new``. OpenCode 1.18 does not require a prior ``read``."""
     return Step(
@@ -97,17 +100,18 @@ def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAG
         tool="edit",
         arguments={"filePath": path, "oldString": old, "newString": new},
         usage=usage,
+        delay=delay,
     )
 
 
-def bash(command: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+def bash(command: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
     """OpenCode's ``bash`` tool (runs in the project directory)."""
-    return Step("tool", tool="bash", arguments={"command": command}, usage=usage)
+    return Step("tool", tool="bash", arguments={"command": command}, usage=usage, delay=delay)
 
 
-def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
     """A plain text answer with finish_reason "stop": ends the agent's turn."""
-    return Step("text", content=content, usage=usage)
+    return Step("text", content=content, usage=usage, delay=delay)
 
 
 def fail(status: int = 500, times: int = 1, *, retry_after: float | None = None) -> Step:
@@ -390,6 +394,9 @@ class _Handler(BaseHTTPRequestHandler):
         server._log(entry)
         step = decision.step
         stream = bool(body.get("stream"))
+        if step is not None and step.delay > 0 and decision.kind in ("tool", "text"):
+            # A slow model; ends early when the server stops (so tests never wait it out).
+            server._stopping.wait(step.delay)
         if decision.kind == "fail":
             assert step is not None
             entry["answer"] = f"http {step.status}"

@@ -10,6 +10,7 @@ from typing import Any
 from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec
 from reactor.infra.worktrees import Worktree, safe_component
 from reactor.opencode.client import OpenCodeClient
+from reactor.opencode.events import EventFollower, EventHub
 from reactor.workflow.engine import Engine
 from reactor.workflow.types import CellInfo, TaskSpec, Usage
 
@@ -35,6 +36,10 @@ class Cell:
         self.worktree: Worktree | None = None
         self.server: OpenCodeServer | None = None
         self.client: OpenCodeClient | None = None
+        # The cell's OpenCode events, for the task's whole life (across server restarts):
+        # consumers subscribe here once; each server gets a follower feeding it.
+        self.events = EventHub(self.cell_id)
+        self._follower: EventFollower | None = None
         self.session_id: str | None = None
         self.boot_attempts = 0
         self.spent = Usage()  # usage of sessions already left behind (R3 retries)
@@ -105,6 +110,12 @@ class Cell:
         # INV-004: the client knows only http://127.0.0.1:PORT and the cell's password.
         self.client = OpenCodeClient(self.server.base_url, self.server.password)
         try:
+            # Subscribed before the first prompt, so no event of the task is missed.
+            self._follower = EventFollower(self.client, self.events)
+            await self._follower.start()
+        except Exception as exc:
+            raise ServerBootError(f"server on port {self.port} is healthy but its event stream failed: {exc}") from exc
+        try:
             session = await self.client.create_session(title=self.spec.commit_message)
         except Exception as exc:
             raise ServerBootError(f"server on port {self.port} is healthy but could not open a session: {exc}") from exc
@@ -121,6 +132,9 @@ class Cell:
     # -- teardown --
 
     async def stop_server(self) -> None:
+        if self._follower is not None:
+            await self._follower.stop()
+            self._follower = None
         if self.client is not None:
             await self.client.aclose()
             self.client = None

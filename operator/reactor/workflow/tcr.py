@@ -6,6 +6,10 @@
 Recovery: R3 around the prompt and the test run (transient model/server errors), BOOT_RETRY
 when the server fails to boot or dies mid-task, RB (revert, no commit) on failed tests or a
 time-box expiry, IG for bookkeeping (usage, changed-file listing).
+
+A TaskControl stops the run with a verdict up to Committing: its budget guard (spec.budget,
+checked after every model step from the cell's event stream) or the caller (a spend limit
+over many tasks). The agent is aborted and the worktree reverted, as on a time-box expiry.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from reactor.errors import ConfigurationError
@@ -22,7 +26,9 @@ from reactor.infra.ports import PortsExhausted
 from reactor.infra.servers import ServerBootError
 from reactor.infra.worktrees import resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
+from reactor.opencode.events import Consumer
 from reactor.workflow.cell import Cell
+from reactor.workflow.control import StopScope, TaskControl, TaskStopped
 from reactor.workflow.engine import Engine
 from reactor.workflow.recovery import ignore_and_warn, retry_transient
 from reactor.workflow.testcmd import detect_test_command
@@ -67,17 +73,25 @@ class _Phases:
 
 
 async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | None = None,
-                   cell_id: str | None = None, priority: object = 0, take_capacity: bool = True) -> TaskResult:
+                   cell_id: str | None = None, priority: object = 0, take_capacity: bool = True,
+                   control: TaskControl | None = None, watchers: Sequence[Consumer] = ()) -> TaskResult:
     """Run one task to a verdict. Never raises for task failures (they are results); a
     cancellation (task deleted, operator stopping) tears the cell down and propagates.
 
     ``cell_id`` names the cell's worktree, state and server markers (default: the task id);
     ``priority`` orders tasks waiting for capacity (lower first); ``take_capacity=False``
-    when the caller already holds a slot of engine.capacity."""
+    when the caller already holds a slot of engine.capacity. ``control`` lets the caller stop
+    the run with a verdict and read its running spend; ``watchers`` receive the cell's
+    OpenCode events (live progress, transcripts)."""
     gate = engine.capacity if take_capacity else None
     started = time.monotonic()
     phases = _Phases(spec.task_id, on_phase)
     cell = Cell(spec, engine, cell_id)
+    control = control or TaskControl()
+    control.budget = spec.budget
+    cell.events.subscribe(control.on_event)  # first: the others see the spend including this step
+    for watcher in watchers:
+        cell.events.subscribe(watcher)
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
                         message="", branch=spec.branch, base_branch=spec.base_branch)
     committed = False
@@ -87,8 +101,8 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
         async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
             time_box = asyncio.timeout(spec.timeout)
             try:
-                async with time_box:
-                    committed = await _test_commit_revert(spec, cell, phases, result)
+                async with time_box, control.guard() as stops:
+                    committed = await _test_commit_revert(spec, cell, phases, result, stops)
             except TimeoutError:
                 if not time_box.expired():
                     raise
@@ -98,6 +112,11 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                     await phases.enter(Phase.REVERTING, verdict.message, cell)
                     await _revert(cell)
                 result.outcome, result.reason, result.message = verdict.outcome, verdict.reason, verdict.message
+            except TaskStopped as stopped:  # the agent was aborted when its turn was cancelled
+                if cell.worktree is not None:
+                    await phases.enter(Phase.REVERTING, stopped.request.message, cell)
+                    await _revert(cell)
+                result.reason, result.message = stopped.request.reason, stopped.request.message
             except ConfigurationError as exc:
                 result.reason, result.message = Reason.INVALID_INPUT, str(exc)
             except (ServerBootError, PortsExhausted) as exc:
@@ -126,7 +145,8 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     return result
 
 
-async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult) -> bool:
+async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
+                              stops: StopScope) -> bool:
     policy = cell.engine.settings.recovery
 
     # -- Bootstrapping: worktree, port, healthy server, session --
@@ -181,7 +201,8 @@ async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, resul
     if test.exit_code != 0:
         raise TaskFailed(Reason.TESTS_FAILED, f"tests failed (exit {test.exit_code})", Outcome.REVERTED)
 
-    # -- Committing --
+    # -- Committing: a change that passed its tests is kept; stop requests no longer apply --
+    await stops.close()
     await phases.enter(Phase.COMMITTING, cell=cell)
     assert cell.worktree is not None
     # The agent's change as it stood when tested (files the test run wrote are not part of it).

@@ -47,7 +47,20 @@ class Reason(str, enum.Enum):
     CANCELLED = "Cancelled"
     PUSH_FAILED = "PushFailed"
     OPERATOR_RESTARTED = "OperatorRestarted"
+    BUDGET_EXCEEDED = "BudgetExceeded"  # the task's own maxCost/maxTokens
+    SPEND_LIMIT_EXCEEDED = "SpendLimitExceeded"  # a limit over many tasks (the operator's SpendLimit)
     INTERNAL_ERROR = "InternalError"
+
+
+class Budget(BaseModel):
+    """Limits on what one task may spend, checked after every model step while it runs."""
+
+    max_cost: float | None = Field(default=None, ge=0)  # in the provider's currency (USD)
+    max_tokens: int | None = Field(default=None, ge=1)  # input+output+reasoning+cache tokens
+
+    @property
+    def limited(self) -> bool:
+        return self.max_cost is not None or self.max_tokens is not None
 
 
 class TaskSpec(BaseModel):
@@ -62,6 +75,7 @@ class TaskSpec(BaseModel):
     model: str | None = None  # provider/model
     opencode_config: dict[str, Any] = Field(default_factory=dict)
     timeout: float = 1800.0  # the whole-task time box
+    budget: Budget = Field(default_factory=Budget)
     # Environment of the opencode process only (API keys). Excluded from repr and dumps.
     env: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
 

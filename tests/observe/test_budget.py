@@ -1,0 +1,65 @@
+"""Budgets enforced while the agent runs: real opencode, real git, the scripted model."""
+
+from __future__ import annotations
+
+import pytest
+
+from reactor.testing.scripted_model import Scenario, ScriptedModel, text, write
+from reactor.workflow.control import TaskControl
+from reactor.workflow.tcr import run_task
+from reactor.workflow.types import Budget, Outcome, Reason, TaskSpec
+from tests.conftest import git, worktrees_of
+
+pytestmark = pytest.mark.opencode
+
+# One model step = 40k input + 1k output tokens = $0.135 at the scripted price ($3/$15 per M).
+BIG_STEP = (40_000, 1_000)
+STEP_COST = 0.135
+
+
+def runaway(marker: str, steps: int = 12) -> Scenario:
+    """An agent that keeps writing files, one big model step each, and would end fine."""
+    return Scenario(marker, [write(f"notes/{i}.txt", f"note {i}\n", usage=BIG_STEP) for i in range(steps)]
+                    + [text("done")])
+
+
+def spec(repo, model, task_id, **overrides) -> TaskSpec:
+    values = dict(task_id=task_id, prompt=f"{task_id}: write notes", repo=repo, test_command="true",
+                  opencode_config=model.opencode_config(), timeout=120)
+    values.update(overrides)
+    return TaskSpec(**values)
+
+
+async def test_max_cost_stops_the_agent_within_one_step_and_reverts(repo, engine):
+    main_before = git(repo, "rev-parse", "main")
+    control = TaskControl()
+    with ScriptedModel([runaway("T-COST")]) as model:
+        result = await run_task(spec(repo, model, "T-COST", budget=Budget(max_cost=0.3)), engine, control=control)
+        answered = [r for r in model.requests if r["scenario"] == "T-COST" and r["kind"] == "tool"]
+
+    assert result.reason is Reason.BUDGET_EXCEEDED, result.message
+    assert result.outcome is Outcome.FAILED and result.commit is None and result.branch is None
+    assert "maxCost $0.3" in result.message and "$0.4050" in result.message, result.message
+    # Crossed at step 3 ($0.405 > $0.30): the agent is stopped before a 5th model answer.
+    assert 3 <= len(answered) <= 4, len(answered)
+    assert control.spend.steps >= 3 and control.spend.cost == pytest.approx(STEP_COST * control.spend.steps)
+    assert result.usage.cost >= 0.4 and result.usage.cost <= 0.3 + 2 * STEP_COST
+    # Edits reverted, nothing left: no worktree, no result branch, main untouched.
+    assert worktrees_of(repo) == []
+    assert "reactor/T-COST" not in git(repo, "branch", "--list")
+    assert git(repo, "rev-parse", "main") == main_before
+
+
+async def test_max_tokens_counts_every_token(repo, engine):
+    with ScriptedModel([runaway("T-TOK")]) as model:
+        result = await run_task(spec(repo, model, "T-TOK", budget=Budget(max_tokens=100_000)), engine)
+    assert result.reason is Reason.BUDGET_EXCEEDED, result.message
+    assert "123000 tokens > maxTokens 100000" in result.message, result.message
+    print(f"\nbudget overshoot: {result.usage.total_tokens - 100_000} tokens past maxTokens 100000 "
+          f"({result.usage.total_tokens} used)")
+
+
+async def test_a_task_within_budget_is_not_stopped(repo, engine):
+    with ScriptedModel([Scenario("T-FINE", [write("a.txt", "a\n"), text("done")])]) as model:
+        result = await run_task(spec(repo, model, "T-FINE", budget=Budget(max_cost=1.0, max_tokens=10_000)), engine)
+    assert result.outcome is Outcome.COMMITTED, result.message
