@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--opencode-config", type=Path, default=None, help="JSON file merged into the OpenCode server config")
     run.add_argument("--timeout", default="30m", help="whole-task time box (default: 30m)")
     run.add_argument("--json", action="store_true", help="print one JSON result per task on stdout")
+    run.add_argument("--max-cost", type=float, default=None, help="stop a task whose model cost passes this many dollars (reason BudgetExceeded)")
+    run.add_argument("--max-tokens", type=int, default=None, help="stop a task whose tokens pass this number (reason BudgetExceeded)")
+    run.add_argument("--web", default=None, metavar="HOST:PORT", help="serve the fleet page and /metrics while the tasks run")
     run.set_defaults(func=cmd_run)
 
     cleanup = sub.add_parser("cleanup", help="kill servers and remove worktrees left by a crashed run")
@@ -100,7 +103,7 @@ def engine_settings_from(args: argparse.Namespace, **overrides):
 
 
 def tasks_from(args: argparse.Namespace):
-    from reactor.workflow.types import TaskSpec
+    from reactor.workflow.types import Budget, TaskSpec
 
     ids = _split(args.task, args.parallel)
     prompts = _split(args.prompt, args.parallel)
@@ -121,13 +124,18 @@ def tasks_from(args: argparse.Namespace):
             raise ConfigurationError(f"--opencode-config {args.opencode_config}: {exc}") from None
         if not isinstance(config, dict):
             raise ConfigurationError(f"--opencode-config {args.opencode_config}: must hold a JSON object")
+    if args.max_cost is not None and args.max_cost < 0:
+        raise ConfigurationError("--max-cost must not be negative")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigurationError("--max-tokens must be at least 1")
+    budget = Budget(max_cost=args.max_cost, max_tokens=args.max_tokens)
     if args.model is not None and "/" not in args.model:
         raise ConfigurationError(f"--model {args.model!r} must be provider/model, e.g. anthropic/claude-sonnet-4-5")
     return [
         TaskSpec(
             task_id=task_id, description=desc, prompt=prompt, repo=args.repo.expanduser().resolve(),
             base_branch=args.branch, test_command=args.test_cmd, test_timeout=parse_duration(args.test_timeout),
-            model=args.model, opencode_config=config, timeout=parse_duration(args.timeout),
+            model=args.model, opencode_config=config, timeout=parse_duration(args.timeout), budget=budget,
         )
         for task_id, desc, prompt in zip(ids, descs, prompts, strict=True)
     ]
@@ -140,8 +148,8 @@ def _split(value: str, parallel: bool) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from reactor.observe.local import run_observed
     from reactor.workflow.engine import Engine
-    from reactor.workflow.tcr import run_task
 
     specs = tasks_from(args)
     engine = Engine(engine_settings_from(args))
@@ -154,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     async def run_all():
-        return await asyncio.gather(*(run_task(spec, engine, report) for spec in specs))
+        return await run_observed(specs, engine, report, web=args.web)
 
     print(f"Reactor {__version__}: {len(specs)} task(s) on {specs[0].repo} (base {specs[0].base_branch}), "
           f"max agents {engine.settings.max_agents}, ports {engine.settings.port_range}", file=sys.stderr)

@@ -42,7 +42,7 @@ from reactor.opencode.models import (
     Usage,
 )
 
-__all__ = ["OpenCodeClient", "wrapper_script_path"]
+__all__ = ["OpenCodeClient", "wrapper_script_path", "is_wrapped_command"]
 
 WRAPPER_SCRIPT = "run_with_status.sh"
 SHELL_AGENT = "build"
@@ -59,6 +59,12 @@ def wrapper_script_path() -> str:
     if "$" in path or "\n" in path:  # OpenCode substitutes $NAME in shell commands
         raise OpenCodeError(f"unusable path for {WRAPPER_SCRIPT}: {path!r}")
     return path
+
+
+def is_wrapped_command(command: str) -> bool:
+    """True for a command that :meth:`OpenCodeClient.run_command` sent (not the agent's):
+    it shows up in the event stream as a bash tool call like the agent's own."""
+    return WRAPPER_SCRIPT in command and wrapper_script_path() in command
 
 
 class OpenCodeClient:

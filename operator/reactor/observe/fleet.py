@@ -1,0 +1,122 @@
+"""The fleet view: every task this process knows, with what the web page and metrics show,
+and each namespace's spend today."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+@dataclass
+class TaskView:
+    namespace: str
+    name: str
+    phase: str = "Pending"
+    reason: str = ""
+    message: str = ""
+    created: str = ""  # RFC 3339, UTC
+    started: str | None = None
+    finished: str | None = None
+    activity: str = ""
+    cost: float = 0.0
+    tokens: int = 0
+    model: str = ""
+    files: list[str] = field(default_factory=list)
+    commit: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    @property
+    def running(self) -> bool:
+        return self.phase not in TERMINAL_PHASES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self._tasks: dict[tuple[str, str], TaskView] = {}
+
+    def view(self, namespace: str, name: str) -> TaskView:
+        """The task's view, created on first use."""
+        key = (namespace, name)
+        view = self._tasks.get(key)
+        if view is None:
+            view = self._tasks[key] = TaskView(namespace, name, created=utc_iso())
+        return view
+
+    def get(self, namespace: str, name: str) -> TaskView | None:
+        return self._tasks.get((namespace, name))
+
+    def remove(self, namespace: str, name: str) -> None:
+        self._tasks.pop((namespace, name), None)
+
+    def tasks(self) -> list[TaskView]:
+        return sorted(self._tasks.values(), key=lambda v: (v.created, v.namespace, v.name))
+
+    def by_phase(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for view in self._tasks.values():
+            counts[(view.namespace, view.phase)] = counts.get((view.namespace, view.phase), 0) + 1
+        return counts
+
+
+def utc_iso(moment: dt.datetime | None = None) -> str:
+    return (moment or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def utc_day(moment: dt.datetime | None = None) -> str:
+    return (moment or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%d")
+
+
+@dataclass
+class DaySpend:
+    day: str
+    cost: float = 0.0
+    tokens: int = 0
+
+
+SpendListener = Callable[[str, float, int], None]
+
+
+class SpendLedger:
+    """Spend per namespace for the current UTC day: every model step of every task, as it
+    happens. Listeners (the operator's spend limits) get each increment."""
+
+    def __init__(self, clock: Callable[[], str] = utc_day) -> None:
+        self._clock = clock
+        self._days: dict[str, DaySpend] = {}
+        self._listeners: list[SpendListener] = []
+
+    def subscribe(self, listener: SpendListener) -> None:
+        self._listeners.append(listener)
+
+    def today(self, namespace: str) -> DaySpend:
+        day = self._clock()
+        spend = self._days.get(namespace)
+        if spend is None or spend.day != day:
+            spend = self._days[namespace] = DaySpend(day)
+        return spend
+
+    def add(self, namespace: str, cost: float, tokens: int) -> None:
+        spend = self.today(namespace)
+        spend.cost += cost
+        spend.tokens += tokens
+        for listener in list(self._listeners):
+            listener(namespace, cost, tokens)
+
+    def seed(self, namespace: str, day: str, cost: float, tokens: int) -> None:
+        """After a restart: what was spent earlier today (the larger of what we knew and this)."""
+        spend = self.today(namespace)
+        if day == spend.day and cost > spend.cost:
+            spend.cost, spend.tokens = cost, max(tokens, spend.tokens)
+
+    def namespaces(self) -> dict[str, DaySpend]:
+        return {ns: self.today(ns) for ns in list(self._days)}
