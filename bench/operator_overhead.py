@@ -95,8 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="reactor-bench-op-") as tmp_text, ControlPlane() as cluster:
         tmp = Path(tmp_text)
-        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "agenttask.yaml"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/agenttasks.reactor.dev")
+        cluster.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/agenttasks.reactor.dev", "crd/spendlimits.reactor.dev")
         cluster.kubectl("create", "namespace", "bench")
         repo = make_repo(tmp / "app")
         names = [f"op-{i}" for i in range(args.rounds)] + [f"cli-{i}" for i in range(args.rounds)] + \

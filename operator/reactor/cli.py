@@ -83,8 +83,10 @@ def _add_optional_subcommands(sub: argparse._SubParsersAction) -> None:
     """Subcommands whose modules carry heavier imports (kopf, the control plane)."""
     from reactor.devcluster import cli as devcluster_cli
     from reactor.kube import cli as operator_cli
+    from reactor.kube import logs as logs_cli
 
     operator_cli.add_subparser(sub)
+    logs_cli.add_subparser(sub)
     devcluster_cli.add_subparser(sub)
 
 

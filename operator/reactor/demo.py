@@ -31,10 +31,10 @@ def say(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reactor.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--crd", type=Path, default=Path("crds/agenttask.yaml"), help="the AgentTask CRD file")
+    parser.add_argument("--crd", type=Path, default=Path("crds"), help="the CRD directory (AgentTask, SpendLimit)")
     parser.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
     args = parser.parse_args(argv)
-    if not args.crd.is_file():
+    if not (args.crd / "kustomization.yaml").is_file():
         parser.error(f"{args.crd} not found: run the demo from the repository root (make demo)")
 
     with ExitStack() as stack:
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    API server {cluster.server_url} ready in {time.monotonic() - started:.1f}s")
         kubectl = cluster.kubectl
 
-        say("Installing the AgentTask CRD")
-        for step in (("apply", "--server-side", "-f", str(args.crd)),
-                     ("wait", "--for=condition=Established", "--timeout=60s", "crd/agenttasks.reactor.dev"),
+        say("Installing the CRDs (AgentTask, SpendLimit)")
+        for step in (("apply", "--server-side", "-k", str(args.crd)),
+                     ("wait", "--for=condition=Established", "--timeout=60s", "crd/agenttasks.reactor.dev",
+                      "crd/spendlimits.reactor.dev"),
                      ("create", "namespace", "demo")):
             out = kubectl(*step)
             if out.returncode != 0:

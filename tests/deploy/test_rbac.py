@@ -15,7 +15,8 @@ import yaml
 from reactor.devcluster.controlplane import ControlPlane
 from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, text
 from tests.conftest import git, make_repo
-from tests.deploy.conftest import CRD, EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all, ok
+from tests.kube.conftest import install_crds
+from tests.deploy.conftest import EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all, ok
 from reactor.testing.operator_process import OperatorProcess, operators
 from tests.kube.test_operator import task_manifest
 
@@ -50,6 +51,8 @@ def test_serviceaccount_gets_exactly_the_documented_permissions(reactor_system, 
     ok(cluster.kubectl("apply", "-n", namespace, "-f", str(TENANT_RBAC)))
     granted = [("list", "agenttasks.reactor.dev"), ("watch", "agenttasks.reactor.dev"),
                ("patch", "agenttasks.reactor.dev"), ("patch", "agenttasks.reactor.dev/status"),
+               ("list", "spendlimits.reactor.dev"), ("watch", "spendlimits.reactor.dev"),
+               ("patch", "spendlimits.reactor.dev"), ("patch", "spendlimits.reactor.dev/status"),
                ("create", "events"), ("get", "secrets/model-api-keys"), ("get", "secrets/git-credentials")]
     denied = [("get", "agenttasks.reactor.dev"), ("update", "agenttasks.reactor.dev"),
               ("delete", "agenttasks.reactor.dev"), ("create", "agenttasks.reactor.dev"),
@@ -119,7 +122,7 @@ def test_without_the_status_rule_the_operator_names_the_missing_permission(
     role = next(d for d in load_all(MANIFESTS / "rbac.yaml") if d["kind"] == "ClusterRole")
     role["metadata"]["name"] = f"reactor-agenttasks-without-status-{namespace}"
     role["rules"] = [r for r in role["rules"] if r["resources"] != ["agenttasks/status"]]
-    assert len(role["rules"]) == 2
+    assert len(role["rules"]) == 4
     bindings = load_all(TENANT_RBAC)
     for doc in bindings:
         if doc["kind"] == "RoleBinding" and doc["roleRef"]["name"] == "reactor-agenttasks":
@@ -162,6 +165,8 @@ AUDIT_POLICY = textwrap.dedent(f"""\
 # What the shipped rules grant, as (verb, group, resource/subresource).
 GRANTED = {("list", "reactor.dev", "agenttasks"), ("watch", "reactor.dev", "agenttasks"),
            ("patch", "reactor.dev", "agenttasks"), ("patch", "reactor.dev", "agenttasks/status"),
+           ("list", "reactor.dev", "spendlimits"), ("watch", "reactor.dev", "spendlimits"),
+           ("patch", "reactor.dev", "spendlimits"), ("patch", "reactor.dev", "spendlimits/status"),
            ("create", "", "events"), ("get", "", "secrets")}
 # kopf's optional run-time observation of CRDs and namespaces (cluster-scoped, not granted):
 # denied, it retries and falls back; with settings.scanning.disabled it is not attempted.
@@ -182,13 +187,16 @@ def test_the_audit_log_shows_every_rule_used_and_nothing_else_needed(kube_assets
     try:
         namespace = "tenant-a"
         ok(cluster.kubectl("create", "namespace", namespace))
-        ok(cluster.kubectl("apply", "--server-side", "-f", str(CRD)))
-        ok(cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agenttasks.reactor.dev"))
+        install_crds(cluster)
         for name in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml"):
             ok(cluster.kubectl("apply", "-f", str(MANIFESTS / name)))
         ok(cluster.kubectl("apply", "-n", namespace, "-f", str(TENANT_RBAC)))
         ok(cluster.kubectl("create", "secret", "generic", "model-api-keys", "-n", namespace,
                            "--from-literal=REACTOR_E2E_TOKEN=s3cret"))
+        # A namespace spend cap the task stays within: its rules are used too.
+        ok(cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({
+            "apiVersion": "reactor.dev/v1alpha1", "kind": "SpendLimit", "metadata": {"name": "cap"},
+            "spec": {"maxCost": "100"}})))
         kubeconfig = cluster.kubeconfig_for(SA_USER, SA_GROUPS, tmp_path / "reactor-sa.kubeconfig")
         op = OperatorProcess(cluster, namespace, work_dir, kubeconfig=kubeconfig).start()
         with ScriptedModel([Scenario("audited:", [FIX_IF_SECRET, text("Fixed.")])]) as model:

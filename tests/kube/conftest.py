@@ -9,14 +9,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "agenttask.yaml"
+CRDS = [CRD, ROOT / "crds" / "spendlimit.yaml"]  # what the operator watches
+
+
+def install_crds(cluster) -> None:
+    out = cluster.kubectl("apply", "--server-side", *(arg for crd in CRDS for arg in ("-f", str(crd))))
+    assert out.returncode == 0, out.stderr
+    done = cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                           "crd/agenttasks.reactor.dev", "crd/spendlimits.reactor.dev")
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture(scope="session")
 def crd_installed(control_plane):
-    out = control_plane.kubectl("apply", "--server-side", "-f", str(CRD))
-    assert out.returncode == 0, out.stderr
-    done = control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agenttasks.reactor.dev")
-    assert done.returncode == 0, done.stderr
+    install_crds(control_plane)
     return control_plane
 
 

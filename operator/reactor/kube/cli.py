@@ -18,6 +18,11 @@ def add_subparser(sub: Any) -> None:
     _add_engine_flags(parser)
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="liveness endpoint (default: http://0.0.0.0:8080/healthz; 'none' to disable)")
+    parser.add_argument("--web", default="none", metavar="HOST:PORT",
+                        help="serve the fleet page, transcripts (`reactor logs`) and /metrics here, e.g. 0.0.0.0:8081 "
+                             "(default: none)")
+    parser.add_argument("--progress-interval", default="2s",
+                        help="at most one status.progress write per task this often (default: 2s)")
     parser.set_defaults(func=cmd_operator)
 
 
@@ -26,8 +31,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
     import kubernetes
 
     from reactor.cli import engine_settings_from
+    from reactor.durations import parse_duration
     from reactor.kube.handlers import registry
     from reactor.kube.supervisor import TaskSupervisor
+    from reactor.observe.web import WebServer, parse_address
     from reactor.workflow.engine import Engine
 
     namespaces = args.namespace or [ns for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns]
@@ -38,10 +45,14 @@ def cmd_operator(args: argparse.Namespace) -> int:
         kubernetes.config.load_kube_config()
     # Servers must not inherit the operator's environment: only their task's secrets.
     engine = Engine(engine_settings_from(args, inherit_env=False))
-    supervisor = TaskSupervisor(engine, kubernetes.client.ApiClient())
+    supervisor = TaskSupervisor(engine, kubernetes.client.ApiClient(),
+                                progress_interval=parse_duration(args.progress_interval))
+    web = None
+    if args.web != "none":
+        web = WebServer(supervisor.observatory, *parse_address(args.web))
     kopf.run(
         registry=registry,
-        memo=kopf.Memo(supervisor=supervisor),
+        memo=kopf.Memo(supervisor=supervisor, web=web, namespaces=[] if clusterwide else namespaces),
         standalone=True,  # one replica (Deployment strategy Recreate): no peering
         clusterwide=clusterwide,
         namespaces=namespaces,

@@ -6,6 +6,10 @@
              does kopf remove the finalizer
 - startup -> kill servers and remove worktrees that a previous operator process left
 - cleanup -> operator shutdown: stop every cell
+
+SpendLimit (create/update/resume/delete) -> the supervisor's spend limits.
+On startup the web page / metrics server starts (``--web``), and the SpendLimits of the
+watched namespaces are read before any task resumes (so none starts past a limit).
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from typing import Any
 import kopf
 
 from reactor.infra.cleanup import cleanup_leftovers
-from reactor.kube.resource import FINALIZER, GROUP, PLURAL, VERSION
+from kubernetes import client as k8s
+
+from reactor.kube.resource import FINALIZER, GROUP, PLURAL, SPENDLIMITS, VERSION
 
 registry = kopf.OperatorRegistry()
 RESOURCE = (GROUP, VERSION, PLURAL)
+SPENDLIMIT = (GROUP, VERSION, SPENDLIMITS)
 
 
 @kopf.on.login(registry=registry)
@@ -44,6 +51,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.scanning.disabled = True
     for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir):
         logger.warning("startup cleanup: %s", line)
+    supervisor = memo.supervisor
+    for body in await asyncio.to_thread(_list_spendlimits, memo.namespaces):
+        supervisor.limits.upsert(body)
+    await supervisor.limits.start()
+    if memo.get("web") is not None:
+        await memo.web.start()
+
+
+def _list_spendlimits(namespaces: list[str]) -> list[dict]:
+    api = k8s.CustomObjectsApi()
+    if not namespaces:
+        return api.list_cluster_custom_object(GROUP, VERSION, SPENDLIMITS)["items"]
+    return [item for ns in namespaces for item in
+            api.list_namespaced_custom_object(GROUP, VERSION, ns, SPENDLIMITS)["items"]]
 
 
 @kopf.on.create(*RESOURCE, registry=registry)
@@ -64,3 +85,18 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.cleanup(registry=registry)
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     await memo.supervisor.shutdown()
+    await memo.supervisor.limits.stop()  # the last spend counts are written
+    if memo.get("web") is not None:
+        await memo.web.stop()
+
+
+@kopf.on.resume(*SPENDLIMIT, registry=registry)
+@kopf.on.create(*SPENDLIMIT, registry=registry)
+@kopf.on.update(*SPENDLIMIT, field="spec", registry=registry)
+async def spendlimit_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.supervisor.limits.upsert(body)
+
+
+@kopf.on.delete(*SPENDLIMIT, registry=registry, optional=True)
+async def spendlimit_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.supervisor.limits.remove(body["metadata"]["namespace"], body["metadata"]["name"])

@@ -11,7 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reactor.workflow.types import Budget
+
 GROUP, VERSION, PLURAL = "reactor.dev", "v1alpha1", "agenttasks"
+SPENDLIMITS = "spendlimits"
 FINALIZER = "reactor.dev/cleanup"
 
 
@@ -46,6 +49,15 @@ class AgentSpec(_Spec):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class BudgetSpec(_Spec):
+    max_cost: str | None = Field(default=None, alias="maxCost")  # dollars as a string ("2.50")
+    max_tokens: int | None = Field(default=None, alias="maxTokens")
+
+    def to_budget(self) -> Budget:
+        return Budget(max_cost=float(self.max_cost) if self.max_cost is not None else None,
+                      max_tokens=self.max_tokens)
+
+
 class AgentTaskSpec(_Spec):
     prompt: str
     repository: RepositorySpec
@@ -55,6 +67,13 @@ class AgentTaskSpec(_Spec):
     result_branch: str | None = Field(default=None, alias="resultBranch")
     agent: AgentSpec = Field(default_factory=AgentSpec)
     timeout: str = "30m"
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+
+class SpendLimitSpec(_Spec):
+    period: str = "Daily"  # Daily (UTC day) | Total (since creation)
+    max_cost: str | None = Field(default=None, alias="maxCost")
+    max_tokens: int | None = Field(default=None, alias="maxTokens")
 
 
 @dataclass(frozen=True)

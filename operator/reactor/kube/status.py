@@ -74,10 +74,12 @@ def _api_message(exc: ApiException) -> str:
 
 
 class StatusWriter:
-    def __init__(self, api_client: k8s.ApiClient):
+    def __init__(self, api_client: k8s.ApiClient, metrics: Any = None):
         self.custom = k8s.CustomObjectsApi(api_client)
         self.core = k8s.CoreV1Api(api_client)
         self._locks: dict[str, asyncio.Lock] = {}
+        self.metrics = metrics  # reactor.observe.metrics.Metrics: counts the writes
+        self.patches: dict[str, int] = {}  # per object uid: status writes made
 
     async def patch(self, ref: TaskRef, status: dict[str, Any]) -> bool:
         """Merge ``status`` into the object's status. False when the object is gone."""
@@ -88,6 +90,10 @@ class StatusWriter:
                     self.custom.patch_namespaced_custom_object_status,
                     GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": status},
                 )
+                self.patches[ref.uid] = self.patches.get(ref.uid, 0) + 1
+                if self.metrics is not None:
+                    kind = "progress" if set(status) == {"progress"} else "phase"
+                    self.metrics.status_patches.labels(kind).inc()
                 return True
             except ApiException as exc:
                 if exc.status == 404:

@@ -20,8 +20,16 @@ from reactor.durations import parse_duration
 from reactor.errors import ConfigurationError, ReactorError
 from reactor.infra.mirrors import GitCredentials, RepositoryMirrors, redact_url
 from reactor.infra.processes import is_marked_for, kill_process_group
+from reactor.kube.progress import ProgressPublisher
 from reactor.kube.resource import AgentTaskSpec, TaskRef
+from reactor.kube.spendlimits import SpendLimits
 from reactor.kube.status import StatusWriter, cell_status, now, result_status, usage_status
+from reactor.observe.local import observatory_for
+from reactor.observe.observation import Observatory
+from reactor.observe.progress import Milestone
+from reactor.opencode.events import Event
+from reactor.opencode.models import TokenUsage
+from reactor.workflow.control import Spend, TaskControl
 from reactor.workflow.engine import Engine
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec
@@ -35,12 +43,18 @@ TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 
 
 class TaskSupervisor:
-    def __init__(self, engine: Engine, api_client: k8s.ApiClient):
+    def __init__(self, engine: Engine, api_client: k8s.ApiClient, observatory: Observatory | None = None,
+                 progress_interval: float = 2.0):
         self.engine = engine
-        self.status = StatusWriter(api_client)
+        self.observatory = observatory or observatory_for(engine)
+        self.status = StatusWriter(api_client, self.observatory.metrics)
         self.core = k8s.CoreV1Api(api_client)
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
+        self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
+        self.progress_interval = progress_interval
         self._runs: dict[str, asyncio.Task] = {}
+        self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
+        self._background: set[asyncio.Task] = set()
         self._stopping = False
 
     # -- what the handlers call --
@@ -58,6 +72,8 @@ class TaskSupervisor:
         ref = TaskRef.from_body(body)
         status = body.get("status") or {}
         phase = status.get("phase")
+        if phase in TERMINAL:
+            self._remember_finished(ref, status)
         if phase in TERMINAL or ref.uid in self._runs:
             return
         attempts = int(status.get("attempts") or 0)
@@ -85,6 +101,7 @@ class TaskSupervisor:
             run.cancel()
             await asyncio.wait([run])  # the run tears its cell down before it ends
         await self.reap(ref, body.get("status") or {})
+        self.observatory.forget(ref.namespace, ref.name)  # its transcript goes with it
 
     async def shutdown(self) -> None:
         """Operator stopping: stop every cell; the tasks go back to Pending and run again on
@@ -101,19 +118,27 @@ class TaskSupervisor:
     def _start(self, body: Any, attempt: int) -> None:
         ref = TaskRef.from_body(body)
         generation = body["metadata"].get("generation")
-        run = asyncio.create_task(self._run(ref, body["spec"], generation, attempt), name=f"agenttask {ref}")
+        progress = (body.get("status") or {}).get("progress") if attempt > 1 else None
+        run = asyncio.create_task(self._run(ref, body["spec"], generation, attempt, progress), name=f"agenttask {ref}")
         self._runs[ref.uid] = run
         run.add_done_callback(lambda done: self._runs.pop(ref.uid, None) if self._runs.get(ref.uid) is done else None)
 
-    async def _run(self, ref: TaskRef, raw_spec: dict, generation: int | None, attempt: int) -> None:
+    async def _run(self, ref: TaskRef, raw_spec: dict, generation: int | None, attempt: int,
+                   previous_progress: dict | None = None) -> None:
         try:
             gate = self.engine.capacity
-            if gate.would_wait():
-                await self.status.phase(ref, Phase.PENDING, f"waiting for capacity: {gate.in_use}/{gate.limit} agents busy",
-                                        generation, reason="WaitingForCapacity")
-            async with gate.slot((ref.creation, ref.namespace, ref.name)):
-                result, pushed = await self._execute(ref, AgentTaskSpec.model_validate(raw_spec), generation, attempt)
-            await self._finish(ref, result, pushed, generation)
+            while True:
+                await self._wait_for_spend_limit(ref, generation)
+                if gate.would_wait():
+                    await self.status.phase(ref, Phase.PENDING, f"waiting for capacity: {gate.in_use}/{gate.limit} agents busy",
+                                            generation, reason="WaitingForCapacity")
+                async with gate.slot((ref.creation, ref.namespace, ref.name)):
+                    if self.limits.blocked(ref.namespace):
+                        continue  # crossed while this task waited for a cell: hand the slot on
+                    result, pushed, observation = await self._execute(
+                        ref, AgentTaskSpec.model_validate(raw_spec), generation, attempt, previous_progress)
+                break
+            await self._finish(ref, result, pushed, generation, observation)
         except asyncio.CancelledError:
             if self._stopping:
                 await self.status.phase(ref, Phase.PENDING, "operator stopped; the task runs again when it restarts",
@@ -125,8 +150,46 @@ class TaskSupervisor:
                 await self.status.phase(ref, Phase.FAILED, f"internal error: {exc}", generation,
                                         reason=Reason.INTERNAL_ERROR.value, cell=None, completionTime=now())
 
+    async def _wait_for_spend_limit(self, ref: TaskRef, generation: int | None) -> None:
+        """Hold a new task in Pending while a SpendLimit of its namespace is exceeded."""
+        said = None
+        while (reason := self.limits.blocked(ref.namespace)) is not None:
+            if reason != said:
+                message = f"{reason}; waiting until the period ends or the limit is raised"
+                await self.status.phase(ref, Phase.PENDING, message, generation,
+                                        reason=Reason.SPEND_LIMIT_EXCEEDED.value)
+                await self.status.event(ref, Reason.SPEND_LIMIT_EXCEEDED.value, message, warning=True)
+                self.observatory.fleet.view(ref.namespace, ref.name).message = message
+                said = reason
+            await self.limits.wait_change(ref.namespace)
+
+    def stop_namespace(self, namespace: str, message: str) -> None:
+        """A SpendLimit of ``namespace`` was crossed: stop every task running there."""
+        for ref, control in list(self._controls.values()):
+            if ref.namespace == namespace:
+                control.stop(Reason.SPEND_LIMIT_EXCEEDED, message)
+
+    def _remember_finished(self, ref: TaskRef, status: dict) -> None:
+        """A finished task found at start-up: shown on the page and counted by phase."""
+        view = self.observatory.fleet.view(ref.namespace, ref.name)
+        view.phase, view.message = status.get("phase") or "", status.get("message") or ""
+        view.reason = next((c.get("reason", "") for c in status.get("conditions") or [] if c.get("type") == "Succeeded"), "")
+        view.created = ref.creation or view.created
+        view.started, view.finished = status.get("startTime"), status.get("completionTime")
+        usage = status.get("usage") or {}
+        view.cost = float(usage.get("cost") or 0.0)
+        view.tokens = sum(int(usage.get(k) or 0) for k in ("inputTokens", "outputTokens", "reasoningTokens",
+                                                            "cacheReadTokens", "cacheWriteTokens"))
+        result = status.get("result") or {}
+        view.files, view.commit = list(result.get("filesChanged") or []), result.get("commit")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _execute(self, ref: TaskRef, spec: AgentTaskSpec, generation: int | None,
-                       attempt: int) -> tuple[TaskResult, bool]:
+                       attempt: int, previous_progress: dict | None = None):
         await self.status.phase(ref, Phase.BOOTSTRAPPING, f"fetching {redact_url(spec.repository.url)}", generation,
                                 startTime=now(), attempts=attempt)
         await self.status.event(ref, Phase.BOOTSTRAPPING.value, f"attempt {attempt}: fetching repository")
@@ -140,20 +203,43 @@ class TaskSupervisor:
                 base_branch=spec.repository.branch, result_branch=spec.result_branch or f"reactor/{ref.name}",
                 test_command=spec.test.command, test_timeout=parse_duration(spec.test.timeout),
                 model=spec.agent.model, opencode_config=spec.agent.config, timeout=parse_duration(spec.timeout),
-                env=env,
+                env=env, budget=spec.budget.to_budget(),
             )
         except ReactorError as exc:
             reason = Reason.INVALID_INPUT if isinstance(exc, ConfigurationError) else Reason.BOOT_FAILED
-            return TaskResult(task_id=task_id, outcome=Outcome.FAILED, reason=reason, message=str(exc)), False
+            return TaskResult(task_id=task_id, outcome=Outcome.FAILED, reason=reason, message=str(exc)), False, None
+
+        # Live progress, transcript, metrics: fed by the cell's event stream.
+        control = TaskControl(_spent_before(previous_progress))
+        observation = self.observatory.observe(
+            ref.namespace, ref.name, control, list(env.values()),
+            lambda m: self._spawn(self.status.event(ref, m.reason, m.message, warning=m.warning)))
+        observation.view.created = ref.creation or observation.view.created
+        if attempt > 1:
+            observation.note(f"attempt {attempt}")
+        publisher = ProgressPublisher(observation.progress, lambda status: self.status.patch(ref, status),
+                                      self.progress_interval)
+
+        def watch(event: Event) -> None:
+            observation.on_event(event)
+            publisher.poke()
 
         async def report(event: PhaseEvent) -> None:
+            observation.on_phase(event)
             if event.phase.terminal:
                 return  # the final status is written once, after the push
             await self.status.phase(ref, event.phase, event.message, generation,
-                                    cell=cell_status(event.cell, ref.cell_id))
+                                    cell=cell_status(event.cell, ref.cell_id), progress=publisher.taken())
             await self.status.event(ref, event.phase.value, event.message or event.phase.value)
 
-        result = await run_task(task, self.engine, report, cell_id=ref.cell_id, take_capacity=False)
+        self._controls[ref.uid] = (ref, control)
+        publisher.start()
+        try:
+            result = await run_task(task, self.engine, report, cell_id=ref.cell_id, take_capacity=False,
+                                    control=control, watchers=[watch])
+        finally:
+            self._controls.pop(ref.uid, None)
+            await publisher.stop()
         pushed = False
         if result.succeeded and spec.repository.push:
             try:
@@ -164,13 +250,18 @@ class TaskSupervisor:
             except ReactorError as exc:
                 result.outcome, result.reason = Outcome.FAILED, Reason.PUSH_FAILED
                 result.message = f"committed {result.commit} but the push failed: {exc}"
-        return result, pushed
+        return result, pushed, observation
 
-    async def _finish(self, ref: TaskRef, result: TaskResult, pushed: bool, generation: int | None) -> None:
+    async def _finish(self, ref: TaskRef, result: TaskResult, pushed: bool, generation: int | None,
+                      observation=None) -> None:
         phase = Phase.SUCCEEDED if result.succeeded else Phase.FAILED
+        if observation is None:  # it ended before its cell was observed (e.g. a missing Secret)
+            observation = self.observatory.observe(ref.namespace, ref.name, TaskControl())
+        observation.finish(result, phase)
         await self.status.phase(
             ref, phase, result.message, generation, reason=result.reason.value, cell=None, completionTime=now(),
             result=result_status(result, pushed), usage=usage_status(result), phaseDurations=result.phase_durations,
+            progress=_final_progress(observation.progress.snapshot(), result),
         )
         await self.status.event(ref, phase.value, f"{result.reason.value}: {result.message}", warning=not result.succeeded)
 
@@ -215,3 +306,25 @@ class TaskSupervisor:
             log.warning("%s: killing orphaned server pid %s", ref, pid)
             await asyncio.to_thread(kill_process_group, int(pid))
         await asyncio.to_thread(self.engine.worktrees.remove_slot, cell_id)
+
+
+def _spent_before(progress: dict | None) -> Spend | None:
+    """What an interrupted earlier attempt had spent (its last progress): the task's budget
+    covers all its attempts."""
+    if not progress:
+        return None
+    inp, out = int(progress.get("inputTokens") or 0), int(progress.get("outputTokens") or 0)
+    other = max(0, int(progress.get("totalTokens") or 0) - inp - out)
+    return Spend(TokenUsage(input_tokens=inp, output_tokens=out, cache_read_tokens=other),
+                 float(progress.get("cost") or 0.0), int(progress.get("steps") or 0))
+
+
+def _final_progress(snapshot: dict[str, Any], result: TaskResult) -> dict[str, Any]:
+    """The last progress: nothing running; spend as the server totals it (exact even when the
+    event stream had gaps), unless the live count is higher (an earlier attempt's spend)."""
+    usage = result.usage
+    if usage.cost >= snapshot["cost"]:
+        snapshot.update(inputTokens=usage.input_tokens, outputTokens=usage.output_tokens,
+                        totalTokens=usage.total_tokens, cost=round(usage.cost, 6), costDisplay=f"${usage.cost:.4f}")
+    snapshot.update(activity="", tool=None)
+    return snapshot
