@@ -67,6 +67,7 @@ demo: setup
 bench: setup
 	$(PY) bench/cell_bootstrap.py
 	$(PY) bench/operator_overhead.py
+	$(PY) bench/observe_overhead.py
 
 # Tests that need neither opencode nor a control plane (seconds).
 test-fast: venv

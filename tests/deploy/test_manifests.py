@@ -15,7 +15,7 @@ import yaml
 from reactor import OPENCODE_VERSION
 from tests.deploy.conftest import EXAMPLES, MANIFESTS, ROOT, load_all, ok
 
-EXAMPLE_FILES = ["task.yaml", "parallel.yaml", "secrets.yaml"]
+EXAMPLE_FILES = ["task.yaml", "parallel.yaml", "secrets.yaml", "spendlimit.yaml", "monitoring/logs-reader-rbac.yaml"]
 
 
 def dry_run(cluster, *args: str, input: str | None = None):
@@ -27,7 +27,9 @@ def dry_run(cluster, *args: str, input: str | None = None):
 def test_kustomization_passes_server_dry_run(reactor_system):
     out = dry_run(reactor_system, "-k", str(MANIFESTS))
     ok(out)
-    for kind_name in ("customresourcedefinition.apiextensions.k8s.io/agenttasks.reactor.dev", "namespace/reactor-system",
+    for kind_name in ("customresourcedefinition.apiextensions.k8s.io/agenttasks.reactor.dev",
+                      "customresourcedefinition.apiextensions.k8s.io/spendlimits.reactor.dev",
+                      "service/reactor", "namespace/reactor-system",
                       "serviceaccount/reactor", "clusterrole.rbac.authorization.k8s.io/reactor-agenttasks",
                       "rolebinding.rbac.authorization.k8s.io/reactor-agenttasks",
                       "role.rbac.authorization.k8s.io/reactor-secrets", "persistentvolumeclaim/reactor-work",
@@ -179,6 +181,15 @@ STANDIN_CRDS = {
                 "sourceRef": {"type": "object", "required": ["kind", "name"], "properties": {
                     "kind": {"type": "string", "enum": ["OCIRepository", "GitRepository", "Bucket", "ExternalArtifact"]},
                     "name": STR, "namespace": STR}}}}}},
+    # prometheus-operator's, reduced to what examples/monitoring/servicemonitor.yaml uses.
+    ("monitoring.coreos.com", "servicemonitors", "ServiceMonitor", "v1"): {
+        "type": "object", "properties": {"spec": {
+            "type": "object", "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                "namespaceSelector": {"type": "object", "properties": {"matchNames": {"type": "array", "items": STR}}},
+                "endpoints": {"type": "array", "items": {"type": "object", "properties": {
+                    "port": STR, "path": STR, "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"}}}}}}}},
 }
 
 
@@ -198,10 +209,22 @@ def gitops_standins(reactor_system):
     return reactor_system
 
 
-@pytest.mark.parametrize("path", ["argocd/application.yaml", "flux/kustomization.yaml"])
-def test_gitops_tool_objects_pass_server_dry_run_against_standin_crds(gitops_standins, path):
-    out = ok(dry_run(gitops_standins, "-f", str(EXAMPLES / "gitops" / path)))
-    assert out.count("(server dry run)") == len(load_all(EXAMPLES / "gitops" / path)), out
+@pytest.mark.parametrize("path", ["gitops/argocd/application.yaml", "gitops/flux/kustomization.yaml",
+                                  "monitoring/servicemonitor.yaml"])
+def test_tool_objects_pass_server_dry_run_against_standin_crds(gitops_standins, path):
+    out = ok(dry_run(gitops_standins, "-f", str(EXAMPLES / path)))
+    assert out.count("(server dry run)") == len(load_all(EXAMPLES / path)), out
+
+
+def test_servicemonitor_selects_the_operator_service_port():
+    [monitor] = load_all(EXAMPLES / "monitoring" / "servicemonitor.yaml")
+    [service] = load_all(MANIFESTS / "service.yaml")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in [p["name"] for p in service["spec"]["ports"]]
+    deployment = load_all(MANIFESTS / "deployment.yaml")[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--web=0.0.0.0:8081" in container["args"]
+    assert {"name": "web", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
 
 
 def test_gitops_paths_point_at_the_task_folder():
@@ -248,6 +271,7 @@ def test_get_agenttasks_shows_the_printer_columns(crd_installed, namespace):
         "phase": "Succeeded",
         "result": {"outcome": "committed", "commit": "0123456789abcdef", "shortCommit": "0123456"},
         "usage": {"cost": 0.0123, "costDisplay": "$0.0123"},
+        "progress": {"cost": 0.0123, "costDisplay": "$0.0123", "activity": "idle", "totalTokens": 4100},
         "cell": {"port": 20001},
         "conditions": [{"type": "Succeeded", "status": "True", "reason": "Committed"}],
     }}
@@ -259,9 +283,10 @@ def test_get_agenttasks_shows_the_printer_columns(crd_installed, namespace):
     assert table[1].split()[:5] == ["fix-add", "Succeeded", "committed", "0123456", "$0.0123"]
 
     wide = ok(crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide")).splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "PORT", "REASON"]
+    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON"]
     row = wide[1].split()
-    assert row[:5] == ["fix-add", "Succeeded", "committed", "0123456", "$0.0123"] and row[-2:] == ["20001", "Committed"]
+    assert row[:5] == ["fix-add", "Succeeded", "committed", "0123456", "$0.0123"]
+    assert row[-4:] == ["idle", "4100", "20001", "Committed"]
     # Short name and category work too.
     assert "fix-add" in ok(crd_installed.kubectl("get", "-n", namespace, "at"))
     assert "fix-add" in ok(crd_installed.kubectl("get", "-n", namespace, "reactor"))

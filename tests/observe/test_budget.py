@@ -50,13 +50,30 @@ async def test_max_cost_stops_the_agent_within_one_step_and_reverts(repo, engine
     assert git(repo, "rev-parse", "main") == main_before
 
 
-async def test_max_tokens_counts_every_token(repo, engine):
+def test_reactor_run_max_tokens_stops_the_task_and_shows_what_the_agent_did(repo, work_dir, tmp_path):
+    """The CLI as a user runs it: activity lines on stderr, BudgetExceeded, a transcript."""
+    import json
+    import subprocess
+    import sys
+
     with ScriptedModel([runaway("T-TOK")]) as model:
-        result = await run_task(spec(repo, model, "T-TOK", budget=Budget(max_tokens=100_000)), engine)
-    assert result.reason is Reason.BUDGET_EXCEEDED, result.message
-    assert "123000 tokens > maxTokens 100000" in result.message, result.message
-    print(f"\nbudget overshoot: {result.usage.total_tokens - 100_000} tokens past maxTokens 100000 "
-          f"({result.usage.total_tokens} used)")
+        config = tmp_path / "opencode.json"
+        config.write_text(json.dumps(model.opencode_config()))
+        out = subprocess.run([sys.executable, "-m", "reactor.cli", "run", "--task", "T-TOK", "--prompt", "T-TOK: notes",
+                              "--repo", str(repo), "--test-cmd", "true", "--opencode-config", str(config),
+                              "--max-tokens", "100000", "--json", "--work-dir", str(work_dir),
+                              "--port-range", "18000-18500"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    result = json.loads(out.stdout)
+    assert result["reason"] == "BudgetExceeded" and "123000 tokens > maxTokens 100000" in result["message"]
+    assert "[T-TOK]   write notes/0.txt" in out.stderr and "[T-TOK] BudgetWarning: 82% of maxTokens" in out.stderr
+    transcript = work_dir / "transcripts" / "local" / "T-TOK.jsonl"
+    assert f"transcript: {transcript}" in out.stderr
+    records = [json.loads(line) for line in transcript.read_text().splitlines()]
+    assert records[-1]["kind"] == "end" and records[-1]["reason"] == "BudgetExceeded"
+    used = result["usage"]["input_tokens"] + result["usage"]["output_tokens"]
+    print(f"\nbudget overshoot: {used - 100_000} tokens past maxTokens 100000 ({used} used; one step = 41000)")
+    assert "reactor/T-TOK" not in git(repo, "branch", "--list")
 
 
 async def test_a_task_within_budget_is_not_stopped(repo, engine):

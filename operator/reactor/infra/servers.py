@@ -146,6 +146,7 @@ class OpenCodeServer:
         assert self._process is not None
         listening = asyncio.create_task(self._listening.wait())
         exited = asyncio.create_task(self._process.wait())
+        done: set = set()  # stays empty when cancelled (e.g. the task's time box) while waiting
         try:
             done, _ = await asyncio.wait({listening, exited}, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)

@@ -109,12 +109,13 @@ class Cell:
         await self.server.start(timeout=settings.health_timeout)
         # INV-004: the client knows only http://127.0.0.1:PORT and the cell's password.
         self.client = OpenCodeClient(self.server.base_url, self.server.password)
-        try:
-            # Subscribed before the first prompt, so no event of the task is missed.
-            self._follower = EventFollower(self.client, self.events)
-            await self._follower.start()
-        except Exception as exc:
-            raise ServerBootError(f"server on port {self.port} is healthy but its event stream failed: {exc}") from exc
+        if settings.follow_events:
+            try:
+                # Subscribed before the first prompt, so no event of the task is missed.
+                self._follower = EventFollower(self.client, self.events)
+                await self._follower.start()
+            except Exception as exc:
+                raise ServerBootError(f"server on port {self.port} is healthy but its event stream failed: {exc}") from exc
         try:
             session = await self.client.create_session(title=self.spec.commit_message)
         except Exception as exc:

@@ -42,6 +42,9 @@ class EngineSettings:
     # the health timeout, and BOOT_RETRY would restart them all at once again.
     max_starting: int = field(default_factory=lambda: os.cpu_count() or 2)
     health_timeout: float = 10.0
+    # Follow each cell's event stream (live progress, transcripts, budgets). Off only to
+    # measure what following costs (bench/observe_overhead.py): budgets are then not enforced.
+    follow_events: bool = field(default_factory=lambda: os.environ.get("REACTOR_FOLLOW_EVENTS", "1") != "0")
     stop_grace: float = 5.0
     # The CLI hands its own environment to servers (the user's API keys); the operator does not.
     inherit_env: bool = True
