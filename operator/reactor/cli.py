@@ -77,6 +77,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port-range", default="%d-%d" % DEFAULT_PORT_RANGE, help="server ports, START-END with END excluded (default: 8000-9000)")
     parser.add_argument("--work-dir", type=Path, default=None, help="worktrees and cell state (default: $REACTOR_WORK_DIR or ~/.local/state/reactor)")
     parser.add_argument("--opencode-bin", default=None, help="opencode binary (default: $REACTOR_OPENCODE_BIN, then PATH)")
+    parser.add_argument("--health-timeout", default="10s", help="time a cell's server has to become healthy (default: 10s)")
 
 
 def _add_optional_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +101,7 @@ def engine_settings_from(args: argparse.Namespace, **overrides):
         port_range=PortRange.parse(args.port_range),
         opencode_bin=args.opencode_bin,
         max_agents=args.max_agents,
+        health_timeout=parse_duration(args.health_timeout),
         **overrides,
     )
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from reactor.workflow.engine import Engine
+from tests.kube.conftest import crd_installed  # noqa: F401  (re-exported fixture)
 from tests.workflow.conftest import engine_settings
 
 

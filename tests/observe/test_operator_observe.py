@@ -123,18 +123,30 @@ def module_namespace(kube_api) -> str:
 @pytest.fixture(scope="module")
 def observed(crd_installed, module_namespace, tmp_path_factory):
     """The operator serving its page and /metrics on this machine's address, reachable
-    through a Service (no selector, an Endpoints object naming that address)."""
+    through a Service (no selector; an EndpointSlice naming that address, as the control
+    plane's endpoint controller would for the operator's pod)."""
     cluster, namespace = crd_installed, module_namespace
     work_dir = tmp_path_factory.mktemp("observe-work")
     ip, port = host_ip(), free_port()
+    # The API server proxies only to endpoints that are pods with that IP: the operator's
+    # Pod object stands for the process (no kubelet runs here), its status naming our address.
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reactor-operator"},
+           "spec": {"containers": [{"name": "operator", "image": "reactor:0.1.0"}]}}
+    kubectl_ok(cluster, "apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    kubectl_ok(cluster, "patch", "pod", "reactor-operator", "-n", namespace, "--subresource=status", "--type=merge",
+               "-p", json.dumps({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}))
     kubectl_ok(cluster, "apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reactor"},
          "spec": {"ports": [{"name": "web", "port": 8081, "targetPort": port}]}},
-        {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "reactor"},
-         "subsets": [{"addresses": [{"ip": ip}], "ports": [{"name": "web", "port": port}]}]},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "reactor-web", "labels": {"kubernetes.io/service-name": "reactor"}},
+         "addressType": "IPv4", "ports": [{"name": "web", "port": port, "protocol": "TCP"}],
+         "endpoints": [{"addresses": [ip], "conditions": {"ready": True},
+                        "targetRef": {"kind": "Pod", "name": "reactor-operator", "namespace": namespace}}]},
     ]}))
     kubectl_ok(cluster, "create", "secret", "generic", "team-keys", "-n", namespace, f"--from-literal=TEAM_TOKEN={SECRET}")
-    args = ("--web", f"{ip}:{port}", "--progress-interval", "0.5s", "--max-agents", "4")
+    args = ("--web", f"{ip}:{port}", "--progress-interval", "0.5s", "--max-agents", "4", "--port-range", "19500-19700",
+            "--health-timeout", "60s")  # a loaded 2-core machine can take longer than 10 s
     with operators(cluster, namespace, work_dir) as start:
         yield {"cluster": cluster, "namespace": namespace, "start": start, "args": args,
                "operator": start(*args), "url": f"http://{ip}:{port}", "work_dir": work_dir}

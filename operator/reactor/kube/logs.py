@@ -9,6 +9,7 @@ port-forward, or `reactor run --web`).
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -94,19 +95,27 @@ def _through_api_server(args: argparse.Namespace, task: str) -> Iterator[str]:
     path = (f"/api/v1/namespaces/{service_ns}/services/{service}/proxy"
             f"{_transcript_path(namespace, task)}")
     query = [("format", "text")] + ([("follow", "1")] if args.follow else [])
+    method, url, headers, body, post = api.param_serialize(
+        method="GET", resource_path=path, query_params=query, header_params={"Accept": "text/plain"},
+        auth_settings=["BearerToken"])
     try:
-        response = api.call_api(path, "GET", query_params=query, auth_settings=["BearerToken"],
-                                _preload_content=False, _return_http_data_only=True, _request_timeout=(10, None))
+        response = api.call_api(method, url, header_params=headers, body=body, post_params=post,
+                                _request_timeout=(10, None)).response  # urllib3, not preloaded: streams
     except ApiException as exc:
-        if exc.status == 404 and "no task" in (exc.body or "") or exc.status == 404 and "transcript" in (exc.body or ""):
-            raise ReactorError(f"no task {namespace}/{task} known to the operator") from None
-        if exc.status == 403:
-            raise ReactorError(f"not allowed to reach the operator through the API server: {exc.body}; "
-                               f"needs `get` on services/proxy in namespace {service_ns}") from None
-        raise ReactorError(f"cannot reach the operator's service {args.operator_service} through the API server: "
-                           f"HTTP {exc.status} {exc.reason}: {(exc.body or '')[:300]}") from None
+        raise ReactorError(f"cannot reach the API server: {exc.reason}") from None
     try:
+        if response.status >= 400:
+            detail = response.read(2000).decode("utf-8", errors="replace").strip()
+            if response.status == 404 and ("no task" in detail or "no transcript" in detail):
+                raise ReactorError(f"no task {namespace}/{task} known to the operator")
+            if response.status == 403:
+                raise ReactorError(f"not allowed to reach the operator through the API server: {detail}; "
+                                   f"needs `get` on services/proxy in namespace {service_ns}")
+            raise ReactorError(f"cannot reach the operator's service {args.operator_service} through the API server: "
+                               f"HTTP {response.status}: {detail[:300]}")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span chunks
         for chunk in response.stream(4096, decode_content=True):
-            yield chunk.decode("utf-8", errors="replace")
+            yield decoder.decode(chunk)
+        yield decoder.decode(b"", final=True)
     finally:
         response.release_conn()
