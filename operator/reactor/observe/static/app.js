@@ -106,10 +106,13 @@ function drawTimeline(timeline, now, finished) {
     const title = document.createElementNS(ns, "title");
     title.textContent = entry.phase + " at " + entry.at;
     rect.append(title);
-    const label = document.createElementNS(ns, "text");
-    label.setAttribute("x", x + 2); label.setAttribute("y", barY + barH + 14);
-    label.setAttribute("font-size", "10"); label.textContent = entry.phase;
-    svg.append(rect, label);
+    svg.append(rect);
+    if (w >= entry.phase.length * 6) {  // a label only where it fits; the bar's title names it anyway
+      const label = document.createElementNS(ns, "text");
+      label.setAttribute("x", x + 2); label.setAttribute("y", barY + barH + 14);
+      label.setAttribute("font-size", "10"); label.textContent = entry.phase;
+      svg.append(label);
+    }
   });
 }
 
