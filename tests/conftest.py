@@ -12,6 +12,9 @@ from reactor.testing.repos import git, make_repo
 
 pytest_plugins = ["reactor.testing.kube_fixtures"]
 
+# Servers of `reactor` subprocesses (CLI, operator) start on a machine this suite keeps busy.
+os.environ.setdefault("REACTOR_HEALTH_TIMEOUT", "60")
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")

@@ -37,7 +37,7 @@ TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 class TaskSupervisor:
     def __init__(self, engine: Engine, api_client: k8s.ApiClient):
         self.engine = engine
-        self.status = StatusWriter(api_client)
+        self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message))
         self.core = k8s.CoreV1Api(api_client)
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
         self._runs: dict[str, asyncio.Task] = {}
@@ -130,6 +130,9 @@ class TaskSupervisor:
         await self.status.phase(ref, Phase.BOOTSTRAPPING, f"fetching {redact_url(spec.repository.url)}", generation,
                                 startTime=now(), attempts=attempt)
         await self.status.event(ref, Phase.BOOTSTRAPPING.value, f"attempt {attempt}: fetching repository")
+        confinement = self.engine.confinement
+        await self.status.event(ref, "Confined" if confinement.enabled else "Unconfined", confinement.status.message,
+                                warning=not confinement.enabled)
         task_id = spec.task_id or ref.name
         try:
             env = await self._secret_env(ref, spec)
