@@ -145,8 +145,7 @@ def observed(crd_installed, module_namespace, tmp_path_factory):
                         "targetRef": {"kind": "Pod", "name": "reactor-operator", "namespace": namespace}}]},
     ]}))
     kubectl_ok(cluster, "create", "secret", "generic", "team-keys", "-n", namespace, f"--from-literal=TEAM_TOKEN={SECRET}")
-    args = ("--web", f"{ip}:{port}", "--progress-interval", "0.5s", "--max-agents", "4", "--port-range", "19500-19700",
-            "--health-timeout", "60s")  # a loaded 2-core machine can take longer than 10 s
+    args = ("--web", f"{ip}:{port}", "--progress-interval", "0.5s", "--max-agents", "4", "--port-range", "19500-19700")
     with operators(cluster, namespace, work_dir) as start:
         yield {"cluster": cluster, "namespace": namespace, "start": start, "args": args,
                "operator": start(*args), "url": f"http://{ip}:{port}", "work_dir": work_dir}

@@ -6,16 +6,16 @@ import argparse
 import os
 from typing import Any
 
+from reactor.cli.common import add_engine_flags, engine_settings_from
+
 
 def add_subparser(sub: Any) -> None:
-    from reactor.cli import _add_engine_flags
-
     parser = sub.add_parser("operator", help="run the AgentTask operator against the current kubeconfig or in-cluster")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=None,
                        help="watch this namespace (repeatable; default: $WATCH_NAMESPACE, else all namespaces)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
-    _add_engine_flags(parser)
+    add_engine_flags(parser)
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="liveness endpoint (default: http://0.0.0.0:8080/healthz; 'none' to disable)")
     parser.add_argument("--web", default="none", metavar="HOST:PORT",
@@ -30,7 +30,6 @@ def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
     import kubernetes
 
-    from reactor.cli import engine_settings_from
     from reactor.durations import parse_duration
     from reactor.kube.handlers import registry
     from reactor.kube.supervisor import TaskSupervisor
