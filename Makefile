@@ -12,7 +12,8 @@ export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 export REACTOR_OPENCODE_SEED := $(abspath $(OPENCODE_SEED))
 
 # Debian packages the observability tests drive for real: a Prometheus server and a
-# headless Chromium. Installed only when missing (apt-get needs root, as on CI).
+# headless Chromium (each package's command has its name). Installed only when missing
+# (apt-get needs root, as on CI).
 OBSERVE_PACKAGES := prometheus chromium
 
 .PHONY: help setup venv opencode envtest observe-tools test test-fast demo bench clean image deploy undeploy kind-up kind-load
@@ -59,8 +60,7 @@ envtest:
 
 observe-tools:
 	@missing=""; \
-	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	for pkg in $(OBSERVE_PACKAGES); do command -v $$pkg >/dev/null || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
