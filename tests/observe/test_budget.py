@@ -25,7 +25,7 @@ def runaway(marker: str, steps: int = 12) -> Scenario:
 
 def spec(repo, model, task_id, **overrides) -> TaskSpec:
     values = dict(task_id=task_id, prompt=f"{task_id}: write notes", repo=repo, test_command="true",
-                  opencode_config=model.opencode_config(), timeout=120)
+                  opencode_config=model.opencode_config(), timeout=600)  # generous: a shared machine can be slow
     values.update(overrides)
     return TaskSpec(**values)
 

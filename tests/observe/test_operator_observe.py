@@ -416,3 +416,11 @@ def test_a_namespace_spend_limit_stops_a_running_task_and_holds_new_ones_across_
                    "-p", json.dumps({"spec": {"maxTokens": 10_000_000}}))
         done = op.wait_terminal("cap-new", timeout=180)
     assert done["status"]["phase"] == "Succeeded", done["status"]
+
+    # A deleted task's transcript goes with it.
+    transcript = fleet["work_dir"] / "transcripts" / ns / "cap-new.jsonl"
+    assert transcript.exists()
+    kubectl_ok(cluster, "delete", "agenttask", "cap-new", "-n", ns, "--timeout=60s")
+    assert not transcript.exists()
+    gone = LogsFollower(cluster, ns, "cap-new")
+    assert gone.finish() == "" and gone.process.returncode == 1

@@ -127,3 +127,16 @@ async def test_progress_changes_are_coalesced_into_one_write_per_interval():
     await publisher.stop()
     assert writes == [20], "twenty changes, one write"
     assert publisher.taken()["toolCalls"] == 20 and tracker.activity == "read /w/a.py"
+
+
+def test_every_progress_field_is_declared_in_the_crd():
+    """The API server prunes undeclared status fields silently: each key written must be in the schema."""
+    from pathlib import Path
+
+    import yaml
+
+    crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "agenttask.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    declared = set(schema["progress"]["properties"])
+    written = set(ProgressTracker(TaskControl()).snapshot())
+    assert written == declared, (written - declared, declared - written)
