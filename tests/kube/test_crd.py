@@ -60,6 +60,7 @@ def test_printer_columns(crd_installed, namespace):
     assert kubectl_apply(crd_installed, namespace, agenttask("cols")).returncode == 0
     status = {"status": {"phase": "Succeeded", "result": {"outcome": "committed", "shortCommit": "abc1234"},
                          "usage": {"cost": 0.0123, "costDisplay": "$0.0123"}, "cell": {"port": 8001},
+                         "progress": {"costDisplay": "$0.0123", "activity": "idle", "totalTokens": 900},
                          "conditions": [{"type": "Succeeded", "status": "True", "reason": "Committed"}]}}
     patched = crd_installed.kubectl("patch", "-n", namespace, "at", "cols", "--subresource=status", "--type=merge",
                                     "-p", json.dumps(status))
@@ -68,5 +69,5 @@ def test_printer_columns(crd_installed, namespace):
     assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE"]
     assert table[1].split()[:5] == ["cols", "Succeeded", "committed", "abc1234", "$0.0123"]
     wide = crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "PORT", "REASON"]
-    assert wide[1].split()[-2:] == ["8001", "Committed"]
+    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON"]
+    assert wide[1].split()[-4:] == ["idle", "900", "8001", "Committed"]

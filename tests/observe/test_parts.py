@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 
 from reactor.opencode.events import EventDecoder, StepFinished, TextDone, ToolUpdate
 from reactor.observe.fleet import SpendLedger

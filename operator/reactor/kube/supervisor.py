@@ -27,7 +27,6 @@ from reactor.kube.spendlimits import SpendLimits
 from reactor.kube.status import StatusWriter, cell_status, now, result_status, usage_status
 from reactor.observe.local import observatory_for
 from reactor.observe.observation import Observatory
-from reactor.observe.progress import Milestone
 from reactor.opencode.events import Event
 from reactor.opencode.models import TokenUsage
 from reactor.workflow.control import Spend, TaskControl
