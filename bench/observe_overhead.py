@@ -32,6 +32,8 @@ from reactor.testing.repos import make_repo  # noqa: E402
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text, write  # noqa: E402
 
 os.environ.setdefault("REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode"))
+# Ten servers starting at once on 2 cores can take longer than the default 10 s.
+os.environ.setdefault("REACTOR_HEALTH_TIMEOUT", "60")
 FIX = edit("calc.py", "return a - b", "return a + b")
 
 
@@ -70,11 +72,12 @@ def run_fleet(cluster, tmp: Path, label: str, follow: bool, tasks: int, repo: Pa
         started = time.monotonic()
         for name in names:
             cluster.kubectl("create", "-n", ns, "-f", "-", input=manifest(name, repo, model.opencode_config()))
-        peak, phases = proc.memory_info().rss, {}
+        peak, phases, statuses = proc.memory_info().rss, {}, {}
         while True:
             peak = max(peak, proc.memory_info().rss)
-            phases = {n: (api.get_namespaced_custom_object("reactor.dev", "v1alpha1", ns, "agenttasks", n)
-                          .get("status") or {}).get("phase") for n in names}
+            statuses = {n: api.get_namespaced_custom_object("reactor.dev", "v1alpha1", ns, "agenttasks", n)
+                        .get("status") or {} for n in names}
+            phases = {n: s.get("phase") for n, s in statuses.items()}
             if all(p in ("Succeeded", "Failed") for p in phases.values()):
                 break
             time.sleep(0.2)
@@ -86,8 +89,9 @@ def run_fleet(cluster, tmp: Path, label: str, follow: bool, tasks: int, repo: Pa
     finally:
         cluster.kubectl("delete", "agenttasks", "--all", "-n", ns, "--timeout=120s")
         op.stop()
+    failures = sorted({s.get("message", "")[:200] for s in statuses.values() if s.get("phase") != "Succeeded"})
     return {"cpu": cpu, "peak": peak, "wall": wall, "patches": patches / tasks,
-            "succeeded": sum(p == "Succeeded" for p in phases.values())}
+            "succeeded": sum(p == "Succeeded" for p in phases.values()), "failures": failures}
 
 
 def main() -> None:
@@ -111,6 +115,8 @@ def main() -> None:
     print(f"{'wall clock (s)':28}{streamed['wall']:12.1f}{plain['wall']:14.1f}{streamed['wall'] / plain['wall']:8.2f}")
     print(f"{'status writes per task':28}{streamed['patches']:12.1f}{plain['patches']:14.1f}")
     print(f"succeeded: {streamed['succeeded']}/{args.tasks} streamed, {plain['succeeded']}/{args.tasks} not followed")
+    for failure in streamed["failures"] + plain["failures"]:
+        print(f"  failed: {failure}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from reactor.testing.scripted_model import Scenario, ScriptedModel, text, write
@@ -30,13 +32,16 @@ def spec(repo, model, task_id, **overrides) -> TaskSpec:
     return TaskSpec(**values)
 
 
-async def test_max_cost_stops_the_agent_within_one_step_and_reverts(repo, engine):
+async def test_max_cost_stops_the_agent_within_one_step_and_reverts_while_a_task_within_budget_commits(repo, engine):
     main_before = git(repo, "rev-parse", "main")
     control = TaskControl()
-    with ScriptedModel([runaway("T-COST")]) as model:
-        result = await run_task(spec(repo, model, "T-COST", budget=Budget(max_cost=0.3)), engine, control=control)
+    with ScriptedModel([runaway("T-COST"), Scenario("T-FINE", [write("a.txt", "a\n"), text("done")])]) as model:
+        result, fine = await asyncio.gather(
+            run_task(spec(repo, model, "T-COST", budget=Budget(max_cost=0.3)), engine, control=control),
+            run_task(spec(repo, model, "T-FINE", budget=Budget(max_cost=1.0, max_tokens=10_000)), engine))
         answered = [r for r in model.requests if r["scenario"] == "T-COST" and r["kind"] == "tool"]
 
+    assert fine.outcome is Outcome.COMMITTED, fine.message
     assert result.reason is Reason.BUDGET_EXCEEDED, result.message
     assert result.outcome is Outcome.FAILED and result.commit is None and result.branch is None
     assert "maxCost $0.3" in result.message and "$0.4050" in result.message, result.message
@@ -74,9 +79,3 @@ def test_reactor_run_max_tokens_stops_the_task_and_shows_what_the_agent_did(repo
     used = result["usage"]["input_tokens"] + result["usage"]["output_tokens"]
     print(f"\nbudget overshoot: {used - 100_000} tokens past maxTokens 100000 ({used} used; one step = 41000)")
     assert "reactor/T-TOK" not in git(repo, "branch", "--list")
-
-
-async def test_a_task_within_budget_is_not_stopped(repo, engine):
-    with ScriptedModel([Scenario("T-FINE", [write("a.txt", "a\n"), text("done")])]) as model:
-        result = await run_task(spec(repo, model, "T-FINE", budget=Budget(max_cost=1.0, max_tokens=10_000)), engine)
-    assert result.outcome is Outcome.COMMITTED, result.message
