@@ -50,7 +50,7 @@ async def test_max_cost_stops_the_agent_within_one_step_and_reverts_while_a_task
     assert control.spend.steps >= 3 and control.spend.cost == pytest.approx(STEP_COST * control.spend.steps)
     assert result.usage.cost >= 0.4 and result.usage.cost <= 0.3 + 2 * STEP_COST
     # Edits reverted, nothing left: no worktree, no result branch, main untouched.
-    assert worktrees_of(repo) == []
+    assert worktrees_of(repo, engine.work_dir) == []
     assert "reactor/T-COST" not in git(repo, "branch", "--list")
     assert git(repo, "rev-parse", "main") == main_before
 
