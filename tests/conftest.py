@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.repos import git, make_repo
+from reactor.testing.repos import make_repo
 
 pytest_plugins = ["reactor.testing.kube_fixtures"]
 
@@ -21,11 +21,6 @@ OPENCODE_CACHE = Path(os.environ.setdefault(
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
-
-
-def worktrees_of(repo: Path) -> list[str]:
-    out = git(repo, "worktree", "list", "--porcelain")
-    return [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("worktree ")][1:]
 
 
 @pytest.fixture

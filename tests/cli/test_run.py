@@ -14,7 +14,7 @@ import pytest
 
 from reactor.infra.processes import find_marked_processes
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
-from tests.conftest import git, worktrees_of
+from reactor.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 

@@ -11,7 +11,7 @@ import pytest
 
 from reactor.infra.processes import find_marked_processes
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text
-from tests.conftest import git, make_repo
+from reactor.testing.repos import git, make_repo
 from tests.kube.conftest import kubectl_apply
 from reactor.testing.operator_process import operators
 

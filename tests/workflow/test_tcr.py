@@ -8,10 +8,11 @@ import signal
 
 import pytest
 
+from reactor.testing.helpers import until
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, fail, hang, text
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, Phase, Reason, TaskSpec
-from tests.conftest import git, worktrees_of
+from reactor.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 
@@ -79,7 +80,7 @@ async def test_server_killed_mid_task_is_restarted_boot_retry(repo, engine):
     with ScriptedModel([Scenario("T-KILL", [hang(times=1), FIX, text("Fixed.")])]) as model:
 
         async def kill_when_the_agent_is_waiting(pid: int) -> None:
-            await _until(lambda: any(r.get("kind") == "hang" for r in model.requests))
+            await until(lambda: any(r.get("kind") == "hang" for r in model.requests))
             os.killpg(pid, signal.SIGKILL)
             killed.append(pid)
 
@@ -145,16 +146,6 @@ async def test_bad_repository_or_base_branch_fail_before_anything_starts(tmp_pat
     assert no_branch.reason is Reason.INVALID_INPUT and "'develop' does not exist" in no_branch.message
     assert model.requests == [], "no server was started"
     assert_nothing_left(repo, engine)
-
-
-async def _until(condition, timeout: float = 30.0) -> None:
-    """Poll (not sleep-and-hope) until a condition holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 # OpenCode makes six attempts of its own before a model error reaches Reactor (measured:

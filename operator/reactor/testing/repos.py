@@ -36,3 +36,9 @@ def make_repo(path: Path, files: dict[str, str] | None = None, branch: str = "ma
     git(path, "add", "--all")
     git(path, "commit", "--quiet", "-m", "initial")
     return path
+
+
+def worktrees_of(repo: Path) -> list[str]:
+    """The linked worktrees git lists for ``repo`` (its own checkout not included)."""
+    out = git(repo, "worktree", "list", "--porcelain")
+    return [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("worktree ")][1:]

@@ -16,6 +16,16 @@ from reactor.workflow.capacity import CapacityGate
 from reactor.workflow.recovery import RecoveryPolicy
 
 
+CELL_PERMISSIONS = {
+    "read": "allow", "edit": "allow", "glob": "allow", "grep": "allow", "list": "allow", "bash": "allow",
+    "task": "allow", "todowrite": "allow", "lsp": "allow", "skill": "allow", "webfetch": "allow",
+    "websearch": "allow",
+    "external_directory": "deny",  # outside the worktree (a check on the command text, not a sandbox)
+    "question": "deny",  # asks the user, and there is none
+    "doom_loop": "deny",  # the same call repeated: refuse it, the agent sees why
+}
+
+
 def default_work_dir() -> Path:
     """$REACTOR_WORK_DIR, else $XDG_STATE_HOME/reactor (~/.local/state/reactor)."""
     explicit = os.environ.get("REACTOR_WORK_DIR")
@@ -43,15 +53,20 @@ class EngineSettings:
     max_starting: int = field(default_factory=lambda: os.cpu_count() or 2)
     health_timeout: float = 10.0
     stop_grace: float = 5.0
+    # No progress (no new message part, tool call or token) for this long ends a turn with
+    # AgentStalled, instead of a stuck agent burning CPU until the time box.
+    stall_timeout: float = 300.0
     # The CLI hands its own environment to servers (the user's API keys); the operator does not.
     inherit_env: bool = True
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
-    # Base OpenCode config for every cell: a headless agent has nobody to answer a
-    # permission prompt, and must not reach outside its worktree.
+    # Base OpenCode config for every cell. A headless agent has nobody to answer a
+    # permission prompt, so every permission OpenCode 1.18 knows is set here (a key left
+    # out defaults to `ask`, e.g. doom_loop: opencode#16367); a prompt that still appears
+    # (a task's own config may ask for one) is refused at once (workflow/watch.py).
     base_opencode_config: dict = field(default_factory=lambda: {
         "autoupdate": False,
         "share": "disabled",
-        "permission": {"edit": "allow", "bash": "allow", "webfetch": "allow", "external_directory": "deny"},
+        "permission": dict(CELL_PERMISSIONS),
     })
 
 
