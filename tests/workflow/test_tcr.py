@@ -144,7 +144,8 @@ async def test_bad_repository_or_base_branch_fail_before_anything_starts(tmp_pat
         no_branch = await run_task(spec(repo, model, "T-Y", base_branch="develop"), engine)
     assert not_git.reason is Reason.INVALID_INPUT and "not a git repository" in not_git.message
     assert no_branch.reason is Reason.INVALID_INPUT and "'develop' does not exist" in no_branch.message
-    assert model.requests == [], "no server was started"
+    assert not_git.boot_attempts == no_branch.boot_attempts == 0, "no server was started"
+    assert not_git.phase_durations.keys() == no_branch.phase_durations.keys() == {"Bootstrapping", "TearingDown"}
     assert_nothing_left(repo, engine)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client as k8s
@@ -40,13 +41,19 @@ TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 COMMITTED_PHASES = (Phase.COMMITTING.value, Phase.PUSHING.value)
 
 
+@dataclass
+class _Run:
+    task: asyncio.Task
+    status: TaskStatus  # its one writer: says whether the run reached a verdict
+
+
 class TaskSupervisor:
     def __init__(self, engine: Engine, api_client: k8s.ApiClient):
         self.engine = engine
         self.status = StatusWriter(api_client)
         self.secrets = SecretReader(api_client)
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
-        self._runs: dict[str, asyncio.Task] = {}
+        self._runs: dict[str, _Run] = {}
         self._stopping = False
 
     # -- what the handlers call --
@@ -91,21 +98,27 @@ class TaskSupervisor:
                                             reason=Reason.OPERATOR_RESTARTED, message=message))
 
     async def stop(self, body: Any) -> None:
-        """The object is being deleted: stop its run at once and leave nothing behind."""
+        """The object is being deleted: stop its run at once and leave nothing behind. (A
+        push already begun ends first and its verdict is written: see run_task.)"""
         ref = TaskRef.from_body(body)
+        status = body.get("status") or {}
         run = self._runs.get(ref.uid)
         if run is not None:
-            run.cancel()
-            await asyncio.wait([run])  # the run tears its cell down before it ends
-        status = body.get("status") or {}
+            run.task.cancel()
+            await asyncio.wait([run.task])  # the run tears its cell down before it ends
+        finished = run is not None and run.status.finished
         await self.reap(ref, status, keep_results=False)
         await self._forget_result(body, status)
+        phase = status.get("phase")
+        if phase not in TERMINAL and not finished:
+            await self.status.event(ref, Reason.CANCELLED.value,
+                                    f"deleted during {phase or 'Pending'}: stopped; its cell was removed", warning=True)
 
     async def shutdown(self) -> None:
         """Operator stopping: stop every cell; the tasks go back to Pending and run again on
         the next start (a task already pushing finishes its push and reports it)."""
         self._stopping = True
-        runs = list(self._runs.values())
+        runs = [run.task for run in self._runs.values()]
         for run in runs:
             run.cancel()
         if runs:
@@ -118,10 +131,10 @@ class TaskSupervisor:
         ref = TaskRef.from_body(body)
         status = TaskStatus(self.status, ref, body["metadata"].get("generation"), attempt, previous_result)
         started_at = parse_time((body.get("status") or {}).get("startTime"))
-        run = asyncio.create_task(self._run(ref, body["spec"], status, started_at, resume_commit),
-                                  name=f"agenttask {ref}")
-        self._runs[ref.uid] = run
-        run.add_done_callback(lambda done: self._runs.pop(ref.uid, None) if self._runs.get(ref.uid) is done else None)
+        task = asyncio.create_task(self._run(ref, body["spec"], status, started_at, resume_commit),
+                                   name=f"agenttask {ref}")
+        run = self._runs[ref.uid] = _Run(task, status)
+        task.add_done_callback(lambda _: self._runs.pop(ref.uid, None) if self._runs.get(ref.uid) is run else None)
 
     async def _run(self, ref: TaskRef, raw_spec: dict, status: TaskStatus, started_at: float | None,
                    resume_commit: str | None) -> None:

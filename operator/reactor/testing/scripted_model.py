@@ -62,6 +62,8 @@ PROVIDER_ID = "scripted"
 DEFAULT_MODEL = "scripted-1"
 AUXILIARY_ANSWER = "Scripted task"
 UNMATCHED_ANSWER = "No scripted scenario matches this conversation."
+# How long a ``together`` step waits for its peers before answering anyway.
+TOGETHER_TIMEOUT = 60.0
 # Default per-step token usage reported in the final chunk.
 DEFAULT_USAGE = (100, 20)
 
@@ -82,6 +84,7 @@ class Step:
     usage: tuple[int, int] = DEFAULT_USAGE
     retry_after: float | None = None
     delay: float = 0.0  # seconds the server waits before answering (holds the request open)
+    together: int = 0  # hold the request until this many scenarios have had one open at once (peak_in_flight)
 
     @property
     def stateful(self) -> bool:
@@ -89,21 +92,30 @@ class Step:
         return self.kind in ("fail", "hang", "empty")
 
 
-def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
+def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0,
+          together: int = 0) -> Step:
     """OpenCode's ``write`` tool. A relative path is resolved against the working
     directory OpenCode reports in its system prompt."""
-    return Step("tool", tool="write", arguments={"filePath": path, "content": content}, usage=usage, delay=delay)
+    return Step("tool", tool="write", arguments={"filePath": path, "content": content}, usage=usage, delay=delay,
+                together=together)
 
 
-def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
+def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0,
+         together: int = 0) -> Step:
     """OpenCode's ``edit`` tool: replace the exact string ``old`` (which must occur once)
-    with ``new``. OpenCode 1.18 does not require a prior ``read``."""
+    with ``new``. OpenCode 1.18 does not require a prior ``read``.
+
+    ``delay`` holds the request open that long before answering; ``together`` holds it
+    until ``peak_in_flight`` reaches that many scenarios (cells) with a request open at
+    once (or TOGETHER_TIMEOUT passes), so a test sees a concurrency limit reached rather
+    than hopes for overlap."""
     return Step(
         "tool",
         tool="edit",
         arguments={"filePath": path, "oldString": old, "newString": new},
         usage=usage,
         delay=delay,
+        together=together,
     )
 
 
@@ -112,9 +124,9 @@ def bash(command: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float =
     return Step("tool", tool="bash", arguments={"command": command}, usage=usage, delay=delay)
 
 
-def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
+def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0, together: int = 0) -> Step:
     """A plain text answer with finish_reason "stop": ends the agent's turn."""
-    return Step("text", content=content, usage=usage, delay=delay)
+    return Step("text", content=content, usage=usage, delay=delay, together=together)
 
 
 def fail(status: int = 500, times: int = 1, *, retry_after: float | None = None) -> Step:
@@ -255,6 +267,7 @@ class ScriptedModel:
         self._requests: list[dict[str, Any]] = []
         self._in_flight: dict[str, int] = {}  # scenario -> requests open now
         self._peak_in_flight = 0
+        self._in_flight_changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -322,6 +335,18 @@ class ScriptedModel:
         with self._lock:
             self._in_flight[scenario] = self._in_flight.get(scenario, 0) + 1
             self._peak_in_flight = max(self._peak_in_flight, len(self._in_flight))
+            self._in_flight_changed.notify_all()
+
+    def _wait_for_peers(self, count: int) -> None:
+        deadline = time.monotonic() + TOGETHER_TIMEOUT
+        with self._lock:
+            # The peak, not the current count: once reached, every waiter goes (the first
+            # to answer must not hold the others back by leaving).
+            while self._peak_in_flight < count and not self._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._in_flight_changed.wait(min(left, 0.1))
 
     def _leave(self, scenario: str | None) -> None:
         if scenario is None:
@@ -442,6 +467,8 @@ class _Handler(BaseHTTPRequestHandler):
         if step is not None and step.delay and self.model_server._stopping.wait(step.delay):
             self.close_connection = True
             return
+        if step is not None and step.together:
+            self.model_server._wait_for_peers(step.together)
         if decision.kind == "fail":
             assert step is not None
             entry["answer"] = f"http {step.status}"

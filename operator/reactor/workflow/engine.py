@@ -51,7 +51,9 @@ class EngineSettings:
     # Servers starting at once. A start is ~1.2 s of CPU: ten at once on 2 cores all miss
     # the health timeout, and BOOT_RETRY would restart them all at once again.
     max_starting: int = field(default_factory=lambda: os.cpu_count() or 2)
-    health_timeout: float = 10.0
+    # A cold start is ~2 s on an idle machine but 12-15 s on a busy 2-core one (measured):
+    # a slow start is not a failed one, and BOOT_RETRY has only 2 restarts per task.
+    health_timeout: float = 30.0
     stop_grace: float = 5.0
     # No progress (no new message part, tool call or token) for this long ends a turn with
     # AgentStalled, instead of a stuck agent burning CPU until the time box.
