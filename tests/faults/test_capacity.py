@@ -8,7 +8,8 @@ import pytest
 from reactor.testing.scripted_model import Scenario, edit, text
 from tests.faults.conftest import Matrix, condition
 
-pytestmark = [pytest.mark.opencode, pytest.mark.kube]
+# The module's rows run in its fixture, which the first test pays for.
+pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 TASKS, LIMIT = 12, 3
 

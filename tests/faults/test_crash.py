@@ -15,7 +15,8 @@ from reactor.testing.helpers import wait_for
 from reactor.testing.scripted_model import Scenario, edit, hang, text
 from tests.faults.conftest import Matrix, Row, condition, held_boot_binary, process_alive
 
-pytestmark = [pytest.mark.opencode, pytest.mark.kube]
+# The module's rows run in its fixture, which the first test pays for.
+pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 FIX = edit("calc.py", "return a - b", "return a + b")
 TIME_BOX = 60  # seconds: longer than it takes to bring the other rows to their phases

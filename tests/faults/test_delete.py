@@ -15,7 +15,8 @@ from reactor.testing.helpers import wait_for
 from reactor.testing.scripted_model import Scenario, edit, hang, text
 from tests.faults.conftest import Matrix, Row, held_boot_binary, process_alive
 
-pytestmark = [pytest.mark.opencode, pytest.mark.kube]
+# The module's rows run in its fixture, which the first test pays for.
+pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 FIX = edit("calc.py", "return a - b", "return a + b")
 PORTS = "23200-23300"

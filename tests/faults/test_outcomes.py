@@ -11,7 +11,8 @@ import pytest
 from reactor.testing.scripted_model import Scenario, bash, edit, empty, fail, hang, text
 from tests.faults.conftest import Matrix, Row, condition
 
-pytestmark = [pytest.mark.opencode, pytest.mark.kube]
+# The module's rows run in its fixture, which the first test pays for.
+pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 FIX = edit("calc.py", "return a - b", "return a + b")
 STALL_TIMEOUT = 15  # seconds; counted from the start of the agent's turn

@@ -9,7 +9,8 @@ import pytest
 from reactor.testing.scripted_model import Scenario, edit, text
 from tests.faults.conftest import Matrix, condition
 
-pytestmark = [pytest.mark.opencode, pytest.mark.kube]
+# The module's rows run in its fixture, which the first test pays for.
+pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 
 def test_every_port_of_the_range_held_by_other_listeners(matrix: Matrix):

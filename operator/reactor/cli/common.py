@@ -17,6 +17,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port-range", default="%d-%d" % DEFAULT_PORT_RANGE, help="server ports, START-END with END excluded (default: 8000-9000)")
     parser.add_argument("--work-dir", type=Path, default=None, help="worktrees and cell state (default: $REACTOR_WORK_DIR or ~/.local/state/reactor)")
     parser.add_argument("--opencode-bin", default=None, help="opencode binary (default: $REACTOR_OPENCODE_BIN, then PATH)")
+    parser.add_argument("--health-timeout", default="30s",
+                        help="how long a starting opencode server may take to become healthy (default: 30s)")
     parser.add_argument("--stall-timeout", default="5m",
                         help="end an agent's turn after this long without progress: no new message part, tool call "
                              "or token (default: 5m)")
@@ -33,5 +35,6 @@ def engine_settings_from(args: argparse.Namespace, **overrides):
         opencode_bin=args.opencode_bin,
         max_agents=args.max_agents,
         stall_timeout=parse_duration(args.stall_timeout),
+        health_timeout=parse_duration(args.health_timeout),
         **overrides,
     )

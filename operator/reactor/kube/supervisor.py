@@ -75,7 +75,7 @@ class TaskSupervisor:
             return
         attempts = int(status.get("attempts") or 0)
         if phase in (None, Phase.PENDING.value):  # not started, or requeued by a clean shutdown
-            self._start(body, attempt=attempts + 1)
+            self._start(body, attempt=max(attempts, 1))  # a clean shutdown costs no attempt
             return
         previous = status.get("result") or {}
         # Only a commit made after the tests passed is a result; any other (the agent's own)

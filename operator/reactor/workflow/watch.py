@@ -9,9 +9,10 @@ The stream also tells whether the agent is getting anywhere. Progress is a new m
 part (text, reasoning, a tool call changing state, a file edit) or a step that used
 tokens. A model answering with empty streams makes OpenCode loop through empty steps
 (step-start, then step-finish with zero tokens, every ~0.3 s, at ~80 % CPU): those are not
-progress. No progress for ``stall_timeout`` seconds ends the turn (AgentStalled). While a
-tool runs (a build the agent started) the clock stands still: the tool's own time limit
-and the task's time box bound it.
+progress. No progress for ``stall_timeout`` seconds ends the turn (AgentStalled). The clock
+starts when the turn does (the session's first ``busy`` status: a cell's first turn can
+wait seconds for OpenCode to load its config), and stands still while a tool runs (a
+build the agent started): the tool's own time limit and the task's time box bound those.
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ class TurnWatch:
         self.clock = clock
         self.last_progress = clock()
         self.refused: list[str] = []  # permissions refused, e.g. "bash: rm -rf /"
+        self.turn_started = False
         self._running_tools: set[str] = set()
         self._connected = asyncio.Event()
 
     # -- what one event means --
 
     def observe(self, event: dict[str, Any]) -> None:
-        if is_progress(event):
+        if is_progress(event) or (event.get("type") == "session.status" and not self.turn_started):
+            self.turn_started = self.turn_started or event.get("type") == "session.status"
             self.last_progress = self.clock()
         part = (event.get("properties") or {}).get("part") or {}
         if event.get("type") == "message.part.updated" and part.get("type") == "tool":
@@ -83,8 +86,8 @@ class TurnWatch:
                 self._running_tools.discard(call)
 
     def stalled_for(self) -> float:
-        """Seconds without progress (0 while a tool runs)."""
-        if self._running_tools:
+        """Seconds without progress (0 before the turn starts and while a tool runs)."""
+        if self._running_tools or not self.turn_started:
             self.last_progress = self.clock()
             return 0.0
         return self.clock() - self.last_progress
