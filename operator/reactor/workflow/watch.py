@@ -10,9 +10,12 @@ part (text, reasoning, a tool call changing state, a file edit) or a step that u
 tokens. A model answering with empty streams makes OpenCode loop through empty steps
 (step-start, then step-finish with zero tokens, every ~0.3 s, at ~80 % CPU): those are not
 progress. No progress for ``stall_timeout`` seconds ends the turn (AgentStalled). The clock
-starts when the turn does (the session's first ``busy`` status: a cell's first turn can
-wait seconds for OpenCode to load its config), and stands still while a tool runs (a
-build the agent started): the tool's own time limit and the task's time box bound those.
+starts when the session turns busy (the turn has begun; a model that never answers its
+first request shows nothing else) and stands still while a tool runs (a build the agent
+started): the task's time box and the tool's own time limit bound that. Before its first
+model request a cell's first turn waits for OpenCode to load its provider package: about
+2 s on an idle machine, measured 50 s on an overloaded one; the default stall timeout (5
+minutes) leaves room for that.
 """
 
 from __future__ import annotations
@@ -74,10 +77,13 @@ class TurnWatch:
     # -- what one event means --
 
     def observe(self, event: dict[str, Any]) -> None:
-        if is_progress(event) or (event.get("type") == "session.status" and not self.turn_started):
-            self.turn_started = self.turn_started or event.get("type") == "session.status"
+        props = event.get("properties") or {}
+        part = props.get("part") or {}
+        turn_begins = not self.turn_started and event.get("type") == "session.status" \
+            and (props.get("status") or {}).get("type") == "busy"
+        if turn_begins or (self.turn_started and is_progress(event)):  # (the prompt's own part comes first)
+            self.turn_started = True
             self.last_progress = self.clock()
-        part = (event.get("properties") or {}).get("part") or {}
         if event.get("type") == "message.part.updated" and part.get("type") == "tool":
             call = str(part.get("callID") or part.get("id") or "")
             if (part.get("state") or {}).get("status") in ("pending", "running"):
