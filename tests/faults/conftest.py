@@ -38,7 +38,8 @@ TERMINAL = ("Succeeded", "Failed")
 class Origin:
     """A bare repository standing in for the user's remote. ``pushes()`` lists what it
     received (a post-receive hook logs every ref update); ``hold()`` makes the next push
-    wait in its pre-receive hook until ``release()`` (a push in flight, Pushing held)."""
+    wait in its pre-receive hook until ``release()`` (a push in flight, Pushing held);
+    ``refuse()`` makes its pre-receive hook decline every push."""
 
     def __init__(self, root: Path, name: str):
         work = make_repo(root / f"{name}-work", {"calc.py": BUGGY_CALC, "test_calc.py": TEST_CALC})
@@ -50,6 +51,10 @@ class Origin:
         self.log.touch()
         self._hook("post-receive", f'while read old new ref; do echo "$ref $new" >> "{self.log}"; done\n')
         self._hook("pre-receive", textwrap.dedent(f"""\
+            if [ -e "{self.path}/refuse" ]; then
+                echo "push refused by the repository's policy" >&2
+                exit 1
+            fi
             if [ -e "{self.path}/hold" ]; then
                 touch "{self.path}/push-arrived"
                 while [ ! -e "{self.path}/release" ]; do sleep 0.05; done
@@ -61,6 +66,9 @@ class Origin:
         hook = self.path / "hooks" / name
         hook.write_text("#!/bin/sh\n" + body)
         hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
+
+    def refuse(self) -> None:
+        (self.path / "refuse").touch()
 
     def hold(self) -> None:
         (self.path / "hold").touch()

@@ -47,7 +47,9 @@ def outcomes(matrix: Matrix) -> dict[str, Row]:
         row("permission", [bash("echo probe > probe.txt"), FIX, text("Fixed.")],
             agent={"config": {**matrix.model.opencode_config(),
                               "permission": {"edit": "allow", "bash": "ask", "external_directory": "deny"}}}),
+        row("push-refused", [FIX, text("Fixed.")]),
     ]
+    rows[-1].origin.refuse()
     # bad-url: its origin is never used; the URL does not exist.
     for r in rows:
         matrix.apply(r)
@@ -163,6 +165,18 @@ def test_a_permission_prompt_is_refused_and_the_agent_goes_on(outcomes, matrix):
     assert any("nobody can grant permissions" in str(c) and "'bash'" in str(c) for c in tool_results), tool_results
     assert "probe.txt" not in row.final["status"]["result"]["filesChanged"], "the refused command did not run"
     matrix.assert_nothing_left(row, pushed=True)
+
+
+def test_a_push_the_repository_refuses(outcomes, matrix):
+    row = outcomes["push-refused"]
+    phase, reason, message = verdict(row)
+    assert (phase, reason) == ("Failed", "PushFailed")
+    result = row.final["status"]["result"]
+    assert message.startswith(f"committed {result['commit'][:12]} but the push failed") and "refused" in message
+    assert result["pushed"] is False and result["testExitCode"] == 0, "the tested commit is named, not lost"
+    reasons = [e["reason"] for e in matrix.events(row)]
+    assert "Pushing" in reasons and "Failed" in reasons
+    matrix.assert_nothing_left(row, pushed=False)
 
 
 def test_nothing_of_the_module_is_left(outcomes, matrix):
