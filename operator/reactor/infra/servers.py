@@ -132,6 +132,9 @@ class OpenCodeServer:
                 cwd=spec.cwd, env=self.environment(),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
                 start_new_session=True,  # its own process group, so stop() ends its children too
+                # The kernel's first choice when memory runs out is a cell (and what it runs), not
+                # the operator; raising one's own score needs no privilege, and children inherit it.
+                preexec_fn=lambda: Path("/proc/self/oom_score_adj").write_text("1000"),
             )
         self._pump = asyncio.create_task(self._pump_stdout(), name=f"opencode-stdout-{spec.cell_id}")
         try:
