@@ -178,6 +178,9 @@ async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, resul
     if test.exit_code == EXIT_COMMAND_NOT_FOUND:
         raise TaskFailed(Reason.TEST_COMMAND_NOT_FOUND,
                          f"test command {test_command!r} was not found (exit 127)", Outcome.REVERTED)
+    if test.oom_killed:
+        raise TaskFailed(Reason.OUT_OF_MEMORY, "the test command was killed by the kernel's out-of-memory killer "
+                         "(exit 137): it needs more memory than the operator's memory limit leaves it", Outcome.REVERTED)
     if test.exit_code != 0:
         raise TaskFailed(Reason.TESTS_FAILED, f"tests failed (exit {test.exit_code})", Outcome.REVERTED)
 

@@ -38,6 +38,7 @@ class Reason(str, enum.Enum):
 
     COMMITTED = "Committed"
     TESTS_FAILED = "TestsFailed"
+    OUT_OF_MEMORY = "OutOfMemory"  # the test command outgrew the memory the operator's pod has
     TEST_COMMAND_NOT_FOUND = "TestCommandNotFound"
     NO_CHANGES = "NoChanges"
     TIMEOUT = "Timeout"
