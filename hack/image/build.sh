@@ -26,8 +26,10 @@ else
   # SHELL (OCI images have no SHELL). --network host: RUN steps reach the package
   # registries (and podman adds no iptables rules, no ip_forward). runc: Debian's crun
   # does not support this host's hybrid cgroups.
+  # TARGETARCH: BuildKit sets it, podman 4.3 does not.
+  case $(uname -m) in x86_64) targetarch=amd64 ;; aarch64 | arm64) targetarch=arm64 ;; *) targetarch=$(uname -m) ;; esac
   podman --runtime runc build --pull=never --format docker --network host \
-    --build-arg "OPENCODE_VERSION=$opencode_version" -t "$qualified" "$root" >&2
+    --build-arg "OPENCODE_VERSION=$opencode_version" --build-arg "TARGETARCH=$targetarch" -t "$qualified" "$root" >&2
   podman save --quiet --format docker-archive -o "$archive.partial" "$qualified"
 fi
 mv "$archive.partial" "$archive"
