@@ -15,6 +15,7 @@ qualified=$(qualified_name "$image")
 archive="$image_cache/$(basename "${image//:/-}").tar"
 tool=$(image_tool)
 started=$(date +%s%N)
+rm -f "$archive.partial"  # a save interrupted before (podman refuses to write into one)
 
 if [[ $tool == docker ]]; then
   docker build --build-arg "OPENCODE_VERSION=$opencode_version" -t "$image" "$root" >&2
