@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -38,6 +39,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def run(state_dir: Path, node: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, _raise_exit)
     # Imported here: the CLI imports this module for its file names on every `reactor` call.

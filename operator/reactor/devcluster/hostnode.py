@@ -11,9 +11,11 @@ names derived from our network name.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
@@ -31,6 +33,7 @@ import psutil
 from reactor.errors import ReactorError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The kubelet sets these at start (protectKernelDefaults: false) and never restores them.
 KUBELET_SYSCTLS = (
@@ -225,6 +228,10 @@ def create_cgroup_root(record: HostRecord, save: Callable[[], None]) -> None:
         if (mount / "cpuset.cpus").exists():  # a v1 cpuset child starts empty: inherit
             for name in ("cpuset.cpus", "cpuset.mems"):
                 (path / name).write_text((mount / name).read_text())
+        if (path / "cpu.shares").exists():
+            # The CPU weight the kubelet gives kubepods at the root (1024 per CPU): the node's
+            # pods together weigh what a machine's worth of processes would, not one process.
+            (path / "cpu.shares").write_text(str(1024 * (os.cpu_count() or 1)))
 
 
 def _cgroup_dirs(name: str) -> list[Path]:
@@ -233,7 +240,7 @@ def _cgroup_dirs(name: str) -> list[Path]:
     for mount in cgroup_mounts():
         root = mount / name
         if root.is_dir():
-            found.extend(p for p, _, _ in os.walk(root))
+            found.extend(Path(p) for p, _, _ in os.walk(root))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
@@ -410,6 +417,13 @@ def kill_shims(containerd_socket: str) -> None:
 # --- the whole teardown ----------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _step(what: str):
+    started = time.monotonic()
+    yield
+    log.info("teardown: %s in %.2fs", what, time.monotonic() - started)
+
+
 def teardown(record: HostRecord, grace: float = 10.0) -> list[str]:
     """Undo everything in ``record``; returns what is still there (empty when clean).
 
@@ -418,23 +432,34 @@ def teardown(record: HostRecord, grace: float = 10.0) -> list[str]:
     namespace, cgroups, sysctls, host paths, the work dir."""
     left: list[str] = []
     first = {k: v for k, v in record.pids.items() if k in ("kubelet", "kube-proxy")}
-    kill_recorded(first, grace)
+    with _step("kubelet and kube-proxy stopped"):
+        kill_recorded(first, grace)
     if record.cgroup_name:
-        try:
-            kill_cgroup(record.cgroup_name, time.monotonic() + 20)
-        except NodeHostError as error:
-            left.append(str(error))
-    kill_shims(record.containerd_socket)
-    kill_recorded({k: v for k, v in record.pids.items() if k not in first}, grace)
+        with _step("pod processes killed"):
+            try:
+                kill_cgroup(record.cgroup_name, time.monotonic() + 20)
+            except NodeHostError as error:
+                left.append(str(error))
+    with _step("shims killed"):
+        kill_shims(record.containerd_socket)
+    # The API server before etcd (else it only logs errors while it drains); the rest at once.
+    rest = {k: v for k, v in record.pids.items() if k not in first and k not in ("kube-apiserver", "etcd")}
+    for group in (rest, {k: v for k, v in record.pids.items() if k == "kube-apiserver"},
+                  {k: v for k, v in record.pids.items() if k == "etcd"}):
+        with _step(f"{', '.join(group) or 'nothing'} stopped"):
+            kill_recorded(group, grace)
     if record.host_veth:
         run("ip", "link", "delete", record.host_veth, check=False)
-    left += [f"mount {m}" for m in unmount_all(record.work_dir)]
+    with _step("unmounted"):
+        left += [f"mount {m}" for m in unmount_all(record.work_dir)]
     if record.cgroup_name:
-        left += remove_cgroups(record.cgroup_name, time.monotonic() + 10)
+        with _step("cgroups removed"):
+            left += remove_cgroups(record.cgroup_name, time.monotonic() + 10)
     restore_sysctls(record)
     left += [f"path {p}" for p in remove_host_paths(record)]
     if not any(item.startswith("mount ") for item in left):
-        shutil.rmtree(record.work_dir, ignore_errors=True)
+        with _step("work dir removed"):
+            shutil.rmtree(record.work_dir, ignore_errors=True)
     if Path(record.work_dir).exists():
         left.append(f"path {record.work_dir}")
     return left
