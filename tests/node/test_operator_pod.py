@@ -8,6 +8,7 @@ one undeploys)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -172,6 +173,14 @@ def test_shipped_manifests_run_the_operator_restricted_and_live(deployed):
     assert status.stdout.split()[0] == "10001"
     assert "CapEff:\t0000000000000000" in status.stdout and "NoNewPrivs:\t1" in status.stdout
     assert "Seccomp:\t2" in status.stdout  # filter mode: RuntimeDefault
+    # The image holds the code under test (a stale build layer would not).
+    sources = ("workflow/tcr.py", "infra/servers.py", "kube/supervisor.py", "opencode/run_with_status.sh")
+    installed = cluster.kubectl("exec", "-n", NAMESPACE, pod["metadata"]["name"], "--", "python", "-c",
+                                "import hashlib, pathlib, reactor; root = pathlib.Path(reactor.__file__).parent; "
+                                f"print(' '.join(hashlib.sha256((root / f).read_bytes()).hexdigest() for f in {sources!r}))")
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout.split() == [hashlib.sha256((ROOT / "operator/reactor" / f).read_bytes()).hexdigest()
+                                        for f in sources], "the image is stale: rebuild it (make image)"
     # The kubelet's liveness probe (first after 15 s) has passed, and never failed.
     name = pod["metadata"]["name"]
     deadline = time.monotonic() + 90
