@@ -73,8 +73,21 @@ def _api_message(exc: ApiException) -> str:
         return f"{exc.status} {exc.reason}"
 
 
+def confined_condition(confined: bool, message: str, generation: int | None) -> dict[str, Any]:
+    """Whether the task's cell runs under Landlock: never a silent downgrade."""
+    return {
+        "type": "Confined",
+        "status": "True" if confined else "False",
+        "reason": "Landlock" if confined else "Unconfined",
+        "message": message[:1024],
+        "observedGeneration": generation,
+        "lastTransitionTime": now(),
+    }
+
+
 class StatusWriter:
-    def __init__(self, api_client: k8s.ApiClient):
+    def __init__(self, api_client: k8s.ApiClient, confinement: tuple[bool, str] = (False, "")):
+        self.confinement = confinement  # (confined, message), the same for every task of this operator
         self.custom = k8s.CustomObjectsApi(api_client)
         self.core = k8s.CoreV1Api(api_client)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -107,7 +120,8 @@ class StatusWriter:
             "phase": phase.value,
             "message": message,
             "observedGeneration": generation,
-            "conditions": [succeeded_condition(condition_status, reason or phase.value, message, generation)],
+            "conditions": [succeeded_condition(condition_status, reason or phase.value, message, generation),
+                           confined_condition(*self.confinement, generation)],
             **extra,
         }
         return await self.patch(ref, status)

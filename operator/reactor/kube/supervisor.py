@@ -20,6 +20,7 @@ from reactor.durations import parse_duration
 from reactor.errors import ConfigurationError, ReactorError
 from reactor.infra.mirrors import GitCredentials, RepositoryMirrors, redact_url
 from reactor.infra.processes import is_marked_for, kill_process_group
+from reactor.infra.worktrees import ResultRejected
 from reactor.kube.resource import AgentTaskSpec, TaskRef
 from reactor.kube.status import StatusWriter, cell_status, now, result_status, usage_status
 from reactor.workflow.engine import Engine
@@ -37,7 +38,7 @@ TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 class TaskSupervisor:
     def __init__(self, engine: Engine, api_client: k8s.ApiClient):
         self.engine = engine
-        self.status = StatusWriter(api_client)
+        self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message))
         self.core = k8s.CoreV1Api(api_client)
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
         self._runs: dict[str, asyncio.Task] = {}
@@ -130,6 +131,9 @@ class TaskSupervisor:
         await self.status.phase(ref, Phase.BOOTSTRAPPING, f"fetching {redact_url(spec.repository.url)}", generation,
                                 startTime=now(), attempts=attempt)
         await self.status.event(ref, Phase.BOOTSTRAPPING.value, f"attempt {attempt}: fetching repository")
+        confinement = self.engine.confinement
+        await self.status.event(ref, "Confined" if confinement.enabled else "Unconfined", confinement.status.message,
+                                warning=not confinement.enabled)
         task_id = spec.task_id or ref.name
         try:
             env = await self._secret_env(ref, spec)
@@ -157,10 +161,14 @@ class TaskSupervisor:
         pushed = False
         if result.succeeded and spec.repository.push:
             try:
-                await asyncio.to_thread(self.mirrors.push, mirror, task.branch, spec.repository.url, credentials)
+                await asyncio.to_thread(self.mirrors.push, mirror, task.branch, spec.repository.url, credentials,
+                                        result.commit)
                 pushed = True
                 # The repository has it now; a later task with this branch name must not collide here.
                 await asyncio.to_thread(self.mirrors.delete_branch, mirror, task.branch)
+            except ResultRejected as exc:
+                result.outcome, result.reason = Outcome.FAILED, Reason.REFS_TAMPERED
+                result.message = f"committed {result.commit} but refused to push it: {exc}"
             except ReactorError as exc:
                 result.outcome, result.reason = Outcome.FAILED, Reason.PUSH_FAILED
                 result.message = f"committed {result.commit} but the push failed: {exc}"

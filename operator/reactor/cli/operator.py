@@ -7,16 +7,16 @@ import logging
 import os
 from typing import Any
 
+from reactor.cli.common import add_engine_flags, engine_settings_from
+
 
 def add_subparser(sub: Any) -> None:
-    from reactor.cli import _add_engine_flags
-
     parser = sub.add_parser("operator", help="run the AgentTask operator against the current kubeconfig or in-cluster")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=None,
                        help="watch this namespace (repeatable; default: $WATCH_NAMESPACE, else all namespaces)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
-    _add_engine_flags(parser)
+    add_engine_flags(parser)
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="liveness endpoint (default: http://0.0.0.0:8080/healthz; 'none' to disable)")
     parser.set_defaults(func=cmd_operator)
@@ -26,7 +26,6 @@ def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
     import kubernetes
 
-    from reactor.cli import engine_settings_from
     from reactor.kube.handlers import registry
     from reactor.kube.supervisor import TaskSupervisor
     from reactor.workflow.engine import Engine
