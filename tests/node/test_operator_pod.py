@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +20,13 @@ import pytest
 import yaml
 
 from reactor.devcluster.node import NodeCluster
+from reactor.infra.mirrors import RepositoryMirrors
+from reactor.infra.worktrees import repository_key
+from reactor.testing.attacks import REPORT, Targets, attack_step
 from reactor.testing.repos import make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
+from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, set_event, text, write
+from reactor.testing.scripted_model import wait_for as wait_for_event
+from tests.security.test_confinement import assert_every_attempt_blocked
 from tests.node.conftest import (
     NAMESPACE,
     POD_MOUNT,
@@ -32,6 +38,11 @@ from tests.node.conftest import (
 )
 
 SA_USER = f"system:serviceaccount:{NAMESPACE}:reactor"
+SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # the operator's credential, in its pod
+VICTIM_KEY = "sk-victim-only-9a8b7c6d"
+# The operator's PID inside its pod (tini is PID 1; the Python process under it).
+FIND_OPERATOR_PID = ("import pathlib; print(next(p.name for p in pathlib.Path('/proc').iterdir() if p.name.isdigit() "
+                     "and b'operator' in (p / 'cmdline').read_bytes() and b'python' in (p / 'cmdline').read_bytes()))")
 FIX = edit("calc.py", "return a - b", "return a + b")
 TEST_COMMAND = "python3 -c 'from calc import add; assert add(2, 3) == 5'"  # the image has no pytest
 SELECTOR = "app.kubernetes.io/name=reactor,app.kubernetes.io/component=operator"
@@ -75,6 +86,7 @@ def repo_url(volume: Path, tmp_path_factory) -> tuple[str, Path]:
     """A bare repository on the operator's volume (file:// inside the pod: the pod's network
     reaches no git host), owned by the operator's user."""
     source = make_repo(tmp_path_factory.mktemp("source") / "app")
+    subprocess.run(["git", "-C", str(source), "branch", "reactor/OLD"], check=True)  # another task's result
     bare = volume / "repos" / "app.git"
     bare.parent.mkdir(exist_ok=True)
     subprocess.run(["git", "clone", "--quiet", "--bare", str(source), str(bare)], check=True)
@@ -86,6 +98,15 @@ def rev_parse(bare: Path, ref: str) -> str:
     """A ref of a repository the operator's user owns (git refuses other owners' by default)."""
     return subprocess.run(["git", "-c", "safe.directory=*", "-C", str(bare), "rev-parse", ref],
                           capture_output=True, text=True, check=True).stdout.strip()
+
+
+def fingerprint(git_dir: Path, ignore_refs: tuple[str, ...] = ()) -> dict[str, str]:
+    """What an attack on a repository would change: hooks, config, refs."""
+    refs = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", str(git_dir), "for-each-ref",
+                           "--format=%(refname) %(objectname)"], capture_output=True, text=True, check=True).stdout
+    return {"hooks": ",".join(sorted(p.name for p in (git_dir / "hooks").iterdir())),
+            "config": hashlib.sha256((git_dir / "config").read_bytes()).hexdigest(),
+            "refs": "\n".join(line for line in refs.splitlines() if line.split()[0] not in ignore_refs)}
 
 
 def task(name: str, url: str, model: ScriptedModel, **spec) -> dict:
@@ -128,8 +149,12 @@ def terminal(obj: dict | None) -> bool:
     return bool(obj) and (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def condition(obj: dict, type_: str) -> dict:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == type_)
+
+
 def reason(obj: dict) -> str:
-    return next(c["reason"] for c in obj["status"]["conditions"] if c["type"] == "Succeeded")
+    return condition(obj, "Succeeded")["reason"]
 
 
 def operator_pod(cluster: NodeCluster) -> dict:
@@ -218,6 +243,55 @@ def test_a_task_succeeds_run_by_the_pod_with_its_service_account(deployed, model
     logs = kubectl_ok(cluster, "logs", "-n", NAMESPACE, "deployment/reactor")
     for phase in ("Bootstrapping", "Executing", "Testing", "Committing", "Succeeded"):
         assert re.search(rf"fix-in-pod.*{phase}|{phase}.*fix-in-pod", logs), f"no {phase} line in the pod's log"
+
+
+def test_confinement_holds_in_the_pod(deployed, model, repo_url, volume):
+    """A hostile task beside a victim that holds a model key from its own Secret, inside the
+    operator pod (seccomp RuntimeDefault, no capabilities, read-only root): every attempt on
+    the neighbour, the shared mirror, the operator and its ServiceAccount token is blocked."""
+    cluster, (url, bare) = deployed, repo_url
+    origin_before = fingerprint(bare)
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "model-api-keys", "namespace": NAMESPACE},
+              "stringData": {"VICTIM_API_KEY": VICTIM_KEY}}  # a name manifests/rbac.yaml lets the operator read
+    apply(cluster, secret)
+    up, attacked = threading.Event(), threading.Event()
+    model.script.add(Scenario("victim:", [set_event(up), wait_for_event(attacked), FIX,
+                                          write("victim.py", "VICTIM = 1\n"), text("Fixed.")]))
+    apply(cluster, task("victim", url, model, resultBranch="reactor/victim",
+                        agent={"config": model.opencode_config(), "envFrom": [{"secretRef": {"name": "model-api-keys"}}]}))
+    uid = get_task(cluster, "victim")["metadata"]["uid"]
+    mirror = RepositoryMirrors(POD_MOUNT / "work" / "mirrors").path_for(url)
+    pod = operator_pod(cluster)["metadata"]["name"]
+    operator_pid = int(kubectl_ok(cluster, "exec", "-n", NAMESPACE, pod, "--", "python", "-c", FIND_OPERATOR_PID))
+    targets = Targets(
+        outside_file=str(POD_MOUNT / "outside.txt"),  # the operator's own volume: writable but for Landlock
+        other_checkout_file=str(POD_MOUNT / "work" / "worktrees" / repository_key(mirror) /
+                                f"{NAMESPACE}.victim.{uid[:8]}" / "calc.py"),
+        source_git_dir=str(mirror),
+        other_branch="refs/heads/reactor/OLD",
+        protected_files=[SA_TOKEN],
+        operator_pid=operator_pid,
+        secret=VICTIM_KEY,
+    )
+    model.script.add(Scenario("attacker:", [wait_for_event(up), attack_step(targets), set_event(attacked), FIX,
+                                            text("Fixed.")]))
+    apply(cluster, task("attacker", url, model, resultBranch="reactor/attacker"))
+    attacker = wait_for(cluster, "attacker", terminal, "a terminal phase", timeout=300)
+    victim = wait_for(cluster, "victim", terminal, "a terminal phase", timeout=300)
+
+    assert attacker["status"]["phase"] == "Succeeded", attacker["status"]
+    assert condition(attacker, "Confined")["status"] == "True"
+    report = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", str(bare), "show",
+                             f"reactor/attacker:{REPORT}"], capture_output=True, text=True, check=True).stdout
+    assert_every_attempt_blocked(report, protected=[Path(SA_TOKEN).name])
+    assert victim["status"]["phase"] == "Succeeded", victim["status"]
+    after = fingerprint(bare, ("refs/heads/reactor/attacker", "refs/heads/reactor/victim"))
+    assert after["hooks"] == origin_before["hooks"] and after["config"] == origin_before["config"]
+    assert after["refs"] == origin_before["refs"], "no ref of the repository moved but the two results"
+    shared = host_path(volume, str(mirror))
+    assert "post-checkout" not in fingerprint(shared)["hooks"] and "fsmonitor" not in (shared / "config").read_text()
+    assert not (volume / "outside.txt").exists()
+    assert operator_pod(cluster)["status"]["containerStatuses"][0]["restartCount"] == 0, "the operator lives"
 
 
 def test_a_cell_out_of_memory_fails_its_task_and_spares_the_rest(deployed, model, repo_url, volume):
