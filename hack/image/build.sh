@@ -4,7 +4,10 @@
 #   else podman (Debian's 4.3, installed if missing) against local stand-in bases
 #   (hack/image/bases.sh), with private storage in ~/.cache/reactor-images.
 # Then saves it as a docker-archive for loading into a node (`make node-load`):
-#   ~/.cache/reactor-images/<name>-<tag>.tar; the path is printed on stdout.
+#   ~/.cache/reactor-images/archives/<name>-<tag>-<checkout>.tar; the path is printed on stdout.
+# The layer cache is shared by every checkout on this machine, but each checkout builds
+# and saves under a tag of its own (localhost/reactor-build-<checkout>/...): two checkouts
+# building at once never ship each other's code. The loader adds the name Pods use.
 # Usage: hack/image/build.sh IMAGE OPENCODE_VERSION
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -12,7 +15,10 @@ root=$(cd "$here/../.." && pwd)
 image=${1:?usage: $0 IMAGE OPENCODE_VERSION} opencode_version=${2:?usage: $0 IMAGE OPENCODE_VERSION}
 source "$here/env.sh"
 qualified=$(qualified_name "$image")
-archive="$image_cache/$(basename "${image//:/-}").tar"
+checkout=$(printf '%s' "$root" | sha256sum | cut -c1-8)
+own_tag="localhost/reactor-build-$checkout/$(basename "$image")"
+mkdir -p "$image_cache/archives"
+archive="$image_cache/archives/$(basename "${image//:/-}")-$checkout.tar"
 tool=$(image_tool)
 started=$(date +%s%N)
 rm -f "$archive.partial"  # a save interrupted before (podman refuses to write into one)
@@ -30,8 +36,10 @@ else
   # TARGETARCH: BuildKit sets it, podman 4.3 does not.
   case $(uname -m) in x86_64) targetarch=amd64 ;; aarch64 | arm64) targetarch=arm64 ;; *) targetarch=$(uname -m) ;; esac
   podman --runtime runc build --pull=never --format docker --network host \
-    --build-arg "OPENCODE_VERSION=$opencode_version" --build-arg "TARGETARCH=$targetarch" -t "$qualified" "$root" >&2
-  podman save --quiet --format docker-archive -o "$archive.partial" "$qualified"
+    --build-arg "OPENCODE_VERSION=$opencode_version" --build-arg "TARGETARCH=$targetarch" -t "$own_tag" "$root" >&2
+  podman save --quiet --format docker-archive -o "$archive.partial" "$own_tag"
+  podman tag "$own_tag" "$qualified"  # for `podman run $image` here; the last build wins it
+  qualified=$own_tag
 fi
 mv "$archive.partial" "$archive"
 size=$("$tool" image inspect --format '{{.Size}}' "$qualified" 2>/dev/null || "$tool" image inspect --format '{{.Size}}' "$image")

@@ -139,11 +139,7 @@ def create_network(record: HostRecord, save: Callable[[], None]) -> None:
     No default route and no NAT in the namespace: its processes reach the host side of the
     pair and nothing else. The namespace is a bind-mounted file in the work dir (not
     /run/netns), so it leaves no trace once unmounted."""
-    _LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(_LOCK, "w") as lock:
-        import fcntl
-
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two `up`s must not pick the same subnet
+    with _host_lock():  # two `up`s must not pick the same subnet
         used = _used_subnet_indexes()
         free = [i for i in range(1, 255) if i not in used]
         if not free:
@@ -285,21 +281,71 @@ def remove_cgroups(name: str, deadline: float) -> list[str]:
 
 
 # --- sysctls -------------------------------------------------------------------------------
+# They are host-wide, and two dev nodes may run at once (two checkouts' test runs): the
+# first node to start records the host's values, the last to stop puts them back.
+_SYSCTL_HOLDERS = Path("/run/reactor-dev-node/sysctls.json")
+
+
+@contextlib.contextmanager
+def _host_lock():
+    import fcntl
+
+    _LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _read_holders() -> dict:
+    try:
+        shared = json.loads(_SYSCTL_HOLDERS.read_text())
+    except (OSError, ValueError):
+        return {"originals": {}, "holders": []}
+    # A holder whose work dir is gone has stopped (or crashed and was cleaned up).
+    shared["holders"] = [h for h in shared.get("holders", []) if Path(h).exists()]
+    return shared
 
 
 def record_sysctls(record: HostRecord, save: Callable[[], None]) -> None:
-    record.sysctls = {key: (Path("/proc/sys") / key).read_text().strip() for key in KUBELET_SYSCTLS}
+    with _host_lock():
+        shared = _read_holders()
+        if not shared["holders"]:
+            shared["originals"] = {key: (Path("/proc/sys") / key).read_text().strip() for key in KUBELET_SYSCTLS}
+        shared["holders"].append(record.work_dir)
+        _SYSCTL_HOLDERS.parent.mkdir(parents=True, exist_ok=True)
+        _SYSCTL_HOLDERS.write_text(json.dumps(shared))
+        record.sysctls = dict(shared["originals"])
     save()
 
 
 def restore_sysctls(record: HostRecord) -> None:
-    for key, value in record.sysctls.items():
-        path = Path("/proc/sys") / key
-        try:
-            if path.read_text().strip() != value:
-                path.write_text(value)
-        except OSError:
-            pass
+    """Put the host's values back, unless another dev node still runs (its kubelet wants them)."""
+    with _host_lock():
+        shared = _read_holders()
+        others = [h for h in shared["holders"] if h != record.work_dir]
+        if others:
+            shared["holders"] = others
+            _SYSCTL_HOLDERS.write_text(json.dumps(shared))
+            return
+        for key, value in (shared["originals"] or record.sysctls).items():
+            path = Path("/proc/sys") / key
+            try:
+                if path.read_text().strip() != value:
+                    path.write_text(value)
+            except OSError:
+                pass
+        _SYSCTL_HOLDERS.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            _SYSCTL_HOLDERS.parent.rmdir()
+
+
+def sysctls_pending(record: HostRecord) -> list[str]:
+    """Sysctls not yet back to the host's values, when no other dev node holds them."""
+    shared = _read_holders()
+    if [h for h in shared["holders"] if h != record.work_dir]:
+        return []
+    return [f"sysctl {key}" for key, value in record.sysctls.items()
+            if (Path("/proc/sys") / key).read_text().strip() != value]
 
 
 # --- mounts and host paths -------------------------------------------------------------
@@ -483,9 +529,7 @@ def leftovers(record: HostRecord) -> list[str]:
         for process in psutil.process_iter(["cmdline"]):
             if record.containerd_socket in (process.info.get("cmdline") or []):
                 found.append(f"process {process.pid} {' '.join(process.info['cmdline'][:1])}")
-    for key, value in record.sysctls.items():
-        if (Path("/proc/sys") / key).read_text().strip() != value:
-            found.append(f"sysctl {key}")
+    found += sysctls_pending(record)
     found += [f"path {p}" for p in record.created_host_paths if Path(p).exists()]
     if Path(record.work_dir).exists():
         found.append(f"path {record.work_dir}")
