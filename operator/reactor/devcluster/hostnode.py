@@ -213,6 +213,15 @@ def cgroup_mounts() -> list[Path]:
     return mounts
 
 
+def node_cpu_shares() -> int:
+    """The node's CPU weight against the host's other processes: what the kubelet gives
+    kubepods at the root (1024 per CPU), i.e. all pods together weigh a machine's worth of
+    busy processes, not one. ``REACTOR_NODE_CPU_SHARES`` overrides it, for a machine shared
+    with much other work (where 1024 per CPU starves the pods)."""
+    value = os.environ.get("REACTOR_NODE_CPU_SHARES", "")
+    return int(value) if value.isdigit() and int(value) >= 2 else 1024 * (os.cpu_count() or 1)
+
+
 def create_cgroup_root(record: HostRecord, save: Callable[[], None]) -> None:
     """The kubelet's ``cgroupRoot``: every pod's cgroup lives below it, in each hierarchy, so
     the node's processes are found (and removed) by cgroup alone."""
@@ -225,9 +234,7 @@ def create_cgroup_root(record: HostRecord, save: Callable[[], None]) -> None:
             for name in ("cpuset.cpus", "cpuset.mems"):
                 (path / name).write_text((mount / name).read_text())
         if (path / "cpu.shares").exists():
-            # The CPU weight the kubelet gives kubepods at the root (1024 per CPU): the node's
-            # pods together weigh what a machine's worth of processes would, not one process.
-            (path / "cpu.shares").write_text(str(1024 * (os.cpu_count() or 1)))
+            (path / "cpu.shares").write_text(str(node_cpu_shares()))
 
 
 def _cgroup_dirs(name: str) -> list[Path]:
