@@ -11,7 +11,7 @@ OPENCODE_SEED := .tools/opencode-seed
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 export REACTOR_OPENCODE_SEED := $(abspath $(OPENCODE_SEED))
 
-.PHONY: help setup venv opencode envtest node node-deps node-up node-down node-load test test-fast demo bench clean image deploy undeploy kind-up kind-load
+.PHONY: help setup venv opencode envtest node node-deps node-up node-down node-load bench-node test test-fast demo bench clean image deploy undeploy kind-up kind-load
 IMAGE ?= reactor:0.1.0
 KIND_CLUSTER ?= reactor
 # kubectl on PATH, else the one `make envtest` built.
@@ -82,6 +82,10 @@ demo: setup
 bench: setup
 	$(PY) bench/cell_bootstrap.py
 	$(PY) bench/operator_overhead.py
+
+# The operator pod on the dev node against a local operator process, and the pod's memory (root).
+bench-node: setup node
+	$(PY) bench/operator_pod.py
 
 # Tests that need neither opencode nor a control plane (seconds).
 test-fast: venv
