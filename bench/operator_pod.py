@@ -39,7 +39,6 @@ from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, 
 NAMESPACE, LOCAL_NAMESPACE = "reactor-system", "bench-local"
 TEST_COMMAND = "python3 -c 'from calc import add; assert add(2, 3) == 5'"
 FIX = edit("calc.py", "return a - b", "return a + b")
-os.environ.setdefault("REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode"))
 
 
 def kubectl(cluster: NodeCluster, *args: str, input: str | None = None) -> str:

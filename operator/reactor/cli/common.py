@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from reactor.durations import parse_duration
 from reactor.errors import ConfigurationError
 from reactor.infra.ports import DEFAULT_PORT_RANGE, PortRange
 
@@ -24,6 +25,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "kubeconfig, $HOME, credential files; see docs/security.md). Repeatable.")
     parser.add_argument("--readable-path", action="append", default=[], metavar="PATH",
                         help="a toolchain directory under a protected path (e.g. $HOME) that cells may read. Repeatable.")
+    parser.add_argument("--health-timeout", default=None,
+                        help="how long a starting opencode server may take to become healthy "
+                             "(default: $REACTOR_HEALTH_TIMEOUT, else 30s)")
+    parser.add_argument("--stall-timeout", default="5m",
+                        help="end an agent's turn after this long without progress: no new message part, tool call "
+                             "or token (default: 5m)")
 
 
 def engine_settings_from(args: argparse.Namespace, **overrides):
@@ -42,5 +49,7 @@ def engine_settings_from(args: argparse.Namespace, **overrides):
         opencode_bin=args.opencode_bin,
         max_agents=args.max_agents,
         confinement=confinement,
+        stall_timeout=parse_duration(args.stall_timeout),
+        **({"health_timeout": parse_duration(args.health_timeout)} if args.health_timeout else {}),
         **overrides,
     )
