@@ -122,7 +122,9 @@ def main() -> int:
         subprocess.run(["git", "clone", "-q", "--bare", str(source), str(local_repo)], check=True)
 
         kubectl(cluster, "create", "namespace", LOCAL_NAMESPACE)
-        local = OperatorProcess(cluster, LOCAL_NAMESPACE, scratch / "work", "--max-agents", "4")
+        # Ports of its own: other checkouts' tests on this machine use 18500-19000 too.
+        local = OperatorProcess(cluster, LOCAL_NAMESPACE, scratch / "work", "--max-agents", "4",
+                                "--port-range", "31000-31100")
         (scratch / "work").mkdir()
         local.start()
         api = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(str(cluster.kubeconfig_path)))
