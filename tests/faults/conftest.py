@@ -155,7 +155,9 @@ class Matrix:
             "repository": {"url": origin.url, "branch": "main"},
             "test": {"command": "python3 -m pytest -q"},
             "agent": {"config": self.model.opencode_config()},
-            "timeout": "5m",
+            # No row is about the time box but test_crash's k-box; on a loaded machine a
+            # crash-and-retry row takes minutes.
+            "timeout": "30m",
         }
         for key, value in spec.items():
             if isinstance(value, dict) and isinstance(body.get(key), dict):
@@ -287,11 +289,15 @@ def matrix(crd_installed, faults_namespace, tmp_path_factory) -> Iterator[Matrix
         try:
             yield m
         finally:
-            if m.operators and m.operator.process and m.operator.process.poll() is None:
-                crd_installed.kubectl("delete", "agenttasks", "--all", "-n", faults_namespace, "--wait=true",
-                                      "--timeout=60s")
-            for op in m.operators:
-                op.stop()
+            for row in m.rows.values():
+                row.origin.release()  # a push a failed test left held would hold its deletion
+            try:
+                if m.operators and m.operator.process and m.operator.process.poll() is None:
+                    crd_installed.kubectl("delete", "agenttasks", "--all", "-n", faults_namespace, "--wait=true",
+                                          "--timeout=60s", timeout=90)
+            finally:
+                for op in m.operators:
+                    op.stop()
             leaked = find_marked_processes(str(m.work_dir.resolve()))
             for proc in leaked:  # end them so one failure does not cascade, then fail
                 os.killpg(proc.pid, 9)

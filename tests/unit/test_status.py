@@ -26,9 +26,10 @@ class Recorder:
 
 
 def committed(**extra) -> TaskResult:
-    return TaskResult(task_id="t", outcome=Outcome.COMMITTED, reason=Reason.COMMITTED, message="pushed", branch="b",
-                      commit="a" * 40, files_changed=["calc.py"], test_exit_code=0, pushed=True,
-                      usage=Usage(input_tokens=100, output_tokens=20, cost=0.0123), **extra)
+    values = dict(task_id="t", outcome=Outcome.COMMITTED, reason=Reason.COMMITTED, message="pushed", branch="b",
+                  commit="a" * 40, files_changed=["calc.py"], test_exit_code=0, pushed=True,
+                  usage=Usage(input_tokens=100, output_tokens=20, cost=0.0123))
+    return TaskResult(**{**values, **extra})
 
 
 def test_phase_status_sets_the_succeeded_condition():
@@ -55,7 +56,8 @@ async def test_one_write_and_one_event_per_phase_in_order_and_nothing_after_the_
     cell = CellInfo(port=8001, worktree="/w", server_pid=42)
     for phase, extra in ((Phase.BOOTSTRAPPING, {"started_at": 1_800_000_000.0}), (Phase.EXECUTING, {"cell": cell}),
                          (Phase.TESTING, {"cell": cell}), (Phase.COMMITTING, {"cell": cell}),
-                         (Phase.PUSHING, {"cell": cell, "commit": "a" * 40}), (Phase.TEARING_DOWN, {"cell": cell})):
+                         (Phase.PUSHING, {"cell": cell, "result": committed(pushed=False)}),
+                         (Phase.TEARING_DOWN, {"cell": cell})):
         await status.report(PhaseEvent(task_id="t", phase=phase, **extra))
     await status.report(PhaseEvent(task_id="t", phase=Phase.EXECUTING, update=True, message="server restarted", cell=cell))
     await status.report(PhaseEvent(task_id="t", phase=Phase.SUCCEEDED, result=committed()))
@@ -70,6 +72,7 @@ async def test_one_write_and_one_event_per_phase_in_order_and_nothing_after_the_
     assert bootstrapping["attempts"] == 1 and bootstrapping["startTime"] == "2027-01-15T08:00:00Z"
     assert bootstrapping["cell"] is None, "no cell before it exists"
     assert pushing["result"]["commit"] == "a" * 40, "the commit is recorded before the push (resume point)"
+    assert pushing["result"]["pushed"] is False and pushing["result"]["filesChanged"] == ["calc.py"]
     assert writer.patches[6] == {"message": "server restarted", "cell": {**cell_status(cell, REF.cell_id)}}
     assert final["cell"] is None and final["result"]["pushed"] is True and "completionTime" in final
 

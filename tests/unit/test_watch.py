@@ -48,11 +48,13 @@ class Clock:
 def test_the_stall_clock_runs_on_empty_steps_and_stands_still_while_a_tool_runs():
     clock = Clock()
     watch = TurnWatch(client=None, stall_timeout=60, clock=clock)
-    clock.now += 30  # OpenCode loading its config: the turn has not started
-    assert watch.stalled_for() == 0.0
+    watch.observe(part("text", text="the prompt"))  # the user's message comes first
+    watch.observe({"type": "session.status", "properties": {"status": {"type": "busy"}}})
+    clock.now += 30  # OpenCode installing its provider package: no model step yet
+    assert watch.stalled_for() == 0.0, "the agent has not begun"
     turn_started = clock.now
     for _ in range(100):
-        for event in EMPTY_STEP:  # the turn starts with the first step's busy status
+        for event in EMPTY_STEP:  # the agent begins with its first step
             watch.observe(event)
         clock.now += 0.3
     assert watch.stalled_for() == pytest.approx(clock.now - turn_started) == pytest.approx(30.0)

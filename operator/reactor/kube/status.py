@@ -176,7 +176,8 @@ class TaskStatus:
     async def report(self, event: PhaseEvent) -> None:
         if self.finished:
             return
-        if event.result is not None:
+        if event.phase.terminal:
+            assert event.result is not None, "the terminal phase carries the verdict"
             await self.finish(event.result)
             return
         if event.update:  # news within the phase: where the cell lives now, no new phase or Event
@@ -188,9 +189,9 @@ class TaskStatus:
             status["attempts"] = self.attempt
             if event.started_at is not None:
                 status["startTime"] = format_time(event.started_at)
-        if event.phase is Phase.PUSHING and event.commit:
+        if event.phase is Phase.PUSHING and event.result is not None:
             # Recorded before the push: an operator that dies now resumes at the push, with this commit.
-            status["result"] = {"outcome": "committed", "commit": event.commit, "shortCommit": event.commit[:7]}
+            status["result"] = result_status(event.result)
         self.phase = event.phase
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, event.phase.value, event.message or event.phase.value)

@@ -17,6 +17,8 @@ import httpx
 
 from reactor.testing.helpers import free_port, wait_for
 
+START_TIMEOUT = 180.0
+
 
 class OperatorProcess:
     def __init__(self, cluster, namespace: str, work_dir: Path, *extra_args: str, kubeconfig: Path | None = None):
@@ -39,7 +41,9 @@ class OperatorProcess:
                  "--liveness", f"http://127.0.0.1:{port}/healthz", *self.extra_args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        deadline = time.monotonic() + 60
+        # Liveness answers after kopf's startup handlers, which reap a killed predecessor's
+        # orphans (up to the stop grace each): give a loaded machine room.
+        deadline = time.monotonic() + START_TIMEOUT
         while True:  # ready when kopf's liveness endpoint answers
             if self.process.poll() is not None:
                 raise RuntimeError(f"operator exited {self.process.returncode}:\n{self.log()}")
@@ -49,7 +53,7 @@ class OperatorProcess:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"operator not live in 60s:\n{self.log()}")
+                raise RuntimeError(f"operator not live in {START_TIMEOUT:g}s:\n{self.log()}")
             time.sleep(0.05)
 
     def log(self) -> str:

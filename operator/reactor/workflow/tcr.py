@@ -295,7 +295,8 @@ async def _push(spec: TaskSpec, origin: Origin, phases: _Phases, result: TaskRes
     (a push cut off half-way may or may not have landed): it ends, and its verdict stands."""
     commit = result.commit
     assert commit is not None
-    await phases.enter(Phase.PUSHING, f"pushing {commit[:12]} to {spec.branch} of {origin.describe()}", commit=commit)
+    await phases.enter(Phase.PUSHING, f"pushing {commit[:12]} to {spec.branch} of {origin.describe()}",
+                       result=result.model_copy(deep=True))
 
     async def publish() -> None:
         try:

@@ -151,5 +151,6 @@ class PhaseEvent(BaseModel):
     update: bool = False
     cell: CellInfo = Field(default_factory=CellInfo)
     started_at: float | None = None
-    commit: str | None = None  # from Pushing on: the commit being published
-    result: TaskResult | None = None  # with the terminal phase
+    # With Pushing: what is being published (recorded first: a restart resumes from it);
+    # with the terminal phase: the verdict.
+    result: TaskResult | None = None

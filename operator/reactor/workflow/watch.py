@@ -9,10 +9,15 @@ The stream also tells whether the agent is getting anywhere. Progress is a new m
 part (text, reasoning, a tool call changing state, a file edit) or a step that used
 tokens. A model answering with empty streams makes OpenCode loop through empty steps
 (step-start, then step-finish with zero tokens, every ~0.3 s, at ~80 % CPU): those are not
-progress. No progress for ``stall_timeout`` seconds ends the turn (AgentStalled). The clock
-starts when the turn does (the session's first ``busy`` status: a cell's first turn can
-wait seconds for OpenCode to load its config), and stands still while a tool runs (a
-build the agent started): the tool's own time limit and the task's time box bound those.
+progress. No progress for ``stall_timeout`` seconds ends the turn (AgentStalled).
+
+The clock starts with the agent's first model step (its first ``step-start`` part) and
+stands still while a tool runs (a build the agent started). Before the first step a cell's
+first turn waits for OpenCode itself: it installs its provider and plugin packages into the
+cell's config dir (measured: 2-3 s on an idle machine, 20-50 s on an overloaded one), which
+is not the agent stalling. So a model that never answers its very first request, and a
+tool that runs forever, are bounded by the task's time box (and the tool's own limit),
+not by the stall timeout.
 """
 
 from __future__ import annotations
@@ -74,10 +79,12 @@ class TurnWatch:
     # -- what one event means --
 
     def observe(self, event: dict[str, Any]) -> None:
-        if is_progress(event) or (event.get("type") == "session.status" and not self.turn_started):
-            self.turn_started = self.turn_started or event.get("type") == "session.status"
-            self.last_progress = self.clock()
         part = (event.get("properties") or {}).get("part") or {}
+        first_step = not self.turn_started and event.get("type") == "message.part.updated" \
+            and part.get("type") == "step-start"
+        if first_step or (self.turn_started and is_progress(event)):  # (the prompt's own part comes first)
+            self.turn_started = True
+            self.last_progress = self.clock()
         if event.get("type") == "message.part.updated" and part.get("type") == "tool":
             call = str(part.get("callID") or part.get("id") or "")
             if (part.get("state") or {}).get("status") in ("pending", "running"):
