@@ -12,10 +12,8 @@ from reactor.testing.repos import make_repo
 
 pytest_plugins = ["reactor.testing.kube_fixtures"]
 
-# OpenCode's download cache, shared by every server of the suite (and across runs) so only
-# the first pays for it; in the environment, so `reactor` subprocesses use it too.
-OPENCODE_CACHE = Path(os.environ.setdefault(
-    "REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode")))
+# Servers of `reactor` subprocesses (CLI, operator) start on a machine this suite keeps busy.
+os.environ.setdefault("REACTOR_HEALTH_TIMEOUT", "60")
 
 
 @pytest.fixture

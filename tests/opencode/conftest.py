@@ -28,7 +28,6 @@ from reactor.opencode.client import OpenCodeClient
 from reactor.testing.helpers import free_port
 from reactor.testing.repos import make_repo
 from reactor.testing.scripted_model import Script, ScriptedModel
-from tests.conftest import OPENCODE_CACHE
 
 # CPU may be busy (other builds): a start normally takes 2-3 s.
 START_TIMEOUT = 90.0
@@ -86,7 +85,7 @@ def start_server(binary: str, model: ScriptedModel, root: Path, background: Back
     repo = make_repo(root / "repo", {"README.md": "hello\nworld\n"})
     process = OpenCodeServer(ServerSpec(
         binary=binary, cwd=repo, port=free_port(), cell_id=f"client-test-{uuid.uuid4().hex[:8]}",
-        state_dir=root / "state", cache_dir=OPENCODE_CACHE, work_dir=root, config=model.opencode_config(),
+        state_dir=root / "state", work_dir=root, config=model.opencode_config(),
     ))
     background.run(process.start(timeout=START_TIMEOUT))
     return Server(process, repo, background)

@@ -233,6 +233,14 @@ async def test_run_command_exit_codes_and_output(client, command, exit_code, exp
     assert (result.exit_code, result.output, result.timed_out) == (exit_code, expected, False)
 
 
+async def test_a_killed_command_is_not_taken_for_out_of_memory(client):
+    # Exit 137 alone is any SIGKILL; only the memory cgroup's OOM-kill counter says "memory"
+    # (the real OOM case runs in tests/node, where a pod has a memory limit).
+    session = await client.create_session("sigkill")
+    result = await client.run_command(session.id, "kill -KILL $$", timeout=60)
+    assert (result.exit_code, result.oom_killed) == (137, False)
+
+
 async def test_run_command_runs_in_the_worktree(client, server):
     session = await client.create_session("pwd")
     result = await client.run_command(session.id, "pwd; git rev-parse --show-toplevel")

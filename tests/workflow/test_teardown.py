@@ -117,6 +117,6 @@ async def test_the_teardown_ends_whatever_await_point_a_second_cancel_lands_on(r
         seen = await asyncio.gather(*(one(k) for k in range(1, points + 1)))
     assert all(n >= k for k, n in enumerate(seen, start=1)), "each second cancel landed inside the teardown"
     assert find_marked_processes(str(engine.work_dir)) == [], "no server or shell of any cell is left"
-    assert worktrees_of(repo) == [] and git(repo, "branch", "--list", "reactor/*") == ""
+    assert worktrees_of(repo, engine.work_dir) == [] and git(repo, "branch", "--list", "reactor/*") == ""
     assert engine.ports.held() == {}
     print(f"\nteardown await points: {points}")

@@ -17,8 +17,17 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port-range", default="%d-%d" % DEFAULT_PORT_RANGE, help="server ports, START-END with END excluded (default: 8000-9000)")
     parser.add_argument("--work-dir", type=Path, default=None, help="worktrees and cell state (default: $REACTOR_WORK_DIR or ~/.local/state/reactor)")
     parser.add_argument("--opencode-bin", default=None, help="opencode binary (default: $REACTOR_OPENCODE_BIN, then PATH)")
-    parser.add_argument("--health-timeout", default="30s",
-                        help="how long a starting opencode server may take to become healthy (default: 30s)")
+    parser.add_argument("--allow-unconfined", action="store_true",
+                        help="run cells even where the kernel cannot confine them (Landlock); every task can then "
+                             "read and write all the operator can. Also turns confinement off where it works.")
+    parser.add_argument("--protected-path", action="append", default=[], metavar="PATH",
+                        help="a path no cell may read, in addition to the defaults (service-account token, "
+                             "kubeconfig, $HOME, credential files; see docs/security.md). Repeatable.")
+    parser.add_argument("--readable-path", action="append", default=[], metavar="PATH",
+                        help="a toolchain directory under a protected path (e.g. $HOME) that cells may read. Repeatable.")
+    parser.add_argument("--health-timeout", default=None,
+                        help="how long a starting opencode server may take to become healthy "
+                             "(default: $REACTOR_HEALTH_TIMEOUT, else 30s)")
     parser.add_argument("--stall-timeout", default="5m",
                         help="end an agent's turn after this long without progress: no new message part, tool call "
                              "or token (default: 5m)")
@@ -27,14 +36,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def engine_settings_from(args: argparse.Namespace, **overrides):
     from reactor.workflow.engine import EngineSettings, default_work_dir
 
+    from reactor.infra.confinement import ConfinementSettings
+
     if args.max_agents < 1:
         raise ConfigurationError("--max-agents must be at least 1")
+    confinement = ConfinementSettings(required=not args.allow_unconfined, enabled=not args.allow_unconfined)
+    confinement.protected_paths += args.protected_path
+    confinement.readable_paths += args.readable_path
     return EngineSettings(
         work_dir=(args.work_dir or default_work_dir()).expanduser().resolve(),
         port_range=PortRange.parse(args.port_range),
         opencode_bin=args.opencode_bin,
         max_agents=args.max_agents,
+        confinement=confinement,
         stall_timeout=parse_duration(args.stall_timeout),
-        health_timeout=parse_duration(args.health_timeout),
+        **({"health_timeout": parse_duration(args.health_timeout)} if args.health_timeout else {}),
         **overrides,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
@@ -29,6 +30,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from reactor.kube.supervisor import TaskSupervisor
     from reactor.workflow.engine import Engine
 
+    # An operator's log is what `kubectl logs` shows: each task's progress (its phases) at INFO.
+    if not getattr(args, "verbose", False):
+        logging.getLogger("reactor").setLevel(logging.INFO)
     namespaces = args.namespace or [ns for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns]
     clusterwide = args.all_namespaces or not namespaces
     try:

@@ -94,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return await asyncio.gather(*(run_task(spec, engine, report) for spec in specs))
 
     print(f"Reactor {__version__}: {len(specs)} task(s) on {specs[0].repo} (base {specs[0].base_branch}), "
-          f"max agents {engine.settings.max_agents}, ports {engine.settings.port_range}", file=sys.stderr)
+          f"max agents {engine.settings.max_agents}, ports {engine.settings.port_range}; "
+          f"{engine.confinement.status.message}", file=sys.stderr)
     results = asyncio.run(run_all())
     for result in results:
         if args.json:

@@ -88,14 +88,31 @@ def _api_message(exc: ApiException) -> str:
         return f"{exc.status} {exc.reason}"
 
 
+def confined_condition(confined: bool, message: str, generation: int | None) -> dict[str, Any]:
+    """Whether the task's cell runs under Landlock: never a silent downgrade."""
+    return {
+        "type": "Confined",
+        "status": "True" if confined else "False",
+        "reason": "Landlock" if confined else "Unconfined",
+        "message": message[:1024],
+        "observedGeneration": generation,
+        "lastTransitionTime": now(),
+    }
+
+
 class StatusWriter:
-    def __init__(self, api_client: k8s.ApiClient):
+    def __init__(self, api_client: k8s.ApiClient, confinement: tuple[bool, str] = (False, "")):
+        self.confinement = confinement  # (confined, message), the same for every task of this operator
         self.custom = k8s.CustomObjectsApi(api_client)
         self.core = k8s.CoreV1Api(api_client)
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def patch(self, ref: TaskRef, status: dict[str, Any]) -> bool:
-        """Merge ``status`` into the object's status. False when the object is gone."""
+        """Merge ``status`` into the object's status. False when the object is gone.
+        Conditions always carry Confined beside Succeeded (a merge patch replaces the list)."""
+        if "conditions" in status:
+            status = {**status, "conditions": [*status["conditions"],
+                                               confined_condition(*self.confinement, status.get("observedGeneration"))]}
         lock = self._locks.setdefault(ref.uid, asyncio.Lock())
         async with lock:  # keep one object's patches in the order they were made
             try:

@@ -50,7 +50,7 @@ class _Run:
 class TaskSupervisor:
     def __init__(self, engine: Engine, api_client: k8s.ApiClient):
         self.engine = engine
-        self.status = StatusWriter(api_client)
+        self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message))
         self.secrets = SecretReader(api_client)
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
         self._runs: dict[str, _Run] = {}
@@ -149,6 +149,8 @@ class TaskSupervisor:
                 return
             origin = MirrorOrigin(self.mirrors, spec.repository.url, secrets.git, pushes=spec.repository.push)
             task = spec.to_task_spec(ref, origin.path, secrets.env, started_at)
+            confined, message = self.status.confinement  # said on every task: never a silent downgrade
+            await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
             await run_task(task, self.engine, status.report, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
                            resume_commit=resume_commit)

@@ -311,8 +311,9 @@ class OpenCodeClient:
             raise OpenCodeError(
                 f"shell in session {session_id}: no exit status in the output (status {state.get('status')!r})"
             )
-        text, exit_code, timed_out = found
-        return CommandResult(exit_code=exit_code, output=text, timed_out=timed_out, duration=duration)
+        text, exit_code, timed_out, oom_kills = found
+        return CommandResult(exit_code=exit_code, output=text, timed_out=timed_out, duration=duration,
+                             oom_killed=oom_kills > 0 and exit_code == 137)
 
     async def changed_files(self) -> list[FileChange]:
         """The worktree's git status relative to HEAD (``GET /vcs/status``; untracked
@@ -382,12 +383,12 @@ class OpenCodeClient:
         return bool(await self._request("POST", f"/session/{session_id}/abort"))
 
 
-def _find_sentinel(output: str, nonce: str) -> tuple[str, int, bool] | None:
+def _find_sentinel(output: str, nonce: str) -> tuple[str, int, bool, int] | None:
     marker = f"\n@@reactor-exit {nonce} "
     index = output.rfind(marker)
     if index < 0:
         return None
-    match = re.match(r"(-?\d+) ([01])", output[index + len(marker) :])
+    match = re.match(r"(-?\d+) ([01]) (-?\d+)", output[index + len(marker) :])
     if match is None:
         return None
-    return output[:index], int(match.group(1)), match.group(2) == "1"
+    return output[:index], int(match.group(1)), match.group(2) == "1", int(match.group(3))

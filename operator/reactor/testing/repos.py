@@ -38,7 +38,8 @@ def make_repo(path: Path, files: dict[str, str] | None = None, branch: str = "ma
     return path
 
 
-def worktrees_of(repo: Path) -> list[str]:
-    """The linked worktrees git lists for ``repo`` (its own checkout not included)."""
-    out = git(repo, "worktree", "list", "--porcelain")
-    return [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("worktree ")][1:]
+def worktrees_of(repo: Path, work_dir: Path) -> list[str]:
+    """Cell checkouts of ``repo`` under ``work_dir``: clones that borrow its objects."""
+    objects = (repo / git(repo, "rev-parse", "--git-common-dir") / "objects").resolve()
+    return sorted(str(alternates.parents[3]) for alternates in Path(work_dir).glob("worktrees/*/*/.git/objects/info/alternates")
+                  if Path(alternates.read_text().strip()).resolve() == objects)

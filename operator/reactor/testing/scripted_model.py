@@ -53,6 +53,8 @@ __all__ = [
     "text",
     "fail",
     "hang",
+    "wait_for",
+    "set_event",
     "empty",
     "DEFAULT_MODEL",
     "PROVIDER_ID",
@@ -75,7 +77,7 @@ DEFAULT_USAGE = (100, 20)
 class Step:
     """One model answer. Build steps with the helper functions below."""
 
-    kind: str  # "tool" | "text" | "fail" | "hang" | "empty"
+    kind: str  # "tool" | "text" | "fail" | "hang" | "empty" | "wait" | "set"
     tool: str | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
     content: str = ""
@@ -83,13 +85,14 @@ class Step:
     times: int = 1
     usage: tuple[int, int] = DEFAULT_USAGE
     retry_after: float | None = None
+    event: threading.Event | None = field(default=None, compare=False)
     delay: float = 0.0  # seconds the server waits before answering (holds the request open)
     together: int = 0  # hold the request until this many scenarios have had one open at once (peak_in_flight)
 
     @property
     def stateful(self) -> bool:
-        """fail/hang/empty steps fire a number of times and produce no assistant turn."""
-        return self.kind in ("fail", "hang", "empty")
+        """fail/hang/empty/wait/set steps fire a number of times and produce no assistant turn."""
+        return self.kind in ("fail", "hang", "empty", "wait", "set")
 
 
 def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0,
@@ -145,6 +148,17 @@ def hang(times: int = 1) -> Step:
     if times < 1:
         raise ValueError("times must be >= 1")
     return Step("hang", times=times)
+
+
+def wait_for(event: threading.Event) -> Step:
+    """Hold this request until ``event`` is set (or the server stops), then answer it with
+    the next step: orders steps across conversations (cells) without sleeping."""
+    return Step("wait", event=event)
+
+
+def set_event(event: threading.Event) -> Step:
+    """Set ``event`` (releasing a ``wait_for`` elsewhere), then answer with the next step."""
+    return Step("set", event=event)
 
 
 def empty(times: int = 1) -> Step:
@@ -446,6 +460,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         server = self.model_server
         decision = server._decide(body)
+        while decision.kind in ("wait", "set"):  # synchronisation steps: act, then answer with the next
+            assert decision.step is not None and decision.step.event is not None
+            if decision.kind == "set":
+                decision.step.event.set()
+            else:
+                while not decision.step.event.wait(0.1):
+                    if server._stopping.is_set():
+                        return
+            decision = server._decide(body)
         entry: dict[str, Any] = {
             "time": time.time(),
             "path": self.path,

@@ -35,7 +35,7 @@ import pathspec
 from reactor.errors import ConfigurationError, ReactorError
 from reactor.infra.ports import PortsExhausted
 from reactor.infra.servers import ServerBootError
-from reactor.infra.worktrees import resolve_repository
+from reactor.infra.worktrees import ResultRejected, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
 from reactor.workflow.cell import Cell
 from reactor.workflow.engine import Engine
@@ -113,7 +113,8 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     gate = engine.capacity if take_capacity else None
     started = time.monotonic()
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
-                        message="", branch=spec.branch, base_branch=spec.base_branch, started_at=spec.started_at)
+                        message="", branch=spec.branch, base_branch=spec.base_branch, started_at=spec.started_at,
+                        confined=engine.confinement.enabled)
     phases = _Phases(spec.task_id, on_phase, result)
     cell = Cell(spec, engine, cell_id)
     cancelled = False
@@ -192,8 +193,21 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
 
     # -- Committing: the agent's change as it stood when tested (files the test run wrote are not part of it) --
     await phases.enter(Phase.COMMITTING, cell=cell)
-    assert cell.worktree is not None
-    result.commit = await asyncio.to_thread(cell.worktree.commit, spec.commit_message, files)
+    worktree = cell.worktree
+    assert worktree is not None
+    # Nothing of the cell may run on while the result is taken: a leftover process could
+    # otherwise change a file between the test run and the commit.
+    cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
+    await cell.stop_server()
+    commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files)
+    try:  # into the source repository as the result branch, once it holds up
+        await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files)
+    except ResultRejected as exc:
+        await phases.enter(Phase.REVERTING, str(exc), cell)
+        await _revert(cell)
+        result.outcome, result.reason, result.message = Outcome.FAILED, Reason.REFS_TAMPERED, str(exc)
+        return
+    result.commit = commit
     result.outcome, result.reason = Outcome.COMMITTED, Reason.COMMITTED
     result.message = f"tests passed; committed {result.commit[:12]} on {spec.branch}"
     if origin is not None and origin.pushes:
@@ -268,6 +282,9 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     if test.exit_code == EXIT_COMMAND_NOT_FOUND:
         raise TaskFailed(Reason.TEST_COMMAND_NOT_FOUND,
                          f"test command {test_command!r} was not found (exit 127)", Outcome.REVERTED)
+    if test.oom_killed:
+        raise TaskFailed(Reason.OUT_OF_MEMORY, "the test command was killed by the kernel's out-of-memory killer "
+                         "(exit 137): it needs more memory than the operator's memory limit leaves it", Outcome.REVERTED)
     if test.exit_code != 0:
         raise TaskFailed(Reason.TESTS_FAILED, f"tests failed (exit {test.exit_code})", Outcome.REVERTED)
     return files
@@ -287,6 +304,10 @@ async def _push(spec: TaskSpec, origin: Origin, phases: _Phases, result: TaskRes
         except PushFailed as exc:
             result.outcome, result.reason = Outcome.FAILED, Reason.PUSH_FAILED
             result.message = f"committed {commit[:12]} but the push failed: {exc}"
+            return
+        except ResultRejected as exc:  # refs of the mirror moved behind Reactor's back
+            result.outcome, result.reason = Outcome.FAILED, Reason.REFS_TAMPERED
+            result.message = f"committed {commit[:12]} but refused to push it: {exc}"
             return
         result.pushed = True
         result.message = f"tests passed; pushed {commit[:12]} to {spec.branch}"

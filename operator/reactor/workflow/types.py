@@ -54,6 +54,7 @@ class Reason(str, enum.Enum):
     # the task ended
     COMMITTED = "Committed"  # tests passed; committed (and pushed, where there is a remote)
     TESTS_FAILED = "TestsFailed"
+    OUT_OF_MEMORY = "OutOfMemory"  # the test command outgrew the memory the operator's pod has
     TESTS_TIMED_OUT = "TestsTimedOut"  # the test command ran past its time limit
     TEST_COMMAND_NOT_FOUND = "TestCommandNotFound"  # exit 127
     TESTS_MODIFIED = "TestsModified"  # the agent changed a protected path
@@ -67,6 +68,7 @@ class Reason(str, enum.Enum):
     INVALID_INPUT = "InvalidInput"  # a bad spec, flag, secret reference or base branch
     OPERATOR_RESTARTED = "OperatorRestarted"  # interrupted by operator restarts, no attempts left
     CANCELLED = "Cancelled"
+    REFS_TAMPERED = "RefsTampered"  # refs outside the task's branch moved, or the result is not the tested change
     INTERNAL_ERROR = "InternalError"
     # the task waits
     WAITING_FOR_CAPACITY = "WaitingForCapacity"
@@ -131,6 +133,7 @@ class TaskResult(BaseModel):
     duration: float = 0.0
     boot_attempts: int = 0
     prompt_attempts: int = 0
+    confined: bool = False  # whether the cell ran under Landlock (see docs/security.md)
 
     @property
     def succeeded(self) -> bool:
