@@ -20,5 +20,5 @@ async def test_a_server_that_never_boots_is_started_three_times_in_all(repo, wor
     assert result.reason is Reason.BOOT_FAILED
     assert "exited with code 3 before listening" in result.message and "scripted failure" in result.message
     assert result.boot_attempts == 3, "one boot and the seed's 2 restarts"
-    assert worktrees_of(repo) == [] and git(repo, "branch", "--list", "reactor/*") == ""
+    assert worktrees_of(repo, work_dir) == [] and git(repo, "branch", "--list", "reactor/*") == ""
     assert engine.ports.held() == {}
