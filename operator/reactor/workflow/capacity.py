@@ -51,11 +51,11 @@ class MemoryAdmission:
 
     def check(self, live: int) -> Admission:
         reading = self.read()
+        if reading.limit is None:  # nothing to protect (and no need to look at every process)
+            return Admission(True, 1 << 62, self.peak)
         usage = self.cells()
         self.observed_peak = max([self.observed_peak, *usage.values()])
         peak = self.peak
-        if reading.limit is None:
-            return Admission(True, 1 << 62, peak)
         measured = sorted(usage.values(), reverse=True)[:live]
         reserve = sum(max(0, peak - used) for used in measured) + max(0, live - len(measured)) * peak
         free = reading.limit - reading.usage - reserve

@@ -97,7 +97,7 @@ class Cell:
             cache_dir=self.engine.cache_dir,
             work_dir=self.engine.work_dir,
             config=self.opencode_config(),
-            env=self.spec.env,
+            env={**settings.server_env, **self.spec.env},
             inherit_env=settings.inherit_env,
             owner=self.engine.owner,
         ))
