@@ -21,7 +21,10 @@ RUN case "${TARGETARCH:-amd64}" in \
     esac \
  && npm install --no-audit --no-fund --ignore-scripts --loglevel=error "opencode-linux-${arch}@${OPENCODE_VERSION}" \
  && install -m 0755 "node_modules/opencode-linux-${arch}/bin/opencode" /usr/local/bin/opencode \
- && test "$(HOME=/tmp /usr/local/bin/opencode --version)" = "${OPENCODE_VERSION}"
+ && test "$(HOME=/tmp /usr/local/bin/opencode --version)" = "${OPENCODE_VERSION}" \
+ && mkdir -p /opt/opencode-seed \
+ && printf '{"dependencies": {"@opencode-ai/plugin": "%s"}}\n' "${OPENCODE_VERSION}" > /opt/opencode-seed/package.json \
+ && npm install --prefix /opt/opencode-seed --no-audit --no-fund --loglevel=error
 
 # --- Python: dependencies first (cached until pyproject.toml changes), then the wheel ---
 FROM python:3.11-slim-bookworm AS build
@@ -59,6 +62,8 @@ RUN apt-get update \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/reactor --shell /usr/sbin/nologin reactor \
  && install -d -o 10001 -g 10001 /var/lib/reactor
 COPY --from=opencode /usr/local/bin/opencode /usr/local/bin/opencode
+# OpenCode's plugin package, linked read-only into every cell's config dir.
+COPY --from=opencode /opt/opencode-seed /opt/opencode-seed
 COPY --from=build /opt/venv /opt/venv
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     /opt/venv/bin/pip install --no-cache-dir --no-deps /dist/reactor-*.whl \
@@ -69,7 +74,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/reactor \
     REACTOR_OPENCODE_BIN=/usr/local/bin/opencode \
     REACTOR_WORK_DIR=/var/lib/reactor/work \
-    REACTOR_OPENCODE_CACHE=/var/lib/reactor/cache/opencode
+    REACTOR_OPENCODE_SEED=/opt/opencode-seed
 USER 10001:10001
 WORKDIR /var/lib/reactor
 EXPOSE 8080

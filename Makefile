@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 OPENCODE_VERSION := $(shell sed -n 's/^OPENCODE_VERSION = "\(.*\)"/\1/p' operator/reactor/__init__.py)
 OPENCODE_DIR := .tools/opencode
 OPENCODE_BIN := $(OPENCODE_DIR)/node_modules/.bin/opencode
+OPENCODE_SEED := .tools/opencode-seed
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
+export REACTOR_OPENCODE_SEED := $(abspath $(OPENCODE_SEED))
 
 .PHONY: help setup venv opencode envtest test test-fast demo bench clean image deploy undeploy kind-up kind-load
 IMAGE ?= reactor:0.1.0
@@ -36,7 +38,16 @@ $(OPENCODE_BIN): operator/reactor/__init__.py
 	  test "$$($(OPENCODE_BIN) --version)" = "$(OPENCODE_VERSION)"; \
 	fi
 
-opencode: $(OPENCODE_BIN)
+# OpenCode's plugin package, installed once: every cell's config dir links to it read-only
+# instead of running its own background npm install (network, ~64 MB, and a cell that
+# ignores SIGTERM while npm unpacks).
+$(OPENCODE_SEED)/package-lock.json: operator/reactor/__init__.py
+	rm -rf $(OPENCODE_SEED).tmp && mkdir -p $(OPENCODE_SEED).tmp
+	printf '{"dependencies": {"@opencode-ai/plugin": "%s"}}\n' '$(OPENCODE_VERSION)' > $(OPENCODE_SEED).tmp/package.json
+	npm install --prefix $(OPENCODE_SEED).tmp --no-audit --no-fund --loglevel=error
+	rm -rf $(OPENCODE_SEED) && mv $(OPENCODE_SEED).tmp $(OPENCODE_SEED)
+
+opencode: $(OPENCODE_BIN) $(OPENCODE_SEED)/package-lock.json
 
 # etcd + kube-apiserver + kubectl, built once into the envtest cache outside the repo.
 envtest:

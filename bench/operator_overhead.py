@@ -34,8 +34,6 @@ from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text  
 from reactor.testing.operator_process import OperatorProcess  # noqa: E402
 from reactor.testing.repos import make_repo  # noqa: E402
 
-# One OpenCode download cache for every server of the run (cells of `reactor run` and of the operator).
-os.environ.setdefault("REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode"))
 
 FIX = edit("calc.py", "return a - b", "return a + b")
 

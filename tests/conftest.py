@@ -12,20 +12,16 @@ from reactor.testing.repos import git, make_repo
 
 pytest_plugins = ["reactor.testing.kube_fixtures"]
 
-# OpenCode's download cache, shared by every server of the suite (and across runs) so only
-# the first pays for it; in the environment, so `reactor` subprocesses use it too.
-OPENCODE_CACHE = Path(os.environ.setdefault(
-    "REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode")))
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
 
 
-def worktrees_of(repo: Path) -> list[str]:
-    out = git(repo, "worktree", "list", "--porcelain")
-    return [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("worktree ")][1:]
+def worktrees_of(repo: Path, work_dir: Path) -> list[str]:
+    """Cell checkouts of ``repo`` under ``work_dir``: clones that borrow its objects."""
+    objects = (repo / git(repo, "rev-parse", "--git-common-dir") / "objects").resolve()
+    return sorted(str(alternates.parents[3]) for alternates in Path(work_dir).glob("worktrees/*/*/.git/objects/info/alternates")
+                  if Path(alternates.read_text().strip()).resolve() == objects)
 
 
 @pytest.fixture

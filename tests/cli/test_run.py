@@ -47,7 +47,7 @@ def test_run_commits_a_passing_fix_and_prints_json(repo, work_dir, config_file):
     assert result["test_command"] == "python3 -m pytest -q", "detected from the repository"
     for phase in ("Bootstrapping", "Executing", "Testing", "Committing", "TearingDown", "Succeeded"):
         assert f"[TASK-001] {phase}" in out.stderr
-    assert worktrees_of(repo) == []
+    assert worktrees_of(repo, work_dir) == []
 
 
 def test_run_exits_1_when_the_tests_fail(repo, work_dir, config_file):
@@ -75,7 +75,7 @@ def test_parallel_tasks_on_one_repository_get_three_branches(repo, work_dir, con
         branch = f"reactor/P-{i}"
         assert git(repo, "log", "-1", "--format=%s", branch) == f"Task P-{i}: {desc}"
         assert git(repo, "diff", "--name-only", "main", branch) == f"feature_{i}.py", "each cell saw only its own work"
-    assert worktrees_of(repo) == []
+    assert worktrees_of(repo, work_dir) == []
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -112,10 +112,10 @@ def test_cleanup_after_a_crashed_run(repo, work_dir, config_file):
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
         orphans = find_marked_processes(str(work_dir.resolve()))
-        assert orphans and len(worktrees_of(repo)) == 1
+        assert orphans and len(worktrees_of(repo, work_dir)) == 1
 
         out = reactor("cleanup", "--repo", str(repo), work_dir=work_dir, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "killed orphaned server" in out.stdout and "removed worktree" in out.stdout
     assert find_marked_processes(str(work_dir.resolve())) == []
-    assert worktrees_of(repo) == [] and git(repo, "branch", "--list", "reactor/*") == ""
+    assert worktrees_of(repo, work_dir) == [] and git(repo, "branch", "--list", "reactor/*") == ""

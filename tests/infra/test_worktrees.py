@@ -19,11 +19,13 @@ def test_worktree_on_a_fresh_branch_leaves_base_and_checkout_alone(repo, work_di
     (wt.path / "new.txt").write_text("new\n")
     assert sorted(wt.changed_paths()) == ["calc.py", "new.txt"]
     sha = wt.commit("Task TASK-1: fix", wt.changed_paths())
+    assert git(repo, "branch", "--list", "reactor/TASK-1") == "", "the source gets the branch only when accepted"
+    manager.accept(wt, sha, ["calc.py", "new.txt"])
     assert git(repo, "rev-parse", "reactor/TASK-1") == sha
     assert git(repo, "rev-parse", "main") == base_before
     assert git(repo, "status", "--porcelain") == "", "the user's checkout is untouched"
     manager.remove(wt, keep_branch=True)
-    assert worktrees_of(repo) == [] and not wt.path.exists()
+    assert worktrees_of(repo, work_dir) == [] and not wt.path.exists()
     assert git(repo, "log", "-1", "--format=%s", "reactor/TASK-1") == "Task TASK-1: fix"
 
 
@@ -43,10 +45,10 @@ def test_many_worktrees_of_one_repository_at_once(repo, work_dir):
     ids = [f"P{i}" for i in range(12)]
     with ThreadPoolExecutor(max_workers=12) as pool:
         trees = list(pool.map(lambda i: manager.create(repo, i, "main"), ids))
-    assert len(worktrees_of(repo)) == 12
+    assert len(worktrees_of(repo, work_dir)) == 12
     with ThreadPoolExecutor(max_workers=12) as pool:
         list(pool.map(lambda wt: manager.remove(wt, keep_branch=False), trees))
-    assert worktrees_of(repo) == []
+    assert worktrees_of(repo, work_dir) == []
     assert git(repo, "branch", "--list", "reactor/*") == ""
 
 
@@ -63,7 +65,7 @@ def test_clear_errors_for_bad_input(tmp_path, repo, work_dir):
     git(repo, "branch", "reactor/DONE")
     with pytest.raises(ConfigurationError, match="already exists"):
         manager.create(repo, "DONE", "main")
-    assert worktrees_of(repo) == []
+    assert worktrees_of(repo, work_dir) == []
 
 
 def test_cleanup_removes_what_a_dead_owner_left_and_keeps_results(repo, work_dir):
@@ -75,12 +77,13 @@ def test_cleanup_removes_what_a_dead_owner_left_and_keeps_results(repo, work_dir
     empty = crashed.create(repo, "EMPTY", "main")
     result = crashed.create(repo, "RESULT", "main")
     (result.path / "r.txt").write_text("r\n")
-    result.commit("Task RESULT: done", ["r.txt"])
+    manager_result = result.commit("Task RESULT: done", ["r.txt"])
+    crashed.accept(result, manager_result, ["r.txt"])
     live = WorktreeManager(work_dir / "worktrees").create(repo, "LIVE", "main")
 
     removed = WorktreeManager(work_dir / "worktrees").cleanup(repo)
     assert sorted(w.slot for w in removed) == ["EMPTY", "RESULT"]
-    assert worktrees_of(repo) == [str(live.path)]
+    assert worktrees_of(repo, work_dir) == [str(live.path)]
     assert git(repo, "branch", "--list", "reactor/EMPTY") == ""
     assert git(repo, "branch", "--list", "reactor/RESULT").strip() == "reactor/RESULT"
     assert not empty.path.exists()
@@ -95,5 +98,6 @@ def test_commit_takes_only_the_given_paths_including_deletions(repo, work_dir):
     assert change == ["calc.py", "test_calc.py"]
     (wt.path / "build-artifact.log").write_text("written by a test run\n")
     sha = wt.commit("Task T3: change", change)
+    manager.accept(wt, sha, change)
     assert git(repo, "show", "--name-status", "--format=", sha).split() == ["M", "calc.py", "D", "test_calc.py"]
     manager.remove(wt, keep_branch=True)

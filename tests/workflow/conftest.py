@@ -9,7 +9,6 @@ import pytest
 from reactor.infra.ports import PortRange
 from reactor.workflow.engine import Engine, EngineSettings
 from reactor.workflow.recovery import RecoveryPolicy
-from tests.conftest import OPENCODE_CACHE
 # Ports for test servers: away from the default range a developer's own run may use.
 TEST_PORTS = PortRange(18000, 18500)
 
@@ -17,7 +16,6 @@ TEST_PORTS = PortRange(18000, 18500)
 def engine_settings(work_dir: Path, **overrides) -> EngineSettings:
     values = dict(
         work_dir=work_dir,
-        cache_dir=OPENCODE_CACHE,
         port_range=TEST_PORTS,
         # Two cores shared with other servers: a cold start can take several seconds.
         health_timeout=60.0,

@@ -28,7 +28,7 @@ def spec(repo, model: ScriptedModel, task_id: str, **overrides) -> TaskSpec:
 
 
 def assert_nothing_left(repo, engine):
-    assert worktrees_of(repo) == []
+    assert worktrees_of(repo, engine.work_dir) == []
     assert engine.ports.held() == {}
     assert not any(engine.cells_dir.iterdir()) if engine.cells_dir.exists() else True
     assert git(repo, "status", "--porcelain") == "", "the user's checkout is untouched"

@@ -9,6 +9,7 @@ GIT_SSH_COMMAND.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -19,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reactor.infra.git import GitError, git
-from reactor.infra.worktrees import file_lock, repository_lock
+from reactor.infra.refledger import RefLedger
+from reactor.infra.worktrees import ResultRejected, file_lock, repository_lock
+
+log = logging.getLogger(__name__)
 
 _ASKPASS = """#!/bin/sh
 case "$1" in
@@ -85,22 +89,37 @@ class RepositoryMirrors:
                     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
                     git(path.parent, "clone", "--bare", "--quiet", url, str(tmp), env=env)
                     git(tmp, "config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*")
+                    RefLedger(tmp).record_all()
                     os.replace(tmp, path)
                 else:
-                    # Under the repository lock too: fetch must not race a worktree add.
+                    # Under the repository lock too: fetch must not race a checkout or a result.
                     with repository_lock(path):
+                        ledger = RefLedger(path)
+                        tampered = ledger.restore_tampered()
+                        if tampered:  # before fetching, so the fetch cannot launder a moved ref
+                            log.error("mirror %s: refs changed behind Reactor's back, restored: %s",
+                                      redact_url(url), "; ".join(tampered))
                         git(path, "fetch", "--quiet", "origin", env=env)
+                        ledger.record_all()
             except GitError as exc:
                 raise GitError(exc.args_, exc.returncode, f"cannot fetch {redact_url(url)}: {exc.stderr}") from None
         return path
 
-    def push(self, mirror: Path, branch: str, url: str, credentials: GitCredentials | None = None) -> None:
+    def push(self, mirror: Path, branch: str, url: str, credentials: GitCredentials | None = None,
+             expected: str | None = None) -> None:
         """Push ``branch`` of the mirror to the repository (no force: never overwrite a
-        branch someone else wrote)."""
+        branch someone else wrote). Refuses (ResultRejected) when any ref of the mirror moved
+        behind Reactor's back, or ``branch`` is not at ``expected``."""
         creds = credentials or GitCredentials()
         with creds.environment() as env, repository_lock(mirror):
+            tampered = RefLedger(mirror).restore_tampered()
+            if tampered:
+                raise ResultRejected("refs of the mirror changed behind Reactor's back; restored: " + "; ".join(tampered))
+            if expected is not None and git(mirror, "rev-parse", f"refs/heads/{branch}") != expected:
+                raise ResultRejected(f"branch {branch} is not at the tested commit {expected[:12]}")
             git(mirror, "push", "--quiet", "origin", f"refs/heads/{branch}:refs/heads/{branch}", env=env)
 
     def delete_branch(self, mirror: Path, branch: str) -> None:
         with repository_lock(mirror):
-            git(mirror, "branch", "--quiet", "-D", branch, check=False)
+            git(mirror, "update-ref", "-d", f"refs/heads/{branch}", check=False)
+            RefLedger(mirror).record(f"refs/heads/{branch}", None)

@@ -2,9 +2,14 @@
 use, INV-005 killed with its whole process group).
 
 A server gets its configuration through the environment (OPENCODE_CONFIG_CONTENT: nothing is
-written into the worktree, where it would be committed), a random per-cell password, and its
-own XDG data/state/config directories; the XDG cache (npm packages OpenCode installs on first
-start) is shared between cells so only the first cell pays for it.
+written into the worktree, where it would be committed), a random per-cell password, and a
+state directory of its own: XDG data/state/config/cache, HOME and TMPDIR all live there, so a
+confined cell has somewhere to write and nothing of another cell's to read.
+
+Its config dir is pre-seeded with OpenCode's plugin package (package.json, lockfile and a
+symlink to one shared, read-only node_modules): otherwise each cell's first session starts a
+background `npm install` (~64 MB per cell, a network fetch), and npm swallows SIGTERM while it
+unpacks, so the cell ignores a stop for seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import time
@@ -25,6 +31,7 @@ import httpx
 
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
+from reactor.infra.confinement import CellPolicy
 from reactor.infra.processes import Owner, find_marked_processes, kill_process_group, marker_env
 
 log = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ HEALTH_PATH = "/global/health"
 
 # What a server inherits from our environment when it must not see the rest of it (the
 # operator's). Secrets reach a server only through ServerSpec.env.
-_PASSTHROUGH_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR",
+_PASSTHROUGH_ENV = ("PATH", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR",
                     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
                     "NPM_CONFIG_REGISTRY", "npm_config_registry", "NODE_EXTRA_CA_CERTS")
 # Never handed down even when inheriting: they belong to Reactor, not to the agent.
@@ -67,13 +74,14 @@ class ServerSpec:
     cwd: Path  # the worktree (INV-002)
     port: int
     cell_id: str
-    state_dir: Path  # per cell: XDG data/state/config, logs
-    cache_dir: Path  # shared between cells
+    state_dir: Path  # per cell: XDG data/state/config/cache, HOME, TMPDIR, logs
     work_dir: Path
     config: dict = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # the task's secrets (API keys); never logged
     inherit_env: bool = True  # False in the operator: the server sees only _PASSTHROUGH_ENV + env
     owner: Owner = field(default_factory=Owner.current)
+    seed_dir: Path | None = None  # a finished install of OpenCode's plugin package (read-only)
+    confinement: CellPolicy | None = None  # None: unconfined (only with --allow-unconfined)
 
 
 class OpenCodeServer:
@@ -105,10 +113,14 @@ class OpenCodeServer:
         return {
             **base,
             **spec.env,
+            "HOME": str(spec.state_dir / "home"),
+            "TMPDIR": str(spec.state_dir / "tmp"),  # OpenCode's shell endpoint writes there
             "XDG_DATA_HOME": str(spec.state_dir / "data"),
             "XDG_STATE_HOME": str(spec.state_dir / "state"),
             "XDG_CONFIG_HOME": str(spec.state_dir / "config"),
-            "XDG_CACHE_HOME": str(spec.cache_dir),
+            "XDG_CACHE_HOME": str(spec.state_dir / "cache"),
+            # A build cache shared between cells would be a channel between them.
+            "GOCACHE": str(spec.state_dir / "cache" / "go-build"),
             "OPENCODE_CONFIG_CONTENT": json.dumps(spec.config),
             "OPENCODE_SERVER_PASSWORD": self.password,
             "OPENCODE_DISABLE_AUTOUPDATE": "1",
@@ -123,13 +135,16 @@ class OpenCodeServer:
         spec = self.spec
         if not spec.cwd.is_dir():
             raise ServerBootError(f"worktree {spec.cwd} does not exist")
-        spec.state_dir.mkdir(parents=True, exist_ok=True)
-        spec.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_state_dir()
         started = time.monotonic()
+        argv = [spec.binary, "serve", "--port", str(spec.port), "--hostname", "127.0.0.1"]
+        env = self.environment()
+        if spec.confinement is not None:
+            argv = spec.confinement.wrap(argv)
+            env.update(spec.confinement.launcher_env())
         with open(self.log_path, "ab") as log_file:
             self._process = await asyncio.create_subprocess_exec(
-                spec.binary, "serve", "--port", str(spec.port), "--hostname", "127.0.0.1",
-                cwd=spec.cwd, env=self.environment(),
+                *argv, cwd=spec.cwd, env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
                 start_new_session=True,  # its own process group, so stop() ends its children too
             )
@@ -142,10 +157,30 @@ class OpenCodeServer:
         log.debug("cell %s: server pid %s healthy on port %s in %.2fs",
                   spec.cell_id, self.pid, spec.port, time.monotonic() - started)
 
+    def _prepare_state_dir(self) -> None:
+        state = self.spec.state_dir
+        for name in ("home", "tmp", "data", "state", "cache"):
+            (state / name).mkdir(parents=True, exist_ok=True)
+        # OpenCode's shells take their environment from a login shell, whose /etc/profile
+        # resets PATH: the cell's own profile puts back the PATH the server was given (the
+        # toolchains), as the user's own profile did when HOME was theirs.
+        path = self.environment().get("PATH", os.defpath)
+        profile = f"PATH={shlex.quote(path)}\nexport PATH\n"
+        for name in (".profile", ".bash_profile"):
+            (state / "home" / name).write_text(profile)
+        config = state / "config" / "opencode"
+        config.mkdir(parents=True, exist_ok=True)
+        seed = self.spec.seed_dir
+        if seed is not None and not (config / "node_modules").exists():
+            for name in ("package.json", "package-lock.json"):
+                shutil.copyfile(seed / name, config / name)
+            (config / "node_modules").symlink_to(seed / "node_modules")
+
     async def _wait_healthy(self, deadline: float) -> None:
         assert self._process is not None
         listening = asyncio.create_task(self._listening.wait())
         exited = asyncio.create_task(self._process.wait())
+        done: set[asyncio.Task] = set()
         try:
             done, _ = await asyncio.wait({listening, exited}, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -199,7 +234,7 @@ class OpenCodeServer:
             try:
                 await asyncio.wait_for(process.wait(), grace)
             except asyncio.TimeoutError:
-                log.warning("cell %s: server pid %s ignored SIGTERM for %.1fs; killing", self.spec.cell_id, pgid, grace)
+                log.debug("cell %s: server pid %s still running %.1fs after SIGTERM; killing", self.spec.cell_id, pgid, grace)
         # Whatever is left of the group (children that outlived the leader) goes too.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)

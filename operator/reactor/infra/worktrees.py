@@ -1,13 +1,21 @@
-"""Git worktrees for cells: one fresh branch per task, cut from the base branch.
+"""Checkouts for cells: one fresh branch per task, cut from the base branch.
 
-The base branch and the user's checkout are never modified: a worktree gets its own branch
-created at the base commit, and everything Reactor commits goes to that branch. Worktrees
-live outside the user's checkout (so they never show up in its `git status`).
+A cell's checkout is a clone of the source repository (the user's repository in
+`reactor run`, the operator's mirror) that borrows its objects read-only through
+`objects/info/alternates` (`git clone --shared`), not a linked worktree: a linked worktree
+keeps its index, HEAD and refs in the source's git dir and writes objects into it, so a
+confined cell could not use git, and an unconfined one could write the source's hooks,
+config and every branch. In a clone every git write stays inside the cell.
 
-Git serialises worktree bookkeeping with lock files and fails, rather than waits, when two
-commands collide. So every operation that changes a repository's worktree list or branches
-holds a per-repository lock: a thread lock within this process plus an flock on a file in
-the repository's git directory, which also serialises against another Reactor process.
+The base branch and the user's checkout are never modified. The agent's change comes back
+as exactly one commit, made by Reactor (confined, in the cell), fetched by its SHA into the
+source repository through a confined `git upload-pack`, checked (its only parent is the
+base commit, it changes exactly the tested paths) and only then named by the result branch.
+
+Git serialises ref bookkeeping with lock files and fails, rather than waits, when two
+commands collide. So every operation that changes a source repository's refs holds a
+per-repository lock: a thread lock within this process plus an flock on a file in the
+repository's git directory, which also serialises against another Reactor process.
 """
 
 from __future__ import annotations
@@ -16,39 +24,70 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from reactor.errors import ConfigurationError
-from reactor.infra.git import GitError, git, git_ok
+from reactor.errors import ConfigurationError, ReactorError
+from reactor.infra.git import GitError, git, git_command, git_ok
 from reactor.infra.processes import Owner
+from reactor.infra.refledger import RefLedger
 
 DEFAULT_COMMITTER = {"name": "Reactor", "email": "reactor@localhost"}
+# Git inside a cell reads no global or system configuration.
+_CELL_GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
 
 _thread_locks: dict[str, threading.Lock] = {}
 _thread_locks_guard = threading.Lock()
 
 
+class ResultRejected(ReactorError):
+    """The cell's result does not hold up (refs moved behind Reactor's back, or the commit
+    is not the single tested change on the base commit)."""
+
+
 @dataclass
 class Worktree:
-    repo: Path  # the repository's top level (the user's checkout, or a mirror)
-    path: Path
+    repo: Path  # the source repository's top level (the user's checkout, or a mirror)
+    path: Path  # the cell's checkout (a clone with alternates)
     branch: str
     base_branch: str
     base_commit: str
-    slot: str  # the worktree directory's name (the task id, or namespace.name in the operator)
+    slot: str  # the checkout directory's name (the task id, or namespace.name.uid in the operator)
     owner: str  # the Owner token of the Reactor process that created it
+    identity: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COMMITTER))
+    # The confinement launcher prefix and its environment; set once the cell is confined.
+    wrap: list[str] = field(default_factory=list, repr=False, compare=False)
+    wrap_env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
-    # -- operations on the worktree's own branch; none of these touch the base branch --
+    def confine(self, wrap: list[str], wrap_env: dict[str, str]) -> None:
+        """From now on git in the checkout runs in the cell's Landlock domain: the checkout's
+        config, attributes and hooks were written by the cell."""
+        self.wrap, self.wrap_env = list(wrap), dict(wrap_env)
+
+    def cell_git(self, *args: str, check: bool = True, strip: bool = True) -> str:
+        return git(self.path, *args, check=check, strip=strip, wrap=self.wrap,
+                   env={**_CELL_GIT_ENV, **self.wrap_env})
+
+    # -- operations on the checkout; none of these touch the source repository --
+
+    def _rebase_index(self) -> None:
+        """Point HEAD at the task's branch on the base commit and reset the index to it,
+        keeping the files: whatever the agent did with branches, commits or index flags,
+        `status` then shows everything that differs from the base commit."""
+        self.cell_git("update-ref", f"refs/heads/{self.branch}", self.base_commit)
+        self.cell_git("symbolic-ref", "HEAD", f"refs/heads/{self.branch}")
+        self.cell_git("read-tree", self.base_commit)
 
     def changed_paths(self) -> list[str]:
-        """Paths that differ from the branch head, including untracked files (and both
+        """Paths that differ from the base commit, including untracked files (and both
         sides of a rename)."""
-        out = git(self.path, "status", "--porcelain=v1", "-z", "--untracked-files=all", strip=False)
+        self._rebase_index()
+        out = self.cell_git("status", "--porcelain=v1", "-z", "--untracked-files=all", strip=False)
         entries = iter(e for e in out.split("\0") if e)
         paths = []
         for entry in entries:
@@ -59,29 +98,30 @@ class Worktree:
         return [p for p in paths if p]
 
     def commit(self, message: str, paths: list[str]) -> str:
-        """Commit ``paths`` (added, changed or deleted) on the worktree's branch; return the
-        commit SHA. Only those paths: files a test run left behind are not the change."""
-        git(self.path, "add", "--all", "--", *paths)
-        identity = []
-        if not git(self.path, "config", "user.email", check=False):
-            identity = ["-c", f"user.name={DEFAULT_COMMITTER['name']}", "-c", f"user.email={DEFAULT_COMMITTER['email']}"]
-        # --no-verify: the task's test command is the gate; hooks may prompt or need a terminal.
-        git(self.path, *identity, "commit", "--no-verify", "--quiet", "-m", message)
-        return git(self.path, "rev-parse", "HEAD")
+        """Commit ``paths`` (added, changed or deleted) on the base commit; return the commit
+        SHA. Only those paths: files a test run left behind are not the change."""
+        self._rebase_index()
+        self.cell_git("add", "--all", "--", *paths)
+        self.cell_git("-c", f"user.name={self.identity['name']}", "-c", f"user.email={self.identity['email']}",
+                      "commit", "--no-verify", "--quiet", "-m", message)
+        return self.cell_git("rev-parse", "HEAD")
 
     def revert(self) -> None:
-        """Throw away every change since the branch head (the RB strategy's rollback)."""
-        git(self.path, "reset", "--hard", "--quiet", "HEAD")
-        git(self.path, "clean", "-fdx", "--quiet")
+        """Throw away every change since the base commit (the RB strategy's rollback)."""
+        self._rebase_index()
+        self.cell_git("reset", "--hard", "--quiet", self.base_commit)
+        self.cell_git("clean", "-fdx", "--quiet")
 
-    def head(self) -> str:
-        return git(self.path, "rev-parse", "HEAD")
+    @property
+    def source_objects(self) -> Path:
+        """The source repository's object store, which the checkout borrows (read-only)."""
+        return git_common_dir(self.repo) / "objects"
 
 
 class WorktreeManager:
-    """Creates and removes worktrees under ``root/<repo-key>/<task-id>``.
+    """Creates and removes cell checkouts under ``root/<repo-key>/<slot>``.
 
-    A metadata file per worktree (``root/<repo-key>/.meta/<task-id>.json``) records what
+    A metadata file per checkout (``root/<repo-key>/.meta/<slot>.json``) records what
     cleanup needs after a crash: the repository, branch, base commit and owning process.
     """
 
@@ -93,8 +133,8 @@ class WorktreeManager:
 
     def create(self, repo: Path, task_id: str, base_branch: str = "main", branch: str | None = None,
                slot: str | None = None) -> Worktree:
-        """``slot`` names the worktree's directory (default: the task id); the operator uses
-        namespace.name, since task ids need only be unique per repository and namespace."""
+        """``slot`` names the checkout's directory (default: the task id); the operator uses
+        namespace.name.uid, since task ids need only be unique per repository and namespace."""
         top = resolve_repository(repo)
         branch = branch or f"reactor/{task_id}"
         validate_branch_name(branch)
@@ -108,29 +148,78 @@ class WorktreeManager:
                 )
             if path.exists():
                 raise ConfigurationError(
-                    f"worktree path {path} already exists (left by a crashed run?); run `reactor cleanup --repo {top}`"
+                    f"checkout {path} already exists (left by a crashed run?); run `reactor cleanup --repo {top}`"
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
-            worktree = Worktree(top, path, branch, base_branch, base_commit, slot or task_id, self.owner.token)
+            worktree = Worktree(top, path, branch, base_branch, base_commit, slot or task_id, self.owner.token,
+                                identity=committer_identity(top))
             self._write_meta(worktree)
-            try:
-                git(top, "worktree", "add", "--quiet", "-b", branch, str(path), base_commit)
-            except GitError:
-                self._meta_path(worktree).unlink(missing_ok=True)
-                raise
+        try:
+            # The source is trusted and the checkout is new: no cell has written anything yet.
+            git(path.parent, "clone", "--quiet", "--shared", "--no-checkout", str(top), str(path))
+            git(path, "checkout", "--quiet", "-b", branch, base_commit)
+        except GitError:
+            shutil.rmtree(path, ignore_errors=True)
+            self._meta_path(worktree).unlink(missing_ok=True)
+            raise
         return worktree
 
-    def remove(self, worktree: Worktree, *, keep_branch: bool) -> None:
-        """Remove the worktree; delete its branch unless asked to keep it (a committed result).
+    def accept(self, worktree: Worktree, commit: str, tested_paths: list[str]) -> None:
+        """Bring the cell's result commit into the source repository as the result branch.
 
-        Safe to call twice and after a partial create."""
+        The commit is fetched by SHA through `git upload-pack` run confined in the cell (it
+        reads the cell's config), objects checked (fsck); it must have the base commit as its
+        only parent, change only tested paths, and hold the files as they are in the
+        checkout. Refs moved behind Reactor's back are restored first. Raises ResultRejected."""
+        top = worktree.repo
+        incoming = f"refs/reactor/incoming/{safe_component(worktree.slot)}"
+        upload_pack = shlex.join([*worktree.wrap, *git_command("-c", "uploadpack.allowAnySHA1InWant=true", "upload-pack")])
+        with repository_lock(top):
+            ledger = RefLedger(git_common_dir(top))
+            tampered = ledger.restore_tampered(ignore={incoming})
+            if tampered:
+                raise ResultRejected("refs changed outside the task's branch; restored: " + "; ".join(tampered))
+            git(top, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                f"--upload-pack={upload_pack}", str(worktree.path), f"+{commit}:{incoming}",
+                env={**_CELL_GIT_ENV, **worktree.wrap_env}, inherit_env=False)
+            try:
+                self._check_result(worktree, commit, tested_paths)
+                git(top, "update-ref", f"refs/heads/{worktree.branch}", commit, "")
+                ledger.record(f"refs/heads/{worktree.branch}", commit)
+            finally:
+                git(top, "update-ref", "-d", incoming, check=False)
+
+    @staticmethod
+    def _check_result(worktree: Worktree, commit: str, tested_paths: list[str]) -> None:
+        top = worktree.repo
+        parents = git(top, "rev-list", "--parents", "-n", "1", commit).split()[1:]
+        if parents != [worktree.base_commit]:
+            raise ResultRejected(f"result commit {commit[:12]} is not a single commit on the base commit "
+                                 f"{worktree.base_commit[:12]} (parents: {', '.join(p[:12] for p in parents) or 'none'})")
+        out = git(top, "diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", worktree.base_commit, commit, strip=False)
+        fields = [f for f in out.split("\0") if f]
+        untested = []
+        for meta, path in zip(fields[0::2], fields[1::2]):
+            blob, status = meta.split()[3], meta.split()[4]
+            if path not in tested_paths:
+                untested.append(path)
+            elif status != "D":
+                on_disk = worktree.path / path
+                actual = git(top, "hash-object", "--no-filters", str(on_disk)) if on_disk.is_file() and not on_disk.is_symlink() else None
+                if actual is not None and actual != blob:
+                    untested.append(f"{path} (committed content differs from the tested file)")
+        if untested:
+            raise ResultRejected(f"result commit {commit[:12]} holds changes that were not tested: {', '.join(untested)}")
+
+    def remove(self, worktree: Worktree, *, keep_branch: bool) -> None:
+        """Remove the checkout; delete its result branch unless asked to keep it (a committed
+        result). Safe to call twice and after a partial create."""
+        shutil.rmtree(worktree.path, ignore_errors=True)
         with repository_lock(worktree.repo):
-            if worktree.path.exists():
-                git(worktree.repo, "worktree", "remove", "--force", "--force", str(worktree.path), check=False)
-                shutil.rmtree(worktree.path, ignore_errors=True)
-            git(worktree.repo, "worktree", "prune", check=False)
-            if not keep_branch and git_ok(worktree.repo, "show-ref", "--verify", "--quiet", f"refs/heads/{worktree.branch}"):
-                git(worktree.repo, "branch", "--quiet", "-D", worktree.branch, check=False)
+            ref = f"refs/heads/{worktree.branch}"
+            if not keep_branch and git_ok(worktree.repo, "show-ref", "--verify", "--quiet", ref):
+                git(worktree.repo, "update-ref", "-d", ref, check=False)
+                RefLedger(git_common_dir(worktree.repo)).record(ref, None)
             self._meta_path(worktree).unlink(missing_ok=True)
 
     def cleanup(self, repo: Path) -> list[Worktree]:
@@ -140,8 +229,6 @@ class WorktreeManager:
         removed = [w for w in self._recorded(top) if not Owner.is_alive_token(w.owner)]
         for worktree in removed:
             self.discard(worktree)
-        with repository_lock(top):  # also entries git still lists for directories already gone
-            git(top, "worktree", "prune", check=False)
         return removed
 
     def discard(self, worktree: Worktree) -> None:
@@ -180,7 +267,8 @@ class WorktreeManager:
     def _write_meta(self, worktree: Worktree) -> None:
         meta = self._meta_path(worktree)
         meta.parent.mkdir(parents=True, exist_ok=True)
-        record = {k: str(v) for k, v in asdict(worktree).items()}
+        record = {k: v if isinstance(v, dict) else str(v) for k, v in asdict(worktree).items()
+                  if k not in ("wrap", "wrap_env")}
         tmp = meta.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, meta)
@@ -198,6 +286,7 @@ class WorktreeManager:
                     base_commit=record["base_commit"],
                     slot=record["slot"],
                     owner=record["owner"],
+                    identity=record.get("identity") or dict(DEFAULT_COMMITTER),
                 )
             except (OSError, ValueError, KeyError):
                 continue
@@ -234,13 +323,22 @@ def repository_key(top: Path) -> str:
     return f"{safe_component(top.name)}-{digest}"
 
 
+def git_common_dir(top: Path) -> Path:
+    git_dir = Path(git(top, "rev-parse", "--git-common-dir"))
+    return (git_dir if git_dir.is_absolute() else top / git_dir).resolve()
+
+
+def committer_identity(top: Path) -> dict[str, str]:
+    """The user's identity as the source repository sees it (a trusted read), else Reactor's."""
+    name = git(top, "config", "user.name", check=False)
+    email = git(top, "config", "user.email", check=False)
+    return {"name": name, "email": email} if name and email else dict(DEFAULT_COMMITTER)
+
+
 @contextmanager
 def repository_lock(top: Path) -> Iterator[None]:
-    """Serialise worktree/branch bookkeeping on one repository, across threads and processes."""
-    git_dir = Path(git(top, "rev-parse", "--git-common-dir"))
-    if not git_dir.is_absolute():
-        git_dir = top / git_dir
-    with file_lock(git_dir / "reactor.lock"):
+    """Serialise ref bookkeeping on one repository, across threads and processes."""
+    with file_lock(git_common_dir(top) / "reactor.lock"):
         yield
 
 

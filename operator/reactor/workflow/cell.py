@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from typing import Any
 
+from reactor.infra.confinement import CellPolicy
 from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec
 from reactor.infra.worktrees import Worktree, safe_component
 from reactor.opencode.client import OpenCodeClient
@@ -39,6 +41,7 @@ class Cell:
         self.boot_attempts = 0
         self.spent = Usage()  # usage of sessions already left behind (R3 retries)
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
+        self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
 
     def info(self) -> CellInfo:
         return CellInfo(
@@ -61,7 +64,22 @@ class Cell:
         self.worktree = await asyncio.to_thread(
             self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id
         )
+        self.policy = await asyncio.to_thread(self._confinement_policy)
+        if self.policy is not None:
+            self.worktree.confine(self.policy.wrap([]), self.policy.launcher_env())
         return self.worktree
+
+    def _confinement_policy(self) -> CellPolicy | None:
+        """The cell writes its checkout and its state dir, and reads the objects its
+        checkout borrows from the source repository (not the source's refs, config or hooks)."""
+        confinement = self.engine.confinement
+        if not confinement.enabled:
+            return None
+        assert self.worktree is not None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return confinement.cell_policy(writable=[self.worktree.path, self.state_dir],
+                                       readable=[self.worktree.source_objects],
+                                       path_env=os.environ.get("PATH", os.defpath))
 
     async def start_server(self) -> None:
         """Start the server and open a session; BOOT_RETRY: on failure kill it and start again
@@ -94,8 +112,9 @@ class Cell:
             port=self.port,
             cell_id=self.cell_id,
             state_dir=self.state_dir,
-            cache_dir=self.engine.cache_dir,
             work_dir=self.engine.work_dir,
+            seed_dir=self.engine.seed_dir,
+            confinement=self.policy,
             config=self.opencode_config(),
             env={**settings.server_env, **self.spec.env},
             inherit_env=settings.inherit_env,

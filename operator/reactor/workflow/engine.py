@@ -4,10 +4,13 @@ the max-agents bound). The CLI makes one; the operator makes one."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import reactor
+from reactor.infra.confinement import Confinement, ConfinementSettings
 from reactor.infra.ports import DEFAULT_PORT_RANGE, PortAllocator, PortRange
 from reactor.infra.processes import Owner
 from reactor.infra.servers import find_opencode_binary
@@ -16,6 +19,7 @@ from reactor.infra.memory import CgroupMemory, SimulatedMemory, cell_memory, rep
 from reactor.workflow.capacity import CapacityGate, MemoryAdmission
 from reactor.workflow.recovery import RecoveryPolicy
 
+log = logging.getLogger(__name__)
 MiB = 1 << 20
 
 
@@ -46,14 +50,18 @@ class EngineSettings:
     work_dir: Path = field(default_factory=default_work_dir)
     port_range: PortRange = PortRange(*DEFAULT_PORT_RANGE)
     opencode_bin: str | None = None
-    # OpenCode's download cache (npm packages it installs on first start), shared by cells.
-    cache_dir: Path | None = field(default_factory=lambda: _env_path("REACTOR_OPENCODE_CACHE"))
+    # A finished install of OpenCode's plugin package (`make opencode` builds one into .tools/,
+    # the image into /opt): every cell's config dir links to it, read-only. Without it each
+    # cell installs its own copy from the npm registry on its first session.
+    opencode_seed: Path | None = field(default_factory=lambda: _env_path("REACTOR_OPENCODE_SEED"))
     max_agents: int = 50
     # Servers starting at once. A start is ~1.2 s of CPU: ten at once on 2 cores all miss
     # the health timeout, and BOOT_RETRY would restart them all at once again.
     max_starting: int = field(default_factory=lambda: os.cpu_count() or 2)
     health_timeout: float = 10.0
-    stop_grace: float = 5.0
+    # OpenCode has no graceful shutdown to wait for (it dies by SIGTERM's default action, or
+    # ignores it while npm unpacks): a short grace, then SIGKILL.
+    stop_grace: float = 0.2
     # The CLI hands its own environment to servers (the user's API keys); the operator does not.
     inherit_env: bool = True
     # Added to every server's environment (below the task's own variables).
@@ -65,6 +73,7 @@ class EngineSettings:
     memory_limit: int | None = None
     cell_memory: int = 600 * MiB
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
+    confinement: ConfinementSettings = field(default_factory=ConfinementSettings)
     # Base OpenCode config for every cell: a headless agent has nobody to answer a
     # permission prompt, and must not reach outside its worktree.
     base_opencode_config: dict = field(default_factory=lambda: {
@@ -79,6 +88,11 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.settings.work_dir = Path(self.settings.work_dir).resolve()
         self.opencode_bin = find_opencode_binary(self.settings.opencode_bin)
+        self.seed_dir = _usable_seed(self.settings.opencode_seed)
+        # Raises ConfinementUnavailable when cells cannot be confined and that was not allowed.
+        self.confinement = Confinement(self.settings.confinement, self.work_dir,
+                                       shared_read=[p for p in (_install_root(self.opencode_bin),
+                                                                Path(reactor.__file__).parent, self.seed_dir) if p])
         self.owner = Owner.current()
         self.ports = PortAllocator(self.settings.port_range)
         self.worktrees = WorktreeManager(self.work_dir / "worktrees", self.owner)
@@ -107,6 +121,24 @@ class Engine:
     def cells_dir(self) -> Path:
         return self.work_dir / "cells"
 
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.settings.cache_dir or self.work_dir / "cache")
+
+
+def _install_root(binary: str) -> Path:
+    """What a cell must be able to read to run opencode: the npm package tree it comes from
+    (its launcher script execs a platform package's binary), or the binary's directory."""
+    real = Path(os.path.realpath(binary))
+    for parent in real.parents:
+        if parent.name == "node_modules":
+            return parent
+    return real.parent
+
+
+def _usable_seed(seed: Path | None) -> Path | None:
+    if seed is None:
+        return None
+    seed = Path(seed).expanduser().resolve()
+    if all((seed / name).exists() for name in ("package.json", "package-lock.json", "node_modules")):
+        return seed
+    log.warning("REACTOR_OPENCODE_SEED=%s is not a finished install (package.json, package-lock.json, "
+                "node_modules); cells will install OpenCode's plugin package themselves", seed)
+    return None

@@ -20,7 +20,7 @@ from pathlib import Path
 from reactor.errors import ConfigurationError
 from reactor.infra.ports import PortsExhausted
 from reactor.infra.servers import ServerBootError
-from reactor.infra.worktrees import resolve_repository
+from reactor.infra.worktrees import ResultRejected, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
 from reactor.workflow.cell import Cell
 from reactor.workflow.engine import Engine
@@ -79,7 +79,8 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     phases = _Phases(spec.task_id, on_phase)
     cell = Cell(spec, engine, cell_id)
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
-                        message="", branch=spec.branch, base_branch=spec.base_branch)
+                        message="", branch=spec.branch, base_branch=spec.base_branch,
+                        confined=engine.confinement.enabled)
     committed = False
     try:
         if gate is not None and gate.would_wait():
@@ -183,9 +184,19 @@ async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, resul
 
     # -- Committing --
     await phases.enter(Phase.COMMITTING, cell=cell)
-    assert cell.worktree is not None
+    worktree = cell.worktree
+    assert worktree is not None
+    # Nothing of the cell may run on while the result is taken: a leftover process could
+    # otherwise change a file between the test run and the commit.
+    cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
+    await cell.stop_server()
     # The agent's change as it stood when tested (files the test run wrote are not part of it).
-    result.commit = await asyncio.to_thread(cell.worktree.commit, spec.commit_message, files)
+    commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files)
+    try:
+        await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files)
+    except ResultRejected as exc:
+        raise TaskFailed(Reason.REFS_TAMPERED, str(exc)) from exc
+    result.commit = commit
     result.outcome, result.reason = Outcome.COMMITTED, Reason.COMMITTED
     result.message = f"tests passed; committed {result.commit[:12]} on {spec.branch}"
     return True

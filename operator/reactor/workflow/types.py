@@ -46,6 +46,7 @@ class Reason(str, enum.Enum):
     INVALID_INPUT = "InvalidInput"
     CANCELLED = "Cancelled"
     PUSH_FAILED = "PushFailed"
+    REFS_TAMPERED = "RefsTampered"  # refs outside the task's branch moved, or the result is not the tested change
     OPERATOR_RESTARTED = "OperatorRestarted"
     INTERNAL_ERROR = "InternalError"
 
@@ -100,6 +101,7 @@ class TaskResult(BaseModel):
     duration: float = 0.0
     boot_attempts: int = 0
     prompt_attempts: int = 0
+    confined: bool = False  # whether the cell ran under Landlock (see docs/security.md)
 
     @property
     def succeeded(self) -> bool:

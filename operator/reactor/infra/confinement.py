@@ -1,0 +1,231 @@
+"""Cell confinement: what a cell may read, write and signal, enforced by the kernel.
+
+A cell (its `opencode serve` and everything that starts: the agent's shells, the test
+command, OpenCode's helper copies of itself, and Reactor's own git runs in the cell) is
+untrusted. Each cell gets a Landlock domain of its own, applied in a small launcher
+(`landlock.py`) right before exec:
+
+- write: only its checkout and its state directory (XDG data/state/config, HOME, TMPDIR);
+- read: the operating system and toolchains, the opencode install, Reactor's package,
+  the shared caches (read-only), the objects of the repository it was cloned from, and its
+  own cell; not the operator's work dir beyond the cell (other checkouts, other cells'
+  state, mirrors), not the protected paths (service-account token, kubeconfig, ...);
+- processes: Landlock forbids ptrace and /proc/PID/environ|mem of processes outside the
+  domain (for a process without capabilities: every capability is dropped), and on ABI 6
+  (Linux 6.12) signals and abstract unix sockets are scoped to the domain.
+
+Landlock rules only grant, so a protected path is hidden by granting its siblings (and
+those of each ancestor) instead of its parent: `readable_roots()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reactor.errors import ConfigurationError
+from reactor.infra import landlock
+
+log = logging.getLogger(__name__)
+
+LAUNCHER = Path(landlock.__file__).resolve()
+MIN_ABI = 1  # filesystem rules and the ptrace restriction (Linux 5.13)
+SCOPE_ABI = 6  # signal and abstract-socket scoping (Linux 6.12)
+# Cells are the first the kernel's OOM killer picks, never the operator (raising needs no privilege).
+CELL_OOM_SCORE_ADJ = 800
+
+# Credentials a cell must never read. `~` is the operator's home: in the pod nothing a
+# cell needs lives there; on a developer's machine toolchains under it are granted back
+# through PATH (see toolchain_roots), while these credential paths stay hidden.
+DEFAULT_PROTECTED_PATHS = (
+    "/var/run/secrets", "/run/secrets", "~", "~/.kube", "~/.ssh", "~/.gnupg", "~/.aws", "~/.azure",
+    "~/.config/gcloud", "~/.docker", "~/.git-credentials", "~/.netrc", "~/.npmrc", "~/.pypirc",
+    "~/.config/gh", "~/.cargo/credentials", "~/.cargo/credentials.toml", "~/.local/share/opencode",
+    "~/.config/opencode",
+)
+# Devices any program expects to write.
+_WRITABLE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty")
+
+
+class ConfinementUnavailable(ConfigurationError):
+    """The kernel cannot confine cells, and running them unconfined was not allowed."""
+
+
+@dataclass
+class ConfinementSettings:
+    # False only when the user explicitly allows unconfined cells (--allow-unconfined).
+    required: bool = True
+    # Turned off by --allow-unconfined together with `required`, or by a kernel without Landlock.
+    enabled: bool = True
+    protected_paths: list[str] = field(default_factory=lambda: list(DEFAULT_PROTECTED_PATHS))
+    readable_paths: list[str] = field(default_factory=list)  # extra toolchains a cell may read
+
+
+@dataclass(frozen=True)
+class KernelSupport:
+    abi: int
+
+    @property
+    def filesystem(self) -> bool:
+        return self.abi >= MIN_ABI
+
+    @property
+    def scoping(self) -> bool:
+        return self.abi >= SCOPE_ABI
+
+    def describe(self) -> str:
+        if not self.filesystem:
+            return "Landlock unavailable in this kernel (needs Linux >= 5.13 with landlock in the LSM list)"
+        parts = [f"Landlock ABI {self.abi}: filesystem, ptrace/proc"]
+        parts.append("signals, abstract sockets" if self.scoping
+                     else "NOT signals/abstract sockets (need ABI 6, Linux 6.12)")
+        return "; ".join(parts)
+
+
+@functools.cache
+def kernel_support() -> KernelSupport:
+    return KernelSupport(landlock.abi_version())
+
+
+@dataclass(frozen=True)
+class ConfinementStatus:
+    """What cells get, said once at startup and on every task (never a silent downgrade)."""
+
+    confined: bool
+    message: str
+
+
+def check(settings: ConfinementSettings) -> ConfinementStatus:
+    """Decide whether cells run confined. Raises ConfinementUnavailable when the kernel
+    cannot and the user did not allow unconfined cells."""
+    support = kernel_support()
+    if not settings.enabled:
+        return ConfinementStatus(False, "cells run UNCONFINED (--allow-unconfined): a task can read and write "
+                                        "everything the operator can")
+    if not support.filesystem:
+        if settings.required:
+            raise ConfinementUnavailable(
+                f"cannot confine cells: {support.describe()}. Refusing to run cells unconfined; "
+                "pass --allow-unconfined to run them anyway (every task can then read the others' secrets)")
+        settings.enabled = False
+        return ConfinementStatus(False, f"cells run UNCONFINED: {support.describe()} (--allow-unconfined)")
+    return ConfinementStatus(True, f"cells confined: {support.describe()}")
+
+
+def expand(path: str) -> Path | None:
+    """A path setting: `~` expanded, symlinks resolved (Landlock sees resolved paths)."""
+    if not path:
+        return None
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+def protected_paths(settings: ConfinementSettings, work_dir: Path) -> list[Path]:
+    paths = [expand(p) for p in settings.protected_paths]
+    kubeconfig = os.environ.get("KUBECONFIG", "")
+    paths += [expand(p) for p in kubeconfig.split(os.pathsep)]
+    paths.append(expand(str(work_dir)))  # other cells, mirrors: a cell gets back only its own
+    return sorted({p for p in paths if p is not None and str(p) != "/"})
+
+
+def readable_roots(root: Path, protected: list[Path]) -> list[str]:
+    """Directories and files beneath ``root`` that contain no protected path, as few as
+    possible: ``root`` itself when nothing beneath it is protected, else its children,
+    recursively; the protected paths themselves are left out."""
+    if any(root == p for p in protected):
+        return []
+    inner = [p for p in protected if root in p.parents]
+    if not inner:
+        return [str(root)]
+    grants = []
+    try:
+        children = sorted(root.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        real = Path(os.path.realpath(child))
+        if child.is_symlink() and real != child:
+            # A link's target is granted by its own place in the tree (or not at all).
+            continue
+        grants += readable_roots(child, protected)
+    return grants
+
+
+def toolchain_roots(path_env: str) -> list[Path]:
+    """Install prefixes of the programs on PATH (e.g. ~/.pyenv for ~/.pyenv/shims, the
+    interpreter behind a virtualenv's python): a cell needs them to run the tests."""
+    roots: set[Path] = set()
+    for entry in path_env.split(os.pathsep):
+        if entry and os.path.isdir(entry):
+            roots.add(Path(os.path.realpath(entry)).parent)
+    for program in ("python3", "python", "node", "go", "git", "make", "npm", "bash", "sh"):
+        found = shutil.which(program, path=path_env)
+        if found:
+            roots.add(Path(os.path.realpath(found)).parent.parent)
+    return sorted(roots)
+
+
+@dataclass
+class CellPolicy:
+    """One cell's Landlock rules, computed by the engine, applied by the launcher."""
+
+    read: list[str]
+    write: list[str]
+
+    def launcher_env(self) -> dict[str, str]:
+        return {landlock.POLICY_ENV: json.dumps({"read": self.read, "write": self.write,
+                                                 "abi": kernel_support().abi,
+                                                 "oom_score_adj": CELL_OOM_SCORE_ADJ})}
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """The command line that runs ``argv`` confined (-I -S: no site-packages, no
+        PYTHON* variables, nothing from the cwd)."""
+        return [sys.executable, "-I", "-S", str(LAUNCHER), "--", *argv]
+
+
+class Confinement:
+    """The engine's confinement: computes each cell's policy from shared, precomputed roots."""
+
+    def __init__(self, settings: ConfinementSettings, work_dir: Path, shared_read: list[Path]):
+        self.settings = settings
+        self.status = check(settings)
+        self.work_dir = Path(work_dir).resolve()
+        self._protected = protected_paths(settings, self.work_dir)
+        self._shared_read = [Path(os.path.realpath(p)) for p in shared_read]
+        self._system_read: list[str] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.status.confined
+
+    @property
+    def protected(self) -> list[Path]:
+        return list(self._protected)
+
+    def system_read(self, path_env: str) -> list[str]:
+        """Read grants every cell shares (computed once: it walks the file system)."""
+        if self._system_read is None:
+            home = expand("~")
+            grants = readable_roots(Path("/"), self._protected)
+            # Toolchains and extra paths may lie under $HOME: walk them with $HOME itself
+            # no longer protected, every credential path and the work dir still are.
+            inner = [p for p in self._protected if p != home]
+            for root in [*toolchain_roots(path_env), *(expand(p) for p in self.settings.readable_paths)]:
+                if root is not None and root != Path("/") and not any(root == p or p in root.parents for p in inner):
+                    grants += readable_roots(root, inner)
+            for shared in self._shared_read:
+                grants += readable_roots(shared, [p for p in inner if p != self.work_dir])
+            self._system_read = sorted(set(grants))
+        return self._system_read
+
+    def cell_policy(self, *, writable: list[Path], readable: list[Path], path_env: str) -> CellPolicy:
+        """``writable``: the cell's checkout and state dir; ``readable``: what this cell
+        alone may read (the objects of the repository its checkout borrows from)."""
+        read = [*self.system_read(path_env), *(str(Path(os.path.realpath(p))) for p in readable)]
+        write = [str(Path(os.path.realpath(p))) for p in writable] + [d for d in _WRITABLE_DEVICES if os.path.exists(d)]
+        return CellPolicy(read=read, write=write)
