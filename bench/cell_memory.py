@@ -38,7 +38,7 @@ from reactor.workflow.tcr import run_task
 from reactor.workflow.types import TaskSpec
 
 MiB = 1 << 20
-CACHE = Path(os.environ.get("REACTOR_OPENCODE_CACHE", Path.home() / ".cache" / "reactor-tests" / "opencode"))
+SEED = os.environ.get("REACTOR_OPENCODE_SEED")
 _ENVS: dict[str, dict[str, str]] = {
     "none": {},
     "default": light_cell_env(),
@@ -52,76 +52,24 @@ _ENVS: dict[str, dict[str, str]] = {
     "ram256+nojit": {"BUN_JSC_forceRAMSize": str(256 * MiB), "BUN_JSC_useJIT": "0"},
 }
 # "<env>+seed": the cell's OpenCode config dir is pre-seeded with the finished install of
-# @opencode-ai/plugin (package.json, lockfile, node_modules as a symlink to one shared copy),
-# so the server skips the npm install it otherwise runs in every cell (docs: opencode-notes).
+# @opencode-ai/plugin ($REACTOR_OPENCODE_SEED, built by `make opencode`), so the server skips
+# the npm install it otherwise runs in every cell. Without "+seed" the cell installs it.
 VARIANTS: dict[str, tuple[dict[str, str], bool]] = {name: (env, False) for name, env in _ENVS.items()}
 VARIANTS.update({f"{name}+seed": (env, True) for name, env in _ENVS.items()})
 FIX = edit("calc.py", "return a - b", "return a + b")
 TESTS = "python3 -m pytest -q"
 
 
-def make_seed(tmp: Path) -> Path:
-    """A config dir holding OpenCode's finished plugin install, made by a bare server."""
-    import json
-    import secrets
-    import signal
-    import subprocess
-
-    import httpx
-
-    from reactor.infra.servers import LISTENING_LINE, find_opencode_binary
-    from reactor.testing.operator_process import free_port
-
-    seed, repo = tmp / "seed", make_repo(tmp / "seed-repo")
-    password, port = secrets.token_urlsafe(12), free_port()
-    env = {**os.environ, "XDG_CONFIG_HOME": str(seed), "XDG_DATA_HOME": str(tmp / "seed-data"),
-           "XDG_STATE_HOME": str(tmp / "seed-state"), "XDG_CACHE_HOME": str(CACHE), "OPENCODE_SERVER_PASSWORD": password,
-           "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1",
-           "OPENCODE_CONFIG_CONTENT": json.dumps({"autoupdate": False, "share": "disabled"})}
-    server = subprocess.Popen([find_opencode_binary(), "serve", "--port", str(port), "--hostname", "127.0.0.1"],
-                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        for line in server.stdout:
-            if LISTENING_LINE.encode() in line:
-                break
-        httpx.post(f"http://127.0.0.1:{port}/session", json={"title": "seed"}, auth=("opencode", password), timeout=60)
-        install = seed / "opencode"
-        last, stable, deadline = None, 0, time.monotonic() + 180
-        while stable < 5:  # the install is done when the directory stops changing
-            if time.monotonic() > deadline:
-                raise RuntimeError("the plugin install did not finish in 180 s")
-            time.sleep(1)
-            files = [f.stat().st_size for f in install.rglob("*") if f.is_file()] if install.exists() else []
-            snapshot = (len(files), sum(files))
-            stable = stable + 1 if snapshot == last and (install / "package-lock.json").exists() else 0
-            last = snapshot
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    return seed / "opencode"
+def engine_for(work: Path, env: dict[str, str], seeded: bool, cells: int) -> Engine:
+    if seeded and not SEED:
+        raise SystemExit("+seed variants need REACTOR_OPENCODE_SEED (make opencode builds .tools/opencode-seed)")
+    return Engine(EngineSettings(work_dir=work, opencode_seed=Path(SEED) if seeded else None, health_timeout=60,
+                                 max_agents=cells, server_env=env, memory_admission=False))
 
 
-def seed_cell(engine: Engine, cell_id: str, seed: Path) -> None:
-    import shutil
-
-    from reactor.infra.worktrees import safe_component
-
-    config = engine.cells_dir / safe_component(cell_id) / "config" / "opencode"
-    config.mkdir(parents=True, exist_ok=True)
-    for name in ("package.json", "package-lock.json", ".gitignore"):
-        if (seed / name).exists():
-            shutil.copy(seed / name, config / name)
-    (config / "node_modules").symlink_to(seed / "node_modules")
-
-
-def engine_for(work: Path, env: dict[str, str], cells: int) -> Engine:
-    return Engine(EngineSettings(work_dir=work, cache_dir=CACHE, health_timeout=60, max_agents=cells,
-                                 server_env=env, memory_admission=False))
-
-
-async def alive_after_a_turn(name: str, env: dict[str, str], seed: Path | None, cells: int, tmp: Path) -> dict:
+async def alive_after_a_turn(name: str, env: dict[str, str], seeded: bool, cells: int, tmp: Path) -> dict:
     repo = make_repo(tmp / f"repo-{name}")
-    engine = engine_for(tmp / f"work-{name}", env, cells)
+    engine = engine_for(tmp / f"work-{name}", env, seeded, cells)
     work_dir, owner = str(engine.work_dir), engine.owner.token
     scenarios = [Scenario(f"MEM-{i}:", [FIX, bash(TESTS), hang(), text("done")]) for i in range(cells)]
     peaks: dict[str, int] = {}
@@ -129,8 +77,6 @@ async def alive_after_a_turn(name: str, env: dict[str, str], seed: Path | None, 
         config = model.opencode_config()
         specs = [TaskSpec(task_id=f"MEM-{i}", prompt=f"MEM-{i}: fix add", repo=repo, test_command=TESTS,
                           opencode_config=config, timeout=600) for i in range(cells)]
-        for spec in specs if seed else ():
-            seed_cell(engine, spec.task_id, seed)
         started = time.monotonic()
         runs = [asyncio.create_task(run_task(spec, engine)) for spec in specs]
         try:
@@ -175,11 +121,11 @@ def _cell_rss(work_dir: str, owner: str) -> dict[str, int]:
     return cells
 
 
-async def heavy_tasks(name: str, env: dict[str, str], seed: Path | None, count: int, tmp: Path) -> dict:
+async def heavy_tasks(name: str, env: dict[str, str], seeded: bool, count: int, tmp: Path) -> dict:
     """Full TCR tasks whose turn is heavy for the server's heap: a 4 MB file written and read
     back, 8 MB of bash output, and 20 small steps, then the fix and the test run."""
     repo = make_repo(tmp / f"heavy-repo-{name}")
-    engine = engine_for(tmp / f"heavy-work-{name}", env, count)
+    engine = engine_for(tmp / f"heavy-work-{name}", env, seeded, count)
     blob = "".join(f"line {i} " + "x" * 90 + "\n" for i in range(40_000))  # ~4 MB
     steps = [write("blob.txt", blob), bash("cat blob.txt | wc -c"),
              bash("python3 -c \"import sys; sys.stdout.write('y' * 8_000_000)\"")]
@@ -190,8 +136,6 @@ async def heavy_tasks(name: str, env: dict[str, str], seed: Path | None, count: 
         config = model.opencode_config()
         specs = [TaskSpec(task_id=f"HEAVY-{i}", prompt=f"HEAVY-{i}: fix add", repo=repo, test_command=TESTS,
                           opencode_config=config, timeout=600) for i in range(count)]
-        for spec in specs if seed else ():
-            seed_cell(engine, spec.task_id, seed)
         started = time.monotonic()
         results = await asyncio.gather(*(run_task(spec, engine) for spec in specs))
     return {"committed": sum(r.succeeded for r in results), "count": count, "seconds": time.monotonic() - started,
@@ -204,11 +148,10 @@ async def main_async(cells: int, names: list[str], heavy: int) -> None:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="reactor-mem-") as tmp_text:
         tmp = Path(tmp_text)
-        seed = await asyncio.to_thread(make_seed, tmp) if any(VARIANTS[n][1] for n in names) else None
         for name in names:
             env, seeded = VARIANTS[name]
-            alive = await alive_after_a_turn(name, env, seed if seeded else None, cells, tmp)
-            safety = await heavy_tasks(name, env, seed if seeded else None, heavy, tmp) if heavy else None
+            alive = await alive_after_a_turn(name, env, seeded, cells, tmp)
+            safety = await heavy_tasks(name, env, seeded, heavy, tmp) if heavy else None
             rows[name] = (alive, safety)
             print(f"  {name:<14} PSS/cell {alive['pss'] / MiB:6.0f} MiB  RSS/cell {alive['rss'] / MiB:6.0f} MiB  "
                   f"peak {alive['peak'] / MiB:6.0f} MiB  all-alive turn {alive['turn']:5.1f}s"
@@ -228,14 +171,24 @@ async def main_async(cells: int, names: list[str], heavy: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=10)
-    parser.add_argument("--variants", default="none,default", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="none,default+seed", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--heavy", type=int, default=3, help="heavy full tasks per variant (0: skip)")
     args = parser.parse_args()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}")
-    asyncio.run(main_async(args.cells, names, args.heavy))
+    asyncio.run(_cancellable(main_async(args.cells, names, args.heavy)))
+
+
+async def _cancellable(work) -> None:
+    """SIGTERM/SIGINT cancel the run, so every cell is torn down (a background job ignores SIGINT)."""
+    import signal
+
+    task = asyncio.ensure_future(work)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+    await task
 
 
 if __name__ == "__main__":
