@@ -96,7 +96,7 @@ def test_cell_memory_counts_marked_processes_of_one_work_dir(tmp_path):
         cells = cell_memory(str(tmp_path / "w1"), owner.token)
         assert set(cells) == {"cell-a"}, "only the cells of this work dir"
         assert cells["cell-a"] >= 64 * MiB
-        assert process_pss(procs[0].pid) == cells["cell-a"]
+        assert abs(process_pss(procs[0].pid) - cells["cell-a"]) < MiB  # PSS moves as sharers come and go
         assert cell_memory(str(tmp_path / "w1"), "someone-else") == {}
         simulated = SimulatedMemory(512 * MiB, lambda: sum(cell_memory(str(tmp_path / "w1")).values()))
         assert simulated.read().limit == 512 * MiB and simulated.read().usage >= 64 * MiB

@@ -77,14 +77,19 @@ class TaskSupervisor:
                                     cell=None, completionTime=now())
             await self.status.event(ref, "Failed", message, warning=True)
 
-    async def stop(self, body: Any) -> None:
-        """The object is being deleted: stop its run at once and leave nothing behind."""
+    async def start(self) -> None:
+        """After the startup sweep, before the first task (a fleet replica joins here)."""
+
+    async def stop(self, body: Any) -> str | None:
+        """The object is being deleted: stop its run at once and leave nothing behind.
+        Returns why deletion must wait (a fleet: another replica still runs the cell), or None."""
         ref = TaskRef.from_body(body)
         run = self._runs.get(ref.uid)
         if run is not None:
             run.cancel()
             await asyncio.wait([run])  # the run tears its cell down before it ends
         await self.reap(ref, body.get("status") or {})
+        return None
 
     async def shutdown(self) -> None:
         """Operator stopping: stop every cell; the tasks go back to Pending and run again on
@@ -107,11 +112,10 @@ class TaskSupervisor:
 
     async def _run(self, ref: TaskRef, raw_spec: dict, generation: int | None, attempt: int) -> None:
         try:
-            gate = self.engine.capacity
-            if gate.would_wait():
-                await self.status.phase(ref, Phase.PENDING, f"waiting for capacity: {gate.in_use}/{gate.limit} agents busy",
-                                        generation, reason="WaitingForCapacity")
-            async with gate.slot((ref.creation, ref.namespace, ref.name)):
+            async def waiting(reason: str, message: str) -> None:  # WaitingForCapacity or WaitingForMemory
+                await self.status.phase(ref, Phase.PENDING, message, generation, reason=reason)
+
+            async with self.engine.capacity.slot((ref.creation, ref.namespace, ref.name), on_reason=waiting):
                 result, pushed = await self._execute(ref, AgentTaskSpec.model_validate(raw_spec), generation, attempt)
             await self._finish(ref, result, pushed, generation)
         except asyncio.CancelledError:
@@ -156,6 +160,7 @@ class TaskSupervisor:
         result = await run_task(task, self.engine, report, cell_id=ref.cell_id, take_capacity=False)
         pushed = False
         if result.succeeded and spec.repository.push:
+            await self._before_push(ref)
             try:
                 await asyncio.to_thread(self.mirrors.push, mirror, task.branch, spec.repository.url, credentials)
                 pushed = True
@@ -165,6 +170,9 @@ class TaskSupervisor:
                 result.outcome, result.reason = Outcome.FAILED, Reason.PUSH_FAILED
                 result.message = f"committed {result.commit} but the push failed: {exc}"
         return result, pushed
+
+    async def _before_push(self, ref: TaskRef) -> None:
+        """Last check before the irreversible step (a fleet: the task is still ours)."""
 
     async def _finish(self, ref: TaskRef, result: TaskResult, pushed: bool, generation: int | None) -> None:
         phase = Phase.SUCCEEDED if result.succeeded else Phase.FAILED

@@ -83,8 +83,9 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                         confined=engine.confinement.enabled)
     committed = False
     try:
-        if gate is not None and gate.would_wait():
-            await phases.enter(Phase.PENDING, f"waiting for capacity: {gate.in_use}/{gate.limit} agents busy")
+        waiting = gate.wait_reason() if gate is not None else None
+        if waiting is not None:  # "waiting for capacity: ..." or "waiting for memory: ..."
+            await phases.enter(Phase.PENDING, waiting[1])
         async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
             time_box = asyncio.timeout(spec.timeout)
             try:
