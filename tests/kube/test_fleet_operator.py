@@ -21,6 +21,17 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.processes import find_marked_processes
+from reactor.testing.fleet import (
+    all_terminal,
+    apply_all,
+    conversations,
+    fix_task,
+    fleet_args,
+    kill_pod,
+    most_at_once,
+    tasks,
+    wait_until,
+)
 from reactor.testing.operator_process import operators
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
 from tests.conftest import git, make_repo
@@ -46,9 +57,7 @@ def fleet(crd_installed, namespace, tmp_path):
         def replica(index: int, *args: str):
             work = tmp_path / f"replica-{index}"
             work_dirs.append(work)
-            first = 18500 + 100 * index
-            return start("--fleet", f"--replica-id=r{index}", f"--lease-namespace={namespace}",
-                         f"--lease-duration={LEASE}s", f"--port-range={first}-{first + 100}", *args, work_dir=work)
+            return start(*fleet_args(index, namespace, LEASE, *args), work_dir=work)
         yield replica
     leaked = [p for work in work_dirs for p in find_marked_processes(str(work.resolve()))]
     for process in leaked:
@@ -57,62 +66,7 @@ def fleet(crd_installed, namespace, tmp_path):
 
 
 def manifest(name: str, origin: Path, model: ScriptedModel) -> dict:
-    return {"apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask", "metadata": {"name": name},
-            "spec": {"description": "Fix add", "prompt": f"{name}: fix add() in calc.py so the tests pass",
-                     "repository": {"url": f"file://{origin}", "branch": "main"},
-                     "resultBranch": f"reactor/{name}", "test": {"command": "python3 -m pytest -q"},
-                     "agent": {"config": model.opencode_config()}, "timeout": "5m"}}
-
-
-def apply_all(cluster, namespace: str, objects: list[dict]) -> None:
-    out = cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                          input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
-    assert out.returncode == 0, out.stderr
-
-
-def tasks(cluster, namespace: str) -> dict[str, dict]:
-    out = cluster.kubectl("get", "-n", namespace, "agenttasks", "-o", "json")
-    return {o["metadata"]["name"]: o for o in json.loads(out.stdout)["items"]}
-
-
-def wait_until(predicate, timeout: float, what: str, log=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s\n{log()}")
-        time.sleep(0.2)
-
-
-def all_terminal(cluster, namespace: str, count: int):
-    objs = tasks(cluster, namespace)
-    done = {n: o for n, o in objs.items() if (o.get("status") or {}).get("phase") in ("Succeeded", "Failed")}
-    return objs if len(done) == count else None
-
-
-def conversations(model: ScriptedModel) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per task: each cell (its working directory) that talked to the model, first request to
-    last answer. A cell's directory lies in its replica's work dir."""
-    spans: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for request in model.requests:
-        if not request.get("scenario") or not request.get("workdir"):
-            continue
-        task = request["scenario"].rstrip(":")
-        start, end = request["time"], request.get("answered", time.time())
-        span = spans[task].setdefault(request["workdir"], [start, end])
-        span[0], span[1] = min(span[0], start), max(span[1], end)
-    return {task: {cell: (s, e) for cell, (s, e) in cells.items()} for task, cells in spans.items()}
-
-
-def most_at_once(intervals: list[tuple[float, float]]) -> int:
-    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    most = current = 0
-    for _, delta in edges:
-        current += delta
-        most = max(most, current)
-    return most
+    return fix_task(name, origin, model.opencode_config())
 
 
 def replica_of(cell_dir: str, work_dirs: dict[str, Path]) -> str:
@@ -136,7 +90,7 @@ def test_three_replicas_share_24_tasks_each_run_once_and_pushed_once(fleet, crd_
         objs = wait_until(lambda: all_terminal(crd_installed, namespace, len(names)), 600, "all 24 terminal",
                           lambda: "\n".join(r.log()[-3000:] for r in replicas))
         took = time.monotonic() - started
-        talks = conversations(model)
+        talks = conversations(model.requests)
 
     phases = {n: o["status"]["phase"] for n, o in objs.items()}
     assert set(phases.values()) == {"Succeeded"}, {n: (o["status"]["phase"], o["status"].get("message"))
@@ -180,19 +134,6 @@ def _seconds(stamp: str) -> float:
     return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
 
 
-def kill_pod(replica) -> None:
-    """What a node failure or `kubectl delete pod --force` does: the operator and every process
-    in its pod die at once (the pod's cgroup is killed)."""
-    cells = find_marked_processes(str(replica.work_dir.resolve()))
-    os.killpg(replica.process.pid, signal.SIGKILL)
-    for process in cells:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    replica.process.wait()
-
-
 def test_a_killed_replicas_tasks_are_adopted_and_finish(fleet, crd_installed, namespace, origin):
     replicas = [fleet(i, "--max-agents=2") for i in range(3)]
     names = [f"k{i}" for i in range(9)]
@@ -220,7 +161,7 @@ def test_a_killed_replicas_tasks_are_adopted_and_finish(fleet, crd_installed, na
         failover = time.monotonic() - killed
         objs = wait_until(lambda: all_terminal(crd_installed, namespace, len(names)), 400, "all terminal",
                           lambda: replicas[0].log() + replicas[2].log())
-        talks = conversations(model)
+        talks = conversations(model.requests)
 
     assert {o["status"]["phase"] for o in objs.values()} == {"Succeeded"}, \
         {n: o["status"].get("message") for n, o in objs.items()}
@@ -300,10 +241,11 @@ def test_memory_admission_keeps_cells_within_a_small_simulated_limit(crd_install
             return all_terminal(crd_installed, namespace, len(names))
 
         objs = wait_until(finished, 400, "all terminal", op.log)
-        talks = conversations(model)
+        talks = conversations(model.requests)
         leaked = find_marked_processes(str(work.resolve()))
     assert not leaked
-    assert {o["status"]["phase"] for o in objs.values()} == {"Succeeded"}
+    assert {o["status"]["phase"] for o in objs.values()} == {"Succeeded"}, \
+        {n: o["status"].get("message") for n, o in objs.items()}
     at_once = most_at_once([span for cells in talks.values() for span in cells.values()])
     assert 1 <= at_once <= 2, at_once
     assert "WaitingForMemory" in reasons, reasons

@@ -23,7 +23,7 @@ def add_subparser(sub: Any) -> None:
                         help="admit cells within this much memory (e.g. 6Gi) instead of the container's cgroup limit")
     memory.add_argument("--cell-memory", default="600Mi",
                         help="a cell's peak memory until a larger one is measured (default: 600Mi)")
-    fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests/fleet)")
+    fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests-fleet)")
     fleet.add_argument("--fleet", action="store_true",
                        help="share the tasks with other replicas through Leases and claims")
     fleet.add_argument("--replica-id", default=None,
