@@ -11,14 +11,15 @@ OPENCODE_SEED := .tools/opencode-seed
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 export REACTOR_OPENCODE_SEED := $(abspath $(OPENCODE_SEED))
 
-.PHONY: help setup venv opencode envtest test test-fast demo bench clean image deploy undeploy kind-up kind-load
+.PHONY: help setup venv opencode envtest test test-fast demo bench clean image deploy deploy-fleet undeploy kind-up kind-load
 IMAGE ?= reactor:0.1.0
 KIND_CLUSTER ?= reactor
 
 help:
 	@echo "make demo    - offline demo: local control plane + operator + scripted model"
 	@echo "make test    - full test suite (does its own setup)"
-	@echo "make bench   - benchmarks: cell vs bare opencode, operator vs reactor run (prints figures)"
+	@echo "make bench   - benchmarks: cell vs bare opencode, operator vs reactor run, memory per cell,"
+	@echo "               throughput of 1-3 replicas and failover (prints figures)"
 
 $(PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +66,8 @@ demo: setup
 bench: setup
 	$(PY) bench/cell_bootstrap.py
 	$(PY) bench/operator_overhead.py
+	$(PY) bench/cell_memory.py
+	$(PY) bench/fleet_throughput.py
 
 # Tests that need neither opencode nor a control plane (seconds).
 test-fast: venv
@@ -80,10 +83,15 @@ image:
 deploy:
 	kubectl apply -k manifests/
 
+# Several replicas sharing the tasks (a StatefulSet), instead of `make deploy`.
+deploy-fleet:
+	kubectl apply -k manifests-fleet/
+
 # Tasks first, while the operator still runs to remove their finalizers; otherwise
 # deleting the CRD waits forever.
 undeploy:
 	-kubectl delete agenttasks --all --all-namespaces --wait=true --timeout=120s
+	kubectl delete -k manifests-fleet/ --ignore-not-found  # the StatefulSet variant, if deployed
 	kubectl delete -k manifests/ --ignore-not-found
 
 kind-up:

@@ -81,8 +81,8 @@ async def alive_after_a_turn(name: str, env: dict[str, str], seeded: bool, cells
         runs = [asyncio.create_task(run_task(spec, engine)) for spec in specs]
         try:
             while sum(1 for r in model.requests if r["kind"] == "hang") < cells:
-                if time.monotonic() - started > 300:
-                    raise RuntimeError(f"{name}: cells did not all reach the held call in 300 s")
+                if time.monotonic() - started > 900:
+                    raise RuntimeError(f"{name}: cells did not all reach the held call in 900 s")
                 if any(run.done() for run in runs):
                     failed = [run.result() for run in runs if run.done()]
                     raise RuntimeError(f"{name}: a cell ended early: {failed[0].reason}: {failed[0].message}")

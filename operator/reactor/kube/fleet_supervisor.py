@@ -75,6 +75,7 @@ class FleetSupervisor(TaskSupervisor):
         self.status = FencedStatusWriter(api_client, self.fleet, on_lost=self._lost)
         self.known: dict[str, dict] = {}  # every task of the watched namespaces, as last seen
         self._holding: set[str] = set()  # uids whose run holds a claim (the others wait for a slot)
+        self._deleting: set[str] = set()  # held runs stopped because their object is being deleted
 
     async def start(self) -> None:
         await self.fleet.start()
@@ -96,6 +97,11 @@ class FleetSupervisor(TaskSupervisor):
                 run.cancel()  # gone: stop at once (its teardown needs nothing of the object)
             return
         self.known[uid] = body
+        if body["metadata"].get("deletionTimestamp") and uid in self._holding and uid not in self._deleting:
+            # Deleted while it runs here: stop at once and give the claim up, so whichever
+            # replica's on.delete comes next may let the object go.
+            self._deleting.add(uid)
+            self._runs[uid].cancel()
         self._consider(body)
 
     async def _rescan(self) -> None:
@@ -148,6 +154,9 @@ class FleetSupervisor(TaskSupervisor):
                 with contextlib.suppress(Exception):
                     await self.status.phase(ref, Phase.PENDING, "replica stopped; another replica runs the task",
                                             self._generation(ref), reason="OperatorShutdown", cell=None, claim=None)
+            elif ref.uid in self._deleting and self.fleet.holds(ref):
+                with contextlib.suppress(Exception):  # the cell is gone: nothing left to wait for
+                    await self.fleet.patch_status(ref, {"cell": None, "claim": None})
             raise
         except ClaimLost as exc:
             log.warning("%s: %s; stopped without writing", ref, exc)
@@ -159,6 +168,7 @@ class FleetSupervisor(TaskSupervisor):
                                             reason=Reason.INTERNAL_ERROR.value, cell=None, completionTime=now())
         finally:
             self._holding.discard(ref.uid)
+            self._deleting.discard(ref.uid)
             self.fleet.release(ref)
 
     def _generation(self, ref: TaskRef) -> int | None:
@@ -229,13 +239,15 @@ class FleetSupervisor(TaskSupervisor):
 
     async def stop(self, body: Any) -> str | None:
         ref = TaskRef.from_body(body)
-        claim = (body.get("status") or {}).get("claim") or {}
+        status = body.get("status") or {}
+        claim = status.get("claim") or {}
         if claim.get("replica") and claim["replica"] != self.fleet.replica:
             run = self._runs.get(ref.uid)  # at most a waiter of ours
             if run is not None:
                 run.cancel()
                 await asyncio.wait([run])
-            if self.fleet.claim_alive(claim):
+            # A finished task has no cell any more (its final status is written after teardown).
+            if status.get("phase") not in TERMINAL and self.fleet.claim_alive(claim):
                 return f"replica {claim['replica']} runs this task's cell; waiting for it to stop it"
             return None  # nothing of ours to reap: the cell lived in another replica's pod
         return await super().stop(body)
