@@ -46,10 +46,14 @@ _ENVS: dict[str, dict[str, str]] = {
     "ram256": {"BUN_JSC_forceRAMSize": str(256 * MiB)},
     "ram192": {"BUN_JSC_forceRAMSize": str(192 * MiB)},
     "ram128": {"BUN_JSC_forceRAMSize": str(128 * MiB)},
-    "ram256+purge": {"BUN_JSC_forceRAMSize": str(256 * MiB), "MIMALLOC_PURGE_DELAY": "0"},
     "ram128+purge": {"BUN_JSC_forceRAMSize": str(128 * MiB), "MIMALLOC_PURGE_DELAY": "0"},
     "purge": {"MIMALLOC_PURGE_DELAY": "0"},
     "ram256+nojit": {"BUN_JSC_forceRAMSize": str(256 * MiB), "BUN_JSC_useJIT": "0"},
+    "ram256+purge": {"BUN_JSC_forceRAMSize": str(256 * MiB), "MIMALLOC_PURGE_DELAY": "0"},
+    # Bun's own collector switches: level 1 collects on more occasions; the timer runs its
+    # idle collection more often (default every 1000 ms).
+    "ram256+gc1": {"BUN_JSC_forceRAMSize": str(256 * MiB), "BUN_GARBAGE_COLLECTOR_LEVEL": "1"},
+    "ram256+gctimer": {"BUN_JSC_forceRAMSize": str(256 * MiB), "BUN_GC_TIMER_INTERVAL": "100"},
 }
 # "<env>+seed": the cell's OpenCode config dir is pre-seeded with the finished install of
 # @opencode-ai/plugin ($REACTOR_OPENCODE_SEED, built by `make opencode`), so the server skips

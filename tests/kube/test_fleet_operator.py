@@ -192,7 +192,8 @@ def test_a_replica_that_slept_through_its_lease_stops_its_cells_and_changes_noth
         apply_all(crd_installed, namespace, [manifest("nap", origin, model)])
         # Whichever replica claims it is frozen mid-turn (the model holds its answer for 4 s).
         obj = wait_until(lambda: (lambda o: o if (o.get("status") or {}).get("phase") == "Executing" else None)(
-            tasks(crd_installed, namespace).get("nap") or {}), 120, "Executing")
+            tasks(crd_installed, namespace).get("nap") or {}), 120, "Executing",
+            lambda: "\n".join(r.log() for r in replicas.values()) + json.dumps((tasks(crd_installed, namespace).get("nap") or {}).get("status"), indent=1))
         holder = obj["status"]["claim"]["replica"]
         adopter_id = "r1" if holder == "r0" else "r0"
         frozen, adopter = replicas[holder], replicas[adopter_id]
