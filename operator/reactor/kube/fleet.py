@@ -388,10 +388,10 @@ class Fleet:
                 return False
             raise
 
-    async def patch_status(self, ref: TaskRef, status: dict[str, Any]) -> bool:
+    async def patch_status(self, ref: TaskRef, status: dict[str, Any]) -> None:
         """Write a held task's status, only while the API server still records our claim (a JSON
-        patch led by a `test` of /status/claim/holder). False when the object is gone; raises
-        ClaimLost when the claim is not ours (anymore)."""
+        patch led by a `test` of /status/claim/holder). Raises ClaimLost when the claim is not
+        ours (anymore); other API errors (404: the object is gone) propagate."""
         holder = self._held.get(ref.uid)
         if holder is None or holder != self.holder or not self.holds_lease():
             raise ClaimLost(f"{ref}: not held by {self.holder}")
@@ -400,14 +400,11 @@ class Fleet:
         try:
             await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
                                     ref.namespace, PLURAL, ref.name, operations, _content_type=JSON_PATCH)
-            return True
         except ApiException as exc:
-            if exc.status == 404:
-                return False
             if exc.status == 422:
                 # A failed `test` is a bare 422 "Invalid" with no details: look at the claim.
                 current = await self.read(ref)
-                if (((current or {}).get("status") or {}).get("claim") or {}).get("holder") != holder:
+                if current is not None and ((current.get("status") or {}).get("claim") or {}).get("holder") != holder:
                     self._held.pop(ref.uid, None)
                     raise ClaimLost(f"{ref}: the claim moved away from {holder}") from None
             raise
@@ -417,8 +414,11 @@ class Fleet:
 
     async def confirm(self, ref: TaskRef, margin: float) -> bool:
         """Right before an irreversible step (the push): we still hold the task on the API
-        server, and our Lease holds for ``margin`` more seconds."""
-        if not self.holds(ref) or not self.holds_lease(margin):
+        server, and our Lease holds for ``margin`` more seconds (waiting for the next renewal
+        if it is due; False once we are fenced)."""
+        while self.holds(ref) and not self.holds_lease(margin):
+            await asyncio.sleep(0.05)
+        if not self.holds(ref):
             return False
         body = await self.read(ref)
         claim = ((body or {}).get("status") or {}).get("claim") or {}

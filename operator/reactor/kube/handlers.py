@@ -44,6 +44,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     # The resource is known; without this kopf lists CRDs and namespaces cluster-wide,
     # which least-privilege RBAC refuses (and kopf retries for ~1 minute).
     settings.scanning.disabled = True
+    confinement = memo.supervisor.engine.confinement.status
+    (logger.info if confinement.confined else logger.warning)("%s", confinement.message)
     for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir):
         logger.warning("startup cleanup: %s", line)
     await memo.supervisor.start()

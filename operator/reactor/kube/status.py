@@ -1,5 +1,9 @@
 """Writes what the engine reports into an AgentTask's status subresource and Events.
 
+One owner: a run's ``TaskStatus`` is the only writer of its task's status. It writes each
+phase once, in the order the workflow enters them (one merge patch and one Event per
+phase), the terminal phase with the result once, and nothing after it.
+
 Status is written with JSON merge patches to /status (no resourceVersion: the operator
 is the only writer of these fields, and kopf's own bookkeeping lives in other keys).
 The kubernetes client is synchronous, so calls run in a thread.
@@ -16,15 +20,15 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from reactor.kube.resource import GROUP, PLURAL, VERSION, TaskRef
-from reactor.workflow.types import CellInfo, Phase, TaskResult
+from reactor.kube.resource import GROUP, PLURAL, VERSION, TaskRef, format_time
+from reactor.workflow.types import CellInfo, Phase, PhaseEvent, Reason, TaskResult
 
 log = logging.getLogger(__name__)
 COMPONENT = "reactor-operator"
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(dt.datetime.now(dt.timezone.utc).timestamp())
 
 
 def succeeded_condition(status: str, reason: str, message: str, generation: int | None) -> dict[str, Any]:
@@ -43,16 +47,27 @@ def cell_status(cell: CellInfo, cell_id: str) -> dict[str, Any]:
             "sessionId": cell.session_id, "cellId": cell_id}
 
 
-def result_status(result: TaskResult, pushed: bool) -> dict[str, Any]:
+def result_status(result: TaskResult) -> dict[str, Any]:
     return {
         "outcome": result.outcome.value,
         "branch": result.branch,
         "commit": result.commit,
         "shortCommit": result.commit[:7] if result.commit else None,
-        "pushed": pushed,
+        "pushed": result.pushed,
         "filesChanged": result.files_changed,
         "testExitCode": result.test_exit_code,
         "testOutputTail": result.test_output_tail[-2000:],
+    }
+
+
+def phase_status(phase: Phase, message: str, generation: int | None, reason: str | None = None) -> dict[str, Any]:
+    """The fields every phase write sets: phase, message and the Succeeded condition."""
+    condition_status = "Unknown" if not phase.terminal else ("True" if phase is Phase.SUCCEEDED else "False")
+    return {
+        "phase": phase.value,
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": [succeeded_condition(condition_status, reason or phase.value, message, generation)],
     }
 
 
@@ -73,21 +88,35 @@ def _api_message(exc: ApiException) -> str:
         return f"{exc.status} {exc.reason}"
 
 
+def confined_condition(confined: bool, message: str, generation: int | None) -> dict[str, Any]:
+    """Whether the task's cell runs under Landlock: never a silent downgrade."""
+    return {
+        "type": "Confined",
+        "status": "True" if confined else "False",
+        "reason": "Landlock" if confined else "Unconfined",
+        "message": message[:1024],
+        "observedGeneration": generation,
+        "lastTransitionTime": now(),
+    }
+
+
 class StatusWriter:
-    def __init__(self, api_client: k8s.ApiClient):
+    def __init__(self, api_client: k8s.ApiClient, confinement: tuple[bool, str] = (False, "")):
+        self.confinement = confinement  # (confined, message), the same for every task of this operator
         self.custom = k8s.CustomObjectsApi(api_client)
         self.core = k8s.CoreV1Api(api_client)
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def patch(self, ref: TaskRef, status: dict[str, Any]) -> bool:
-        """Merge ``status`` into the object's status. False when the object is gone."""
+        """Merge ``status`` into the object's status. False when the object is gone.
+        Conditions always carry Confined beside Succeeded (a merge patch replaces the list)."""
+        if "conditions" in status:
+            status = {**status, "conditions": [*status["conditions"],
+                                               confined_condition(*self.confinement, status.get("observedGeneration"))]}
         lock = self._locks.setdefault(ref.uid, asyncio.Lock())
         async with lock:  # keep one object's patches in the order they were made
             try:
-                await asyncio.to_thread(
-                    self.custom.patch_namespaced_custom_object_status,
-                    GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": status},
-                )
+                await self._send(ref, status)
                 return True
             except ApiException as exc:
                 if exc.status == 404:
@@ -100,17 +129,10 @@ class StatusWriter:
                     raise PermissionError(message) from None
                 raise
 
-    async def phase(self, ref: TaskRef, phase: Phase, message: str, generation: int | None,
-                    reason: str | None = None, **extra: Any) -> bool:
-        condition_status = "Unknown" if not phase.terminal else ("True" if phase is Phase.SUCCEEDED else "False")
-        status = {
-            "phase": phase.value,
-            "message": message,
-            "observedGeneration": generation,
-            "conditions": [succeeded_condition(condition_status, reason or phase.value, message, generation)],
-            **extra,
-        }
-        return await self.patch(ref, status)
+    async def _send(self, ref: TaskRef, status: dict[str, Any]) -> None:
+        """The write itself: a merge patch of /status (a fleet replica's is fenced, see kube/fleet.py)."""
+        await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status,
+                                GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": status})
 
     async def event(self, ref: TaskRef, reason: str, message: str, warning: bool = False) -> None:
         """Post a core/v1 Event about the task. IG: an event that cannot be posted is logged."""
@@ -136,3 +158,66 @@ class StatusWriter:
         except ApiException as exc:
             log.warning("%s: cannot post event %s: %s %s", ref, reason, exc.status, exc.reason)
 
+
+
+class TaskStatus:
+    """The one writer of one run's status (see the module doc). ``report`` is the workflow's
+    phase callback; ``finish`` and ``requeue`` are for verdicts the supervisor reaches
+    without a run (a missing Secret, restarts used up) and for the operator stopping."""
+
+    def __init__(self, writer: StatusWriter, ref: TaskRef, generation: int | None, attempt: int,
+                 previous_result: dict[str, Any] | None = None):
+        self.writer, self.ref, self.generation, self.attempt = writer, ref, generation, attempt
+        self.previous_result = previous_result  # a resumed push: what the first run recorded
+        self.phase: Phase | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is not None and self.phase.terminal
+
+    async def report(self, event: PhaseEvent) -> None:
+        if self.finished:
+            return
+        if event.result is not None:
+            await self.finish(event.result)
+            return
+        if event.update:  # news within the phase: where the cell lives now, no new phase or Event
+            await self.writer.patch(self.ref, {"message": event.message, "cell": cell_status(event.cell, self.ref.cell_id)})
+            return
+        status = phase_status(event.phase, event.message, self.generation, event.reason.value if event.reason else None)
+        status["cell"] = cell_status(event.cell, self.ref.cell_id) if event.cell.worktree else None
+        if event.phase is Phase.BOOTSTRAPPING:
+            status["attempts"] = self.attempt
+            if event.started_at is not None:
+                status["startTime"] = format_time(event.started_at)
+        if event.phase is Phase.PUSHING and event.commit:
+            # Recorded before the push: an operator that dies now resumes at the push, with this commit.
+            status["result"] = {"outcome": "committed", "commit": event.commit, "shortCommit": event.commit[:7]}
+        self.phase = event.phase
+        await self.writer.patch(self.ref, status)
+        await self.writer.event(self.ref, event.phase.value, event.message or event.phase.value)
+
+    async def finish(self, result: TaskResult) -> None:
+        if self.finished:
+            return
+        phase = Phase.SUCCEEDED if result.succeeded else Phase.FAILED
+        outcome = result_status(result)
+        if self.previous_result:  # keep what the first run recorded (files, test exit code)
+            outcome = {**self.previous_result, **{k: v for k, v in outcome.items() if v not in (None, [], "")}}
+        status = phase_status(phase, result.message, self.generation, result.reason.value)
+        status.update(cell=None, completionTime=now(), result=outcome, usage=usage_status(result),
+                      phaseDurations=result.phase_durations)
+        self.phase = phase
+        await self.writer.patch(self.ref, status)
+        await self.writer.event(self.ref, phase.value, f"{result.reason.value}: {result.message}",
+                                warning=not result.succeeded)
+
+    async def requeue(self, reason: Reason, message: str) -> None:
+        """Back to Pending (the operator stops): the task runs again on its next start."""
+        if self.finished:
+            return
+        status = phase_status(Phase.PENDING, message, self.generation, reason.value)
+        status["cell"] = None
+        self.phase = Phase.PENDING
+        await self.writer.patch(self.ref, status)
+        await self.writer.event(self.ref, reason.value, message, warning=True)

@@ -13,9 +13,13 @@ conversation's first user message (the prompt), so many cells can share one serv
 
 Which step to play is derived from the conversation itself (the number of assistant
 turns already in ``messages``), so the server is stateless and safe for parallel
-conversations. Only ``fail`` and ``hang`` keep state (a per-step counter): they
-fire ``times`` times and are then skipped, so a retry gets past them. They never
+conversations. Only ``fail``, ``hang`` and ``empty`` keep state (a per-step counter):
+they fire ``times`` times and are then skipped, so a retry gets past them. They never
 produce an assistant turn, so they do not shift the numbering of the other steps.
+
+Concurrency is counted where it happens: ``peak_in_flight`` is the largest number of
+distinct scenarios (cells) that had a request open at the same moment, updated under a
+lock as each request starts and ends (give steps a ``delay`` so that cells overlap).
 
 Requests that carry no ``tools`` (OpenCode's own auxiliary calls, such as session title
 generation) and conversations that match no scenario get a short plain-text answer.
@@ -54,6 +58,9 @@ __all__ = [
     "text",
     "fail",
     "hang",
+    "wait_for",
+    "set_event",
+    "empty",
     "DEFAULT_MODEL",
     "PROVIDER_ID",
 ]
@@ -62,6 +69,8 @@ PROVIDER_ID = "scripted"
 DEFAULT_MODEL = "scripted-1"
 AUXILIARY_ANSWER = "Scripted task"
 UNMATCHED_ANSWER = "No scripted scenario matches this conversation."
+# How long a ``together`` step waits for its peers before answering anyway.
+TOGETHER_TIMEOUT = 60.0
 # Default per-step token usage reported in the final chunk.
 DEFAULT_USAGE = (100, 20)
 
@@ -73,7 +82,7 @@ DEFAULT_USAGE = (100, 20)
 class Step:
     """One model answer. Build steps with the helper functions below."""
 
-    kind: str  # "tool" | "text" | "fail" | "hang"
+    kind: str  # "tool" | "text" | "fail" | "hang" | "empty" | "wait" | "set"
     tool: str | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
     content: str = ""
@@ -81,38 +90,51 @@ class Step:
     times: int = 1
     usage: tuple[int, int] = DEFAULT_USAGE
     retry_after: float | None = None
+    event: threading.Event | None = field(default=None, compare=False)
+    delay: float = 0.0  # seconds the server waits before answering (holds the request open)
+    together: int = 0  # hold the request until this many scenarios have had one open at once (peak_in_flight)
 
     @property
     def stateful(self) -> bool:
-        """fail/hang steps fire a number of times and produce no assistant turn."""
-        return self.kind in ("fail", "hang")
+        """fail/hang/empty/wait/set steps fire a number of times and produce no assistant turn."""
+        return self.kind in ("fail", "hang", "empty", "wait", "set")
 
 
-def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0,
+          together: int = 0) -> Step:
     """OpenCode's ``write`` tool. A relative path is resolved against the working
     directory OpenCode reports in its system prompt."""
-    return Step("tool", tool="write", arguments={"filePath": path, "content": content}, usage=usage)
+    return Step("tool", tool="write", arguments={"filePath": path, "content": content}, usage=usage, delay=delay,
+                together=together)
 
 
-def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0,
+         together: int = 0) -> Step:
     """OpenCode's ``edit`` tool: replace the exact string ``old`` (which must occur once)
-    with ``new``. OpenCode 1.18 does not require a prior ``read``."""
+    with ``new``. OpenCode 1.18 does not require a prior ``read``.
+
+    ``delay`` holds the request open that long before answering; ``together`` holds it
+    until ``peak_in_flight`` reaches that many scenarios (cells) with a request open at
+    once (or TOGETHER_TIMEOUT passes), so a test sees a concurrency limit reached rather
+    than hopes for overlap."""
     return Step(
         "tool",
         tool="edit",
         arguments={"filePath": path, "oldString": old, "newString": new},
         usage=usage,
+        delay=delay,
+        together=together,
     )
 
 
-def bash(command: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+def bash(command: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
     """OpenCode's ``bash`` tool (runs in the project directory)."""
-    return Step("tool", tool="bash", arguments={"command": command}, usage=usage)
+    return Step("tool", tool="bash", arguments={"command": command}, usage=usage, delay=delay)
 
 
-def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE) -> Step:
+def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0, together: int = 0) -> Step:
     """A plain text answer with finish_reason "stop": ends the agent's turn."""
-    return Step("text", content=content, usage=usage)
+    return Step("text", content=content, usage=usage, delay=delay, together=together)
 
 
 def fail(status: int = 500, times: int = 1, *, retry_after: float | None = None) -> Step:
@@ -131,6 +153,26 @@ def hang(times: int = 1) -> Step:
     if times < 1:
         raise ValueError("times must be >= 1")
     return Step("hang", times=times)
+
+
+def wait_for(event: threading.Event) -> Step:
+    """Hold this request until ``event`` is set (or the server stops), then answer it with
+    the next step: orders steps across conversations (cells) without sleeping."""
+    return Step("wait", event=event)
+
+
+def set_event(event: threading.Event) -> Step:
+    """Set ``event`` (releasing a ``wait_for`` elsewhere), then answer with the next step."""
+    return Step("set", event=event)
+
+
+def empty(times: int = 1) -> Step:
+    """Answer with a stream that holds no chunk at all (``data: [DONE]`` only), ``times``
+    times; then continue with the next step. A provider glitch OpenCode does not handle
+    well: it is how an agent stalls without failing."""
+    if times < 1:
+        raise ValueError("times must be >= 1")
+    return Step("empty", times=times)
 
 
 @dataclass(frozen=True)
@@ -215,7 +257,7 @@ def _model_turns(messages: list[dict[str, Any]]) -> int:
 
 @dataclass
 class _Decision:
-    kind: str  # "auxiliary" | "unmatched" | "tool" | "text" | "fail" | "hang" | "exhausted"
+    kind: str  # "auxiliary" | "unmatched" | "tool" | "text" | "fail" | "hang" | "empty" | "exhausted"
     scenario: str | None = None
     step_index: int | None = None
     step: Step | None = None
@@ -246,6 +288,9 @@ class ScriptedModel:
         self._lock = threading.Lock()
         self._fired: dict[tuple[int, int], int] = {}  # (scenario, step) -> times fired
         self._requests: list[dict[str, Any]] = []
+        self._in_flight: dict[str, int] = {}  # scenario -> requests open now
+        self._peak_in_flight = 0
+        self._in_flight_changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -299,6 +344,42 @@ class ScriptedModel:
         answer)."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most scenarios (cells) that had a request open at one moment (auxiliary
+        and unmatched requests are not counted)."""
+        with self._lock:
+            return self._peak_in_flight
+
+    def _enter(self, scenario: str | None) -> None:
+        if scenario is None:
+            return
+        with self._lock:
+            self._in_flight[scenario] = self._in_flight.get(scenario, 0) + 1
+            self._peak_in_flight = max(self._peak_in_flight, len(self._in_flight))
+            self._in_flight_changed.notify_all()
+
+    def _wait_for_peers(self, count: int) -> None:
+        deadline = time.monotonic() + TOGETHER_TIMEOUT
+        with self._lock:
+            # The peak, not the current count: once reached, every waiter goes (the first
+            # to answer must not hold the others back by leaving).
+            while self._peak_in_flight < count and not self._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._in_flight_changed.wait(min(left, 0.1))
+
+    def _leave(self, scenario: str | None) -> None:
+        if scenario is None:
+            return
+        with self._lock:
+            left = self._in_flight.get(scenario, 1) - 1
+            if left:
+                self._in_flight[scenario] = left
+            else:
+                self._in_flight.pop(scenario, None)
 
     def opencode_config(self, *, permissions: dict[str, Any] | None = None) -> dict[str, Any]:
         """Config to merge into OpenCode's (e.g. JSON in OPENCODE_CONFIG_CONTENT)."""
@@ -388,6 +469,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         server = self.model_server
         decision = server._decide(body)
+        while decision.kind in ("wait", "set"):  # synchronisation steps: act, then answer with the next
+            assert decision.step is not None and decision.step.event is not None
+            if decision.kind == "set":
+                decision.step.event.set()
+            else:
+                while not decision.step.event.wait(0.1):
+                    if server._stopping.is_set():
+                        return
+            decision = server._decide(body)
         entry: dict[str, Any] = {
             "time": time.time(),
             "path": self.path,
@@ -398,17 +488,24 @@ class _Handler(BaseHTTPRequestHandler):
             "workdir": _working_directory(body.get("messages") or []),
         }
         server._log(entry)
-        if server.latency and decision.kind != "hang" and server._stopping.wait(server.latency):
-            self.close_connection = True  # the server is stopping: do not answer
-            return
+        server._enter(decision.scenario)
         try:
-            self._reply(decision, body, entry)
+            if server.latency and decision.kind != "hang" and server._stopping.wait(server.latency):
+                self.close_connection = True  # the server is stopping: do not answer
+                return
+            self._play(decision, entry, body)
         finally:
             entry["answered"] = time.time()
+            server._leave(decision.scenario)
 
-    def _reply(self, decision: _Decision, body: dict[str, Any], entry: dict[str, Any]) -> None:
+    def _play(self, decision: _Decision, entry: dict[str, Any], body: dict[str, Any]) -> None:
         step = decision.step
         stream = bool(body.get("stream"))
+        if step is not None and step.delay and self.model_server._stopping.wait(step.delay):
+            self.close_connection = True
+            return
+        if step is not None and step.together:
+            self.model_server._wait_for_peers(step.together)
         if decision.kind == "fail":
             assert step is not None
             entry["answer"] = f"http {step.status}"
@@ -424,6 +521,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif decision.kind == "hang":
             entry["answer"] = "hang"
             self._hang()
+        elif decision.kind == "empty":
+            entry["answer"] = "empty"
+            data = b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif decision.kind == "tool":
             assert step is not None
             arguments = dict(step.arguments)

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reactor.infra.memory import MemoryReading
+from reactor.workflow.types import Reason
 
-WAITING_FOR_CAPACITY = "WaitingForCapacity"
-WAITING_FOR_MEMORY = "WaitingForMemory"
+WAITING_FOR_CAPACITY, WAITING_FOR_MEMORY = Reason.WAITING_FOR_CAPACITY, Reason.WAITING_FOR_MEMORY
 MiB = 1 << 20
 
 # Called with (reason, message) when a waiter starts waiting and whenever its reason changes.
-ReasonCallback = Callable[[str, str], Awaitable[None]]
+ReasonCallback = Callable[[Reason, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class _Waiter:
     tie: int
     future: asyncio.Future = field(compare=False)
     changed: asyncio.Event = field(compare=False, default_factory=asyncio.Event)
-    reason: tuple[str, str] | None = field(compare=False, default=None)
+    reason: tuple[Reason, str] | None = field(compare=False, default=None)
 
 
 class CapacityGate:
@@ -94,7 +94,7 @@ class CapacityGate:
     def would_wait(self) -> bool:
         return self.wait_reason() is not None
 
-    def wait_reason(self) -> tuple[str, str] | None:
+    def wait_reason(self) -> tuple[Reason, str] | None:
         """(reason, message) a new task would wait for now, or None if it would start."""
         if self.in_use >= self.limit:
             return WAITING_FOR_CAPACITY, f"waiting for capacity: {self.in_use}/{self.limit} agents busy"

@@ -31,6 +31,16 @@ def light_cell_env() -> dict[str, str]:
     return {"BUN_JSC_forceRAMSize": str(256 * MiB)}
 
 
+CELL_PERMISSIONS = {
+    "read": "allow", "edit": "allow", "glob": "allow", "grep": "allow", "list": "allow", "bash": "allow",
+    "task": "allow", "todowrite": "allow", "lsp": "allow", "skill": "allow", "webfetch": "allow",
+    "websearch": "allow",
+    "external_directory": "deny",  # outside the worktree (a check on the command text, not a sandbox)
+    "question": "deny",  # asks the user, and there is none
+    "doom_loop": "deny",  # the same call repeated: refuse it, the agent sees why
+}
+
+
 def default_work_dir() -> Path:
     """$REACTOR_WORK_DIR, else $XDG_STATE_HOME/reactor (~/.local/state/reactor)."""
     explicit = os.environ.get("REACTOR_WORK_DIR")
@@ -58,10 +68,16 @@ class EngineSettings:
     # Servers starting at once. A start is ~1.2 s of CPU: ten at once on 2 cores all miss
     # the health timeout, and BOOT_RETRY would restart them all at once again.
     max_starting: int = field(default_factory=lambda: os.cpu_count() or 2)
-    health_timeout: float = 10.0
+    # A cold start is ~2 s on an idle machine but 12-15 s on a busy 2-core one (measured):
+    # a slow start is not a failed one, and BOOT_RETRY has only 2 restarts per task.
+    # $REACTOR_HEALTH_TIMEOUT changes the default (the test suite raises it).
+    health_timeout: float = field(default_factory=lambda: float(os.environ.get("REACTOR_HEALTH_TIMEOUT", "30")))
     # OpenCode has no graceful shutdown to wait for (it dies by SIGTERM's default action, or
     # ignores it while npm unpacks): a short grace, then SIGKILL.
     stop_grace: float = 0.2
+    # No progress (no new message part, tool call or token) for this long ends a turn with
+    # AgentStalled, instead of a stuck agent burning CPU until the time box.
+    stall_timeout: float = 300.0
     # The CLI hands its own environment to servers (the user's API keys); the operator does not.
     inherit_env: bool = True
     # Added to every server's environment (below the task's own variables).
@@ -74,12 +90,14 @@ class EngineSettings:
     cell_memory: int = 600 * MiB
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
     confinement: ConfinementSettings = field(default_factory=ConfinementSettings)
-    # Base OpenCode config for every cell: a headless agent has nobody to answer a
-    # permission prompt, and must not reach outside its worktree.
+    # Base OpenCode config for every cell. A headless agent has nobody to answer a
+    # permission prompt, so every permission OpenCode 1.18 knows is set here (a key left
+    # out defaults to `ask`, e.g. doom_loop: opencode#16367); a prompt that still appears
+    # (a task's own config may ask for one) is refused at once (workflow/watch.py).
     base_opencode_config: dict = field(default_factory=lambda: {
         "autoupdate": False,
         "share": "disabled",
-        "permission": {"edit": "allow", "bash": "allow", "webfetch": "allow", "external_directory": "deny"},
+        "permission": dict(CELL_PERMISSIONS),
     })
 
 

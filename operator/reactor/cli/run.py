@@ -1,102 +1,39 @@
-"""`reactor`: run tasks from the command line, clean up after crashes, run the operator,
-manage a local dev cluster."""
+"""`reactor run`: one task, or several with --parallel, without Kubernetes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from reactor import __version__
+from reactor.cli.common import EXIT_FAILED, EXIT_OK, add_engine_flags, engine_settings_from
 from reactor.durations import parse_duration
-from reactor.errors import ConfigurationError, ReactorError
-from reactor.infra.ports import DEFAULT_PORT_RANGE, PortRange
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-log = logging.getLogger("reactor")
+from reactor.errors import ConfigurationError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        return args.func(args)
-    except ConfigurationError as exc:
-        print(f"reactor: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ReactorError as exc:
-        print(f"reactor: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reactor", description="Run AI coding agents in isolated cells with Test-Commit-Revert.")
-    parser.add_argument("--version", action="version", version=f"reactor {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_subparser(sub: Any) -> None:
     run = sub.add_parser("run", help="run one task, or several with --parallel, without Kubernetes")
     run.add_argument("--task", required=True, help="task id (comma-separated with --parallel)")
     run.add_argument("--desc", default=None, help="description, used in the commit message (comma-separated with --parallel)")
     run.add_argument("--prompt", required=True, help="what the agent should do (comma-separated with --parallel)")
     run.add_argument("--parallel", action="store_true", help="run the comma-separated tasks at the same time")
-    _add_engine_flags(run)
+    add_engine_flags(run)
     run.add_argument("--repo", type=Path, default=Path.cwd(), help="git repository (default: current directory)")
     run.add_argument("--branch", default="main", help="base branch (default: main); never modified")
     run.add_argument("--test-cmd", default=None, help="test command (default: detected: make test, go test, npm test, pytest)")
     run.add_argument("--test-timeout", default="10m", help="time limit of the test command (default: 10m)")
+    run.add_argument("--protect", action="append", default=[], metavar="PATTERN",
+                     help="a path the agent must not change, .gitignore-style, e.g. 'tests/' (repeatable): "
+                          "a change to one fails the task with TestsModified and nothing is committed")
     run.add_argument("--model", default=None, help="provider/model, e.g. anthropic/claude-sonnet-4-5")
     run.add_argument("--opencode-config", type=Path, default=None, help="JSON file merged into the OpenCode server config")
     run.add_argument("--timeout", default="30m", help="whole-task time box (default: 30m)")
     run.add_argument("--json", action="store_true", help="print one JSON result per task on stdout")
     run.set_defaults(func=cmd_run)
-
-    cleanup = sub.add_parser("cleanup", help="kill servers and remove worktrees left by a crashed run")
-    cleanup.add_argument("--repo", type=Path, default=None, help="also remove this repository's leftover worktrees and branches")
-    cleanup.add_argument("--work-dir", type=Path, default=None, help="work dir of the crashed run (default: $REACTOR_WORK_DIR or ~/.local/state/reactor)")
-    cleanup.set_defaults(func=cmd_cleanup)
-
-    _add_optional_subcommands(sub)
-    return parser
-
-
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-agents", type=int, default=50, help="cells alive at once (default: 50)")
-    parser.add_argument("--port-range", default="%d-%d" % DEFAULT_PORT_RANGE, help="server ports, START-END with END excluded (default: 8000-9000)")
-    parser.add_argument("--work-dir", type=Path, default=None, help="worktrees and cell state (default: $REACTOR_WORK_DIR or ~/.local/state/reactor)")
-    parser.add_argument("--opencode-bin", default=None, help="opencode binary (default: $REACTOR_OPENCODE_BIN, then PATH)")
-
-
-def _add_optional_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Subcommands whose modules carry heavier imports (kopf, the control plane)."""
-    from reactor.devcluster import cli as devcluster_cli
-    from reactor.kube import cli as operator_cli
-
-    operator_cli.add_subparser(sub)
-    devcluster_cli.add_subparser(sub)
-
-
-def engine_settings_from(args: argparse.Namespace, **overrides):
-    from reactor.workflow.engine import EngineSettings, default_work_dir
-
-    if args.max_agents < 1:
-        raise ConfigurationError("--max-agents must be at least 1")
-    return EngineSettings(
-        work_dir=(args.work_dir or default_work_dir()).expanduser().resolve(),
-        port_range=PortRange.parse(args.port_range),
-        opencode_bin=args.opencode_bin,
-        max_agents=args.max_agents,
-        **overrides,
-    )
 
 
 def tasks_from(args: argparse.Namespace):
@@ -127,7 +64,7 @@ def tasks_from(args: argparse.Namespace):
         TaskSpec(
             task_id=task_id, description=desc, prompt=prompt, repo=args.repo.expanduser().resolve(),
             base_branch=args.branch, test_command=args.test_cmd, test_timeout=parse_duration(args.test_timeout),
-            model=args.model, opencode_config=config, timeout=parse_duration(args.timeout),
+            model=args.model, opencode_config=config, timeout=parse_duration(args.timeout), protect=args.protect,
         )
         for task_id, desc, prompt in zip(ids, descs, prompts, strict=True)
     ]
@@ -157,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return await asyncio.gather(*(run_task(spec, engine, report) for spec in specs))
 
     print(f"Reactor {__version__}: {len(specs)} task(s) on {specs[0].repo} (base {specs[0].base_branch}), "
-          f"max agents {engine.settings.max_agents}, ports {engine.settings.port_range}", file=sys.stderr)
+          f"max agents {engine.settings.max_agents}, ports {engine.settings.port_range}; "
+          f"{engine.confinement.status.message}", file=sys.stderr)
     results = asyncio.run(run_all())
     for result in results:
         if args.json:
@@ -178,27 +116,3 @@ def _summary(result) -> str:
         lines.append(f"     usage: {result.usage.input_tokens} in / {result.usage.output_tokens} out tokens, ${result.usage.cost:.4f}")
     lines.append(f"     took {result.duration:.1f}s " + " ".join(f"{k}={v:.2f}s" for k, v in result.phase_durations.items()))
     return "\n".join(lines)
-
-
-def cmd_cleanup(args: argparse.Namespace) -> int:
-    from reactor.infra.cleanup import cleanup_leftovers
-    from reactor.workflow.engine import default_work_dir
-
-    work_dir = (args.work_dir or default_work_dir()).expanduser().resolve()
-    report = cleanup_leftovers(work_dir, args.repo)
-    for line in report:
-        print(line)
-    if not report:
-        print("nothing to clean up")
-    return EXIT_OK
-
-
-def _configure_logging(verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not verbose:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
+from reactor.cli.common import add_engine_flags, engine_settings_from
+
 
 def add_subparser(sub: Any) -> None:
-    from reactor.cli import _add_engine_flags
-
     parser = sub.add_parser("operator", help="run the AgentTask operator against the current kubeconfig or in-cluster")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=None,
                        help="watch this namespace (repeatable; default: $WATCH_NAMESPACE, else all namespaces)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
-    _add_engine_flags(parser)
+    add_engine_flags(parser)
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="liveness endpoint (default: http://0.0.0.0:8080/healthz; 'none' to disable)")
-    memory = parser.add_argument_group("memory-aware admission")
-    memory.add_argument("--memory-limit", default=None,
-                        help="admit cells within this much memory (e.g. 6Gi) instead of the container's cgroup limit")
-    memory.add_argument("--cell-memory", default="600Mi",
-                        help="a cell's peak memory until a larger one is measured (default: 600Mi)")
     fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests-fleet)")
     fleet.add_argument("--fleet", action="store_true",
                        help="share the tasks with other replicas through Leases and claims")
@@ -52,26 +48,17 @@ def fleet_settings_from(args: argparse.Namespace, namespaces: list[str]):
         raise ConfigurationError(f"--lease-duration: {exc}") from None
 
 
-def memory_settings_from(args: argparse.Namespace) -> dict:
-    from reactor.errors import ConfigurationError
-    from reactor.infra.memory import parse_quantity
-
-    try:
-        return {"memory_limit": parse_quantity(args.memory_limit) if args.memory_limit else None,
-                "cell_memory": parse_quantity(args.cell_memory)}
-    except ValueError as exc:
-        raise ConfigurationError(f"--memory-limit/--cell-memory: {exc}") from None
-
-
 def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
     import kubernetes
 
-    from reactor.cli import engine_settings_from
     from reactor.kube.handlers import fleet_registry, registry
     from reactor.kube.supervisor import TaskSupervisor
     from reactor.workflow.engine import Engine
 
+    # An operator's log is what `kubectl logs` shows: each task's progress (its phases) at INFO.
+    if not getattr(args, "verbose", False):
+        logging.getLogger("reactor").setLevel(logging.INFO)
     namespaces = args.namespace or [ns for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns]
     clusterwide = args.all_namespaces or not namespaces
     fleet = fleet_settings_from(args, namespaces) if args.fleet else None
@@ -80,7 +67,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
     # Servers must not inherit the operator's environment: only their task's secrets.
-    engine = Engine(engine_settings_from(args, inherit_env=False, **memory_settings_from(args)))
+    engine = Engine(engine_settings_from(args, inherit_env=False))
     if fleet is not None:
         from reactor.kube.fleet_supervisor import FleetSupervisor
 

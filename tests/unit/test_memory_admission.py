@@ -1,11 +1,9 @@
-"""The capacity gate: max-agents bound, priority order, memory-aware admission (fast: no
-opencode; memory readings are injected so the arithmetic is checked exactly)."""
+"""Memory-aware admission in the capacity gate (fast: no opencode; memory readings are
+injected so the arithmetic is checked exactly). The max-agents bound: test_capacity.py."""
 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
 
 from reactor.infra.memory import MemoryReading
 from reactor.workflow.capacity import (
@@ -56,27 +54,6 @@ async def until(predicate, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
-
-
-async def test_limit_and_priority_order():
-    gate = CapacityGate(2)
-    hold, log = asyncio.Event(), []
-    # Ask in reverse priority order: the waiters still start lowest priority first.
-    async with gate.slot(-1):
-        tasks = []
-        for priority, name in [(5, "e"), (3, "c"), (1, "a"), (4, "d"), (2, "b")]:
-            async def one(name=name, priority=priority):
-                async with gate.slot(priority):
-                    log.append(name)
-                    await hold.wait()
-            tasks.append(asyncio.create_task(one()))
-        await until(lambda: gate.waiting == 4)  # one started at once (a free slot), four wait
-        assert gate.wait_reason()[0] == WAITING_FOR_CAPACITY
-    await until(lambda: len(log) == 2)
-    hold.set()
-    await asyncio.gather(*tasks)
-    assert log[0] == "e" and log[1:] == ["a", "b", "c", "d"]
-    assert gate.peak_in_use == 2 and gate.in_use == 0
 
 
 async def test_memory_admits_only_what_the_limit_covers():
@@ -153,15 +130,3 @@ async def test_the_reason_changes_from_capacity_to_memory_while_waiting():
     await asyncio.gather(a, b)
     assert reasons["second"] == [WAITING_FOR_CAPACITY, WAITING_FOR_MEMORY]
     await gate.aclose()
-
-
-async def test_cancelled_waiter_leaves_the_queue():
-    gate = CapacityGate(1)
-    async with gate.slot(0):
-        waiter = asyncio.create_task(gate.slot(1).__aenter__())
-        await until(lambda: gate.waiting == 1)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-        assert gate.waiting == 0
-    assert gate.in_use == 0
