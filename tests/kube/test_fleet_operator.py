@@ -34,7 +34,7 @@ from reactor.testing.fleet import (
 )
 from reactor.testing.operator_process import operators
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
-from tests.conftest import git, make_repo
+from reactor.testing.repos import git, make_repo
 
 pytestmark = pytest.mark.opencode
 
@@ -230,7 +230,7 @@ def test_memory_admission_keeps_cells_within_a_small_simulated_limit(crd_install
     names = [f"m{i}" for i in range(5)]
     with operators(crd_installed, namespace, work) as start, \
             ScriptedModel([Scenario(f"{n}:", [FIX, text("Fixed.")]) for n in names], latency=LATENCY) as model:
-        op = start("--max-agents=6", "--memory-limit=1550Mi", "--cell-memory=600Mi")
+        op = start("--max-agents=6", "--memory-limit=1550Mi", "--cell-memory=600Mi", "--health-timeout=90s")
         apply_all(crd_installed, namespace, [manifest(n, origin, model) for n in names])
         reasons: set[str] = set()
 

@@ -167,6 +167,8 @@ class FleetSupervisor(TaskSupervisor):
                                 take_capacity=False)
         except ClaimLost as exc:
             log.warning("%s: %s; stopped without writing", ref, exc)
+        except Exception:  # a bug: logged (the run itself writes its own failures)
+            log.exception("%s: internal error around the claim", ref)
         except asyncio.CancelledError:
             if ref.uid in self._deleting and self.fleet.holds(ref):
                 with contextlib.suppress(Exception):  # the cell is gone: nothing left to wait for

@@ -17,10 +17,13 @@ from reactor.infra.processes import find_marked_processes
 
 
 def fleet_args(index: int, namespace: str, lease_duration: float, *extra: str) -> tuple[str, ...]:
-    """`reactor operator` flags for replica r<index>: its own port range (replicas of one machine)."""
+    """`reactor operator` flags for replica r<index>: its own port range (replicas of one
+    machine), and a generous health timeout: several replicas start servers at once on few
+    cores, and these runs are about coordination, not start-up speed."""
     first = 18500 + 100 * index
     return ("--fleet", f"--replica-id=r{index}", f"--lease-namespace={namespace}",
-            f"--lease-duration={lease_duration:g}s", f"--port-range={first}-{first + 100}", *extra)
+            f"--lease-duration={lease_duration:g}s", f"--port-range={first}-{first + 100}",
+            "--health-timeout=90s", *extra)
 
 
 def fix_task(name: str, origin: Path, model_config: dict, timeout: str = "5m") -> dict:
