@@ -125,7 +125,9 @@ class FleetSupervisor(TaskSupervisor):
             return
         run = self._runs.get(uid)
         if run is not None:
-            if uid not in self._holding and not self.fleet.claimable(body):
+            # Our own claim may be seen before the run that made it resumes: not a reason to stop.
+            ours = ((body.get("status") or {}).get("claim") or {}).get("holder") == self.fleet.holder
+            if uid not in self._holding and not ours and not self.fleet.claimable(body):
                 run.task.cancel()  # it waited here for a slot, but someone else took it (or it ended)
             return
         if self.fleet.claimable(body):
