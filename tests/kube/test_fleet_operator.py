@@ -157,7 +157,7 @@ def test_a_killed_replicas_tasks_are_adopted_and_finish(fleet, crd_installed, na
             moved = [n for n in held if ((objs[n].get("status") or {}).get("claim") or {}).get("replica") not in ("r1", None)]
             return moved if len(moved) == len(held) else None
 
-        wait_until(adopted, 60, "r1's tasks claimed elsewhere")
+        wait_until(adopted, 300, "r1's tasks claimed elsewhere (when a survivor has a free slot)")
         failover = time.monotonic() - killed
         objs = wait_until(lambda: all_terminal(crd_installed, namespace, len(names)), 400, "all terminal",
                           lambda: replicas[0].log() + replicas[2].log())
