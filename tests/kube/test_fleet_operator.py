@@ -36,7 +36,8 @@ from reactor.testing.operator_process import operators
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
 from reactor.testing.repos import git, make_repo
 
-pytestmark = pytest.mark.opencode
+# Several replicas and up to six cells at once on a small machine: more than the default 5 minutes.
+pytestmark = [pytest.mark.opencode, pytest.mark.timeout(900)]
 
 LEASE = 6  # seconds: a dead replica's tasks move after this; renewals every 1.2 s
 LATENCY = 1.5  # seconds per model answer (a real model takes seconds per turn)
