@@ -11,7 +11,7 @@ OPENCODE_SEED := .tools/opencode-seed
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 export REACTOR_OPENCODE_SEED := $(abspath $(OPENCODE_SEED))
 
-.PHONY: help setup venv opencode envtest node node-deps node-up node-down node-load bench-node test test-fast demo bench clean image deploy undeploy kind-up kind-load
+.PHONY: help setup venv opencode envtest node node-deps node-up node-down node-load bench-node test test-fast demo bench clean image deploy deploy-fleet undeploy kind-up kind-load
 IMAGE ?= reactor:0.1.0
 KIND_CLUSTER ?= reactor
 # kubectl on PATH, else the one `make envtest` built.
@@ -20,7 +20,8 @@ KUBECTL = $$(command -v kubectl || echo "$$(hack/envtest/build.sh)/kubectl")
 help:
 	@echo "make demo    - offline demo: local control plane + operator + scripted model"
 	@echo "make test    - full test suite (does its own setup)"
-	@echo "make bench   - benchmarks: cell vs bare opencode, operator vs reactor run (prints figures)"
+	@echo "make bench   - benchmarks: cell vs bare opencode, operator vs reactor run, memory per cell,"
+	@echo "               throughput of 1-3 replicas and failover (prints figures)"
 	@echo "make image   - the operator image (docker, else podman with local stand-in bases)"
 	@echo "make node-up / node-load / deploy / node-down - the operator as a pod on a local one-node cluster (root)"
 
@@ -82,6 +83,8 @@ demo: setup
 bench: setup
 	$(PY) bench/cell_bootstrap.py
 	$(PY) bench/operator_overhead.py
+	$(PY) bench/cell_memory.py
+	$(PY) bench/fleet_throughput.py
 
 # The operator pod on the dev node against a local operator process, and the pod's memory (root).
 bench-node: setup node
@@ -103,10 +106,15 @@ image:
 deploy:
 	$(KUBECTL) apply -k manifests/
 
+# Several replicas sharing the tasks (a StatefulSet), instead of `make deploy`.
+deploy-fleet:
+	$(KUBECTL) apply -k manifests-fleet/
+
 # Tasks first, while the operator still runs to remove their finalizers; otherwise
 # deleting the CRD waits forever.
 undeploy:
 	-$(KUBECTL) delete agenttasks --all --all-namespaces --wait=true --timeout=120s
+	$(KUBECTL) delete -k manifests-fleet/ --ignore-not-found  # the StatefulSet variant, if deployed
 	$(KUBECTL) delete -k manifests/ --ignore-not-found
 
 # A local one-node cluster (root): `make node-up node-load deploy`, then

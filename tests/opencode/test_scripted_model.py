@@ -194,6 +194,8 @@ def test_invalid_steps():
         hang(times=0)
     with pytest.raises(ValueError):
         empty(times=0)
+    with pytest.raises(ValueError):
+        ScriptedModel(latency=-1)
 
 
 def test_empty_stream_n_times_then_continue():
@@ -227,3 +229,22 @@ def test_peak_in_flight_counts_cells_with_a_request_open_at_once():
         assert model.peak_in_flight == 3
         chat(model, [{"role": "user", "content": "LATE"}])  # alone: the peak stays
         assert model.peak_in_flight == 3
+
+
+def test_latency_delays_every_answer_and_parallel_conversations_overlap():
+    """A fixed answer latency, as a real model has: each answer waits ``latency`` seconds, and
+    parallel conversations wait side by side (throughput is bound by the callers, not the server)."""
+    latency = 0.4
+    with ScriptedModel([Scenario(f"TASK-{i}", [text("ok")]) for i in range(4)], latency=latency) as model:
+        callers = [threading.Thread(target=chat, args=(model, [SYSTEM, {"role": "user", "content": f"TASK-{i}"}]))
+                   for i in range(4)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(10)
+        requests = model.requests
+    assert len(requests) == 4
+    assert all(r["answered"] - r["time"] >= latency for r in requests)
+    assert all(r["workdir"] == "/work/tree" for r in requests)
+    # All four were waiting at once: the latest start precedes the earliest answer.
+    assert max(r["time"] for r in requests) < min(r["answered"] for r in requests)

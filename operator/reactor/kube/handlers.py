@@ -6,11 +6,13 @@
              does kopf remove the finalizer
 - startup -> kill servers and remove worktrees that a previous operator process left
 - cleanup -> operator shutdown: stop every cell
+- event   -> (fleet only) every change of every task, for the replicas' shared scheduling
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from typing import Any
 
@@ -46,6 +48,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     (logger.info if confinement.confined else logger.warning)("%s", confinement.message)
     for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir):
         logger.warning("startup cleanup: %s", line)
+    await memo.supervisor.start()
 
 
 @kopf.on.create(*RESOURCE, registry=registry)
@@ -60,9 +63,27 @@ async def resumed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.delete(*RESOURCE, registry=registry)
 async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await memo.supervisor.stop(body)
+    waiting = await memo.supervisor.stop(body)
+    if waiting:
+        raise kopf.TemporaryError(waiting, delay=1)
 
 
 @kopf.on.cleanup(registry=registry)
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     await memo.supervisor.shutdown()
+
+
+async def observed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002 - kopf's name
+    memo.supervisor.observe(type, copy.deepcopy(dict(body)))
+
+
+# Many replicas (`reactor operator --fleet`): every replica sees every event of every task
+# (on.event keeps no state on the object), and a task runs where a replica claims it. Kopf's
+# create/resume bookkeeping would be written by whichever replica saw the object first, so it
+# is not used; the finalizer (on.delete) is, so a deleted task's cell is gone before it is.
+fleet_registry = kopf.OperatorRegistry()
+kopf.on.login(registry=fleet_registry)(login)
+kopf.on.startup(registry=fleet_registry)(configure)
+kopf.on.event(*RESOURCE, registry=fleet_registry)(observed)
+kopf.on.delete(*RESOURCE, registry=fleet_registry)(deleted)
+kopf.on.cleanup(registry=fleet_registry)(shutdown)

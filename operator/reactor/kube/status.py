@@ -116,10 +116,7 @@ class StatusWriter:
         lock = self._locks.setdefault(ref.uid, asyncio.Lock())
         async with lock:  # keep one object's patches in the order they were made
             try:
-                await asyncio.to_thread(
-                    self.custom.patch_namespaced_custom_object_status,
-                    GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": status},
-                )
+                await self._send(ref, status)
                 return True
             except ApiException as exc:
                 if exc.status == 404:
@@ -131,6 +128,11 @@ class StatusWriter:
                     await self.event(ref, "Forbidden", message, warning=True)
                     raise PermissionError(message) from None
                 raise
+
+    async def _send(self, ref: TaskRef, status: dict[str, Any]) -> None:
+        """The write itself: a merge patch of /status (a fleet replica's is fenced, see kube/fleet.py)."""
+        await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status,
+                                GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": status})
 
     async def event(self, ref: TaskRef, reason: str, message: str, warning: bool = False) -> None:
         """Post a core/v1 Event about the task. IG: an event that cannot be posted is logged."""

@@ -97,9 +97,13 @@ class TaskSupervisor:
             await verdict.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED,
                                             reason=Reason.OPERATOR_RESTARTED, message=message))
 
-    async def stop(self, body: Any) -> None:
+    async def start(self) -> None:
+        """After the startup sweep, before the first task (a fleet replica joins here)."""
+
+    async def stop(self, body: Any) -> str | None:
         """The object is being deleted: stop its run at once and leave nothing behind. (A
-        push already begun ends first and its verdict is written: see run_task.)"""
+        push already begun ends first and its verdict is written: see run_task.) Returns why
+        the deletion must wait (a fleet: another replica still runs the cell), else None."""
         ref = TaskRef.from_body(body)
         status = body.get("status") or {}
         run = self._runs.get(ref.uid)
@@ -113,6 +117,7 @@ class TaskSupervisor:
         if phase not in TERMINAL and not finished:
             await self.status.event(ref, Reason.CANCELLED.value,
                                     f"deleted during {phase or 'Pending'}: stopped; its cell was removed", warning=True)
+        return None
 
     async def shutdown(self) -> None:
         """Operator stopping: stop every cell; the tasks go back to Pending and run again on
@@ -137,8 +142,10 @@ class TaskSupervisor:
         task.add_done_callback(lambda _: self._runs.pop(ref.uid, None) if self._runs.get(ref.uid) is run else None)
 
     async def _run(self, ref: TaskRef, raw_spec: dict, status: TaskStatus, started_at: float | None,
-                   resume_commit: str | None) -> None:
-        """The run's one exit: every way it ends is written through ``status``."""
+                   resume_commit: str | None, take_capacity: bool = True) -> None:
+        """The run's one exit: every way it ends is written through ``status``.
+        ``take_capacity=False``: the caller holds a capacity slot already (a fleet replica
+        claims a task only once it has one)."""
         try:
             spec = AgentTaskSpec.model_validate(raw_spec)
             try:
@@ -147,13 +154,13 @@ class TaskSupervisor:
                 await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
                                                reason=Reason.INVALID_INPUT, message=str(exc)))
                 return
-            origin = MirrorOrigin(self.mirrors, spec.repository.url, secrets.git, pushes=spec.repository.push)
+            origin = self._origin(ref, spec, secrets)
             task = spec.to_task_spec(ref, origin.path, secrets.env, started_at)
             confined, message = self.status.confinement  # said on every task: never a silent downgrade
             await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
             await run_task(task, self.engine, status.report, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
-                           resume_commit=resume_commit)
+                           resume_commit=resume_commit, take_capacity=take_capacity)
         except asyncio.CancelledError:
             if self._stopping:
                 await status.requeue(Reason.OPERATOR_SHUTDOWN, "operator stopped; the task runs again when it restarts")
@@ -165,6 +172,10 @@ class TaskSupervisor:
                                                message=f"internal error: {type(exc).__name__}: {exc}"))
             except Exception:  # e.g. the status write itself was forbidden: logged by the writer
                 log.exception("%s: cannot record the internal error", ref)
+
+    def _origin(self, ref: TaskRef, spec: AgentTaskSpec, secrets: Any) -> MirrorOrigin:
+        """Where the task's repository is fetched from and its result pushed to."""
+        return MirrorOrigin(self.mirrors, spec.repository.url, secrets.git, pushes=spec.repository.push)
 
     # -- orphans --
 

@@ -116,7 +116,9 @@ def operators(cluster, namespace: str, work_dir: Path, kubeconfig: Path | None =
     the operators still run (so they reap their cells and release finalizers), then stops them."""
     started: list[OperatorProcess] = []
 
-    def start(*args: str) -> OperatorProcess:
+    def start(*args: str, work_dir: Path = work_dir) -> OperatorProcess:
+        """``work_dir``: a replica of a fleet has its own (its own volume, in a StatefulSet)."""
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
         proc = OperatorProcess(cluster, namespace, work_dir, *args, kubeconfig=kubeconfig).start()
         started.append(proc)
         return proc

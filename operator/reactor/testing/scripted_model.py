@@ -24,6 +24,11 @@ lock as each request starts and ends (give steps a ``delay`` so that cells overl
 Requests that carry no ``tools`` (OpenCode's own auxiliary calls, such as session title
 generation) and conversations that match no scenario get a short plain-text answer.
 
+``latency`` (seconds) delays every answer by a fixed time, as a real model takes seconds per
+turn: with it, a benchmark's throughput is bound by how many cells run at once, not by this
+machine's cores. Each logged request records when its answer was sent (``answered``) and
+the cell's working directory (``workdir``), so tests can tell which cell asked when.
+
 Only the standard library is used (``http.server`` in a background thread), so sync
 tests, async tests and the demo CLI can all share it.
 """
@@ -271,9 +276,13 @@ class ScriptedModel:
         model: str = DEFAULT_MODEL,
         host: str = "127.0.0.1",
         port: int = 0,
+        latency: float = 0.0,
     ) -> None:
+        if latency < 0:
+            raise ValueError("latency must be >= 0")
         self.script = script if isinstance(script, Script) else Script(script)
         self.model = model
+        self.latency = latency
         self._host = host
         self._port = port
         self._lock = threading.Lock()
@@ -476,12 +485,17 @@ class _Handler(BaseHTTPRequestHandler):
             "kind": decision.kind,
             "scenario": decision.scenario,
             "step": decision.step_index,
+            "workdir": _working_directory(body.get("messages") or []),
         }
         server._log(entry)
         server._enter(decision.scenario)
         try:
+            if server.latency and decision.kind != "hang" and server._stopping.wait(server.latency):
+                self.close_connection = True  # the server is stopping: do not answer
+                return
             self._play(decision, entry, body)
         finally:
+            entry["answered"] = time.time()
             server._leave(decision.scenario)
 
     def _play(self, decision: _Decision, entry: dict[str, Any], body: dict[str, Any]) -> None:

@@ -119,7 +119,7 @@ class Cell:
             seed_dir=self.engine.seed_dir,
             confinement=self.policy,
             config=self.opencode_config(),
-            env=self.spec.env,
+            env={**settings.server_env, **self.spec.env},
             inherit_env=settings.inherit_env,
             owner=self.engine.owner,
         ))

@@ -15,10 +15,20 @@ from reactor.infra.ports import DEFAULT_PORT_RANGE, PortAllocator, PortRange
 from reactor.infra.processes import Owner
 from reactor.infra.servers import find_opencode_binary
 from reactor.infra.worktrees import WorktreeManager
-from reactor.workflow.capacity import CapacityGate
+from reactor.infra.memory import CgroupMemory, SimulatedMemory, cell_memory, replica_memory
+from reactor.workflow.capacity import CapacityGate, MemoryAdmission
 from reactor.workflow.recovery import RecoveryPolicy
 
 log = logging.getLogger(__name__)
+MiB = 1 << 20
+
+
+def light_cell_env() -> dict[str, str]:
+    """Environment that makes each cell's `opencode serve` lighter, in one place (measured with
+    bench/cell_memory.py; see docs/opencode-api.md). opencode is a Bun program: JavaScriptCore
+    sizes its heap from the machine's RAM, so on a big node every cell grows a big heap.
+    Telling it the machine has 256 MiB makes it collect sooner."""
+    return {"BUN_JSC_forceRAMSize": str(256 * MiB)}
 
 
 CELL_PERMISSIONS = {
@@ -70,6 +80,14 @@ class EngineSettings:
     stall_timeout: float = 300.0
     # The CLI hands its own environment to servers (the user's API keys); the operator does not.
     inherit_env: bool = True
+    # Added to every server's environment (below the task's own variables).
+    server_env: dict[str, str] = field(default_factory=light_cell_env)
+    # Memory-aware admission: a cell starts only while the memory limit minus the working set
+    # covers a cell's peak. memory_limit None = the cgroup's limit (none: --max-agents alone);
+    # a number simulates a smaller limit. cell_memory = a cell's peak until a larger is measured.
+    memory_admission: bool = True
+    memory_limit: int | None = None
+    cell_memory: int = 600 * MiB
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
     confinement: ConfinementSettings = field(default_factory=ConfinementSettings)
     # Base OpenCode config for every cell. A headless agent has nobody to answer a
@@ -96,9 +114,22 @@ class Engine:
         self.owner = Owner.current()
         self.ports = PortAllocator(self.settings.port_range)
         self.worktrees = WorktreeManager(self.work_dir / "worktrees", self.owner)
-        # Bounds cells alive at once (--max-agents); waiters start in priority order.
-        self.capacity = CapacityGate(self.settings.max_agents)
+        # Bounds cells alive at once (--max-agents, and memory); waiters start in priority order.
+        self.capacity = CapacityGate(self.settings.max_agents, self._memory_admission())
         self.starting = asyncio.Semaphore(self.settings.max_starting)
+
+    def _memory_admission(self) -> MemoryAdmission | None:
+        settings = self.settings
+        if not settings.memory_admission:
+            return None
+        work_dir, owner = str(self.work_dir), self.owner.token
+        if settings.memory_limit is not None:
+            gauge = SimulatedMemory(settings.memory_limit, lambda: replica_memory(work_dir, owner))
+        else:
+            gauge = CgroupMemory.detect()
+            if gauge is None:
+                return None
+        return MemoryAdmission(gauge.read, lambda: cell_memory(work_dir, owner), settings.cell_memory)
 
     @property
     def work_dir(self) -> Path:

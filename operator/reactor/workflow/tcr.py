@@ -124,9 +124,9 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
             result.commit, result.outcome, result.reason = resume_commit, Outcome.COMMITTED, Reason.COMMITTED
             await _push(spec, origin, phases, result)
         else:
-            if gate is not None and gate.would_wait():
-                await phases.enter(Phase.PENDING, f"waiting for capacity: {gate.in_use}/{gate.limit} agents busy",
-                                   reason=Reason.WAITING_FOR_CAPACITY)
+            waiting = gate.wait_reason() if gate is not None else None
+            if waiting is not None:  # all agents busy, or no memory for another cell
+                await phases.enter(Phase.PENDING, waiting[1], reason=waiting[0])
             async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
                 if result.started_at is None:
                     result.started_at = time.time()

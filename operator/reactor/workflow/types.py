@@ -71,7 +71,8 @@ class Reason(str, enum.Enum):
     REFS_TAMPERED = "RefsTampered"  # refs outside the task's branch moved, or the result is not the tested change
     INTERNAL_ERROR = "InternalError"
     # the task waits
-    WAITING_FOR_CAPACITY = "WaitingForCapacity"
+    WAITING_FOR_CAPACITY = "WaitingForCapacity"  # all agents (--max-agents) busy
+    WAITING_FOR_MEMORY = "WaitingForMemory"  # the memory limit cannot hold another cell's peak
     OPERATOR_SHUTDOWN = "OperatorShutdown"  # back to Pending; runs again when the operator restarts
 
 
