@@ -65,8 +65,11 @@ COPY --from=opencode /usr/local/bin/opencode /usr/local/bin/opencode
 # OpenCode's plugin package, linked read-only into every cell's config dir.
 COPY --from=opencode /opt/opencode-seed /opt/opencode-seed
 COPY --from=build /opt/venv /opt/venv
-RUN --mount=type=bind,from=build,source=/dist,target=/dist \
-    /opt/venv/bin/pip install --no-cache-dir --no-deps /dist/reactor-*.whl \
+# COPY, not RUN --mount=from=build: buildah/podman (4.3) reuse a RUN's cached layer when only
+# the mounted stage changed, and would ship the previous wheel. The wheel is ~100 KB.
+COPY --from=build /dist/ /tmp/dist/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/dist/reactor-*.whl \
+ && rm -rf /tmp/dist \
  && /opt/venv/bin/reactor --version
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

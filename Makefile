@@ -11,19 +11,19 @@ OPENCODE_SEED := .tools/opencode-seed
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 export REACTOR_OPENCODE_SEED := $(abspath $(OPENCODE_SEED))
 
-# Debian packages the observability tests drive for real: a Prometheus server and a
-# headless Chromium (each package's command has its name). Installed only when missing
-# (apt-get needs root, as on CI).
-OBSERVE_PACKAGES := prometheus chromium
-
-.PHONY: help setup venv opencode envtest observe-tools test test-fast demo bench clean image deploy undeploy kind-up kind-load
+.PHONY: help setup venv opencode envtest observe-tools node node-deps node-up node-down node-load bench-node test test-fast demo bench clean image deploy deploy-fleet undeploy kind-up kind-load
 IMAGE ?= reactor:0.1.0
 KIND_CLUSTER ?= reactor
+# kubectl on PATH, else the one `make envtest` built.
+KUBECTL = $$(command -v kubectl || echo "$$(hack/envtest/build.sh)/kubectl")
 
 help:
 	@echo "make demo    - offline demo: local control plane + operator + scripted model"
 	@echo "make test    - full test suite (does its own setup)"
-	@echo "make bench   - benchmarks: cell vs bare opencode, operator vs reactor run (prints figures)"
+	@echo "make bench   - benchmarks: cell vs bare opencode, operator vs reactor run, memory per cell,"
+	@echo "               throughput of 1-3 replicas and failover (prints figures)"
+	@echo "make image   - the operator image (docker, else podman with local stand-in bases)"
+	@echo "make node-up / node-load / deploy / node-down - the operator as a pod on a local one-node cluster (root)"
 
 $(PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ $(OPENCODE_BIN): operator/reactor/__init__.py
 	  test "$$($(OPENCODE_BIN) --version)" = "$(OPENCODE_VERSION)"; \
 	fi
 
+# `source .venv/bin/activate` then finds the pinned opencode too (reactor run needs it).
+$(VENV)/bin/opencode: $(OPENCODE_BIN) $(PY)
+	ln -sfn $(abspath $(OPENCODE_BIN)) $@
+
 # OpenCode's plugin package, installed once: every cell's config dir links to it read-only
 # instead of running its own background npm install (network, ~64 MB, and a cell that
 # ignores SIGTERM while npm unpacks).
@@ -52,23 +56,29 @@ $(OPENCODE_SEED)/package-lock.json: operator/reactor/__init__.py
 	npm install --prefix $(OPENCODE_SEED).tmp --no-audit --no-fund --loglevel=error
 	rm -rf $(OPENCODE_SEED) && mv $(OPENCODE_SEED).tmp $(OPENCODE_SEED)
 
-opencode: $(OPENCODE_BIN) $(OPENCODE_SEED)/package-lock.json
+opencode: $(OPENCODE_BIN) $(OPENCODE_SEED)/package-lock.json $(VENV)/bin/opencode
 
 # etcd + kube-apiserver + kubectl, built once into the envtest cache outside the repo.
 envtest:
 	@hack/envtest/build.sh
 
+# Debian's prometheus and chromium, which the observability tests drive for real
+# (installed only when missing; apt-get needs root, as on CI; no service is started).
 observe-tools:
-	@missing=""; \
-	for pkg in $(OBSERVE_PACKAGES); do command -v $$pkg >/dev/null || missing="$$missing $$pkg"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	@hack/node/install-packages.sh observe
 
-setup: venv opencode envtest observe-tools
+# The dev node: Debian's containerd/runc/CNI plugins (apt-get), and kubelet,
+# kube-controller-manager, kube-scheduler, kube-proxy built from the pinned module.
+node-deps:
+	@hack/node/install-packages.sh node
 
-test: setup
+node: envtest node-deps
+	@hack/node/build.sh
+
+setup: venv opencode envtest
+
+# tests/node (marker `node`) build the image themselves (incremental) and need the node.
+test: setup node observe-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
@@ -78,27 +88,53 @@ demo: setup
 bench: setup
 	$(PY) bench/cell_bootstrap.py
 	$(PY) bench/operator_overhead.py
+	$(PY) bench/cell_memory.py
+	$(PY) bench/fleet_throughput.py
 	$(PY) bench/observe_overhead.py
+
+# The operator pod on the dev node against a local operator process, and the pod's memory (root).
+bench-node: setup node
+	$(PY) bench/operator_pod.py
 
 # Tests that need neither opencode nor a control plane (seconds).
 test-fast: venv
-	$(PY) -m pytest -m "not kube and not opencode" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not kube and not opencode and not node" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .reactor
 
-# --- deployment (needs docker / kubectl / kind on the user's machine) ---
+# --- deployment ---
+# docker build when a docker daemon answers, else podman against local stand-in base
+# images (no registry needed); saves an archive for node-load (path printed last).
 image:
-	docker build --build-arg OPENCODE_VERSION=$(OPENCODE_VERSION) -t $(IMAGE) .
+	@hack/image/build.sh $(IMAGE) $(OPENCODE_VERSION)
 
 deploy:
-	kubectl apply -k manifests/
+	$(KUBECTL) apply -k manifests/
+
+# Several replicas sharing the tasks (a StatefulSet), instead of `make deploy`.
+deploy-fleet:
+	$(KUBECTL) apply -k manifests-fleet/
 
 # Tasks first, while the operator still runs to remove their finalizers; otherwise
 # deleting the CRD waits forever.
 undeploy:
-	-kubectl delete agenttasks --all --all-namespaces --wait=true --timeout=120s
-	kubectl delete -k manifests/ --ignore-not-found
+	-$(KUBECTL) delete agenttasks --all --all-namespaces --wait=true --timeout=120s
+	$(KUBECTL) delete -k manifests-fleet/ --ignore-not-found  # the StatefulSet variant, if deployed
+	$(KUBECTL) delete -k manifests/ --ignore-not-found
+
+# A local one-node cluster (root): `make node-up node-load deploy`, then
+# `export KUBECONFIG=$$PWD/.reactor/dev-cluster/kubeconfig`; `make node-down` removes it all.
+node-up: setup node
+	$(VENV)/bin/reactor dev-cluster up --node
+
+node-down: venv
+	$(VENV)/bin/reactor dev-cluster down
+
+# The `kind load` of the dev node: the image into its containerd.
+node-load: venv
+	archive=$$(hack/image/build.sh $(IMAGE) $(OPENCODE_VERSION)) && \
+	  $(VENV)/bin/reactor dev-cluster load "$$archive" --tag "$$(source hack/image/env.sh && qualified_name $(IMAGE))"
 
 kind-up:
 	kind get clusters | grep -qx $(KIND_CLUSTER) || kind create cluster --name $(KIND_CLUSTER) --config examples/kind/kind-config.yaml

@@ -8,23 +8,17 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.repos import git, make_repo
+from reactor.testing.repos import make_repo
 
 pytest_plugins = ["reactor.testing.kube_fixtures"]
 
 # Servers of `reactor` subprocesses (CLI, operator) start on a machine this suite keeps busy.
 os.environ.setdefault("REACTOR_HEALTH_TIMEOUT", "60")
 
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
-
-
-def worktrees_of(repo: Path, work_dir: Path) -> list[str]:
-    """Cell checkouts of ``repo`` under ``work_dir``: clones that borrow its objects."""
-    objects = (repo / git(repo, "rev-parse", "--git-common-dir") / "objects").resolve()
-    return sorted(str(alternates.parents[3]) for alternates in Path(work_dir).glob("worktrees/*/*/.git/objects/info/alternates")
-                  if Path(alternates.read_text().strip()).resolve() == objects)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from reactor.infra.processes import find_marked_processes
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
-from tests.conftest import git, worktrees_of
+from reactor.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 
@@ -78,11 +78,23 @@ def test_parallel_tasks_on_one_repository_get_three_branches(repo, work_dir, con
     assert worktrees_of(repo, work_dir) == []
 
 
+def test_run_protect_refuses_a_change_to_the_tests(repo, work_dir, config_file):
+    weaken = edit("test_calc.py", "== 5", "== -1")
+    with ScriptedModel([Scenario("TASK-WEAK", [weaken, text("Done.")])]) as model:
+        out = reactor("run", "--task", "TASK-WEAK", "--prompt", "TASK-WEAK: make the tests pass", "--protect", "test_*.py",
+                      "--test-cmd", "python3 -m pytest -q", "--opencode-config", config_file(model),
+                      "--port-range", "18600-18700", work_dir=work_dir, cwd=repo)
+    assert out.returncode == 1, out.stderr
+    assert "FAIL TASK-WEAK: TestsModified: the agent changed protected paths: test_calc.py" in out.stdout
+    assert git(repo, "branch", "--list", "reactor/*") == ""
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--parallel", "--task", "A,B", "--prompt", "only one"], "same number of items"),
     (["--task", "A", "--prompt", "x", "--port-range", "9000-8000"], "port range"),
     (["--task", "A", "--prompt", "x", "--model", "claude"], "provider/model"),
     (["--task", "A", "--prompt", "x", "--timeout", "soon"], "not a duration"),
+    (["--task", "A", "--prompt", "x", "--stall-timeout", "never"], "not a duration"),
 ])
 def test_bad_usage_exits_2_with_a_clear_message(repo, work_dir, args, message):
     out = reactor("run", *args, work_dir=work_dir, cwd=repo, timeout=60)

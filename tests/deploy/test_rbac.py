@@ -14,9 +14,9 @@ import yaml
 
 from reactor.devcluster.controlplane import ControlPlane
 from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, text
-from tests.conftest import git, make_repo
-from tests.kube.conftest import install_crds
+from reactor.testing.repos import git, make_repo
 from tests.deploy.conftest import EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all, ok
+from tests.kube.conftest import install_crds
 from reactor.testing.operator_process import OperatorProcess, operators
 from tests.kube.test_operator import task_manifest
 

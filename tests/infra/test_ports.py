@@ -72,4 +72,9 @@ def test_bad_range_is_a_clear_error(text):
 
 
 def test_default_range_is_the_seeds_thousand_ports():
-    assert len(PortRange.parse("8000-9000")) == 1000
+    """What a user gets without --port-range: 8000-9000 with END excluded, 1000 ports."""
+    from reactor.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--task", "t", "--prompt", "p"])
+    assert PortRange.parse(args.port_range) == PortAllocator().range == PortRange(8000, 9000)
+    assert len(PortAllocator().range) == 1000

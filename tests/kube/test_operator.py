@@ -11,7 +11,7 @@ import pytest
 
 from reactor.infra.processes import find_marked_processes
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text
-from tests.conftest import git, make_repo
+from reactor.testing.repos import git, make_repo
 from tests.kube.conftest import kubectl_apply
 from reactor.testing.operator_process import operators
 
@@ -135,28 +135,21 @@ def test_operator_killed_mid_run_recovers_on_restart(operator, namespace, app_re
 def test_capacity_bounds_concurrent_cells(operator, namespace, app_repo, work_dir):
     op = operator("--max-agents", "2")
     names = [f"cap-{i}" for i in range(6)]
-    scenarios = [Scenario(f"{n}:", [edit("calc.py", "return a - b", "return a + b"), text("Fixed.")]) for n in names]
+    # Each cell's first answer waits until two cells have a request open at once: the peak,
+    # counted by the model as requests start and end, must reach the limit and never pass it.
+    scenarios = [Scenario(f"{n}:", [edit("calc.py", "return a - b", "return a + b", together=2), text("Fixed.")])
+                 for n in names]
     with ScriptedModel(scenarios) as model:
         for name in names:
             kubectl_apply(op.cluster, namespace, task_manifest(name, app_repo, model, resultBranch=f"reactor/{name}"))
-        most, at_most, saw_waiting = 0, [], False
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            # Cells with a live server (opencode runs copies of itself, same argv, in
-            # sessions of their own during shell runs: count cells, not processes).
-            cells = {p.cell for p in find_marked_processes(str(work_dir)) if p.is_server}
-            if len(cells) > most:
-                most, at_most = len(cells), sorted(cells)
-            objs = [op.get(n) for n in names]
-            saw_waiting |= any(condition(o)["reason"] == "WaitingForCapacity" for o in objs
-                               if o and o.get("status", {}).get("conditions"))
-            if all(o and (o.get("status") or {}).get("phase") in ("Succeeded", "Failed") for o in objs):
-                break
-            time.sleep(0.05)
-    phases = {n: op.get(n)["status"]["phase"] for n in names}
-    assert set(phases.values()) == {"Succeeded"}, phases
-    assert 1 <= most <= 2, f"at most 2 cells at once, saw {most}: {at_most}"
-    assert saw_waiting, "the tasks beyond capacity waited in Pending with reason WaitingForCapacity"
+        waited = op.wait_for(names[-1], lambda o: o and any(c["reason"] == "WaitingForCapacity"
+                                                            for c in (o.get("status") or {}).get("conditions", [])),
+                             what="the last task waiting for capacity")
+        objs = [op.wait_terminal(n, timeout=300) for n in names]
+        peak = model.peak_in_flight
+    assert waited["status"]["phase"] == "Pending"
+    assert {o["status"]["phase"] for o in objs} == {"Succeeded"}, [o["status"]["message"] for o in objs]
+    assert peak == 2, f"at most 2 cells at once, and the limit was used: peak {peak}"
 
 
 def test_reapplying_a_finished_task_does_not_run_it_again(operator, namespace, app_repo):

@@ -1,169 +1,109 @@
-"""Real `opencode serve` processes against the scripted model (no mocks).
+"""Real `opencode serve` processes against the scripted model (no mocks), started and
+stopped by the engine's own server manager (reactor.infra.servers).
 
-Small on purpose: the engine's server manager (reactor.infra.servers) replaces this later.
 One ScriptedModel and one server per module are shared by the tests that do not change
 the server's state; each test adds its own scenario with a unique marker (the model is
 parallel-safe by design). Tests that need a clean repository or kill the server start
 their own through ``opencode_factory``.
+
+The fixtures are synchronous and module-scoped while each test has its own event loop,
+so the servers live on an event loop of their own in a background thread.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
+import asyncio
 import threading
-import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
 
+from reactor.errors import ConfigurationError
+from reactor.infra.servers import OpenCodeServer, ServerSpec, find_opencode_binary
 from reactor.opencode.client import OpenCodeClient
+from reactor.testing.helpers import free_port
+from reactor.testing.repos import make_repo
 from reactor.testing.scripted_model import Script, ScriptedModel
 
-DEV_FALLBACK_BIN = "/tmp/octest/node_modules/.bin/opencode"
-SHARED_CACHE = Path("/tmp/reactor-test-cache")
-START_TIMEOUT = 90.0  # CPU may be busy (other builds); a start normally takes 2-3 s
+# CPU may be busy (other builds): a start normally takes 2-3 s.
+START_TIMEOUT = 90.0
 
 
-def opencode_binary() -> str | None:
-    for candidate in (os.environ.get("REACTOR_OPENCODE_BIN"), shutil.which("opencode"), DEV_FALLBACK_BIN):
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+class BackgroundLoop:
+    """An event loop in a daemon thread, for sync fixtures that own async resources."""
 
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="opencode-servers", daemon=True)
+        self._thread.start()
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-
-def make_git_repo(path: Path, files: dict[str, str] | None = None) -> Path:
-    path.mkdir(parents=True)
-    def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=path, check=True, capture_output=True)
-    git("init", "--quiet", "--initial-branch=main")
-    git("config", "user.email", "dev@example.com")
-    git("config", "user.name", "Dev")
-    for name, content in (files or {"README.md": "hello\nworld\n"}).items():
-        (path / name).write_text(content)
-    git("add", "--all")
-    git("commit", "--quiet", "-m", "initial")
-    return path
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
 
 
 @dataclass
 class Server:
-    process: subprocess.Popen
-    base_url: str
-    password: str
+    """A running server as the tests see it: where it listens, its password, its repository."""
+
+    process: OpenCodeServer
     repo: Path
-    log_path: Path
+    background: BackgroundLoop
+
+    @property
+    def base_url(self) -> str:
+        return self.process.base_url
+
+    @property
+    def password(self) -> str:
+        return self.process.password
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
 
     def client(self, **kwargs) -> OpenCodeClient:
         return OpenCodeClient(self.base_url, self.password, **kwargs)
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self.process.alive()
 
     def stop(self) -> None:
-        """SIGTERM to the process group, SIGKILL after 5 s."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        self.background.run(self.process.stop())
 
 
-def start_server(binary: str, model: ScriptedModel, root: Path) -> Server:
-    repo = make_git_repo(root / "repo")
-    state = root / "state"
-    state.mkdir()
-    SHARED_CACHE.mkdir(parents=True, exist_ok=True)
-    password = secrets.token_urlsafe(16)
-    port = free_port()
-    env = {
-        **os.environ,
-        "OPENCODE_CONFIG_CONTENT": json.dumps(model.opencode_config()),
-        "OPENCODE_SERVER_PASSWORD": password,
-        "XDG_DATA_HOME": str(state / "data"),
-        "XDG_STATE_HOME": str(state / "state"),
-        "XDG_CONFIG_HOME": str(state / "config"),
-        "XDG_CACHE_HOME": str(SHARED_CACHE),
-        "OPENCODE_DISABLE_AUTOUPDATE": "1",
-        "OPENCODE_DISABLE_MODELS_FETCH": "1",
-    }
-    log_path = state / "server.log"
-    log_file = open(log_path, "ab")
-    process = subprocess.Popen(
-        [binary, "serve", "--port", str(port), "--hostname", "127.0.0.1", "--print-logs"],
-        cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
-        start_new_session=True,
-    )
-    log_file.close()
-    server = Server(process, f"http://127.0.0.1:{port}", password, repo, log_path)
-    listening = threading.Event()
+def start_server(binary: str, model: ScriptedModel, root: Path, background: BackgroundLoop) -> Server:
+    repo = make_repo(root / "repo", {"README.md": "hello\nworld\n"})
+    process = OpenCodeServer(ServerSpec(
+        binary=binary, cwd=repo, port=free_port(), cell_id=f"client-test-{uuid.uuid4().hex[:8]}",
+        state_dir=root / "state", work_dir=root, config=model.opencode_config(),
+    ))
+    background.run(process.start(timeout=START_TIMEOUT))
+    return Server(process, repo, background)
 
-    def pump() -> None:  # copy stdout to the log, notice the listening line
-        assert process.stdout is not None
-        with open(log_path, "ab") as out:
-            for line in process.stdout:
-                out.write(line)
-                out.flush()
-                if b"opencode server listening on" in line:
-                    listening.set()
 
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT
-    try:
-        # Requests sent before the listening line can hang forever (measured): wait for it.
-        while not listening.wait(0.05):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"opencode serve did not start:\n{server.log_tail()}")
-        with httpx.Client(auth=("opencode", password), timeout=2.0) as http:
-            while True:
-                try:
-                    if http.get(server.base_url + "/global/health").status_code == 200:
-                        return server
-                except httpx.HTTPError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"opencode serve not healthy:\n{server.log_tail()}")
-                time.sleep(0.05)
-    except BaseException:
-        server.stop()
-        raise
+@pytest.fixture(scope="module")
+def background() -> BackgroundLoop:
+    loop = BackgroundLoop()
+    yield loop
+    loop.close()
 
 
 @pytest.fixture(scope="module")
 def opencode_bin() -> str:
-    binary = opencode_binary()
-    if binary is None:
-        pytest.skip("no opencode binary: run `make opencode` or set REACTOR_OPENCODE_BIN")
-    return binary
+    try:
+        return find_opencode_binary()
+    except ConfigurationError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +114,14 @@ def model():
 
 
 @pytest.fixture
-def opencode_factory(opencode_bin, tmp_path):
+def opencode_factory(opencode_bin, tmp_path, background):
     """Start servers (``factory(model)``) that are all stopped after the test."""
     servers: list[Server] = []
 
     def factory(scripted: ScriptedModel) -> Server:
         root = tmp_path / f"server-{len(servers)}"
         root.mkdir()
-        server = start_server(opencode_bin, scripted, root)
+        server = start_server(opencode_bin, scripted, root, background)
         servers.append(server)
         return server
 
@@ -191,9 +131,9 @@ def opencode_factory(opencode_bin, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(opencode_bin, model, tmp_path_factory):
+def server(opencode_bin, model, tmp_path_factory, background):
     """A server shared by the module's tests (state accumulates: do not assert on git status)."""
-    shared = start_server(opencode_bin, model, tmp_path_factory.mktemp("opencode"))
+    shared = start_server(opencode_bin, model, tmp_path_factory.mktemp("opencode"), background)
     yield shared
     shared.stop()
 

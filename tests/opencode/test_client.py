@@ -20,19 +20,12 @@ from reactor.opencode.errors import (
     OpenCodeUnavailable,
     TransientModelError,
 )
+from reactor.testing.helpers import free_port, until
 from reactor.testing.scripted_model import Scenario, bash, edit, fail, hang, text, write
 
 pytestmark = pytest.mark.opencode
 
 FAST_RETRY = 0.05  # retry-after for OpenCode's internal retries, so error tests stay fast
-
-
-async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def requests_for(model, marker: str) -> list[dict]:
@@ -58,7 +51,6 @@ async def test_wrong_password_is_an_auth_error(server):
 
 
 async def test_unreachable_server_is_unavailable():
-    from tests.opencode.conftest import free_port
 
     async with OpenCodeClient(f"http://127.0.0.1:{free_port()}", "pw") as nowhere:
         with pytest.raises(OpenCodeUnavailable) as caught:
@@ -170,7 +162,7 @@ async def test_abort_a_hanging_prompt(client, model, marker):
     model.script.add(Scenario(marker, [hang(), text("after the abort")]))
     session = await client.create_session(marker)
     turn = asyncio.create_task(client.prompt(session.id, marker))
-    await wait_for(lambda: any(r["kind"] == "hang" for r in requests_for(model, marker)), what="the hung request")
+    await until(lambda: any(r["kind"] == "hang" for r in requests_for(model, marker)), what="the hung request")
     started = time.monotonic()
     assert await client.abort(session.id) is True
     result = await asyncio.wait_for(turn, 15)
@@ -197,7 +189,7 @@ async def test_cancelling_a_prompt_aborts_the_turn(client, model, marker):
     model.script.add(Scenario(marker, [hang(), text("next turn")]))
     session = await client.create_session(marker)
     turn = asyncio.create_task(client.prompt(session.id, marker))
-    await wait_for(lambda: any(r["kind"] == "hang" for r in requests_for(model, marker)), what="the hung request")
+    await until(lambda: any(r["kind"] == "hang" for r in requests_for(model, marker)), what="the hung request")
     turn.cancel()
     with pytest.raises(asyncio.CancelledError):
         await turn
@@ -239,6 +231,14 @@ async def test_run_command_exit_codes_and_output(client, command, exit_code, exp
     session = await client.create_session("commands")
     result = await client.run_command(session.id, command, timeout=60)
     assert (result.exit_code, result.output, result.timed_out) == (exit_code, expected, False)
+
+
+async def test_a_killed_command_is_not_taken_for_out_of_memory(client):
+    # Exit 137 alone is any SIGKILL; only the memory cgroup's OOM-kill counter says "memory"
+    # (the real OOM case runs in tests/node, where a pod has a memory limit).
+    session = await client.create_session("sigkill")
+    result = await client.run_command(session.id, "kill -KILL $$", timeout=60)
+    assert (result.exit_code, result.oom_killed) == (137, False)
 
 
 async def test_run_command_runs_in_the_worktree(client, server):
@@ -301,8 +301,8 @@ async def test_server_killed_mid_prompt_is_unavailable(opencode_factory, model, 
     async with server.client() as client:
         session = await client.create_session(marker)
         turn = asyncio.create_task(client.prompt(session.id, marker))
-        await wait_for(lambda: any(r["kind"] == "hang" for r in requests_for(model, marker)), what="the hung request")
-        os.killpg(server.process.pid, signal.SIGKILL)
+        await until(lambda: any(r["kind"] == "hang" for r in requests_for(model, marker)), what="the hung request")
+        os.killpg(server.pid, signal.SIGKILL)
         with pytest.raises(OpenCodeUnavailable):
             await asyncio.wait_for(turn, 15)
         with pytest.raises(OpenCodeUnavailable):

@@ -17,6 +17,7 @@ from reactor.testing.scripted_model import (
     ScriptedModel,
     bash,
     edit,
+    empty,
     fail,
     hang,
     text,
@@ -191,3 +192,59 @@ def test_invalid_steps():
         fail(times=0)
     with pytest.raises(ValueError):
         hang(times=0)
+    with pytest.raises(ValueError):
+        empty(times=0)
+    with pytest.raises(ValueError):
+        ScriptedModel(latency=-1)
+
+
+def test_empty_stream_n_times_then_continue():
+    with ScriptedModel([Scenario("TASK-E", [empty(times=2), text("finally")])]) as model:
+        messages = [{"role": "user", "content": "TASK-E"}]
+        for _ in range(2):
+            response = chat(model, messages)
+            assert response.status_code == 200 and parse_sse(response) == ([], True), "no chunk, only [DONE]"
+        chunks, _ = parse_sse(chat(model, messages))
+        assert chunks[1]["choices"][0]["delta"]["content"] == "finally"
+        assert [r["kind"] for r in model.requests] == ["empty", "empty", "text"]
+
+
+def test_peak_in_flight_counts_cells_with_a_request_open_at_once():
+    """``together`` holds requests until that many cells have one open; the peak is counted
+    as requests start and end, not sampled."""
+    scenarios = [Scenario(f"CELL-{i}", [text(f"answer {i}", together=3)]) for i in range(3)]
+    scenarios.append(Scenario("LATE", [text("late", delay=0.05)]))
+    with ScriptedModel(scenarios) as model:
+        answers: dict[int, int] = {}
+
+        def call(i: int) -> None:
+            answers[i] = chat(model, [{"role": "user", "content": f"CELL-{i}"}], timeout=30).status_code
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(30)
+        assert answers == {0: 200, 1: 200, 2: 200}, [(r["kind"], r["scenario"], r["time"]) for r in model.requests]
+        assert model.peak_in_flight == 3
+        chat(model, [{"role": "user", "content": "LATE"}])  # alone: the peak stays
+        assert model.peak_in_flight == 3
+
+
+def test_latency_delays_every_answer_and_parallel_conversations_overlap():
+    """A fixed answer latency, as a real model has: each answer waits ``latency`` seconds, and
+    parallel conversations wait side by side (throughput is bound by the callers, not the server)."""
+    latency = 0.4
+    with ScriptedModel([Scenario(f"TASK-{i}", [text("ok")]) for i in range(4)], latency=latency) as model:
+        callers = [threading.Thread(target=chat, args=(model, [SYSTEM, {"role": "user", "content": f"TASK-{i}"}]))
+                   for i in range(4)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(10)
+        requests = model.requests
+    assert len(requests) == 4
+    assert all(r["answered"] - r["time"] >= latency for r in requests)
+    assert all(r["workdir"] == "/work/tree" for r in requests)
+    # All four were waiting at once: the latest start precedes the earliest answer.
+    assert max(r["time"] for r in requests) < min(r["answered"] for r in requests)

@@ -22,7 +22,7 @@ from reactor.testing.repos import BUGGY_CALC, TEST_CALC, make_repo
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, TaskSpec
-from tests.conftest import git, worktrees_of
+from reactor.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 

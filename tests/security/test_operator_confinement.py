@@ -16,7 +16,7 @@ from reactor.testing.attacks import REPORT, Targets, attack_step, parse_report
 from reactor.testing.operator_process import operators
 from reactor.testing.repos import BUGGY_CALC, make_repo
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
-from tests.conftest import git
+from reactor.testing.repos import git
 from tests.kube.conftest import kubectl_apply
 from tests.security.test_confinement import assert_every_attempt_blocked, fingerprint
 

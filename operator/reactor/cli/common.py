@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from reactor.durations import parse_duration
 from reactor.errors import ConfigurationError
 from reactor.infra.ports import DEFAULT_PORT_RANGE, PortRange
 
@@ -24,23 +25,44 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "kubeconfig, $HOME, credential files; see docs/security.md). Repeatable.")
     parser.add_argument("--readable-path", action="append", default=[], metavar="PATH",
                         help="a toolchain directory under a protected path (e.g. $HOME) that cells may read. Repeatable.")
+    parser.add_argument("--health-timeout", default=None,
+                        help="how long a starting opencode server may take to become healthy "
+                             "(default: $REACTOR_HEALTH_TIMEOUT, else 30s)")
+    parser.add_argument("--stall-timeout", default="5m",
+                        help="end an agent's turn after this long without progress: no new message part, tool call "
+                             "or token (default: 5m)")
+    parser.add_argument("--memory-limit", default=None,
+                        help="admit a cell only while this much memory (e.g. 6Gi) minus what is in use covers a "
+                             "cell's peak (default: the container's cgroup limit; none: --max-agents alone)")
+    parser.add_argument("--cell-memory", default="600Mi",
+                        help="a cell's peak memory until a larger one is measured (default: 600Mi)")
 
 
 def engine_settings_from(args: argparse.Namespace, **overrides):
     from reactor.workflow.engine import EngineSettings, default_work_dir
 
     from reactor.infra.confinement import ConfinementSettings
+    from reactor.infra.memory import parse_quantity
 
     if args.max_agents < 1:
         raise ConfigurationError("--max-agents must be at least 1")
     confinement = ConfinementSettings(required=not args.allow_unconfined, enabled=not args.allow_unconfined)
     confinement.protected_paths += args.protected_path
     confinement.readable_paths += args.readable_path
+    try:
+        memory_limit = parse_quantity(args.memory_limit) if args.memory_limit else None
+        cell_memory = parse_quantity(args.cell_memory)
+    except ValueError as exc:
+        raise ConfigurationError(f"--memory-limit/--cell-memory: {exc}") from None
     return EngineSettings(
+        memory_limit=memory_limit,
+        cell_memory=cell_memory,
         work_dir=(args.work_dir or default_work_dir()).expanduser().resolve(),
         port_range=PortRange.parse(args.port_range),
         opencode_bin=args.opencode_bin,
         max_agents=args.max_agents,
         confinement=confinement,
+        stall_timeout=parse_duration(args.stall_timeout),
+        **({"health_timeout": parse_duration(args.health_timeout)} if args.health_timeout else {}),
         **overrides,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
@@ -23,7 +24,33 @@ def add_subparser(sub: Any) -> None:
                              "(default: none)")
     parser.add_argument("--progress-interval", default="2s",
                         help="at most one status.progress write per task this often (default: 2s)")
+    fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests-fleet)")
+    fleet.add_argument("--fleet", action="store_true",
+                       help="share the tasks with other replicas through Leases and claims")
+    fleet.add_argument("--replica-id", default=None,
+                       help="this replica's stable name (default: $POD_NAME, else the host name)")
+    fleet.add_argument("--lease-namespace", default=None,
+                       help="namespace of the replicas' Leases (default: $POD_NAMESPACE, else the first watched one)")
+    fleet.add_argument("--lease-duration", default="15s",
+                       help="a replica whose Lease is not renewed for this long is considered gone (default: 15s)")
     parser.set_defaults(func=cmd_operator)
+
+
+def fleet_settings_from(args: argparse.Namespace, namespaces: list[str]):
+    import socket
+
+    from reactor.durations import parse_duration
+    from reactor.errors import ConfigurationError
+    from reactor.kube.fleet import FleetSettings
+
+    replica = args.replica_id or os.environ.get("POD_NAME") or socket.gethostname()
+    namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE") or (namespaces[0] if namespaces else None)
+    if not namespace:
+        raise ConfigurationError("--fleet needs --lease-namespace (or $POD_NAMESPACE) when watching all namespaces")
+    try:
+        return FleetSettings(replica=replica, namespace=namespace, lease_duration=parse_duration(args.lease_duration))
+    except ValueError as exc:
+        raise ConfigurationError(f"--lease-duration: {exc}") from None
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -31,28 +58,41 @@ def cmd_operator(args: argparse.Namespace) -> int:
     import kubernetes
 
     from reactor.durations import parse_duration
-    from reactor.kube.handlers import registry
+    from reactor.kube.handlers import fleet_registry, registry
     from reactor.kube.supervisor import TaskSupervisor
     from reactor.observe.web import WebServer, parse_address
     from reactor.workflow.engine import Engine
 
+    # An operator's log is what `kubectl logs` shows: each task's progress (its phases) at INFO.
+    if not getattr(args, "verbose", False):
+        logging.getLogger("reactor").setLevel(logging.INFO)
     namespaces = args.namespace or [ns for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns]
     clusterwide = args.all_namespaces or not namespaces
+    fleet = fleet_settings_from(args, namespaces) if args.fleet else None
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
     # Servers must not inherit the operator's environment: only their task's secrets.
     engine = Engine(engine_settings_from(args, inherit_env=False))
-    supervisor = TaskSupervisor(engine, kubernetes.client.ApiClient(),
-                                progress_interval=parse_duration(args.progress_interval))
+    api_client = kubernetes.client.ApiClient()
+    watched = [] if clusterwide else namespaces
+    interval = parse_duration(args.progress_interval)
+    if fleet is not None:
+        from reactor.kube.fleet_supervisor import FleetSupervisor
+
+        supervisor = FleetSupervisor(engine, api_client, fleet, namespaces=watched, progress_interval=interval)
+    else:
+        supervisor = TaskSupervisor(engine, api_client, namespaces=watched, progress_interval=interval)
     web = None
     if args.web != "none":
         web = WebServer(supervisor.observatory, *parse_address(args.web))
     kopf.run(
-        registry=registry,
-        memo=kopf.Memo(supervisor=supervisor, web=web, namespaces=[] if clusterwide else namespaces),
-        standalone=True,  # one replica (Deployment strategy Recreate): no peering
+        registry=fleet_registry if fleet is not None else registry,
+        memo=kopf.Memo(supervisor=supervisor, web=web),
+        # No kopf peering: one replica (Deployment strategy Recreate), or a fleet whose
+        # replicas share the tasks through Leases and claims of their own.
+        standalone=True,
         clusterwide=clusterwide,
         namespaces=namespaces,
         liveness_endpoint=None if args.liveness == "none" else args.liveness,

@@ -26,6 +26,9 @@ def add_subparser(sub: Any) -> None:
     run.add_argument("--branch", default="main", help="base branch (default: main); never modified")
     run.add_argument("--test-cmd", default=None, help="test command (default: detected: make test, go test, npm test, pytest)")
     run.add_argument("--test-timeout", default="10m", help="time limit of the test command (default: 10m)")
+    run.add_argument("--protect", action="append", default=[], metavar="PATTERN",
+                     help="a path the agent must not change, .gitignore-style, e.g. 'tests/' (repeatable): "
+                          "a change to one fails the task with TestsModified and nothing is committed")
     run.add_argument("--model", default=None, help="provider/model, e.g. anthropic/claude-sonnet-4-5")
     run.add_argument("--opencode-config", type=Path, default=None, help="JSON file merged into the OpenCode server config")
     run.add_argument("--timeout", default="30m", help="whole-task time box (default: 30m)")
@@ -69,7 +72,8 @@ def tasks_from(args: argparse.Namespace):
         TaskSpec(
             task_id=task_id, description=desc, prompt=prompt, repo=args.repo.expanduser().resolve(),
             base_branch=args.branch, test_command=args.test_cmd, test_timeout=parse_duration(args.test_timeout),
-            model=args.model, opencode_config=config, timeout=parse_duration(args.timeout), budget=budget,
+            model=args.model, opencode_config=config, timeout=parse_duration(args.timeout), protect=args.protect,
+            budget=budget,
         )
         for task_id, desc, prompt in zip(ids, descs, prompts, strict=True)
     ]

@@ -1,4 +1,9 @@
-"""``reactor dev-cluster up|down|status``: a local control plane in the background.
+"""``reactor dev-cluster up|down|status|load``: a local cluster in the background.
+
+``up`` runs a control plane (etcd + kube-apiserver: an API server, no pods); ``up --node``
+a one-node cluster that runs pods (controller-manager, scheduler, containerd, kubelet,
+kube-proxy, in a network namespace of its own; needs root; see docs/node.md). ``load``
+imports an image archive into the node's containerd, as ``kind load image-archive`` does.
 
 ``up`` starts ``python -m reactor.devcluster.daemon`` detached (its own session), waits
 until it reports ready and prints ``export KUBECONFIG=...`` on stdout (so
@@ -27,22 +32,23 @@ import httpx
 import psutil
 import yaml
 
-from reactor.devcluster.assets import AssetsNotFound, find_assets
-from reactor.devcluster.daemon import KUBECONFIG_FILE, STATE_FILE
+from reactor.devcluster.assets import find_assets
+from reactor.devcluster.daemon import KUBECONFIG_FILE, NODE_RECORD_FILE, STATE_FILE
+from reactor.errors import ReactorError
 
 DEFAULT_STATE_DIR = Path(".reactor") / "dev-cluster"
 PID_FILE = "daemon.pid"
 LOG_FILE = "daemon.log"
 DAEMON_MODULE = "reactor.devcluster.daemon"
-# The daemon's own stop() takes up to 10 s per process before SIGKILL.
-_DOWN_GRACE = 30.0
+# The daemon's own stop() takes up to 10 s per process before SIGKILL (a node: a few groups).
+_DOWN_GRACE = 60.0
 
 
 def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``dev-cluster`` with ``up``, ``down`` and ``status`` to a ``reactor`` parser."""
     parser = subparsers.add_parser(
         "dev-cluster",
-        help="a local Kubernetes control plane (etcd + kube-apiserver) for development",
+        help="a local Kubernetes cluster for development: a control plane, or with --node one that runs pods",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument(
@@ -50,10 +56,19 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     )
     actions = parser.add_subparsers(dest="dev_cluster_command", required=True, metavar="{up,down,status}")
     up = actions.add_parser("up", help="start it in the background and print `export KUBECONFIG=...`")
-    up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness (default: %(default)s)")
+    up.add_argument("--timeout", type=float, default=None,
+                    help="seconds to wait for readiness (default: 90, with --node 180)")
+    up.add_argument("--node", action="store_true",
+                    help="also run a node (containerd, kubelet, kube-proxy, pod network, local volumes) so pods "
+                         "run; needs root and `make node` (binaries, Debian packages)")
     up.set_defaults(func=cmd_up)
     actions.add_parser("down", help="stop it and remove its state").set_defaults(func=cmd_down)
     actions.add_parser("status", help="say whether it runs, and where").set_defaults(func=cmd_status)
+    load = actions.add_parser("load", help="import an image archive (docker/podman save) into the node's containerd")
+    load.add_argument("archive", type=Path, help="e.g. the path `make image` prints")
+    load.add_argument("--tag", action="append", default=[], metavar="NAME",
+                      help="also tag it NAME (repeatable), e.g. docker.io/library/reactor:0.1.0")
+    load.set_defaults(func=cmd_load)
     return parser
 
 
@@ -97,14 +112,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     _stop(state_dir)  # leftovers of a crashed or half-started one
     try:
         find_assets()  # fail here, in the foreground, with the actionable message
-    except AssetsNotFound as error:
+        if args.node:
+            from reactor.devcluster.node import check_host, find_node_assets
+
+            check_host()
+            find_node_assets()
+    except ReactorError as error:
         _err(f"error: {error}")
         return 1
 
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / LOG_FILE, "wb") as log:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", DAEMON_MODULE, "--state-dir", str(state_dir)],
+            [sys.executable, "-m", DAEMON_MODULE, "--state-dir", str(state_dir), *(["--node"] if args.node else [])],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -114,7 +134,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     (state_dir / PID_FILE).write_text(f"{daemon.pid}\n")
     _err(f"starting dev cluster (pid {daemon.pid}, log {state_dir / LOG_FILE})")
 
-    deadline = time.monotonic() + args.timeout
+    timeout = args.timeout if args.timeout is not None else (180.0 if args.node else 90.0)
+    deadline = time.monotonic() + timeout
     while _read_state(state_dir) is None:
         if daemon.poll() is not None or time.monotonic() > deadline:
             reason = f"exited with code {daemon.returncode}" if daemon.returncode is not None else "timed out"
@@ -123,7 +144,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 1
         time.sleep(0.1)
     state = _read_state(state_dir) or {}
-    _err(f"dev cluster ready at {state.get('server_url')}")
+    _err(f"dev cluster{' with a node' if args.node else ''} ready at {state.get('server_url')}")
     print(f"export KUBECONFIG={kubeconfig}")
     return 0
 
@@ -149,6 +170,14 @@ def _stop(state_dir: Path) -> bool:
                 process.wait(10)
         except (psutil.Error, OSError):
             pass
+    record_file = state_dir / NODE_RECORD_FILE
+    if record_file.exists():  # a node whose daemon did not undo it (crashed, killed)
+        from reactor.devcluster.hostnode import HostRecord, teardown
+
+        left = teardown(HostRecord.load(record_file))
+        if left:
+            _err("error: the dev node left behind: " + "; ".join(left))
+            return False
     if state.get("work_dir"):
         shutil.rmtree(state["work_dir"], ignore_errors=True)
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -195,6 +224,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"kubeconfig: {state['kubeconfig']}")
     print(f"pid: {daemon.pid}")
     return 0 if ready else 1
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    state_dir: Path = args.state_dir.resolve()
+    state = _read_state(state_dir)
+    if _daemon_process(state_dir) is None or state is None or not state.get("node"):
+        _err(f"error: no dev cluster with a node runs here ({state_dir}); start one with `reactor dev-cluster up --node`")
+        return 1
+    if not args.archive.is_file():
+        _err(f"error: no image archive at {args.archive} (`make image` prints where it saved one)")
+        return 1
+    from reactor.devcluster.hostnode import HostRecord
+    from reactor.devcluster.node import import_image
+
+    record = HostRecord.load(state_dir / NODE_RECORD_FILE)
+    started = time.monotonic()
+    try:
+        names = import_image(record.containerd_socket, args.archive, *args.tag)
+    except ReactorError as error:
+        _err(f"error: {error}")
+        return 1
+    _err(f"loaded {', '.join(names) or '(no named image)'} in {time.monotonic() - started:.1f}s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,8 @@
 """The background process behind ``reactor dev-cluster up``.
 
-Runs a :class:`ControlPlane` until SIGTERM (or SIGINT), then stops it cleanly. Once the
+Runs a :class:`ControlPlane` (or, with ``--node``, a :class:`NodeCluster`) until SIGTERM
+(or SIGINT), then stops it cleanly. A node keeps a copy of its host record in the state
+dir from its first change to the host on, so ``down`` can undo a crashed daemon's node. Once the
 control plane is ready it writes ``kubeconfig`` and then ``state.json`` into the state
 dir; ``state.json`` appearing is the readiness signal ``up`` waits for. Both are removed
 on the way out, so a state dir without them never claims a running cluster.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -20,6 +23,7 @@ from reactor.errors import ReactorError
 
 STATE_FILE = "state.json"
 KUBECONFIG_FILE = "kubeconfig"
+NODE_RECORD_FILE = "node-record.json"
 
 
 def _raise_exit(signum: int, _frame: object) -> None:
@@ -34,13 +38,19 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run(state_dir: Path) -> int:
+def run(state_dir: Path, node: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, _raise_exit)
     # Imported here: the CLI imports this module for its file names on every `reactor` call.
-    from reactor.devcluster.controlplane import ControlPlane
+    if node:
+        from reactor.devcluster.node import NodeCluster
 
-    control_plane = ControlPlane()
+        control_plane = NodeCluster(record_copy=state_dir / NODE_RECORD_FILE)
+    else:
+        from reactor.devcluster.controlplane import ControlPlane
+
+        control_plane = ControlPlane()
     state, kubeconfig = state_dir / STATE_FILE, state_dir / KUBECONFIG_FILE
     try:
         control_plane.start()
@@ -54,6 +64,7 @@ def run(state_dir: Path) -> int:
                     "kubeconfig": str(kubeconfig),
                     "work_dir": str(control_plane.work_dir),
                     "pids": control_plane.pids,
+                    "node": node,
                 },
                 indent=2,
             ),
@@ -71,15 +82,16 @@ def run(state_dir: Path) -> int:
     finally:
         state.unlink(missing_ok=True)
         kubeconfig.unlink(missing_ok=True)
-        control_plane.stop()
-        print("stopped", flush=True)
+        left = control_plane.stop()
+        print(f"stopped; left behind: {left}" if left else "stopped", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reactor.devcluster.daemon")
     parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--node", action="store_true", help="a NodeCluster (control plane + kubelet) instead")
     args = parser.parse_args(argv)
-    return run(args.state_dir.resolve())
+    return run(args.state_dir.resolve(), node=args.node)
 
 
 if __name__ == "__main__":

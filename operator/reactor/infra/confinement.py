@@ -38,7 +38,9 @@ LAUNCHER = Path(landlock.__file__).resolve()
 MIN_ABI = 1  # filesystem rules and the ptrace restriction (Linux 5.13)
 SCOPE_ABI = 6  # signal and abstract-socket scoping (Linux 6.12)
 # Cells are the first the kernel's OOM killer picks, never the operator (raising needs no privilege).
-CELL_OOM_SCORE_ADJ = 800
+# The maximum: in a pod the kubelet already gave every process a high score (Burstable:
+# ~930 here) and an unprivileged process cannot go below it, so 800 would silently not apply.
+CELL_OOM_SCORE_ADJ = 1000
 
 # Credentials a cell must never read. `~` is the operator's home: in the pod nothing a
 # cell needs lives there; on a developer's machine toolchains under it are granted back

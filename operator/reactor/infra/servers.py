@@ -180,7 +180,7 @@ class OpenCodeServer:
         assert self._process is not None
         listening = asyncio.create_task(self._listening.wait())
         exited = asyncio.create_task(self._process.wait())
-        done: set[asyncio.Task] = set()
+        done: set[asyncio.Task] = set()  # stays empty when the wait is cancelled (task deleted mid-boot)
         try:
             done, _ = await asyncio.wait({listening, exited}, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)

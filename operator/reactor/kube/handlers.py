@@ -6,6 +6,7 @@
              does kopf remove the finalizer
 - startup -> kill servers and remove worktrees that a previous operator process left
 - cleanup -> operator shutdown: stop every cell
+- event   -> (fleet only) every change of every task, for the replicas' shared scheduling
 
 SpendLimit (create/update/resume/delete) -> the supervisor's spend limits.
 On startup the web page / metrics server starts (``--web``), and the SpendLimits of the
@@ -15,14 +16,13 @@ watched namespaces are read before any task resumes (so none starts past a limit
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from typing import Any
 
 import kopf
 
 from reactor.infra.cleanup import cleanup_leftovers
-from kubernetes import client as k8s
-
 from reactor.kube.resource import FINALIZER, GROUP, PLURAL, SPENDLIMITS, VERSION
 
 registry = kopf.OperatorRegistry()
@@ -53,20 +53,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     (logger.info if confinement.confined else logger.warning)("%s", confinement.message)
     for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir):
         logger.warning("startup cleanup: %s", line)
-    supervisor = memo.supervisor
-    for body in await asyncio.to_thread(_list_spendlimits, memo.namespaces):
-        supervisor.limits.upsert(body)
-    await supervisor.limits.start()
+    await memo.supervisor.start()  # reads the SpendLimits first: no task starts past one
     if memo.get("web") is not None:
         await memo.web.start()
-
-
-def _list_spendlimits(namespaces: list[str]) -> list[dict]:
-    api = k8s.CustomObjectsApi()
-    if not namespaces:
-        return api.list_cluster_custom_object(GROUP, VERSION, SPENDLIMITS)["items"]
-    return [item for ns in namespaces for item in
-            api.list_namespaced_custom_object(GROUP, VERSION, ns, SPENDLIMITS)["items"]]
 
 
 @kopf.on.create(*RESOURCE, registry=registry)
@@ -81,13 +70,14 @@ async def resumed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.delete(*RESOURCE, registry=registry)
 async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await memo.supervisor.stop(body)
+    waiting = await memo.supervisor.stop(body)
+    if waiting:
+        raise kopf.TemporaryError(waiting, delay=1)
 
 
 @kopf.on.cleanup(registry=registry)
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     await memo.supervisor.shutdown()
-    await memo.supervisor.limits.stop()  # the last spend counts are written
     if memo.get("web") is not None:
         await memo.web.stop()
 
@@ -102,3 +92,28 @@ async def spendlimit_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
 @kopf.on.delete(*SPENDLIMIT, registry=registry, optional=True)
 async def spendlimit_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.supervisor.limits.remove(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+async def spendlimit_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
+    """A fleet's view of SpendLimits: stateless (no kopf bookkeeping written by N replicas)."""
+    if type == "DELETED":
+        memo.supervisor.limits.remove(body["metadata"]["namespace"], body["metadata"]["name"])
+    else:
+        memo.supervisor.limits.upsert(body)
+
+
+async def observed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002 - kopf's name
+    memo.supervisor.observe(type, copy.deepcopy(dict(body)))
+
+
+# Many replicas (`reactor operator --fleet`): every replica sees every event of every task
+# (on.event keeps no state on the object), and a task runs where a replica claims it. Kopf's
+# create/resume bookkeeping would be written by whichever replica saw the object first, so it
+# is not used; the finalizer (on.delete) is, so a deleted task's cell is gone before it is.
+fleet_registry = kopf.OperatorRegistry()
+kopf.on.login(registry=fleet_registry)(login)
+kopf.on.startup(registry=fleet_registry)(configure)
+kopf.on.event(*RESOURCE, registry=fleet_registry)(observed)
+kopf.on.delete(*RESOURCE, registry=fleet_registry)(deleted)
+kopf.on.cleanup(registry=fleet_registry)(shutdown)
+kopf.on.event(*SPENDLIMIT, registry=fleet_registry)(spendlimit_seen)

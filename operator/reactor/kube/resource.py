@@ -6,12 +6,15 @@ against that schema, so parsing here is about types and defaults, not rejection.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reactor.workflow.types import Budget
+from reactor.durations import parse_duration
+from reactor.workflow.types import Budget, TaskSpec
 
 GROUP, VERSION, PLURAL = "reactor.dev", "v1alpha1", "agenttasks"
 SPENDLIMITS = "spendlimits"
@@ -41,6 +44,7 @@ class RepositorySpec(_Spec):
 class TestSpec(_Spec):
     command: str
     timeout: str = "10m"
+    protect: list[str] = Field(default_factory=list)
 
 
 class AgentSpec(_Spec):
@@ -68,6 +72,20 @@ class AgentTaskSpec(_Spec):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     timeout: str = "30m"
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+    def to_task_spec(self, ref: TaskRef, repo: Path, env: dict[str, str] | None = None,
+                     started_at: float | None = None) -> TaskSpec:
+        """The engine's task: ``repo`` is the local repository (the operator's mirror of
+        spec.repository.url), ``env`` the secrets for the cell, ``started_at`` the first
+        start of an earlier attempt (the time box is the task's)."""
+        return TaskSpec(
+            task_id=self.task_id or ref.name, description=self.description, prompt=self.prompt, repo=repo,
+            base_branch=self.repository.branch, result_branch=self.result_branch or f"reactor/{ref.name}",
+            test_command=self.test.command, test_timeout=parse_duration(self.test.timeout),
+            protect=self.test.protect, model=self.agent.model, opencode_config=self.agent.config,
+            timeout=parse_duration(self.timeout), started_at=started_at, env=env or {},
+            budget=self.budget.to_budget(),
+        )
 
 
 class SpendLimitSpec(_Spec):
@@ -97,3 +115,20 @@ class TaskRef:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # metav1.Time: RFC 3339, seconds, UTC
+
+
+def format_time(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_time(text: str | None) -> float | None:
+    """Epoch seconds of a metav1.Time, or None when absent or unreadable."""
+    if not text:
+        return None
+    try:
+        return dt.datetime.strptime(text, TIMESTAMP_FORMAT).replace(tzinfo=dt.timezone.utc).timestamp()
+    except ValueError:
+        return None

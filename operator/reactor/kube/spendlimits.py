@@ -160,6 +160,17 @@ class SpendLimits:
 
     # -- persistence --
 
+    async def load(self, namespaces: list[str]) -> None:
+        """Read the SpendLimits of the watched namespaces ([] = all) before any task starts."""
+        def read() -> list[dict]:
+            if not namespaces:
+                return self.custom.list_cluster_custom_object(GROUP, VERSION, SPENDLIMITS)["items"]
+            return [item for ns in namespaces
+                    for item in self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, SPENDLIMITS)["items"]]
+
+        for body in await asyncio.to_thread(read):
+            self.upsert(body)
+
     async def start(self) -> None:
         self._flusher = asyncio.create_task(self._flush_loop(), name="spendlimit-status")
 

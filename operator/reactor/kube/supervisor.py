@@ -3,57 +3,78 @@
 Handlers only hand objects over (admit, resume, stop), so a long task never delays its
 own deletion (kopf #936), and deletion works the same whether or not a run is in memory:
 a delete with nothing running (the operator restarted meanwhile) reaps the recorded cell.
+
+Each run has one exit that writes its status (``_run``, like Tekton's TaskRun reconciler):
+the workflow reports phases and its verdict through the run's ``TaskStatus``; verdicts
+reached without a run (a missing Secret, restarts used up) and the requeue on shutdown go
+through the same object, which writes nothing after a terminal phase.
+
+Every run is observed (reactor.observe): its cell's events and phases feed live progress
+(``status.progress``, rate-limited, written by the same TaskStatus), the transcript, metrics
+and the fleet page; its TaskControl enforces ``spec.budget`` and lets a namespace's
+SpendLimit stop it. A SpendLimit that is crossed holds new tasks in Pending.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client as k8s
-from kubernetes.client.rest import ApiException
 
-from reactor.durations import parse_duration
-from reactor.errors import ConfigurationError, ReactorError
-from reactor.infra.mirrors import GitCredentials, RepositoryMirrors, redact_url
+from reactor.errors import ConfigurationError
+from reactor.infra.git import git
+from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.processes import is_marked_for, kill_process_group
-from reactor.infra.worktrees import ResultRejected
 from reactor.kube.progress import ProgressPublisher
-from reactor.kube.resource import AgentTaskSpec, TaskRef
+from reactor.kube.resource import AgentTaskSpec, TaskRef, parse_time
+from reactor.kube.secrets import SecretReader, TaskSecrets
 from reactor.kube.spendlimits import SpendLimits
-from reactor.kube.status import StatusWriter, cell_status, now, result_status, usage_status
+from reactor.kube.status import StatusWriter, TaskStatus
 from reactor.observe.local import observatory_for
 from reactor.observe.observation import Observatory
 from reactor.opencode.events import Event
 from reactor.opencode.models import TokenUsage
 from reactor.workflow.control import Spend, TaskControl
 from reactor.workflow.engine import Engine
+from reactor.workflow.origin import MirrorOrigin
 from reactor.workflow.tcr import run_task
-from reactor.workflow.types import Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec
+from reactor.workflow.types import Outcome, Phase, Reason, TaskResult, TaskSpec
+
+WaitingCallback = Callable[[Reason, str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
 # A run interrupted by an operator crash is started once more; after that it fails with
-# reason OperatorRestarted instead of looping.
+# reason OperatorRestarted instead of looping. (A resumed push is not a new attempt.)
 MAX_ATTEMPTS = 2
 TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
+# Phases in which the tests have passed: a commit found on the result branch is the result.
+COMMITTED_PHASES = (Phase.COMMITTING.value, Phase.PUSHING.value)
+
+
+@dataclass
+class _Run:
+    task: asyncio.Task
+    status: TaskStatus  # its one writer: says whether the run reached a verdict
 
 
 class TaskSupervisor:
-    def __init__(self, engine: Engine, api_client: k8s.ApiClient, observatory: Observatory | None = None,
-                 progress_interval: float = 2.0):
+    def __init__(self, engine: Engine, api_client: k8s.ApiClient, *, namespaces: list[str] | None = None,
+                 observatory: Observatory | None = None, progress_interval: float = 2.0):
         self.engine = engine
+        self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
         self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message),
                                    self.observatory.metrics)
-        self.core = k8s.CoreV1Api(api_client)
+        self.secrets = SecretReader(api_client)
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
         self.progress_interval = progress_interval
-        self._runs: dict[str, asyncio.Task] = {}
+        self._runs: dict[str, _Run] = {}
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
         self._background: set[asyncio.Task] = set()
         self._stopping = False
@@ -61,15 +82,15 @@ class TaskSupervisor:
     # -- what the handlers call --
 
     async def admit(self, body: Any) -> None:
-        """A new AgentTask: start it. Its first status write is Bootstrapping, or Pending
-        with reason WaitingForCapacity when it must wait (no write in between: latency)."""
+        """A new AgentTask: start it."""
         if (body.get("status") or {}).get("phase") in TERMINAL or body["metadata"]["uid"] in self._runs:
             return
         self._start(body, attempt=1)
 
     async def resume(self, body: Any) -> None:
         """The operator (re)started and finds this object. A finished task is left alone; an
-        interrupted one has its orphaned cell reaped and is retried or failed."""
+        interrupted one has its orphaned cell reaped and is resumed at its push (when it had
+        committed), retried, or failed."""
         ref = TaskRef.from_body(body)
         status = body.get("status") or {}
         phase = status.get("phase")
@@ -78,88 +99,164 @@ class TaskSupervisor:
         if phase in TERMINAL or ref.uid in self._runs:
             return
         attempts = int(status.get("attempts") or 0)
-        if phase in (None, Phase.PENDING.value):
-            self._start(body, attempt=attempts + 1)
+        if phase in (None, Phase.PENDING.value):  # not started, or requeued by a clean shutdown
+            self._start(body, attempt=max(attempts, 1))  # a clean shutdown costs no attempt
             return
-        await self.reap(ref, status)
-        generation = body["metadata"].get("generation")
-        if attempts < MAX_ATTEMPTS:
+        previous = status.get("result") or {}
+        # Only a commit made after the tests passed is a result; any other (the agent's own)
+        # goes with the reaped worktree, so the retry starts from a fresh branch.
+        committed = bool(previous.get("commit")) or phase in COMMITTED_PHASES
+        kept = await self.reap(ref, status, keep_results=committed)
+        commit = previous.get("commit") or (kept[0] if kept else None)
+        if commit is not None:
+            message = f"operator restarted during {phase}; resuming at the push of {commit[:12]}"
+            await self.status.event(ref, "Retrying", message, warning=True)
+            self._start(body, attempt=max(attempts, 1), resume_commit=commit, previous_result=previous)
+        elif attempts < MAX_ATTEMPTS:
             message = f"operator restarted during {phase}; orphaned cell cleaned up, running again"
             await self.status.event(ref, "Retrying", message, warning=True)
-            await self.status.phase(ref, Phase.PENDING, message, generation, reason="OperatorRestarted", cell=None)
             self._start(body, attempt=attempts + 1)
         else:
             message = f"operator restarted during {phase}; orphaned cell cleaned up; no attempts left"
-            await self.status.phase(ref, Phase.FAILED, message, generation, reason="OperatorRestarted",
-                                    cell=None, completionTime=now())
-            await self.status.event(ref, "Failed", message, warning=True)
+            verdict = TaskStatus(self.status, ref, body["metadata"].get("generation"), attempts)
+            self._observed(verdict)
+            await verdict.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED,
+                                            reason=Reason.OPERATOR_RESTARTED, message=message))
 
-    async def stop(self, body: Any) -> None:
-        """The object is being deleted: stop its run at once and leave nothing behind."""
+    async def start(self) -> None:
+        """After the startup sweep, before the first task: the SpendLimits are read (no task
+        starts past one), then a fleet replica joins here."""
+        await self.limits.load(self.namespaces)
+        await self.limits.start()
+
+    async def stop(self, body: Any) -> str | None:
+        """The object is being deleted: stop its run at once and leave nothing behind. (A
+        push already begun ends first and its verdict is written: see run_task.) Returns why
+        the deletion must wait (a fleet: another replica still runs the cell), else None."""
         ref = TaskRef.from_body(body)
+        status = body.get("status") or {}
         run = self._runs.get(ref.uid)
         if run is not None:
-            run.cancel()
-            await asyncio.wait([run])  # the run tears its cell down before it ends
-        await self.reap(ref, body.get("status") or {})
+            run.task.cancel()
+            await asyncio.wait([run.task])  # the run tears its cell down before it ends
+        finished = run is not None and run.status.finished
+        await self.reap(ref, status, keep_results=False)
+        await self._forget_result(body, status)
         self.observatory.forget(ref.namespace, ref.name)  # its transcript goes with it
+        phase = status.get("phase")
+        if phase not in TERMINAL and not finished:
+            await self.status.event(ref, Reason.CANCELLED.value,
+                                    f"deleted during {phase or 'Pending'}: stopped; its cell was removed", warning=True)
+        return None
 
     async def shutdown(self) -> None:
         """Operator stopping: stop every cell; the tasks go back to Pending and run again on
-        the next start."""
+        the next start (a task already pushing finishes its push and reports it)."""
         self._stopping = True
-        runs = list(self._runs.values())
+        runs = [run.task for run in self._runs.values()]
         for run in runs:
             run.cancel()
         if runs:
             await asyncio.wait(runs)
+        await self.limits.stop()  # the last spend counts are written
 
     # -- running --
 
-    def _start(self, body: Any, attempt: int) -> None:
+    def _start(self, body: Any, attempt: int, resume_commit: str | None = None,
+               previous_result: dict | None = None) -> None:
         ref = TaskRef.from_body(body)
-        generation = body["metadata"].get("generation")
-        progress = (body.get("status") or {}).get("progress") if attempt > 1 else None
-        run = asyncio.create_task(self._run(ref, body["spec"], generation, attempt, progress), name=f"agenttask {ref}")
-        self._runs[ref.uid] = run
-        run.add_done_callback(lambda done: self._runs.pop(ref.uid, None) if self._runs.get(ref.uid) is done else None)
+        status = TaskStatus(self.status, ref, body["metadata"].get("generation"), attempt, previous_result)
+        if attempt > 1 or resume_commit is not None:  # the task's budget covers all its attempts
+            status.previous_progress = (body.get("status") or {}).get("progress")
+        started_at = parse_time((body.get("status") or {}).get("startTime"))
+        task = asyncio.create_task(self._run(ref, body["spec"], status, started_at, resume_commit),
+                                   name=f"agenttask {ref}")
+        run = self._runs[ref.uid] = _Run(task, status)
+        task.add_done_callback(lambda _: self._runs.pop(ref.uid, None) if self._runs.get(ref.uid) is run else None)
 
-    async def _run(self, ref: TaskRef, raw_spec: dict, generation: int | None, attempt: int,
-                   previous_progress: dict | None = None) -> None:
+    async def _run(self, ref: TaskRef, raw_spec: dict, status: TaskStatus, started_at: float | None,
+                   resume_commit: str | None, take_capacity: bool = True) -> None:
+        """The run's one exit: every way it ends is written through ``status``.
+        ``take_capacity=False``: the caller holds a capacity slot already (a fleet replica
+        claims a task only once it has one)."""
         try:
-            gate = self.engine.capacity
+            spec = AgentTaskSpec.model_validate(raw_spec)
+            try:
+                secrets = await self.secrets.for_task(ref, spec)
+            except ConfigurationError as exc:
+                self._observed(status)
+                await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
+                                               reason=Reason.INVALID_INPUT, message=str(exc)))
+                return
+            origin = self._origin(ref, spec, secrets)
+            task = spec.to_task_spec(ref, origin.path, secrets.env, started_at)
+            confined, message = self.status.confinement  # said on every task: never a silent downgrade
+            await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
+            if not take_capacity or resume_commit is not None:  # (a resumed push needs no cell)
+                await self._execute(ref, task, secrets, status, origin, resume_commit)
+                return
+            gate, priority = self.engine.capacity, (ref.creation, ref.namespace, ref.name)
             while True:
-                await self._wait_for_spend_limit(ref, generation)
-                if gate.would_wait():
-                    await self.status.phase(ref, Phase.PENDING, f"waiting for capacity: {gate.in_use}/{gate.limit} agents busy",
-                                            generation, reason="WaitingForCapacity")
-                async with gate.slot((ref.creation, ref.namespace, ref.name)):
+                await self.wait_for_spend_limit(ref, status.waiting)
+                async with gate.slot(priority, on_reason=status.waiting):
                     if self.limits.blocked(ref.namespace):
                         continue  # crossed while this task waited for a cell: hand the slot on
-                    result, pushed, observation = await self._execute(
-                        ref, AgentTaskSpec.model_validate(raw_spec), generation, attempt, previous_progress)
-                break
-            await self._finish(ref, result, pushed, generation, observation)
+                    await self._execute(ref, task, secrets, status, origin, None)
+                return
         except asyncio.CancelledError:
             if self._stopping:
-                await self.status.phase(ref, Phase.PENDING, "operator stopped; the task runs again when it restarts",
-                                        generation, reason="OperatorShutdown", cell=None)
+                await status.requeue(Reason.OPERATOR_SHUTDOWN, "operator stopped; the task runs again when it restarts")
             raise
         except Exception as exc:  # a bug must end the task visibly, not leave it hanging
             log.exception("%s: internal error", ref)
-            with contextlib.suppress(Exception):  # e.g. the status write itself was forbidden
-                await self.status.phase(ref, Phase.FAILED, f"internal error: {exc}", generation,
-                                        reason=Reason.INTERNAL_ERROR.value, cell=None, completionTime=now())
+            try:
+                self._observed(status)
+                await status.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
+                                               message=f"internal error: {type(exc).__name__}: {exc}"))
+            except Exception:  # e.g. the status write itself was forbidden: logged by the writer
+                log.exception("%s: cannot record the internal error", ref)
 
-    async def _wait_for_spend_limit(self, ref: TaskRef, generation: int | None) -> None:
+    async def _execute(self, ref: TaskRef, task: TaskSpec, secrets: TaskSecrets, status: TaskStatus,
+                       origin: MirrorOrigin, resume_commit: str | None) -> None:
+        """One observed run of the workflow (holding a slot, unless it only resumes a push)."""
+        control = TaskControl(_spent_before(status.previous_progress))
+        observation = self.observatory.observe(
+            ref.namespace, ref.name, control, secrets.values(),
+            lambda m: self._spawn(self.status.event(ref, m.reason, m.message, warning=m.warning)))
+        observation.view.created = ref.creation or observation.view.created
+        if status.attempt > 1:
+            observation.note(f"attempt {status.attempt}")
+        publisher = ProgressPublisher(observation.progress, status.write_progress, self.progress_interval)
+        status.observe(observation, publisher)
+
+        def watch(event: Event) -> None:
+            observation.on_event(event)
+            publisher.poke()
+
+        self._controls[ref.uid] = (ref, control)
+        publisher.start()
+        try:
+            await run_task(task, self.engine, status.report, cell_id=ref.cell_id,
+                           priority=(ref.creation, ref.namespace, ref.name), origin=origin,
+                           resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch])
+        finally:
+            self._controls.pop(ref.uid, None)
+            await publisher.stop()
+
+    def _observed(self, status: TaskStatus) -> None:
+        """A verdict reached without a run (a missing Secret, a bug) is counted and shown too."""
+        if status.observation is None:
+            status.observation = self.observatory.observe(status.ref.namespace, status.ref.name, TaskControl())
+
+    # -- spend limits --
+
+    async def wait_for_spend_limit(self, ref: TaskRef, say: WaitingCallback) -> None:
         """Hold a new task in Pending while a SpendLimit of its namespace is exceeded."""
         said = None
         while (reason := self.limits.blocked(ref.namespace)) is not None:
             if reason != said:
                 message = f"{reason}; waiting until the period ends or the limit is raised"
-                await self.status.phase(ref, Phase.PENDING, message, generation,
-                                        reason=Reason.SPEND_LIMIT_EXCEEDED.value)
-                await self.status.event(ref, Reason.SPEND_LIMIT_EXCEEDED.value, message, warning=True)
+                await say(Reason.SPEND_LIMIT_EXCEEDED, message)
                 self.observatory.fleet.view(ref.namespace, ref.name).message = message
                 said = reason
             await self.limits.wait_change(ref.namespace)
@@ -184,136 +281,52 @@ class TaskSupervisor:
         result = status.get("result") or {}
         view.files, view.commit = list(result.get("filesChanged") or []), result.get("commit")
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _execute(self, ref: TaskRef, spec: AgentTaskSpec, generation: int | None,
-                       attempt: int, previous_progress: dict | None = None):
-        await self.status.phase(ref, Phase.BOOTSTRAPPING, f"fetching {redact_url(spec.repository.url)}", generation,
-                                startTime=now(), attempts=attempt)
-        await self.status.event(ref, Phase.BOOTSTRAPPING.value, f"attempt {attempt}: fetching repository")
-        confinement = self.engine.confinement
-        await self.status.event(ref, "Confined" if confinement.enabled else "Unconfined", confinement.status.message,
-                                warning=not confinement.enabled)
-        task_id = spec.task_id or ref.name
-        try:
-            env = await self._secret_env(ref, spec)
-            credentials = await self._credentials(ref, spec)
-            mirror = await asyncio.to_thread(self.mirrors.sync, spec.repository.url, credentials)
-            task = TaskSpec(
-                task_id=task_id, description=spec.description, prompt=spec.prompt, repo=mirror,
-                base_branch=spec.repository.branch, result_branch=spec.result_branch or f"reactor/{ref.name}",
-                test_command=spec.test.command, test_timeout=parse_duration(spec.test.timeout),
-                model=spec.agent.model, opencode_config=spec.agent.config, timeout=parse_duration(spec.timeout),
-                env=env, budget=spec.budget.to_budget(),
-            )
-        except ReactorError as exc:
-            reason = Reason.INVALID_INPUT if isinstance(exc, ConfigurationError) else Reason.BOOT_FAILED
-            return TaskResult(task_id=task_id, outcome=Outcome.FAILED, reason=reason, message=str(exc)), False, None
-
-        # Live progress, transcript, metrics: fed by the cell's event stream.
-        control = TaskControl(_spent_before(previous_progress))
-        observation = self.observatory.observe(
-            ref.namespace, ref.name, control, list(env.values()),
-            lambda m: self._spawn(self.status.event(ref, m.reason, m.message, warning=m.warning)))
-        observation.view.created = ref.creation or observation.view.created
-        if attempt > 1:
-            observation.note(f"attempt {attempt}")
-        publisher = ProgressPublisher(observation.progress, lambda status: self.status.patch(ref, status),
-                                      self.progress_interval)
-
-        def watch(event: Event) -> None:
-            observation.on_event(event)
-            publisher.poke()
-
-        async def report(event: PhaseEvent) -> None:
-            observation.on_phase(event)
-            if event.phase.terminal:
-                return  # the final status is written once, after the push
-            await self.status.phase(ref, event.phase, event.message, generation,
-                                    cell=cell_status(event.cell, ref.cell_id), progress=publisher.taken())
-            await self.status.event(ref, event.phase.value, event.message or event.phase.value)
-
-        self._controls[ref.uid] = (ref, control)
-        publisher.start()
-        try:
-            result = await run_task(task, self.engine, report, cell_id=ref.cell_id, take_capacity=False,
-                                    control=control, watchers=[watch])
-        finally:
-            self._controls.pop(ref.uid, None)
-            await publisher.stop()
-        pushed = False
-        if result.succeeded and spec.repository.push:
-            try:
-                await asyncio.to_thread(self.mirrors.push, mirror, task.branch, spec.repository.url, credentials,
-                                        result.commit)
-                pushed = True
-                # The repository has it now; a later task with this branch name must not collide here.
-                await asyncio.to_thread(self.mirrors.delete_branch, mirror, task.branch)
-            except ResultRejected as exc:
-                result.outcome, result.reason = Outcome.FAILED, Reason.REFS_TAMPERED
-                result.message = f"committed {result.commit} but refused to push it: {exc}"
-            except ReactorError as exc:
-                result.outcome, result.reason = Outcome.FAILED, Reason.PUSH_FAILED
-                result.message = f"committed {result.commit} but the push failed: {exc}"
-        return result, pushed, observation
-
-    async def _finish(self, ref: TaskRef, result: TaskResult, pushed: bool, generation: int | None,
-                      observation=None) -> None:
-        phase = Phase.SUCCEEDED if result.succeeded else Phase.FAILED
-        if observation is None:  # it ended before its cell was observed (e.g. a missing Secret)
-            observation = self.observatory.observe(ref.namespace, ref.name, TaskControl())
-        observation.finish(result, phase)
-        await self.status.phase(
-            ref, phase, result.message, generation, reason=result.reason.value, cell=None, completionTime=now(),
-            result=result_status(result, pushed), usage=usage_status(result), phaseDurations=result.phase_durations,
-            progress=_final_progress(observation.progress.snapshot(), result),
-        )
-        await self.status.event(ref, phase.value, f"{result.reason.value}: {result.message}", warning=not result.succeeded)
-
-    # -- secrets: read at run time, handed to the server's environment or to git, never stored --
-
-    async def _read_secret(self, ref: TaskRef, name: str, field: str) -> dict[str, str]:
-        try:
-            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, ref.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                raise ConfigurationError(f"{field}: secret {name!r} not found in namespace {ref.namespace}") from None
-            if exc.status == 403:
-                raise ConfigurationError(f"{field}: the operator may not read secret {name!r} "
-                                         f"in namespace {ref.namespace} (RBAC: secrets get)") from None
-            raise
-        return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
-
-    async def _secret_env(self, ref: TaskRef, spec: AgentTaskSpec) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for source in spec.agent.env_from:
-            data = await self._read_secret(ref, source.secret_ref.name, "spec.agent.envFrom")
-            env.update({source.prefix + key: value for key, value in data.items()})
-        return env
-
-    async def _credentials(self, ref: TaskRef, spec: AgentTaskSpec) -> GitCredentials | None:
-        secret_ref = spec.repository.credentials_secret_ref
-        if secret_ref is None:
-            return None
-        data = await self._read_secret(ref, secret_ref.name, "spec.repository.credentialsSecretRef")
-        return GitCredentials(username=data.get("username"), password=data.get("password"),
-                              ssh_private_key=data.get("ssh-privatekey"))
+    def _origin(self, ref: TaskRef, spec: AgentTaskSpec, secrets: Any) -> MirrorOrigin:
+        """Where the task's repository is fetched from and its result pushed to."""
+        return MirrorOrigin(self.mirrors, spec.repository.url, secrets.git, pushes=spec.repository.push)
 
     # -- orphans --
 
-    async def reap(self, ref: TaskRef, status: dict) -> None:
+    async def reap(self, ref: TaskRef, status: dict, *, keep_results: bool) -> list[str]:
         """Kill a cell's server recorded in status (only if it still carries this cell's
-        marker: the PID may have been reused) and remove its worktree."""
+        marker: the PID may have been reused) and remove its worktree. A result branch that
+        holds a commit is kept when ``keep_results`` (its head is returned), else deleted."""
         cell = status.get("cell") or {}
         cell_id = cell.get("cellId") or ref.cell_id
         pid = cell.get("serverPid")
         if pid and is_marked_for(int(pid), cell_id):
             log.warning("%s: killing orphaned server pid %s", ref, pid)
             await asyncio.to_thread(kill_process_group, int(pid))
-        await asyncio.to_thread(self.engine.worktrees.remove_slot, cell_id)
+        removed = await asyncio.to_thread(self.engine.worktrees.remove_slot, cell_id)
+        kept = []
+        for worktree in removed:
+            head = await self._head(worktree.repo, worktree.branch)
+            if head and keep_results:
+                kept.append(head)
+            elif head:
+                await asyncio.to_thread(self.mirrors.delete_branch, worktree.repo, worktree.branch)
+        return kept
+
+    async def _forget_result(self, body: Any, status: dict) -> None:
+        """A deleted task's unpushed commit (its push failed) goes with it: the mirror is the
+        operator's, not the user's."""
+        result = status.get("result") or {}
+        branch, commit = result.get("branch"), result.get("commit")
+        if not branch or not commit or result.get("pushed"):
+            return
+        mirror = self.mirrors.path_for(body["spec"]["repository"]["url"])
+        if mirror.exists() and await self._head(mirror, branch) == commit:
+            await asyncio.to_thread(self.mirrors.delete_branch, mirror, branch)
+
+    @staticmethod
+    async def _head(repo: Any, branch: str) -> str:
+        return await asyncio.to_thread(git, repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}",
+                                       check=False)
 
 
 def _spent_before(progress: dict | None) -> Spend | None:
@@ -325,14 +338,3 @@ def _spent_before(progress: dict | None) -> Spend | None:
     other = max(0, int(progress.get("totalTokens") or 0) - inp - out)
     return Spend(TokenUsage(input_tokens=inp, output_tokens=out, cache_read_tokens=other),
                  float(progress.get("cost") or 0.0), int(progress.get("steps") or 0))
-
-
-def _final_progress(snapshot: dict[str, Any], result: TaskResult) -> dict[str, Any]:
-    """The last progress: nothing running; spend as the server totals it (exact even when the
-    event stream had gaps), unless the live count is higher (an earlier attempt's spend)."""
-    usage = result.usage
-    if usage.cost >= snapshot["cost"]:
-        snapshot.update(inputTokens=usage.input_tokens, outputTokens=usage.output_tokens,
-                        totalTokens=usage.total_tokens, cost=round(usage.cost, 6), costDisplay=f"${usage.cost:.4f}")
-    snapshot.update(activity="", tool=None)
-    return snapshot

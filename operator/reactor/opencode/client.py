@@ -51,6 +51,9 @@ SHELL_AGENT = "build"
 SHELL_HTTP_GRACE = 30.0
 DEFAULT_MAX_OUTPUT = 1_000_000
 ABORT_TIMEOUT = 5.0
+# The event stream heartbeats every 10 s; a stream silent for longer has stalled
+# (opencode#28729: it can stall without closing).
+EVENT_READ_TIMEOUT = 30.0
 
 
 def wrapper_script_path() -> str:
@@ -314,8 +317,9 @@ class OpenCodeClient:
             raise OpenCodeError(
                 f"shell in session {session_id}: no exit status in the output (status {state.get('status')!r})"
             )
-        text, exit_code, timed_out = found
-        return CommandResult(exit_code=exit_code, output=text, timed_out=timed_out, duration=duration)
+        text, exit_code, timed_out, oom_kills = found
+        return CommandResult(exit_code=exit_code, output=text, timed_out=timed_out, duration=duration,
+                             oom_killed=oom_kills > 0 and exit_code == 137)
 
     async def changed_files(self) -> list[FileChange]:
         """The worktree's git status relative to HEAD (``GET /vcs/status``; untracked
@@ -345,6 +349,21 @@ class OpenCodeClient:
         subscription with several consumers use :class:`reactor.opencode.events.EventFollower`."""
         return read_events(self._http, "/event", read_timeout)
 
+    async def reject_permission(self, request_id: str, message: str) -> bool:
+        """Refuse a pending permission request (``POST /permission/{id}/reply``, reply
+        ``reject``). With a message the agent is told why and its turn goes on."""
+        return bool(await self._request("POST", f"/permission/{request_id}/reply",
+                                        json={"reply": "reject", "message": message}))
+
+    async def pending_permissions(self) -> list[dict[str, Any]]:
+        """Permission requests waiting for an answer (``GET /permission``), as the
+        ``permission.asked`` event's properties."""
+        return list(await self._request("GET", "/permission") or [])
+
+    async def reject_question(self, request_id: str) -> bool:
+        """Dismiss a question the agent asked its (absent) user (``POST /question/{id}/reject``)."""
+        return bool(await self._request("POST", f"/question/{request_id}/reject"))
+
     async def abort(self, session_id: str) -> bool:
         """Stop the session's running turn (``POST /session/{id}/abort``). True also
         when nothing was running. The blocked :meth:`prompt` returns about 1 s later
@@ -352,12 +371,12 @@ class OpenCodeClient:
         return bool(await self._request("POST", f"/session/{session_id}/abort"))
 
 
-def _find_sentinel(output: str, nonce: str) -> tuple[str, int, bool] | None:
+def _find_sentinel(output: str, nonce: str) -> tuple[str, int, bool, int] | None:
     marker = f"\n@@reactor-exit {nonce} "
     index = output.rfind(marker)
     if index < 0:
         return None
-    match = re.match(r"(-?\d+) ([01])", output[index + len(marker) :])
+    match = re.match(r"(-?\d+) ([01]) (-?\d+)", output[index + len(marker) :])
     if match is None:
         return None
-    return output[:index], int(match.group(1)), match.group(2) == "1"
+    return output[:index], int(match.group(1)), match.group(2) == "1", int(match.group(3))

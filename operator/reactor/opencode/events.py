@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Event", "Connected", "Heartbeat", "SessionBusy", "SessionIdle", "SessionRetry", "SessionError",
-    "MessageInfo", "StepStarted", "StepFinished", "ToolUpdate", "TextDone", "FileEdited", "OtherEvent",
+    "MessageInfo", "StepStarted", "StepFinished", "ToolUpdate", "TextDone", "Streaming", "PartUpdated",
+    "FileEdited", "OtherEvent",
     "EventDecoder", "EventHub", "EventFollower", "Consumer",
 ]
 
@@ -163,6 +164,23 @@ class TextDone(Event):
 
 
 @dataclass(frozen=True)
+class Streaming(Event):
+    """The model is streaming text into a part (``message.part.delta``, or a text part not
+    finished yet): the agent is working; the finished part follows as :class:`TextDone`."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
+class PartUpdated(Event):
+    """A part of another kind appeared (reasoning, patch, file, subtask, ...): activity."""
+
+    session_id: str
+    message_id: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class FileEdited(Event):
     """The agent's edit or write tool changed a file (absolute path)."""
 
@@ -248,8 +266,8 @@ class EventDecoder:
             return MessageInfo(str(props.get("sessionID") or info.get("sessionID") or ""), message_id, role, model)
         if kind == "message.part.updated":
             return self._part(props.get("part") or {})
-        if kind in ("message.part.delta",):
-            return None  # streamed text; the finished part follows
+        if kind == "message.part.delta":
+            return Streaming(str(props.get("sessionID") or ""))
         return OtherEvent(kind, props)
 
     def _part(self, part: dict[str, Any]) -> Event | None:
@@ -279,10 +297,14 @@ class EventDecoder:
             )
         if kind == "text":
             finished = bool((part.get("time") or {}).get("end")) or role == "user" or part.get("synthetic")
-            if not finished or not self._once(part_id, "done"):
+            if not finished:
+                return Streaming(session)
+            if not self._once(part_id, "done"):
                 return None
             return TextDone(session, message, role or "assistant", str(part.get("text") or ""),
                             bool(part.get("synthetic")))
+        if kind and self._once(part_id, str(kind)):
+            return PartUpdated(session, message, str(kind))
         return None
 
 

@@ -156,6 +156,8 @@ class CommandResult(_Model):
     output: str
     timed_out: bool = False
     duration: float = 0.0
+    # Killed (exit 137) while the kernel's OOM killer ended processes in its memory cgroup.
+    oom_killed: bool = False
 
 
 class FileChange(_Model):

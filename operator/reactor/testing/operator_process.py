@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,9 @@ from pathlib import Path
 
 import httpx
 
+from reactor.testing.helpers import free_port, wait_for
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+START_TIMEOUT = 180.0
 
 
 class OperatorProcess:
@@ -33,6 +29,7 @@ class OperatorProcess:
         self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self.log_path = work_dir / "operator.log"
+        self._api = None
 
     def start(self) -> OperatorProcess:
         port = free_port()
@@ -44,7 +41,9 @@ class OperatorProcess:
                  "--liveness", f"http://127.0.0.1:{port}/healthz", *self.extra_args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        deadline = time.monotonic() + 60
+        # Liveness answers after kopf's startup handlers, which reap a killed predecessor's
+        # orphans (up to the stop grace each): give a loaded machine room.
+        deadline = time.monotonic() + START_TIMEOUT
         while True:  # ready when kopf's liveness endpoint answers
             if self.process.poll() is not None:
                 raise RuntimeError(f"operator exited {self.process.returncode}:\n{self.log()}")
@@ -54,7 +53,7 @@ class OperatorProcess:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"operator not live in 60s:\n{self.log()}")
+                raise RuntimeError(f"operator not live in {START_TIMEOUT:g}s:\n{self.log()}")
             time.sleep(0.05)
 
     def log(self) -> str:
@@ -73,19 +72,32 @@ class OperatorProcess:
     # -- reading the cluster --
 
     def get(self, name: str) -> dict | None:
-        out = self.cluster.kubectl("get", "-n", self.namespace, "agenttask", name, "-o", "json")
-        return json.loads(out.stdout) if out.returncode == 0 else None
+        """The AgentTask as the cluster's admin reads it (an API call, not a kubectl process:
+        tests poll this often, on two cores shared with the cells)."""
+        import kubernetes
+
+        if self._api is None:
+            self._api = kubernetes.client.CustomObjectsApi(
+                kubernetes.config.new_client_from_config(str(self.cluster.kubeconfig_path)))
+        try:
+            return self._api.get_namespaced_custom_object("reactor.dev", "v1alpha1", self.namespace, "agenttasks", name)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def wait_for(self, name: str, predicate, timeout: float = 180, what: str = "condition") -> dict | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            obj = self.get(name)
-            if predicate(obj):
-                return obj
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name}: {what} not reached in {timeout}s; last: "
-                                     f"{json.dumps((obj or {}).get('status'), indent=1)}\noperator log:\n{self.log()}")
-            time.sleep(0.1)
+        """Poll the object until ``predicate(obj)`` holds (``obj`` is None once it is gone)."""
+        seen: list[dict | None] = [None]
+
+        def check() -> bool:
+            seen[0] = self.get(name)
+            return bool(predicate(seen[0]))
+
+        wait_for(check, timeout, f"{name}: {what}",
+                 detail=lambda: f"last status: {json.dumps((seen[0] or {}).get('status'), indent=1)}\n"
+                                f"operator log:\n{self.log()}")
+        return seen[0]
 
     def wait_terminal(self, name: str, timeout: float = 180) -> dict:
         return self.wait_for(name, lambda o: o and (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
@@ -104,7 +116,9 @@ def operators(cluster, namespace: str, work_dir: Path, kubeconfig: Path | None =
     the operators still run (so they reap their cells and release finalizers), then stops them."""
     started: list[OperatorProcess] = []
 
-    def start(*args: str) -> OperatorProcess:
+    def start(*args: str, work_dir: Path = work_dir) -> OperatorProcess:
+        """``work_dir``: a replica of a fleet has its own (its own volume, in a StatefulSet)."""
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
         proc = OperatorProcess(cluster, namespace, work_dir, *args, kubeconfig=kubeconfig).start()
         started.append(proc)
         return proc

@@ -36,3 +36,10 @@ def make_repo(path: Path, files: dict[str, str] | None = None, branch: str = "ma
     git(path, "add", "--all")
     git(path, "commit", "--quiet", "-m", "initial")
     return path
+
+
+def worktrees_of(repo: Path, work_dir: Path) -> list[str]:
+    """Cell checkouts of ``repo`` under ``work_dir``: clones that borrow its objects."""
+    objects = (repo / git(repo, "rev-parse", "--git-common-dir") / "objects").resolve()
+    return sorted(str(alternates.parents[3]) for alternates in Path(work_dir).glob("worktrees/*/*/.git/objects/info/alternates")
+                  if Path(alternates.read_text().strip()).resolve() == objects)

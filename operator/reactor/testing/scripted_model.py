@@ -13,12 +13,21 @@ conversation's first user message (the prompt), so many cells can share one serv
 
 Which step to play is derived from the conversation itself (the number of assistant
 turns already in ``messages``), so the server is stateless and safe for parallel
-conversations. Only ``fail`` and ``hang`` keep state (a per-step counter): they
-fire ``times`` times and are then skipped, so a retry gets past them. They never
+conversations. Only ``fail``, ``hang`` and ``empty`` keep state (a per-step counter):
+they fire ``times`` times and are then skipped, so a retry gets past them. They never
 produce an assistant turn, so they do not shift the numbering of the other steps.
+
+Concurrency is counted where it happens: ``peak_in_flight`` is the largest number of
+distinct scenarios (cells) that had a request open at the same moment, updated under a
+lock as each request starts and ends (give steps a ``delay`` so that cells overlap).
 
 Requests that carry no ``tools`` (OpenCode's own auxiliary calls, such as session title
 generation) and conversations that match no scenario get a short plain-text answer.
+
+``latency`` (seconds) delays every answer by a fixed time, as a real model takes seconds per
+turn: with it, a benchmark's throughput is bound by how many cells run at once, not by this
+machine's cores. Each logged request records when its answer was sent (``answered``) and
+the cell's working directory (``workdir``), so tests can tell which cell asked when.
 
 Only the standard library is used (``http.server`` in a background thread), so sync
 tests, async tests and the demo CLI can all share it.
@@ -51,6 +60,7 @@ __all__ = [
     "hang",
     "wait_for",
     "set_event",
+    "empty",
     "DEFAULT_MODEL",
     "PROVIDER_ID",
 ]
@@ -59,6 +69,8 @@ PROVIDER_ID = "scripted"
 DEFAULT_MODEL = "scripted-1"
 AUXILIARY_ANSWER = "Scripted task"
 UNMATCHED_ANSWER = "No scripted scenario matches this conversation."
+# How long a ``together`` step waits for its peers before answering anyway.
+TOGETHER_TIMEOUT = 60.0
 # Default per-step token usage reported in the final chunk.
 DEFAULT_USAGE = (100, 20)
 
@@ -70,7 +82,7 @@ DEFAULT_USAGE = (100, 20)
 class Step:
     """One model answer. Build steps with the helper functions below."""
 
-    kind: str  # "tool" | "text" | "fail" | "hang" | "wait" | "set"
+    kind: str  # "tool" | "text" | "fail" | "hang" | "empty" | "wait" | "set"
     tool: str | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
     content: str = ""
@@ -80,30 +92,39 @@ class Step:
     retry_after: float | None = None
     delay: float = 0.0  # seconds the model "thinks" before answering (a slow model)
     event: threading.Event | None = field(default=None, compare=False)
+    delay: float = 0.0  # seconds the server waits before answering (holds the request open)
+    together: int = 0  # hold the request until this many scenarios have had one open at once (peak_in_flight)
 
     @property
     def stateful(self) -> bool:
-        """fail/hang/wait/set steps fire a number of times and produce no assistant turn."""
-        return self.kind in ("fail", "hang", "wait", "set")
+        """fail/hang/empty/wait/set steps fire a number of times and produce no assistant turn."""
+        return self.kind in ("fail", "hang", "empty", "wait", "set")
 
 
-def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
+def write(path: str, content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0,
+          together: int = 0) -> Step:
     """OpenCode's ``write`` tool. A relative path is resolved against the working
-    directory OpenCode reports in its system prompt. ``usage`` is the (input, output)
-    tokens the answer reports (cost follows from the model's price: $3/$15 per million);
-    ``delay`` holds the answer back that many seconds."""
-    return Step("tool", tool="write", arguments={"filePath": path, "content": content}, usage=usage, delay=delay)
+    directory OpenCode reports in its system prompt."""
+    return Step("tool", tool="write", arguments={"filePath": path, "content": content}, usage=usage, delay=delay,
+                together=together)
 
 
-def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
+def edit(path: str, old: str, new: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0,
+         together: int = 0) -> Step:
     """OpenCode's ``edit`` tool: replace the exact string ``old`` (which must occur once)
-    with ``new``. OpenCode 1.18 does not require a prior ``read``."""
+    with ``new``. OpenCode 1.18 does not require a prior ``read``.
+
+    ``delay`` holds the request open that long before answering; ``together`` holds it
+    until ``peak_in_flight`` reaches that many scenarios (cells) with a request open at
+    once (or TOGETHER_TIMEOUT passes), so a test sees a concurrency limit reached rather
+    than hopes for overlap."""
     return Step(
         "tool",
         tool="edit",
         arguments={"filePath": path, "oldString": old, "newString": new},
         usage=usage,
         delay=delay,
+        together=together,
     )
 
 
@@ -112,9 +133,9 @@ def bash(command: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float =
     return Step("tool", tool="bash", arguments={"command": command}, usage=usage, delay=delay)
 
 
-def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0) -> Step:
+def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float = 0.0, together: int = 0) -> Step:
     """A plain text answer with finish_reason "stop": ends the agent's turn."""
-    return Step("text", content=content, usage=usage, delay=delay)
+    return Step("text", content=content, usage=usage, delay=delay, together=together)
 
 
 def fail(status: int = 500, times: int = 1, *, retry_after: float | None = None) -> Step:
@@ -144,6 +165,15 @@ def wait_for(event: threading.Event) -> Step:
 def set_event(event: threading.Event) -> Step:
     """Set ``event`` (releasing a ``wait_for`` elsewhere), then answer with the next step."""
     return Step("set", event=event)
+
+
+def empty(times: int = 1) -> Step:
+    """Answer with a stream that holds no chunk at all (``data: [DONE]`` only), ``times``
+    times; then continue with the next step. A provider glitch OpenCode does not handle
+    well: it is how an agent stalls without failing."""
+    if times < 1:
+        raise ValueError("times must be >= 1")
+    return Step("empty", times=times)
 
 
 @dataclass(frozen=True)
@@ -228,7 +258,7 @@ def _model_turns(messages: list[dict[str, Any]]) -> int:
 
 @dataclass
 class _Decision:
-    kind: str  # "auxiliary" | "unmatched" | "tool" | "text" | "fail" | "hang" | "exhausted"
+    kind: str  # "auxiliary" | "unmatched" | "tool" | "text" | "fail" | "hang" | "empty" | "exhausted"
     scenario: str | None = None
     step_index: int | None = None
     step: Step | None = None
@@ -247,14 +277,21 @@ class ScriptedModel:
         model: str = DEFAULT_MODEL,
         host: str = "127.0.0.1",
         port: int = 0,
+        latency: float = 0.0,
     ) -> None:
+        if latency < 0:
+            raise ValueError("latency must be >= 0")
         self.script = script if isinstance(script, Script) else Script(script)
         self.model = model
+        self.latency = latency
         self._host = host
         self._port = port
         self._lock = threading.Lock()
         self._fired: dict[tuple[int, int], int] = {}  # (scenario, step) -> times fired
         self._requests: list[dict[str, Any]] = []
+        self._in_flight: dict[str, int] = {}  # scenario -> requests open now
+        self._peak_in_flight = 0
+        self._in_flight_changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -308,6 +345,42 @@ class ScriptedModel:
         answer)."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most scenarios (cells) that had a request open at one moment (auxiliary
+        and unmatched requests are not counted)."""
+        with self._lock:
+            return self._peak_in_flight
+
+    def _enter(self, scenario: str | None) -> None:
+        if scenario is None:
+            return
+        with self._lock:
+            self._in_flight[scenario] = self._in_flight.get(scenario, 0) + 1
+            self._peak_in_flight = max(self._peak_in_flight, len(self._in_flight))
+            self._in_flight_changed.notify_all()
+
+    def _wait_for_peers(self, count: int) -> None:
+        deadline = time.monotonic() + TOGETHER_TIMEOUT
+        with self._lock:
+            # The peak, not the current count: once reached, every waiter goes (the first
+            # to answer must not hold the others back by leaving).
+            while self._peak_in_flight < count and not self._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._in_flight_changed.wait(min(left, 0.1))
+
+    def _leave(self, scenario: str | None) -> None:
+        if scenario is None:
+            return
+        with self._lock:
+            left = self._in_flight.get(scenario, 1) - 1
+            if left:
+                self._in_flight[scenario] = left
+            else:
+                self._in_flight.pop(scenario, None)
 
     def opencode_config(self, *, permissions: dict[str, Any] | None = None) -> dict[str, Any]:
         """Config to merge into OpenCode's (e.g. JSON in OPENCODE_CONFIG_CONTENT)."""
@@ -413,13 +486,27 @@ class _Handler(BaseHTTPRequestHandler):
             "kind": decision.kind,
             "scenario": decision.scenario,
             "step": decision.step_index,
+            "workdir": _working_directory(body.get("messages") or []),
         }
         server._log(entry)
+        server._enter(decision.scenario)
+        try:
+            if server.latency and decision.kind != "hang" and server._stopping.wait(server.latency):
+                self.close_connection = True  # the server is stopping: do not answer
+                return
+            self._play(decision, entry, body)
+        finally:
+            entry["answered"] = time.time()
+            server._leave(decision.scenario)
+
+    def _play(self, decision: _Decision, entry: dict[str, Any], body: dict[str, Any]) -> None:
         step = decision.step
         stream = bool(body.get("stream"))
-        if step is not None and step.delay > 0 and decision.kind in ("tool", "text"):
-            # A slow model; ends early when the server stops (so tests never wait it out).
-            server._stopping.wait(step.delay)
+        if step is not None and step.delay and self.model_server._stopping.wait(step.delay):
+            self.close_connection = True
+            return
+        if step is not None and step.together:
+            self.model_server._wait_for_peers(step.together)
         if decision.kind == "fail":
             assert step is not None
             entry["answer"] = f"http {step.status}"
@@ -435,6 +522,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif decision.kind == "hang":
             entry["answer"] = "hang"
             self._hang()
+        elif decision.kind == "empty":
+            entry["answer"] = "empty"
+            data = b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif decision.kind == "tool":
             assert step is not None
             arguments = dict(step.arguments)

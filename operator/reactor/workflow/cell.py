@@ -44,6 +44,9 @@ class Cell:
         self._follower: EventFollower | None = None
         self.session_id: str | None = None
         self.boot_attempts = 0
+        # BOOT_RETRY, counted once per task: failed boots and servers lost mid-task draw on
+        # the same restarts (the seed's 2), so a task boots at most 3 times in all.
+        self.restarts_left = engine.settings.recovery.boot_restarts
         self.spent = Usage()  # usage of sessions already left behind (R3 retries)
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
         self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
@@ -87,12 +90,10 @@ class Cell:
                                        path_env=os.environ.get("PATH", os.defpath))
 
     async def start_server(self) -> None:
-        """Start the server and open a session; BOOT_RETRY: on failure kill it and start again
-        (up to policy.boot_restarts more times, linear backoff, a fresh port each time)."""
+        """Start the server and open a session; BOOT_RETRY: on failure kill it and start
+        again while restarts are left (linear backoff, a fresh port each time)."""
         policy = self.engine.settings.recovery
-        for restart in range(policy.boot_restarts + 1):
-            if restart:
-                await asyncio.sleep(policy.boot_delay * restart)
+        while True:
             self.boot_attempts += 1
             try:
                 async with self.engine.starting:  # the health timeout then times one start, not a queue
@@ -101,10 +102,12 @@ class Cell:
             except ServerBootError as exc:
                 await self.stop_server()
                 self._release_port()
-                if restart == policy.boot_restarts:
+                if not self.restarts_left:
                     raise
-                log.warning("BOOT_RETRY: %s: server failed to boot (attempt %d/%d): %s",
-                            self.cell_id, restart + 1, policy.boot_restarts + 1, str(exc).splitlines()[0])
+                self.restarts_left -= 1
+                log.warning("BOOT_RETRY: %s: server failed to boot (attempt %d, %d restarts left): %s",
+                            self.cell_id, self.boot_attempts, self.restarts_left, str(exc).splitlines()[0])
+                await asyncio.sleep(policy.boot_delay * self.boot_attempts)
 
     async def _boot_once(self) -> None:
         assert self.worktree is not None
@@ -121,20 +124,19 @@ class Cell:
             seed_dir=self.engine.seed_dir,
             confinement=self.policy,
             config=self.opencode_config(),
-            env=self.spec.env,
+            env={**settings.server_env, **self.spec.env},
             inherit_env=settings.inherit_env,
             owner=self.engine.owner,
         ))
         await self.server.start(timeout=settings.health_timeout)
         # INV-004: the client knows only http://127.0.0.1:PORT and the cell's password.
         self.client = OpenCodeClient(self.server.base_url, self.server.password)
-        if settings.follow_events:
-            try:
-                # Subscribed before the first prompt, so no event of the task is missed.
-                self._follower = EventFollower(self.client, self.events)
-                await self._follower.start()
-            except Exception as exc:
-                raise ServerBootError(f"server on port {self.port} is healthy but its event stream failed: {exc}") from exc
+        try:
+            # Subscribed before the first prompt, so no event of the task is missed.
+            self._follower = EventFollower(self.client, self.events)
+            await self._follower.start()
+        except Exception as exc:
+            raise ServerBootError(f"server on port {self.port} is healthy but its event stream failed: {exc}") from exc
         try:
             session = await self.client.create_session(title=self.spec.commit_message)
         except Exception as exc:
@@ -143,8 +145,13 @@ class Cell:
 
     async def restart_server(self) -> None:
         """BOOT_RETRY after the server died mid-task: kill what is left, throw away the dead
-        agent's partial edits, and boot a fresh server with a new session."""
+        agent's partial edits, and boot a fresh server with a new session. Raises
+        ServerBootError when the task's restarts are used up."""
         await self.stop_server()
+        if not self.restarts_left:
+            raise ServerBootError(f"the OpenCode server of {self.cell_id} was lost and its "
+                                  f"{self.engine.settings.recovery.boot_restarts} restarts are used up")
+        self.restarts_left -= 1
         if self.worktree is not None:
             await asyncio.to_thread(self.worktree.revert)
         await self.start_server()

@@ -15,10 +15,30 @@ from reactor.infra.ports import DEFAULT_PORT_RANGE, PortAllocator, PortRange
 from reactor.infra.processes import Owner
 from reactor.infra.servers import find_opencode_binary
 from reactor.infra.worktrees import WorktreeManager
-from reactor.workflow.capacity import CapacityGate
+from reactor.infra.memory import CgroupMemory, SimulatedMemory, cell_memory, replica_memory
+from reactor.workflow.capacity import CapacityGate, MemoryAdmission
 from reactor.workflow.recovery import RecoveryPolicy
 
 log = logging.getLogger(__name__)
+MiB = 1 << 20
+
+
+def light_cell_env() -> dict[str, str]:
+    """Environment that makes each cell's `opencode serve` lighter, in one place (measured with
+    bench/cell_memory.py; see docs/opencode-api.md). opencode is a Bun program: JavaScriptCore
+    sizes its heap from the machine's RAM, so on a big node every cell grows a big heap.
+    Telling it the machine has 256 MiB makes it collect sooner."""
+    return {"BUN_JSC_forceRAMSize": str(256 * MiB)}
+
+
+CELL_PERMISSIONS = {
+    "read": "allow", "edit": "allow", "glob": "allow", "grep": "allow", "list": "allow", "bash": "allow",
+    "task": "allow", "todowrite": "allow", "lsp": "allow", "skill": "allow", "webfetch": "allow",
+    "websearch": "allow",
+    "external_directory": "deny",  # outside the worktree (a check on the command text, not a sandbox)
+    "question": "deny",  # asks the user, and there is none
+    "doom_loop": "deny",  # the same call repeated: refuse it, the agent sees why
+}
 
 
 def default_work_dir() -> Path:
@@ -48,25 +68,36 @@ class EngineSettings:
     # Servers starting at once. A start is ~1.2 s of CPU: ten at once on 2 cores all miss
     # the health timeout, and BOOT_RETRY would restart them all at once again.
     max_starting: int = field(default_factory=lambda: os.cpu_count() or 2)
-    # Spawn to healthy (~1.2 s on an idle 2-core machine). $REACTOR_HEALTH_TIMEOUT raises it
-    # where the machine is shared and busy (the test suite sets it).
-    health_timeout: float = field(default_factory=lambda: float(os.environ.get("REACTOR_HEALTH_TIMEOUT", "10")))
-    # Follow each cell's event stream (live progress, transcripts, budgets). Off only to
-    # measure what following costs (bench/observe_overhead.py): budgets are then not enforced.
-    follow_events: bool = field(default_factory=lambda: os.environ.get("REACTOR_FOLLOW_EVENTS", "1") != "0")
+    # A cold start is ~2 s on an idle machine but 12-15 s on a busy 2-core one (measured):
+    # a slow start is not a failed one, and BOOT_RETRY has only 2 restarts per task.
+    # $REACTOR_HEALTH_TIMEOUT changes the default (the test suite raises it).
+    health_timeout: float = field(default_factory=lambda: float(os.environ.get("REACTOR_HEALTH_TIMEOUT", "30")))
     # OpenCode has no graceful shutdown to wait for (it dies by SIGTERM's default action, or
     # ignores it while npm unpacks): a short grace, then SIGKILL.
     stop_grace: float = 0.2
+    # No progress (no new message part, tool call or token) for this long ends a turn with
+    # AgentStalled, instead of a stuck agent burning CPU until the time box.
+    stall_timeout: float = 300.0
     # The CLI hands its own environment to servers (the user's API keys); the operator does not.
     inherit_env: bool = True
+    # Added to every server's environment (below the task's own variables).
+    server_env: dict[str, str] = field(default_factory=light_cell_env)
+    # Memory-aware admission: a cell starts only while the memory limit minus the working set
+    # covers a cell's peak. memory_limit None = the cgroup's limit (none: --max-agents alone);
+    # a number simulates a smaller limit. cell_memory = a cell's peak until a larger is measured.
+    memory_admission: bool = True
+    memory_limit: int | None = None
+    cell_memory: int = 600 * MiB
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
     confinement: ConfinementSettings = field(default_factory=ConfinementSettings)
-    # Base OpenCode config for every cell: a headless agent has nobody to answer a
-    # permission prompt, and must not reach outside its worktree.
+    # Base OpenCode config for every cell. A headless agent has nobody to answer a
+    # permission prompt, so every permission OpenCode 1.18 knows is set here (a key left
+    # out defaults to `ask`, e.g. doom_loop: opencode#16367); a prompt that still appears
+    # (a task's own config may ask for one) is refused at once (workflow/watch.py).
     base_opencode_config: dict = field(default_factory=lambda: {
         "autoupdate": False,
         "share": "disabled",
-        "permission": {"edit": "allow", "bash": "allow", "webfetch": "allow", "external_directory": "deny"},
+        "permission": dict(CELL_PERMISSIONS),
     })
 
 
@@ -83,9 +114,22 @@ class Engine:
         self.owner = Owner.current()
         self.ports = PortAllocator(self.settings.port_range)
         self.worktrees = WorktreeManager(self.work_dir / "worktrees", self.owner)
-        # Bounds cells alive at once (--max-agents); waiters start in priority order.
-        self.capacity = CapacityGate(self.settings.max_agents)
+        # Bounds cells alive at once (--max-agents, and memory); waiters start in priority order.
+        self.capacity = CapacityGate(self.settings.max_agents, self._memory_admission())
         self.starting = asyncio.Semaphore(self.settings.max_starting)
+
+    def _memory_admission(self) -> MemoryAdmission | None:
+        settings = self.settings
+        if not settings.memory_admission:
+            return None
+        work_dir, owner = str(self.work_dir), self.owner.token
+        if settings.memory_limit is not None:
+            gauge = SimulatedMemory(settings.memory_limit, lambda: replica_memory(work_dir, owner))
+        else:
+            gauge = CgroupMemory.detect()
+            if gauge is None:
+                return None
+        return MemoryAdmission(gauge.read, lambda: cell_memory(work_dir, owner), settings.cell_memory)
 
     @property
     def work_dir(self) -> Path:

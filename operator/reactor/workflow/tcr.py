@@ -1,11 +1,22 @@
 """Test-Commit-Revert over one cell.
 
-    Bootstrapping -> Executing -> Testing -> Committing (tests pass)   -> TearingDown -> Succeeded
-                                          -> Reverting  (tests fail)   -> TearingDown -> Failed
+    Pending? -> Bootstrapping -> Executing -> Testing -> Committing -> Pushing? -> TearingDown -> Succeeded
+                                                      -> Reverting ----------------> TearingDown -> Failed
+
+Each phase is entered once, in this order, and reported through one callback: whoever
+shows the task (the CLI's stderr, the operator's status) has one source. Pushing happens
+only where there is an origin to push to (the operator); the CLI's result branch stays in
+the user's repository.
 
 Recovery: R3 around the prompt and the test run (transient model/server errors), BOOT_RETRY
-when the server fails to boot or dies mid-task, RB (revert, no commit) on failed tests or a
-time-box expiry, IG for bookkeeping (usage, changed-file listing).
+when the server fails to boot or dies mid-task (one budget per task, in the cell), RB
+(revert, no commit) on failed tests, a protected path changed, a stalled agent or the time
+box expiring, IG for bookkeeping (usage, phase reporting).
+
+Cancellation (the task deleted, the operator stopping) ends the run at the next await, with
+two exceptions made uncancellable by construction: the push, once begun, runs to its end
+and its verdict is reported (a pushed branch is never left behind unreported), and the
+teardown always runs to its end however many cancellations arrive meanwhile.
 
 A TaskControl stops the run with a verdict up to Committing: its budget guard (spec.budget,
 checked after every model step from the cell's event stream) or the caller (a spend limit
@@ -16,10 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+import pathspec
 
 from reactor.errors import ConfigurationError
 from reactor.infra.ports import PortsExhausted
@@ -28,13 +43,16 @@ from reactor.infra.worktrees import ResultRejected, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
 from reactor.opencode.events import Consumer
 from reactor.workflow.cell import Cell
-from reactor.workflow.control import StopScope, TaskControl, TaskStopped
+from reactor.workflow.control import TaskControl, TaskStopped
 from reactor.workflow.engine import Engine
+from reactor.workflow.origin import FetchFailed, Origin, PushFailed
 from reactor.workflow.recovery import ignore_and_warn, retry_transient
 from reactor.workflow.testcmd import detect_test_command
 from reactor.workflow.types import Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec, Usage
+from reactor.workflow.watch import AgentStalled, TurnWatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PhaseCallback = Callable[[PhaseEvent], Awaitable[None]]
 OUTPUT_TAIL_CHARS = 4000
@@ -50,160 +68,149 @@ class TaskFailed(Exception):
 
 
 class _Phases:
-    """Reports every phase change to the callback and the log, and times each phase."""
+    """The one place a task's phase changes: enters each phase once, in order, times it, and
+    reports it to the callback (IG: a report that fails does not fail the task)."""
 
-    def __init__(self, task_id: str, callback: PhaseCallback | None):
-        self.task_id, self.callback = task_id, callback
+    def __init__(self, task_id: str, callback: PhaseCallback | None, result: TaskResult):
+        self.task_id, self.callback, self.result = task_id, callback, result
         self.durations: dict[str, float] = {}
         self.current: Phase | None = None
         self._since = time.monotonic()
 
-    async def enter(self, phase: Phase, message: str = "", cell: Cell | None = None) -> None:
+    async def enter(self, phase: Phase, message: str = "", cell: Cell | None = None, **event: Any) -> None:
+        if self.current is not None and phase.rank <= self.current.rank:
+            raise AssertionError(f"{self.task_id}: phase {phase.value} after {self.current.value}")
         now = time.monotonic()
         if self.current is not None and not self.current.terminal:
             self.durations[self.current.value] = round(self.durations.get(self.current.value, 0.0) + now - self._since, 3)
         self.current, self._since = phase, now
         log.info("%s: %s%s", self.task_id, phase.value, f": {message}" if message else "")
-        if self.callback is not None:
-            event = PhaseEvent(task_id=self.task_id, phase=phase, message=message)
-            if cell is not None:
-                event.cell = cell.info()
-            # IG: a status update that fails must not fail the task.
-            await ignore_and_warn(f"{self.task_id}: report phase {phase.value}", lambda: self.callback(event), None)
+        await self._report(PhaseEvent(task_id=self.task_id, phase=phase, message=message,
+                                      started_at=self.result.started_at, **event), cell)
+
+    async def update(self, message: str, cell: Cell) -> None:
+        """News within the current phase (a restarted server): same phase, new cell."""
+        assert self.current is not None
+        log.info("%s: %s: %s", self.task_id, self.current.value, message)
+        await self._report(PhaseEvent(task_id=self.task_id, phase=self.current, message=message, update=True,
+                                      started_at=self.result.started_at), cell)
+
+    async def _report(self, event: PhaseEvent, cell: Cell | None) -> None:
+        if self.callback is None:
+            return
+        if cell is not None:
+            event.cell = cell.info()
+        callback = self.callback
+        await ignore_and_warn(f"{self.task_id}: report phase {event.phase.value}", lambda: callback(event), None)
 
 
 async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | None = None,
                    cell_id: str | None = None, priority: object = 0, take_capacity: bool = True,
+                   origin: Origin | None = None, resume_commit: str | None = None,
                    control: TaskControl | None = None, watchers: Sequence[Consumer] = ()) -> TaskResult:
-    """Run one task to a verdict. Never raises for task failures (they are results); a
-    cancellation (task deleted, operator stopping) tears the cell down and propagates.
+    """Run one task to a verdict and report it (the terminal phase carries the result).
+    Never raises for task failures (they are results); a cancellation tears the cell down
+    and propagates, unless the push had begun (then the verdict is reported first).
 
     ``cell_id`` names the cell's worktree, state and server markers (default: the task id);
     ``priority`` orders tasks waiting for capacity (lower first); ``take_capacity=False``
-    when the caller already holds a slot of engine.capacity. ``control`` lets the caller stop
-    the run with a verdict and read its running spend; ``watchers`` receive the cell's
-    OpenCode events (live progress, transcripts)."""
+    when the caller already holds a slot of engine.capacity; ``origin`` is where the
+    repository is fetched from and the result pushed to; ``resume_commit``: the task was
+    committed by an earlier run that stopped before its push ended: push that commit only;
+    ``control`` lets the caller stop the run with a verdict and read its running spend;
+    ``watchers`` receive the cell's OpenCode events (live progress, transcripts)."""
     gate = engine.capacity if take_capacity else None
     started = time.monotonic()
-    phases = _Phases(spec.task_id, on_phase)
+    result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
+                        message="", branch=spec.branch, base_branch=spec.base_branch, started_at=spec.started_at,
+                        confined=engine.confinement.enabled)
+    phases = _Phases(spec.task_id, on_phase, result)
     cell = Cell(spec, engine, cell_id)
     control = control or TaskControl()
     control.budget = spec.budget
     cell.events.subscribe(control.on_event)  # first: the others see the spend including this step
     for watcher in watchers:
         cell.events.subscribe(watcher)
-    result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
-                        message="", branch=spec.branch, base_branch=spec.base_branch,
-                        confined=engine.confinement.enabled)
-    committed = False
+    cancelled = False
     try:
-        if gate is not None and gate.would_wait():
-            await phases.enter(Phase.PENDING, f"waiting for capacity: {gate.in_use}/{gate.limit} agents busy")
-        async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
-            time_box = asyncio.timeout(spec.timeout)
-            try:
-                async with time_box, control.guard() as stops:
-                    committed = await _test_commit_revert(spec, cell, phases, result, stops)
-            except TimeoutError:
-                if not time_box.expired():
-                    raise
-                await _on_time_box(spec, cell, phases, result)
-            except TaskFailed as verdict:
-                if cell.worktree is not None:
-                    await phases.enter(Phase.REVERTING, verdict.message, cell)
-                    await _revert(cell)
-                result.outcome, result.reason, result.message = verdict.outcome, verdict.reason, verdict.message
-            except TaskStopped as stopped:  # the agent was aborted when its turn was cancelled
-                if cell.worktree is not None:
-                    await phases.enter(Phase.REVERTING, stopped.request.message, cell)
-                    await _revert(cell)
-                result.reason, result.message = stopped.request.reason, stopped.request.message
-            except ConfigurationError as exc:
-                result.reason, result.message = Reason.INVALID_INPUT, str(exc)
-            except (ServerBootError, PortsExhausted) as exc:
-                result.reason, result.message = Reason.BOOT_FAILED, str(exc)
-            except OpenCodeError as exc:
-                await phases.enter(Phase.REVERTING, str(exc), cell)
-                await _revert(cell)
-                result.reason, result.message = Reason.AGENT_ERROR, str(exc)
-            finally:
-                result.usage = _add(cell.spent, await _usage(cell))
-                await phases.enter(Phase.TEARING_DOWN, cell=cell)
-                await _shielded(cell.teardown(keep_branch=committed))
+        if resume_commit is not None:
+            assert origin is not None, "a push is resumed from an origin"
+            result.commit, result.outcome, result.reason = resume_commit, Outcome.COMMITTED, Reason.COMMITTED
+            await _push(spec, origin, phases, result)
+        else:
+            waiting = gate.wait_reason() if gate is not None else None
+            if waiting is not None:  # all agents busy, or no memory for another cell
+                await phases.enter(Phase.PENDING, waiting[1], reason=waiting[0])
+            async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
+                if result.started_at is None:
+                    result.started_at = time.time()
+                try:
+                    await _in_cell(spec, cell, phases, result, origin, control)
+                finally:
+                    await uncancellable(_wind_down(cell, phases, result))
     except asyncio.CancelledError:
-        result.reason, result.message = Reason.CANCELLED, "cancelled"
-        raise
+        if not result.pushed:
+            result.reason, result.message = Reason.CANCELLED, "cancelled"
+            raise
+        cancelled = True  # the push was the point of no return: report its verdict, then stop
     except Exception as exc:  # a bug, or git failing under us: report it, leave nothing behind
         log.exception("%s: internal error", spec.task_id)
-        result.reason, result.message = Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
+        result.outcome, result.reason, result.message = Outcome.FAILED, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
     finally:
         result.boot_attempts = cell.boot_attempts
         result.phase_durations = phases.durations
         result.duration = round(time.monotonic() - started, 3)
-    if not committed:  # the branch was deleted at teardown; there is nothing to point at
-        result.commit = result.branch = None
-    await phases.enter(Phase.SUCCEEDED if result.succeeded else Phase.FAILED, result.message)
+    if not _holds_commit(result):
+        result.commit = None
+        result.branch = None  # deleted at teardown: there is nothing to point at
+    terminal = Phase.SUCCEEDED if result.succeeded else Phase.FAILED
+    await uncancellable(phases.enter(terminal, result.message, reason=result.reason, result=result))
+    if cancelled:
+        raise asyncio.CancelledError
     return result
 
 
-async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
-                              stops: StopScope) -> bool:
-    policy = cell.engine.settings.recovery
-
-    # -- Bootstrapping: worktree, port, healthy server, session --
-    await phases.enter(Phase.BOOTSTRAPPING)
-    repo = await asyncio.to_thread(resolve_repository, spec.repo)
-    test_command = spec.test_command or await asyncio.to_thread(detect_test_command, repo)
-    result.test_command = test_command
-    await cell.create_worktree()
-    await cell.start_server()
-
-    # -- Executing: the agent edits the worktree --
-    await phases.enter(Phase.EXECUTING, cell=cell)
-    restarts_left = policy.boot_restarts
-    while True:
+async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult, origin: Origin | None,
+                   control: TaskControl) -> None:
+    """From Bootstrapping to the verdict. The agent's part (up to the test verdict) runs in
+    the time box and may be stopped by ``control``; a change that passed its tests is
+    committed and pushed outside both."""
+    assert result.started_at is not None
+    left = spec.timeout - (time.time() - result.started_at)
+    box = _describe_box(spec, result.started_at)
+    if left <= 0:
+        result.reason, result.message = Reason.TIMEOUT, f"{box} expired before this attempt could start"
+        return
+    time_box = asyncio.timeout(left)
+    try:
         try:
-            await retry_transient(f"{spec.task_id}: prompt", lambda: _prompt(cell, result), policy,
-                                  before_retry=lambda: _fresh_session(cell))
-            break
-        except OpenCodeUnavailable as exc:
-            if not restarts_left:
-                raise TaskFailed(Reason.AGENT_ERROR, f"the OpenCode server died and restarts are used up: {exc}") from exc
-            restarts_left -= 1
-            log.warning("BOOT_RETRY: %s: server lost mid-task (%s); restarting it", spec.task_id, exc)
-            await cell.restart_server()
-            await phases.enter(Phase.EXECUTING, "server restarted", cell)
-        except ModelError as exc:
-            raise TaskFailed(Reason.AGENT_ERROR, f"the model failed: {exc}") from exc
+            async with time_box, control.guard() as stops:
+                files = await _test(spec, cell, phases, result, origin)
+                await stops.close()  # a change that passed its tests is kept: stop requests end here
+        except TimeoutError:
+            if not time_box.expired():
+                raise
+            raise TaskFailed(Reason.TIMEOUT, f"{box} expired") from None
+        except TaskStopped as stopped:  # the agent's turn was cancelled, which aborts it
+            raise TaskFailed(stopped.request.reason, stopped.request.message) from None
+    except TaskFailed as verdict:
+        await _abort_turn(cell)
+        if cell.worktree is not None:
+            await phases.enter(Phase.REVERTING, verdict.message, cell)
+            await _revert(cell)
+        result.outcome, result.reason, result.message = verdict.outcome, verdict.reason, verdict.message
+        return
+    except ConfigurationError as exc:
+        result.reason, result.message = Reason.INVALID_INPUT, str(exc)
+        return
+    except FetchFailed as exc:
+        result.reason, result.message = Reason.FETCH_FAILED, str(exc)
+        return
+    except (ServerBootError, PortsExhausted) as exc:
+        result.reason, result.message = Reason.BOOT_FAILED, str(exc)
+        return
 
-    files = await _changed_files(cell)
-    result.files_changed = files
-    if not files:
-        raise TaskFailed(Reason.NO_CHANGES, "the agent changed no file; nothing to test or commit")
-
-    # -- Testing: through the server (INV-006), never a subprocess of ours --
-    await phases.enter(Phase.TESTING, test_command, cell)
-    client = cell.client
-    assert client is not None
-    # A session of its own: shell runs are stored in a session and an agent would see them.
-    test_session = (await client.create_session(title=f"Tests of {spec.task_id}")).id
-    test = await retry_transient(
-        f"{spec.task_id}: tests",
-        lambda: client.run_command(test_session, test_command, timeout=spec.test_timeout),
-        policy,
-    )
-    result.test_exit_code = test.exit_code
-    result.test_output_tail = test.output[-OUTPUT_TAIL_CHARS:]
-    if test.timed_out:
-        raise TaskFailed(Reason.TESTS_FAILED, f"tests timed out after {spec.test_timeout:g}s", Outcome.REVERTED)
-    if test.exit_code == EXIT_COMMAND_NOT_FOUND:
-        raise TaskFailed(Reason.TEST_COMMAND_NOT_FOUND,
-                         f"test command {test_command!r} was not found (exit 127)", Outcome.REVERTED)
-    if test.exit_code != 0:
-        raise TaskFailed(Reason.TESTS_FAILED, f"tests failed (exit {test.exit_code})", Outcome.REVERTED)
-
-    # -- Committing: a change that passed its tests is kept; stop requests no longer apply --
-    await stops.close()
+    # -- Committing: the agent's change as it stood when tested (files the test run wrote are not part of it) --
     await phases.enter(Phase.COMMITTING, cell=cell)
     worktree = cell.worktree
     assert worktree is not None
@@ -211,22 +218,140 @@ async def _test_commit_revert(spec: TaskSpec, cell: Cell, phases: _Phases, resul
     # otherwise change a file between the test run and the commit.
     cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
     await cell.stop_server()
-    # The agent's change as it stood when tested (files the test run wrote are not part of it).
     commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files)
-    try:
+    try:  # into the source repository as the result branch, once it holds up
         await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files)
     except ResultRejected as exc:
-        raise TaskFailed(Reason.REFS_TAMPERED, str(exc)) from exc
+        await phases.enter(Phase.REVERTING, str(exc), cell)
+        await _revert(cell)
+        result.outcome, result.reason, result.message = Outcome.FAILED, Reason.REFS_TAMPERED, str(exc)
+        return
     result.commit = commit
     result.outcome, result.reason = Outcome.COMMITTED, Reason.COMMITTED
     result.message = f"tests passed; committed {result.commit[:12]} on {spec.branch}"
-    return True
+    if origin is not None and origin.pushes:
+        await _push(spec, origin, phases, result)
+
+
+async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult, origin: Origin | None) -> list[str]:
+    """Bootstrapping, Executing, Testing. Returns the changed paths when the tests pass;
+    raises TaskFailed (or a boot/input error) otherwise."""
+    policy = cell.engine.settings.recovery
+
+    # -- Bootstrapping: repository, worktree, port, healthy server, session --
+    await phases.enter(Phase.BOOTSTRAPPING, f"fetching {origin.describe()}" if origin is not None else "")
+    if origin is not None:
+        await origin.fetch()
+    repo = await asyncio.to_thread(resolve_repository, spec.repo)
+    test_command = spec.test_command or await asyncio.to_thread(detect_test_command, repo)
+    result.test_command = test_command
+    protected = _protected_paths(spec.protect)  # a bad pattern fails here, before any work
+    await cell.create_worktree()
+    await cell.start_server()
+
+    # -- Executing: the agent edits the worktree --
+    await phases.enter(Phase.EXECUTING, cell=cell)
+    while True:
+        try:
+            await retry_transient(f"{spec.task_id}: prompt", lambda: _prompt(cell, result), policy,
+                                  before_retry=lambda: _fresh_session(cell))
+            break
+        except AgentStalled as exc:
+            raise TaskFailed(Reason.AGENT_STALLED, str(exc)) from exc
+        except OpenCodeUnavailable as exc:
+            log.warning("BOOT_RETRY: %s: server lost mid-task (%s); restarting it", spec.task_id, exc)
+            try:
+                await cell.restart_server()
+            except ServerBootError as boot:
+                raise TaskFailed(Reason.AGENT_ERROR, f"the OpenCode server died: {exc}; {boot}") from exc
+            await phases.update("server restarted", cell)
+        except ModelError as exc:
+            raise TaskFailed(Reason.AGENT_ERROR, f"the model failed: {exc}") from exc
+        except OpenCodeError as exc:
+            raise TaskFailed(Reason.AGENT_ERROR, f"the OpenCode server failed: {exc}") from exc
+
+    files = await _changed_files(cell)
+    result.files_changed = files
+    if not files:
+        raise TaskFailed(Reason.NO_CHANGES, "the agent changed no file; nothing to test or commit")
+    touched = [path for path in files if protected.match_file(path)]
+    if touched:
+        raise TaskFailed(Reason.TESTS_MODIFIED, f"the agent changed protected paths: {', '.join(touched)} "
+                         f"(protected: {', '.join(spec.protect)}); nothing committed", Outcome.REVERTED)
+
+    # -- Testing: through the server (INV-006), never a subprocess of ours --
+    await phases.enter(Phase.TESTING, test_command, cell)
+    client = cell.client
+    assert client is not None
+    try:
+        # A session of its own: shell runs are stored in a session and an agent would see them.
+        test_session = (await client.create_session(title=f"Tests of {spec.task_id}")).id
+        test = await retry_transient(
+            f"{spec.task_id}: tests",
+            lambda: client.run_command(test_session, test_command, timeout=spec.test_timeout),
+            policy,
+        )
+    except OpenCodeError as exc:
+        raise TaskFailed(Reason.AGENT_ERROR, f"the test command could not be run: {exc}") from exc
+    result.test_exit_code = test.exit_code
+    result.test_output_tail = test.output[-OUTPUT_TAIL_CHARS:]
+    if test.timed_out:
+        raise TaskFailed(Reason.TESTS_TIMED_OUT, f"tests ran past their time limit of {spec.test_timeout:g}s and were "
+                         "stopped", Outcome.REVERTED)
+    if test.exit_code == EXIT_COMMAND_NOT_FOUND:
+        raise TaskFailed(Reason.TEST_COMMAND_NOT_FOUND,
+                         f"test command {test_command!r} was not found (exit 127)", Outcome.REVERTED)
+    if test.oom_killed:
+        raise TaskFailed(Reason.OUT_OF_MEMORY, "the test command was killed by the kernel's out-of-memory killer "
+                         "(exit 137): it needs more memory than the operator's memory limit leaves it", Outcome.REVERTED)
+    if test.exit_code != 0:
+        raise TaskFailed(Reason.TESTS_FAILED, f"tests failed (exit {test.exit_code})", Outcome.REVERTED)
+    return files
+
+
+async def _push(spec: TaskSpec, origin: Origin, phases: _Phases, result: TaskResult) -> None:
+    """Pushing: a visible step with its own failure reason. Once begun it is not cancelled
+    (a push cut off half-way may or may not have landed): it ends, and its verdict stands."""
+    commit = result.commit
+    assert commit is not None
+    await phases.enter(Phase.PUSHING, f"pushing {commit[:12]} to {spec.branch} of {origin.describe()}",
+                       result=result.model_copy(deep=True))
+
+    async def publish() -> None:
+        try:
+            await origin.push(spec.branch, commit)
+        except PushFailed as exc:
+            result.outcome, result.reason = Outcome.FAILED, Reason.PUSH_FAILED
+            result.message = f"committed {commit[:12]} but the push failed: {exc}"
+            return
+        except ResultRejected as exc:  # refs of the mirror moved behind Reactor's back
+            result.outcome, result.reason = Outcome.FAILED, Reason.REFS_TAMPERED
+            result.message = f"committed {commit[:12]} but refused to push it: {exc}"
+            return
+        result.pushed = True
+        result.message = f"tests passed; pushed {commit[:12]} to {spec.branch}"
+
+    await uncancellable(publish())
+
+
+def _protected_paths(patterns: list[str]) -> pathspec.PathSpec:
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(patterns)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"protect: {exc}") from None
+
+
+def _describe_box(spec: TaskSpec, started_at: float) -> str:
+    since = dt.datetime.fromtimestamp(started_at, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"time box of {spec.timeout:g}s (counted from the first start, {since})"
 
 
 async def _prompt(cell: Cell, result: TaskResult) -> None:
     assert cell.client is not None and cell.session_id is not None
+    client, session_id = cell.client, cell.session_id
     result.prompt_attempts += 1
-    await cell.client.prompt(cell.session_id, cell.spec.prompt, model=cell.spec.model)
+    watch = TurnWatch(client, cell.engine.settings.stall_timeout)
+    await watch.run(cell.events, lambda: client.prompt(session_id, cell.spec.prompt, model=cell.spec.model))
 
 
 async def _fresh_session(cell: Cell) -> None:
@@ -245,14 +370,12 @@ async def _changed_files(cell: Cell) -> list[str]:
     return sorted(await asyncio.to_thread(cell.worktree.changed_paths))
 
 
-async def _on_time_box(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult) -> None:
-    message = f"time box of {spec.timeout:g}s expired"
+async def _abort_turn(cell: Cell) -> None:
+    """Stop the agent before its worktree is reverted (a turn cut off by the time box may
+    still be running on the server)."""
     if cell.client is not None and cell.session_id is not None:
         client, session_id = cell.client, cell.session_id
-        await ignore_and_warn(f"{spec.task_id}: abort agent", lambda: asyncio.wait_for(client.abort(session_id), 5), False)
-    await phases.enter(Phase.REVERTING, message, cell)
-    await _revert(cell)
-    result.reason, result.message = Reason.TIMEOUT, message
+        await ignore_and_warn(f"{cell.cell_id}: abort agent", lambda: asyncio.wait_for(client.abort(session_id), 5), False)
 
 
 async def _revert(cell: Cell) -> None:
@@ -260,6 +383,25 @@ async def _revert(cell: Cell) -> None:
     reset makes sure no half-written state can be committed or pushed by anything else."""
     if cell.worktree is not None and Path(cell.worktree.path).exists():
         await ignore_and_warn(f"{cell.cell_id}: revert", lambda: asyncio.to_thread(cell.worktree.revert), None)
+
+
+async def _wind_down(cell: Cell, phases: _Phases, result: TaskResult) -> None:
+    """TearingDown: usage, then kill the server, remove the worktree (keeping the branch only
+    when it holds the result), release the port. Run through uncancellable()."""
+    result.usage = _add(cell.spent, await _usage(cell))
+    await phases.enter(Phase.TEARING_DOWN, cell=cell)
+    keep_branch = _holds_commit(result) and not result.pushed
+    try:
+        await cell.teardown(keep_branch=keep_branch)
+    except Exception as exc:  # the verdict stands; what is left is named for the operator's log
+        log.error("%s: teardown incomplete: %s", cell.cell_id, exc, exc_info=True)
+        result.message += f" (teardown incomplete: {exc})"
+
+
+def _holds_commit(result: TaskResult) -> bool:
+    """The branch holds a tested commit: committed, or committed and the push failed (a
+    committed task never loses its commit: it stays in the repository the task ran in)."""
+    return result.commit is not None and (result.outcome is Outcome.COMMITTED or result.reason is Reason.PUSH_FAILED)
 
 
 def _add(a: Usage, b: Usage) -> Usage:
@@ -270,21 +412,24 @@ async def _usage(cell: Cell) -> Usage:
     if cell.client is None or cell.session_id is None:
         return Usage()
     client, session_id = cell.client, cell.session_id
-
     return await ignore_and_warn(f"{cell.cell_id}: read usage",
                                  lambda: asyncio.wait_for(client.usage(session_id), 5), Usage())
 
 
-async def _shielded(coro: Awaitable[None]) -> None:
-    """Run cleanup to the end even if the surrounding task is cancelled meanwhile."""
-    task = asyncio.ensure_future(coro)
-    while True:
+async def uncancellable(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end in a task of its own, whatever happens to the caller: every
+    cancellation that arrives meanwhile is held back (the inner task never sees one) and
+    re-raised once it is done. Its own result or error is the caller's."""
+    inner = asyncio.ensure_future(coro)
+    cancelled = False
+    while not inner.done():
         try:
-            await asyncio.shield(task)
-            return
+            await asyncio.shield(inner)
         except asyncio.CancelledError:
-            if task.done():
-                raise
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise
+            if inner.done() and inner.cancelled():
+                raise  # cancelled from inside: its own business
+            cancelled = True
+    if cancelled:
+        inner.result()  # its own error first: it is the news
+        raise asyncio.CancelledError
+    return inner.result()

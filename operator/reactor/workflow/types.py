@@ -12,11 +12,15 @@ from reactor.opencode.models import Usage  # token/cost totals, as the server re
 
 
 class Phase(str, enum.Enum):
+    """Where a task is. Entered in this order (Reverting instead of Committing/Pushing when
+    the change is thrown away; Pushing only where there is a remote to push to)."""
+
     PENDING = "Pending"
     BOOTSTRAPPING = "Bootstrapping"
     EXECUTING = "Executing"
     TESTING = "Testing"
     COMMITTING = "Committing"
+    PUSHING = "Pushing"
     REVERTING = "Reverting"
     TEARING_DOWN = "TearingDown"
     SUCCEEDED = "Succeeded"
@@ -26,6 +30,16 @@ class Phase(str, enum.Enum):
     def terminal(self) -> bool:
         return self in (Phase.SUCCEEDED, Phase.FAILED)
 
+    @property
+    def rank(self) -> int:
+        """Position in the lifecycle: a later phase never gives way to an earlier one."""
+        return _PHASE_RANK[self]
+
+
+_PHASE_RANK = {phase: rank for rank, phase in enumerate(
+    [Phase.PENDING, Phase.BOOTSTRAPPING, Phase.EXECUTING, Phase.TESTING, Phase.COMMITTING, Phase.PUSHING,
+     Phase.REVERTING, Phase.TEARING_DOWN, Phase.SUCCEEDED, Phase.FAILED])}
+
 
 class Outcome(str, enum.Enum):
     COMMITTED = "committed"  # tests passed, the change is a commit on the result branch
@@ -34,23 +48,34 @@ class Outcome(str, enum.Enum):
 
 
 class Reason(str, enum.Enum):
-    """Why a task ended; also the Kubernetes condition reason."""
+    """Why a task is where it is: every reason Reactor reports (the Kubernetes condition
+    reason, Events, `reactor run` output) comes from here."""
 
-    COMMITTED = "Committed"
+    # the task ended
+    COMMITTED = "Committed"  # tests passed; committed (and pushed, where there is a remote)
     TESTS_FAILED = "TestsFailed"
-    TEST_COMMAND_NOT_FOUND = "TestCommandNotFound"
+    OUT_OF_MEMORY = "OutOfMemory"  # the test command outgrew the memory the operator's pod has
+    TESTS_TIMED_OUT = "TestsTimedOut"  # the test command ran past its time limit
+    TEST_COMMAND_NOT_FOUND = "TestCommandNotFound"  # exit 127
+    TESTS_MODIFIED = "TestsModified"  # the agent changed a protected path
     NO_CHANGES = "NoChanges"
-    TIMEOUT = "Timeout"
-    BOOT_FAILED = "BootFailed"
-    AGENT_ERROR = "AgentError"
-    INVALID_INPUT = "InvalidInput"
+    TIMEOUT = "Timeout"  # the task's time box expired
+    AGENT_STALLED = "AgentStalled"  # no progress for the stall timeout
+    AGENT_ERROR = "AgentError"  # the model or the OpenCode server failed
+    BOOT_FAILED = "BootFailed"  # no healthy server after BOOT_RETRY, or no free port
+    FETCH_FAILED = "FetchFailed"  # the repository could not be fetched
+    PUSH_FAILED = "PushFailed"  # committed, but the push was refused or failed
+    INVALID_INPUT = "InvalidInput"  # a bad spec, flag, secret reference or base branch
+    OPERATOR_RESTARTED = "OperatorRestarted"  # interrupted by operator restarts, no attempts left
     CANCELLED = "Cancelled"
-    PUSH_FAILED = "PushFailed"
     REFS_TAMPERED = "RefsTampered"  # refs outside the task's branch moved, or the result is not the tested change
-    OPERATOR_RESTARTED = "OperatorRestarted"
     BUDGET_EXCEEDED = "BudgetExceeded"  # the task's own maxCost/maxTokens
     SPEND_LIMIT_EXCEEDED = "SpendLimitExceeded"  # a limit over many tasks (the operator's SpendLimit)
     INTERNAL_ERROR = "InternalError"
+    # the task waits
+    WAITING_FOR_CAPACITY = "WaitingForCapacity"  # all agents (--max-agents) busy
+    WAITING_FOR_MEMORY = "WaitingForMemory"  # the memory limit cannot hold another cell's peak
+    OPERATOR_SHUTDOWN = "OperatorShutdown"  # back to Pending; runs again when the operator restarts
 
 
 class Budget(BaseModel):
@@ -75,8 +100,14 @@ class TaskSpec(BaseModel):
     test_timeout: float = 600.0
     model: str | None = None  # provider/model
     opencode_config: dict[str, Any] = Field(default_factory=dict)
-    timeout: float = 1800.0  # the whole-task time box
-    budget: Budget = Field(default_factory=Budget)
+    timeout: float = 1800.0  # the whole-task time box, counted from started_at
+    # Wall-clock time (epoch seconds) of the task's first start; None: it starts now. A retry
+    # after an operator restart carries it over, so the box is the task's, not the attempt's.
+    started_at: float | None = None
+    # Paths the agent must not change (.gitignore-style patterns, e.g. "tests/"): a change to
+    # one fails the task with TestsModified and nothing is committed.
+    protect: list[str] = Field(default_factory=list)
+    budget: Budget = Field(default_factory=Budget)  # maxCost/maxTokens, enforced while it runs
     # Environment of the opencode process only (API keys). Excluded from repr and dumps.
     env: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
 
@@ -112,6 +143,8 @@ class TaskResult(BaseModel):
     test_output_tail: str = ""
     usage: Usage = Field(default_factory=Usage)
     phase_durations: dict[str, float] = Field(default_factory=dict)
+    pushed: bool = False
+    started_at: float | None = None
     duration: float = 0.0
     boot_attempts: int = 0
     prompt_attempts: int = 0
@@ -123,7 +156,16 @@ class TaskResult(BaseModel):
 
 
 class PhaseEvent(BaseModel):
+    """What the workflow reports: a phase entered (once each, in order), or with ``update``
+    set, news within the current phase (a restarted server's new pid)."""
+
     task_id: str
     phase: Phase
     message: str = ""
+    reason: Reason | None = None
+    update: bool = False
     cell: CellInfo = Field(default_factory=CellInfo)
+    started_at: float | None = None
+    # With Pushing: what is being published (recorded first: a restart resumes from it);
+    # with the terminal phase: the verdict.
+    result: TaskResult | None = None

@@ -1,0 +1,3 @@
+module reactor.dev/hack/node/pause
+
+go 1.22

@@ -1,0 +1,157 @@
+"""Fault matrix, the operator killed (SIGKILL) with tasks in every phase, then restarted;
+one task deleted while it is down. Row 2 (committed, then the operator dies before the push
+ends: resumed at the push, same commit, pushed once) and row 3 (the time box counts from
+the task's first start, across the restart)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from reactor.infra.processes import find_marked_processes
+from reactor.kube.resource import parse_time
+from reactor.testing.helpers import wait_for
+from reactor.testing.scripted_model import Scenario, edit, hang, text
+from tests.faults.conftest import Matrix, Row, condition, held_boot_binary, process_alive
+
+# The module's rows run in its fixture, which the first test pays for.
+pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
+
+FIX = edit("calc.py", "return a - b", "return a + b")
+TIME_BOX = 60  # seconds: longer than the kill and the restart take
+TEST_SLEEP = 25  # the Testing phase of k-test lasts this long (each attempt)
+DOWNTIME = 40  # seconds from k-box's first start to the restart
+BOOT_HOLD = 12  # k-hold-boot starts this late (each attempt; under the 30 s health timeout)
+
+
+def hanging(matrix: Matrix, row: Row) -> bool:
+    return any(r["scenario"] == f"{row.name}:" and r["kind"] == "hang" for r in matrix.model.requests)
+
+
+@pytest.fixture(scope="module")
+def crash(matrix: Matrix) -> dict:
+    args = ("--port-range", "23300-23400", "--max-agents", "6",
+            "--opencode-bin", str(held_boot_binary(matrix.root, BOOT_HOLD)))
+    op = matrix.start_operator(*args)
+    script = matrix.model.script
+    rows: dict[str, Row] = {}
+    for name, steps, spec in (
+        ("k-exec", [hang(times=1), FIX, text("Fixed.")], {}),
+        ("k-gone", [hang(times=1000)], {}),
+        ("k-push", [FIX, text("Fixed.")], {}),
+        ("k-box", [hang(times=1000)], {"timeout": f"{TIME_BOX}s"}),
+        ("k-test", [FIX, text("Fixed.")], {"test": {"command": f"sleep {TEST_SLEEP}; python3 -m pytest -q"}}),
+        ("k-hold-boot", [FIX, text("Fixed.")], {}),
+        ("k-pending", [FIX, text("Fixed.")], {}),
+    ):
+        script.add(Scenario(f"{name}:", steps))
+        rows[name] = matrix.row(name, **spec)
+    rows["k-push"].origin.hold()
+    for name in ("k-exec", "k-gone", "k-push"):
+        matrix.apply(rows[name])
+    wait_for(lambda: hanging(matrix, rows["k-exec"]) and hanging(matrix, rows["k-gone"]), 240, "agents mid-turn")
+    wait_for(rows["k-push"].origin.push_arrived, 240, "k-push: the push in flight")
+    # The phases that pass by themselves come last, just before the kill.
+    matrix.apply(rows["k-test"])
+    matrix.wait_phase(rows["k-test"], "Testing")
+    matrix.apply(rows["k-box"])  # started (its time box runs), not finished: any phase will do
+    matrix.wait(rows["k-box"], lambda o: o and (o.get("status") or {}).get("startTime"), "k-box started")
+    matrix.apply(rows["k-hold-boot"])
+    wait_for(lambda: matrix.get(rows["k-hold-boot"]) and find_marked_processes(
+        str(matrix.work_dir.resolve()), matrix.cell_id(rows["k-hold-boot"])), 60, "k-hold-boot: its server starting")
+    matrix.apply(rows["k-pending"])
+    matrix.wait(rows["k-pending"], lambda o: o and (o.get("status") or {}).get("phase") == "Pending", "Pending")
+
+    before = {name: matrix.get(row) for name, row in rows.items()}
+    phases = {name: obj["status"]["phase"] for name, obj in before.items()}
+    assert phases["k-box"] in ("Bootstrapping", "Executing")
+    assert phases == {"k-exec": "Executing", "k-gone": "Executing", "k-push": "Pushing", "k-box": phases["k-box"],
+                      "k-test": "Testing", "k-hold-boot": "Bootstrapping", "k-pending": "Pending"}
+    orphans = {name: (obj["status"].get("cell") or {}).get("serverPid") for name, obj in before.items()}
+    op.stop(signal.SIGKILL)
+
+    # While it is down: one task is deleted, and the held push is let go (it was killed with
+    # the operator; nothing reached the origin).
+    matrix.delete(rows["k-gone"])
+    assert rows["k-push"].origin.pushes(rows["k-push"].branch) == []
+    rows["k-push"].origin.release()
+    live_orphans = {name: pid for name, pid in orphans.items() if pid and process_alive(pid)}
+    # The operator stays down a while (a rescheduled pod): a time box restarted with it would
+    # end DOWNTIME seconds after one counted from the task's first start.
+    started = parse_time(before["k-box"]["status"]["startTime"])
+    time.sleep(max(0.0, started + DOWNTIME - time.time()))
+    restarted_at = time.time()
+    matrix.start_operator(*args)
+    matrix.wait(rows["k-gone"], lambda o: o is None, "k-gone deleted after the restart", timeout=120)
+    matrix.wait_all_terminal([r for n, r in rows.items() if n != "k-gone"], timeout=420)
+    return {"rows": rows, "before": before, "live_orphans": live_orphans, "restarted_at": restarted_at}
+
+
+def test_the_killed_operator_left_orphans_and_the_restart_reaped_them(crash):
+    assert set(crash["live_orphans"]) >= {"k-exec", "k-gone", "k-test"}, \
+        "the servers outlived the killed operator (the orphans to reap)"
+    for name, pid in crash["live_orphans"].items():
+        assert not process_alive(pid), f"{name}: orphan {pid} still runs"
+
+
+@pytest.mark.parametrize(("name", "attempts"), [
+    ("k-pending", 1), ("k-hold-boot", 2), ("k-exec", 2), ("k-test", 2),
+])
+def test_a_task_interrupted_by_the_crash_runs_again_and_succeeds(crash, matrix, name, attempts):
+    row = crash["rows"][name]
+    status = row.final["status"]
+    assert status["phase"] == "Succeeded", status["message"]
+    assert status["attempts"] == attempts
+    retried = [e for e in matrix.events(row) if e["reason"] == "Retrying"]
+    if attempts == 2:
+        before = crash["before"][name]["status"]["phase"]
+        assert retried and f"operator restarted during {before}" in retried[0]["message"]
+    matrix.assert_nothing_left(row, pushed=True)
+
+
+def test_a_committed_task_resumes_at_the_push_with_the_same_commit(crash, matrix):
+    """Row 2: the commit passed its tests; the push was cut off by the crash."""
+    row = crash["rows"]["k-push"]
+    recorded = crash["before"]["k-push"]["status"]["result"]["commit"]
+    status = row.final["status"]
+    assert status["phase"] == "Succeeded" and condition(row.final)["reason"] == "Committed", status["message"]
+    assert status["attempts"] == 1, "a resumed push is not a new attempt"
+    assert status["result"]["commit"] == recorded and status["result"]["pushed"] is True
+    assert status["result"]["filesChanged"] == ["calc.py"] and status["result"]["testExitCode"] == 0
+    assert row.origin.pushes(row.branch) == [recorded], "pushed once, the commit that was tested"
+    retried = [e for e in matrix.events(row) if e["reason"] == "Retrying"]
+    assert retried and "resuming at the push" in retried[0]["message"]
+    matrix.assert_nothing_left(row, pushed=True)
+
+
+def test_the_time_box_counts_from_the_first_start(crash, matrix):
+    """Row 3: like a Job's activeDeadlineSeconds; the restart gives no fresh box."""
+    row = crash["rows"]["k-box"]
+    status = row.final["status"]
+    assert status["phase"] == "Failed" and condition(row.final)["reason"] == "Timeout", status["message"]
+    assert status["startTime"] == crash["before"]["k-box"]["status"]["startTime"], "startTime kept"
+    started = parse_time(status["startTime"])
+    lasted = parse_time(status["completionTime"]) - started
+    retried = [e for e in matrix.events(row) if e["reason"] == "Retrying"]
+    resumed = parse_time(retried[0]["metadata"]["creationTimestamp"]) - started
+    assert resumed >= DOWNTIME - 1, "the retry began after the restart"
+    if resumed >= TIME_BOX:  # the restarted operator got to it late: nothing left of the box
+        assert "expired before this attempt could start" in status["message"]
+        assert lasted - resumed < 20, "no new box was granted"
+    else:  # ends when the first start's box does (plus the teardown), not DOWNTIME later
+        assert TIME_BOX - 1 <= lasted <= TIME_BOX + 30 < resumed + TIME_BOX, \
+            f"ended {lasted:.0f}s after its first start, resumed after {resumed:.0f}s"
+    assert "counted from the first start" in status["message"]
+    matrix.assert_nothing_left(row, pushed=False)
+
+
+def test_a_task_deleted_while_the_operator_was_down(crash, matrix):
+    row = crash["rows"]["k-gone"]
+    assert "k-gone" in crash["live_orphans"] and not process_alive(crash["live_orphans"]["k-gone"])
+    matrix.assert_nothing_left(row, pushed=False)
+
+
+def test_nothing_of_the_module_is_left(crash, matrix):
+    matrix.assert_range_free()

@@ -1,0 +1,254 @@
+"""Many operator replicas sharing AgentTasks, end to end: a real kube-apiserver, `reactor operator
+--fleet` as real processes (each with its own work dir, as each StatefulSet pod has its own
+volume), real opencode, real git, the scripted model with a fixed answer latency (so the run
+is bound by cells, not by this machine's cores).
+
+What a user would check: every task ends; each ran in one replica at a time (counted from the
+model's own log: which cell asked when); each result branch was created by exactly one push and
+holds the commit the status reports; a dead replica's tasks finish elsewhere; a replica that
+slept through its Lease stops its cells on waking and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from reactor.infra.processes import find_marked_processes
+from reactor.testing.fleet import (
+    all_terminal,
+    apply_all,
+    conversations,
+    fix_task,
+    fleet_args,
+    kill_pod,
+    most_at_once,
+    tasks,
+    wait_until,
+)
+from reactor.testing.operator_process import operators
+from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor.testing.repos import git, make_repo
+
+# Several replicas and up to six cells at once on a small machine: more than the default 5 minutes.
+pytestmark = [pytest.mark.opencode, pytest.mark.timeout(900)]
+
+LEASE = 6  # seconds: a dead replica's tasks move after this; renewals every 1.2 s
+LATENCY = 1.5  # seconds per model answer (a real model takes seconds per turn)
+FIX = edit("calc.py", "return a - b", "return a + b")
+
+
+@pytest.fixture
+def origin(tmp_path) -> Path:
+    return make_repo(tmp_path / "origin")
+
+
+@pytest.fixture
+def fleet(crd_installed, namespace, tmp_path):
+    """``start(index, *args)`` runs replica r<index> with its own work dir and port range.
+    Afterwards no server of any replica may be left."""
+    work_dirs: list[Path] = []
+    with operators(crd_installed, namespace, tmp_path / "unused") as start:
+        def replica(index: int, *args: str):
+            work = tmp_path / f"replica-{index}"
+            work_dirs.append(work)
+            return start(*fleet_args(index, namespace, LEASE, *args), work_dir=work)
+        yield replica
+    leaked = [p for work in work_dirs for p in find_marked_processes(str(work.resolve()))]
+    for process in leaked:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert not leaked, f"servers left running: {leaked}"
+
+
+def manifest(name: str, origin: Path, model: ScriptedModel) -> dict:
+    return fix_task(name, origin, model.opencode_config())
+
+
+def replica_of(cell_dir: str, work_dirs: dict[str, Path]) -> str:
+    return next(name for name, work in work_dirs.items() if cell_dir.startswith(str(work.resolve())))
+
+
+def pushes(origin: Path, branch: str) -> list[str]:
+    """Every update of the branch in the origin repository, as its reflog records them."""
+    out = git(origin, "reflog", "show", "--format=%H", f"refs/heads/{branch}")
+    return out.splitlines()
+
+
+def test_three_replicas_share_24_tasks_each_run_once_and_pushed_once(fleet, crd_installed, namespace, origin,
+                                                                      tmp_path):
+    replicas = [fleet(i, "--max-agents=2") for i in range(3)]
+    work_dirs = {f"r{i}": r.work_dir for i, r in enumerate(replicas)}
+    names = [f"t{i:02d}" for i in range(24)]
+    with ScriptedModel([Scenario(f"{n}:", [FIX, text("Fixed.")]) for n in names], latency=LATENCY) as model:
+        started = time.monotonic()
+        apply_all(crd_installed, namespace, [manifest(n, origin, model) for n in names])
+        objs = wait_until(lambda: all_terminal(crd_installed, namespace, len(names)), 600, "all 24 terminal",
+                          lambda: "\n".join(r.log()[-3000:] for r in replicas))
+        took = time.monotonic() - started
+        talks = conversations(model.requests)
+
+    phases = {n: o["status"]["phase"] for n, o in objs.items()}
+    assert set(phases.values()) == {"Succeeded"}, {n: (o["status"]["phase"], o["status"].get("message"))
+                                                   for n, o in objs.items() if o["status"]["phase"] != "Succeeded"}
+    # One replica at a time per task; here (no faults) exactly one cell per task, one attempt.
+    for name in names:
+        assert len(talks[name]) == 1, f"{name} ran in {len(talks[name])} cells: {list(talks[name])}"
+        assert objs[name]["status"]["attempts"] == 1
+    # Each result branch: created by one push, holding the commit the status reports.
+    for name, obj in objs.items():
+        result = obj["status"]["result"]
+        assert result["pushed"] is True
+        assert pushes(origin, f"reactor/{name}") == [result["commit"]], name
+    # The work was shared, within each replica's bound, and the fleet ran more than one replica's worth at once.
+    by_replica: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for name in names:
+        (cell, span), = talks[name].items()
+        replica = replica_of(cell, work_dirs)
+        assert objs[name]["status"]["claim"]["replica"] == replica
+        by_replica[replica].append(span)
+    assert set(by_replica) == {"r0", "r1", "r2"}, {r: len(s) for r, s in by_replica.items()}
+    assert all(most_at_once(spans) <= 2 for spans in by_replica.values())
+    overall = most_at_once([span for spans in by_replica.values() for span in spans])
+    assert 3 <= overall <= 6, overall
+    # Oldest first across the fleet: no task was claimed clearly after a younger one.
+    claimed = {n: objs[n]["status"]["claim"]["since"] for n in names}
+    order = sorted(names, key=lambda n: claimed[n])
+    late = [(older, younger) for i, younger in enumerate(order) for older in order[i + 1:]
+            if older < younger and _seconds(claimed[older]) - _seconds(claimed[younger]) > 2.0]
+    assert not late, late
+    # `kubectl get -o wide` shows who ran what.
+    wide = crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide").stdout
+    assert "REPLICA" in wide.splitlines()[0] and all(f"r{i}" in wide for i in range(3))
+    print(f"\n24 tasks on 3 replicas x 2 agents: {took:.1f}s; per replica "
+          f"{ {r: len(s) for r, s in sorted(by_replica.items())} }; at once {overall}")
+
+
+def _seconds(stamp: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def test_a_killed_replicas_tasks_are_adopted_and_finish(fleet, crd_installed, namespace, origin):
+    replicas = [fleet(i, "--max-agents=2") for i in range(3)]
+    names = [f"k{i}" for i in range(9)]
+    # Long enough turns that the victim is mid-run when it dies.
+    scenarios = [Scenario(f"{n}:", [FIX, text("Fixed.")]) for n in names]
+    with ScriptedModel(scenarios, latency=3.0) as model:
+        apply_all(crd_installed, namespace, [manifest(n, origin, model) for n in names])
+
+        def victim_mid_run():
+            objs = tasks(crd_installed, namespace)
+            held = [n for n, o in objs.items() if (o.get("status") or {}).get("phase") == "Executing"
+                    and o["status"]["claim"]["replica"] == "r1"]
+            return held or None
+
+        held = wait_until(victim_mid_run, 240, "r1 running a task", lambda: replicas[1].log())
+        kill_pod(replicas[1])
+        killed = time.monotonic()
+
+        def adopted():
+            objs = tasks(crd_installed, namespace)
+            moved = [n for n in held if ((objs[n].get("status") or {}).get("claim") or {}).get("replica") not in ("r1", None)]
+            return moved if len(moved) == len(held) else None
+
+        wait_until(adopted, 300, "r1's tasks claimed elsewhere (when a survivor has a free slot)")
+        failover = time.monotonic() - killed
+        objs = wait_until(lambda: all_terminal(crd_installed, namespace, len(names)), 400, "all terminal",
+                          lambda: replicas[0].log() + replicas[2].log())
+        talks = conversations(model.requests)
+
+    assert {o["status"]["phase"] for o in objs.values()} == {"Succeeded"}, \
+        {n: o["status"].get("message") for n, o in objs.items()}
+    for name in held:
+        status = objs[name]["status"]
+        assert status["claim"]["replica"] in ("r0", "r2") and status["attempts"] == 2, status
+    for name, obj in objs.items():
+        assert pushes(origin, f"reactor/{name}") == [obj["status"]["result"]["commit"]], name
+        # The dead replica's cell and the adopter's never talked to the model at the same time.
+        spans = sorted(talks[name].values())
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), (name, spans)
+    # The Lease must expire before anyone adopts: not before LEASE minus one renewal interval.
+    assert failover >= LEASE - LEASE / 5, failover
+    for survivor in (replicas[0], replicas[2]):
+        assert find_marked_processes(str(survivor.work_dir.resolve())) == []
+    print(f"\nreplica killed -> its {len(held)} task(s) claimed elsewhere: {failover:.1f}s (Lease {LEASE}s)")
+
+
+def lease_holder(cluster, namespace: str, replica: str) -> str | None:
+    out = cluster.kubectl("get", "-n", namespace, "lease", f"reactor-replica-{replica}", "-o", "json")
+    return json.loads(out.stdout)["spec"].get("holderIdentity") if out.returncode == 0 else None
+
+
+def test_a_replica_that_slept_through_its_lease_stops_its_cells_and_changes_nothing(fleet, crd_installed, namespace,
+                                                                                     origin):
+    replicas = {"r0": fleet(0, "--max-agents=1"), "r1": fleet(1, "--max-agents=1")}
+    with ScriptedModel([Scenario("nap:", [FIX, text("Fixed.")])], latency=4.0) as model:
+        apply_all(crd_installed, namespace, [manifest("nap", origin, model)])
+        # Whichever replica claims it is frozen mid-turn (the model holds its answer for 4 s).
+        obj = wait_until(lambda: (lambda o: o if (o.get("status") or {}).get("phase") == "Executing" else None)(
+            tasks(crd_installed, namespace).get("nap") or {}), 120, "Executing",
+            lambda: "\n".join(r.log() for r in replicas.values()) + json.dumps((tasks(crd_installed, namespace).get("nap") or {}).get("status"), indent=1))
+        holder = obj["status"]["claim"]["replica"]
+        adopter_id = "r1" if holder == "r0" else "r0"
+        frozen, adopter = replicas[holder], replicas[adopter_id]
+        assert find_marked_processes(str(frozen.work_dir.resolve())), "the frozen replica has a live cell"
+        incarnation = lease_holder(crd_installed, namespace, holder)
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        try:
+            done = wait_until(lambda: (all_terminal(crd_installed, namespace, 1) or {}).get("nap"), 180,
+                              "adopted and finished", adopter.log)
+        finally:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+        woke = time.monotonic()
+        # On waking it finds it missed its Lease: it fences itself (kills its cells, drops its
+        # runs without a word to the API server), then rejoins under a new incarnation.
+        wait_until(lambda: lease_holder(crd_installed, namespace, holder) not in (incarnation, None), 30,
+                   "the woken replica rejoined", frozen.log)
+        rejoined = time.monotonic() - woke
+        final = tasks(crd_installed, namespace)["nap"]
+        left = find_marked_processes(str(frozen.work_dir.resolve()))
+
+    assert done["status"]["phase"] == "Succeeded" and done["status"]["claim"]["replica"] == adopter_id
+    assert not left, f"the woken replica's cells still run: {left}"
+    assert final["status"] == done["status"], "the woken replica wrote nothing"
+    assert pushes(origin, "reactor/nap") == [done["status"]["result"]["commit"]], "one push: the adopter's"
+    assert "fenced" in frozen.log()
+    print(f"\nSIGCONT -> the stale replica fenced and rejoined: {rejoined:.2f}s")
+
+
+def test_memory_admission_keeps_cells_within_a_small_simulated_limit(crd_installed, namespace, origin, tmp_path):
+    """--memory-limit 1550Mi with cells estimated at 600Mi: the operator (~100 MiB) plus two
+    cells (their peaks reserved) fit, a third does not, although --max-agents allows 6 (all
+    five tasks arrive at once: without admission all five would talk to the model at once)."""
+    work = tmp_path / "work"
+    names = [f"m{i}" for i in range(5)]
+    with operators(crd_installed, namespace, work) as start, \
+            ScriptedModel([Scenario(f"{n}:", [FIX, text("Fixed.")]) for n in names], latency=LATENCY) as model:
+        op = start("--max-agents=6", "--memory-limit=1550Mi", "--cell-memory=600Mi", "--health-timeout=90s")
+        apply_all(crd_installed, namespace, [manifest(n, origin, model) for n in names])
+        reasons: set[str] = set()
+
+        def finished():
+            objs = tasks(crd_installed, namespace)
+            for obj in objs.values():
+                for condition in (obj.get("status") or {}).get("conditions") or []:
+                    reasons.add(condition.get("reason"))
+            return all_terminal(crd_installed, namespace, len(names))
+
+        objs = wait_until(finished, 400, "all terminal", op.log)
+        talks = conversations(model.requests)
+        leaked = find_marked_processes(str(work.resolve()))
+    assert not leaked
+    assert {o["status"]["phase"] for o in objs.values()} == {"Succeeded"}, \
+        {n: o["status"].get("message") for n, o in objs.items()}
+    at_once = most_at_once([span for cells in talks.values() for span in cells.values()])
+    assert 1 <= at_once <= 2, at_once
+    assert "WaitingForMemory" in reasons, reasons
+    print(f"\nmemory limit 1550Mi, cells 600Mi: at most {at_once} cells at once of max-agents 6")

@@ -1,0 +1,96 @@
+"""What the operator writes into an AgentTask's status: the builders and the one writer
+(a recording stand-in for the API here; tests/kube and tests/faults use the real one)."""
+
+from __future__ import annotations
+
+from reactor.kube.resource import TaskRef
+from reactor.kube.status import TaskStatus, cell_status, phase_status, result_status, usage_status
+from reactor.workflow.types import CellInfo, Outcome, Phase, PhaseEvent, Reason, TaskResult, Usage
+
+REF = TaskRef("ns", "fix-add", "0123456789abcdef", "2026-01-01T00:00:00Z")
+
+
+class Recorder:
+    """Stands in for StatusWriter: keeps the patches and Events in order."""
+
+    def __init__(self):
+        self.patches: list[dict] = []
+        self.events: list[tuple[str, str, bool]] = []
+
+    async def patch(self, ref, status):
+        self.patches.append(status)
+        return True
+
+    async def event(self, ref, reason, message, warning=False):
+        self.events.append((reason, message, warning))
+
+
+def committed(**extra) -> TaskResult:
+    values = dict(task_id="t", outcome=Outcome.COMMITTED, reason=Reason.COMMITTED, message="pushed", branch="b",
+                  commit="a" * 40, files_changed=["calc.py"], test_exit_code=0, pushed=True,
+                  usage=Usage(input_tokens=100, output_tokens=20, cost=0.0123))
+    return TaskResult(**{**values, **extra})
+
+
+def test_phase_status_sets_the_succeeded_condition():
+    running = phase_status(Phase.EXECUTING, "working", 3)
+    assert running["phase"] == "Executing" and running["observedGeneration"] == 3
+    assert running["conditions"][0]["status"] == "Unknown" and running["conditions"][0]["reason"] == "Executing"
+    done = phase_status(Phase.SUCCEEDED, "ok", 3, "Committed")
+    assert done["conditions"][0]["status"] == "True" and done["conditions"][0]["reason"] == "Committed"
+    failed = phase_status(Phase.FAILED, "x" * 5000, 3, "TestsFailed")
+    assert failed["conditions"][0]["status"] == "False" and len(failed["conditions"][0]["message"]) == 1024
+
+
+def test_result_usage_and_cell_builders():
+    result = result_status(committed(test_output_tail="y" * 3000))
+    assert result["shortCommit"] == "aaaaaaa" and result["pushed"] is True and len(result["testOutputTail"]) == 2000
+    assert usage_status(committed())["costDisplay"] == "$0.0123"
+    cell = cell_status(CellInfo(port=8001, worktree="/w", server_pid=42, session_id="ses"), REF.cell_id)
+    assert cell == {"port": 8001, "worktree": "/w", "serverPid": 42, "sessionId": "ses", "cellId": "ns.fix-add.01234567"}
+
+
+async def test_one_write_and_one_event_per_phase_in_order_and_nothing_after_the_verdict():
+    writer = Recorder()
+    status = TaskStatus(writer, REF, 1, attempt=1)
+    cell = CellInfo(port=8001, worktree="/w", server_pid=42)
+    for phase, extra in ((Phase.BOOTSTRAPPING, {"started_at": 1_800_000_000.0}), (Phase.EXECUTING, {"cell": cell}),
+                         (Phase.TESTING, {"cell": cell}), (Phase.COMMITTING, {"cell": cell}),
+                         (Phase.PUSHING, {"cell": cell, "result": committed(pushed=False)}),
+                         (Phase.TEARING_DOWN, {"cell": cell})):
+        await status.report(PhaseEvent(task_id="t", phase=phase, **extra))
+    await status.report(PhaseEvent(task_id="t", phase=Phase.EXECUTING, update=True, message="server restarted", cell=cell))
+    await status.report(PhaseEvent(task_id="t", phase=Phase.SUCCEEDED, result=committed()))
+    await status.requeue(Reason.OPERATOR_SHUTDOWN, "stopping")  # too late: the verdict stands
+    await status.finish(committed())
+
+    phases = [p.get("phase") for p in writer.patches]
+    assert phases == ["Bootstrapping", "Executing", "Testing", "Committing", "Pushing", "TearingDown", None, "Succeeded"]
+    assert [e[0] for e in writer.events] == ["Bootstrapping", "Executing", "Testing", "Committing", "Pushing",
+                                             "TearingDown", "Succeeded"]
+    bootstrapping, pushing, final = writer.patches[0], writer.patches[4], writer.patches[-1]
+    assert bootstrapping["attempts"] == 1 and bootstrapping["startTime"] == "2027-01-15T08:00:00Z"
+    assert bootstrapping["cell"] is None, "no cell before it exists"
+    assert pushing["result"]["commit"] == "a" * 40, "the commit is recorded before the push (resume point)"
+    assert pushing["result"]["pushed"] is False and pushing["result"]["filesChanged"] == ["calc.py"]
+    assert writer.patches[6] == {"message": "server restarted", "cell": {**cell_status(cell, REF.cell_id)}}
+    assert final["cell"] is None and final["result"]["pushed"] is True and "completionTime" in final
+
+
+async def test_a_resumed_push_keeps_what_the_first_run_recorded():
+    writer = Recorder()
+    status = TaskStatus(writer, REF, 1, attempt=1,
+                        previous_result={"commit": "a" * 40, "filesChanged": ["calc.py"], "testExitCode": 0})
+    await status.finish(TaskResult(task_id="t", outcome=Outcome.COMMITTED, reason=Reason.COMMITTED, message="pushed",
+                                   commit="a" * 40, branch="b", pushed=True))
+    result = writer.patches[-1]["result"]
+    assert result["filesChanged"] == ["calc.py"] and result["testExitCode"] == 0 and result["pushed"] is True
+
+
+async def test_requeue_on_shutdown_is_pending_with_its_reason():
+    writer = Recorder()
+    status = TaskStatus(writer, REF, 1, attempt=1)
+    await status.report(PhaseEvent(task_id="t", phase=Phase.PENDING, reason=Reason.WAITING_FOR_CAPACITY, message="3/3"))
+    await status.requeue(Reason.OPERATOR_SHUTDOWN, "operator stopped")
+    assert [p["conditions"][0]["reason"] for p in writer.patches] == ["WaitingForCapacity", "OperatorShutdown"]
+    assert writer.events[-1] == ("OperatorShutdown", "operator stopped", True)
