@@ -1,11 +1,12 @@
-"""What following every cell's event stream costs the operator, measured in the same run.
+"""What live progress costs the operator, measured in the same run.
 
 The same 10 concurrent tasks (each agent: 8 model steps, 0.5 s apart, then a fix) run
-twice under a real operator process: once with live progress (each cell's `GET /event`
-followed, status.progress written at most every 2 s, transcripts, metrics), once with the
-streams not followed (REACTOR_FOLLOW_EVENTS=0). Reported: the operator process's CPU
-seconds (user+system, its own threads only: the cells are other processes) and its peak
-RSS, and the status writes per task (from its /metrics).
+twice under a real operator process: once with live progress written (status.progress at
+most every 2 s, the default), once with it off (``--progress-interval 0``). Both follow
+every cell's ``GET /event`` (stall detection, permission refusal and budgets need it) and
+keep transcripts and metrics. Reported: the operator process's CPU seconds (user+system,
+its own threads only: the cells are other processes), its peak RSS, and the status
+writes per task (from its /metrics).
 
     python bench/observe_overhead.py [--tasks 10]
 """
@@ -55,15 +56,8 @@ def run_fleet(cluster, tmp: Path, label: str, follow: bool, tasks: int, repo: Pa
     work = tmp / f"work-{label}"
     work.mkdir()
     web_port = free_port()
-    previous = os.environ.get("REACTOR_FOLLOW_EVENTS")
-    os.environ["REACTOR_FOLLOW_EVENTS"] = "1" if follow else "0"
-    try:
-        op = OperatorProcess(cluster, ns, work, "--max-agents", str(tasks), "--web", f"127.0.0.1:{web_port}").start()
-    finally:
-        if previous is None:
-            os.environ.pop("REACTOR_FOLLOW_EVENTS")
-        else:
-            os.environ["REACTOR_FOLLOW_EVENTS"] = previous
+    op = OperatorProcess(cluster, ns, work, "--max-agents", str(tasks), "--web", f"127.0.0.1:{web_port}",
+                         "--progress-interval", "2s" if follow else "0").start()
     api = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(str(cluster.kubeconfig_path)))
     names = [f"{label}-{i}" for i in range(tasks)]
     try:
@@ -107,14 +101,14 @@ def main() -> None:
         with ScriptedModel([scenario(f"{label}-{i}") for label in labels for i in range(args.tasks)]) as model:
             streamed = run_fleet(cluster, tmp, "streamed", True, args.tasks, repo, model)
             plain = run_fleet(cluster, tmp, "plain", False, args.tasks, repo, model)
-    print(f"\nOperator with {args.tasks} live cells: event streams followed vs not (same tasks, same run)")
-    print(f"{'':28}{'streamed':>12}{'not followed':>14}{'ratio':>8}")
+    print(f"\nOperator with {args.tasks} live cells: live progress written vs off (same tasks, same run)")
+    print(f"{'':28}{'progress':>12}{'off':>14}{'ratio':>8}")
     print(f"{'operator CPU (s)':28}{streamed['cpu']:12.2f}{plain['cpu']:14.2f}{streamed['cpu'] / plain['cpu']:8.2f}")
     print(f"{'operator peak RSS (MiB)':28}{streamed['peak'] / 2**20:12.1f}{plain['peak'] / 2**20:14.1f}"
           f"{streamed['peak'] / plain['peak']:8.2f}")
     print(f"{'wall clock (s)':28}{streamed['wall']:12.1f}{plain['wall']:14.1f}{streamed['wall'] / plain['wall']:8.2f}")
     print(f"{'status writes per task':28}{streamed['patches']:12.1f}{plain['patches']:14.1f}")
-    print(f"succeeded: {streamed['succeeded']}/{args.tasks} streamed, {plain['succeeded']}/{args.tasks} not followed")
+    print(f"succeeded: {streamed['succeeded']}/{args.tasks} with progress, {plain['succeeded']}/{args.tasks} off")
     for failure in streamed["failures"] + plain["failures"]:
         print(f"  failed: {failure}")
 

@@ -10,7 +10,7 @@ from reactor.testing.scripted_model import Scenario, ScriptedModel, text, write
 from reactor.workflow.control import TaskControl
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Budget, Outcome, Reason, TaskSpec
-from tests.conftest import git, worktrees_of
+from reactor.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 

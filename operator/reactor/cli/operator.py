@@ -23,7 +23,7 @@ def add_subparser(sub: Any) -> None:
                         help="serve the fleet page, transcripts (`reactor logs`) and /metrics here, e.g. 0.0.0.0:8081 "
                              "(default: none)")
     parser.add_argument("--progress-interval", default="2s",
-                        help="at most one status.progress write per task this often (default: 2s)")
+                        help="at most one status.progress write per task this often; 0: none while it runs (default: 2s)")
     fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests-fleet)")
     fleet.add_argument("--fleet", action="store_true",
                        help="share the tasks with other replicas through Leases and claims")
@@ -77,7 +77,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     engine = Engine(engine_settings_from(args, inherit_env=False))
     api_client = kubernetes.client.ApiClient()
     watched = [] if clusterwide else namespaces
-    interval = parse_duration(args.progress_interval)
+    interval = 0.0 if args.progress_interval.strip() in ("0", "0s") else parse_duration(args.progress_interval)
     if fleet is not None:
         from reactor.kube.fleet_supervisor import FleetSupervisor
 

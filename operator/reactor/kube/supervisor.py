@@ -226,22 +226,26 @@ class TaskSupervisor:
         observation.view.created = ref.creation or observation.view.created
         if status.attempt > 1:
             observation.note(f"attempt {status.attempt}")
-        publisher = ProgressPublisher(observation.progress, status.write_progress, self.progress_interval)
+        publisher = None
+        if self.progress_interval > 0:  # 0: no live status.progress (the verdict still carries the last)
+            publisher = ProgressPublisher(observation.progress, status.write_progress, self.progress_interval)
+            publisher.start()
         status.observe(observation, publisher)
 
         def watch(event: Event) -> None:
             observation.on_event(event)
-            publisher.poke()
+            if publisher is not None:
+                publisher.poke()
 
         self._controls[ref.uid] = (ref, control)
-        publisher.start()
         try:
             await run_task(task, self.engine, status.report, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
                            resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch])
         finally:
             self._controls.pop(ref.uid, None)
-            await publisher.stop()
+            if publisher is not None:
+                await publisher.stop()
 
     def _observed(self, status: TaskStatus) -> None:
         """A verdict reached without a run (a missing Secret, a bug) is counted and shown too."""

@@ -53,7 +53,6 @@ DEFAULT_MAX_OUTPUT = 1_000_000
 ABORT_TIMEOUT = 5.0
 # The event stream heartbeats every 10 s; a stream silent for longer has stalled
 # (opencode#28729: it can stall without closing).
-EVENT_READ_TIMEOUT = 30.0
 
 
 def wrapper_script_path() -> str:
