@@ -82,6 +82,7 @@ class FleetSupervisor(TaskSupervisor):
     def __init__(self, engine: Engine, api_client: k8s.ApiClient, settings: FleetSettings, **kwargs: Any):
         super().__init__(engine, api_client, **kwargs)
         self.fleet = Fleet(api_client, settings, on_fenced=self._fenced, on_view=self._rescan)
+        self.limits.replica = settings.replica  # its own entry of each SpendLimit's status.replicas
         self.status = FencedStatusWriter(api_client, self.status.confinement, self.observatory.metrics, self.fleet,
                                          on_lost=self._lost)
         self.known: dict[str, dict] = {}  # every task of the watched namespaces, as last seen

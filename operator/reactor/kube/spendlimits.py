@@ -7,6 +7,11 @@ written at most every ``flush_interval`` seconds and at once when the limit is c
 crash loses at most the spend of that interval). When crossed, every running task of the
 namespace is stopped (reason SpendLimitExceeded) and new ones wait in Pending until the
 period ends or the limit is raised.
+
+Many replicas (``--fleet``) share one SpendLimit without a lock: each counts the steps of
+the tasks it runs and writes only its own entry of ``status.replicas`` (a merge patch of one
+map key, so concurrent writers never overwrite each other); each learns the others' counts
+from the SpendLimit's watch events, and the spend is the sum.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client as k8s
@@ -37,9 +42,18 @@ class _Limit:
     generation: int | None
     created: str
     period: str = ""
-    cost: float = 0.0
+    cost: float = 0.0  # this replica's own count
     tokens: int = 0
     dirty: bool = True
+    others: dict[str, tuple[str, float, int]] = field(default_factory=dict)  # replica -> (period, cost, tokens)
+
+    @property
+    def total_cost(self) -> float:
+        return self.cost + sum(c for period, c, _ in self.others.values() if period == self.period)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens + sum(t for period, _, t in self.others.values() if period == self.period)
 
     def current_period(self) -> str:
         return utc_day() if self.spec.period == "Daily" else "Total"
@@ -58,22 +72,35 @@ class _Limit:
 
     def exceeded(self) -> str | None:
         over = []
-        if self.max_cost is not None and self.cost > self.max_cost + 1e-12:
-            over.append(f"${self.cost:.4f} spent of maxCost ${self.max_cost:g}")
-        if self.spec.max_tokens is not None and self.tokens > self.spec.max_tokens:
-            over.append(f"{self.tokens} tokens of maxTokens {self.spec.max_tokens}")
+        cost, tokens = self.total_cost, self.total_tokens
+        if self.max_cost is not None and cost > self.max_cost + 1e-12:
+            over.append(f"${cost:.4f} spent of maxCost ${self.max_cost:g}")
+        if self.spec.max_tokens is not None and tokens > self.spec.max_tokens:
+            over.append(f"{tokens} tokens of maxTokens {self.spec.max_tokens}")
         if not over:
             return None
         when = "today (UTC)" if self.spec.period == "Daily" else "in total"
         return f"namespace spend limit {self.name} reached: {', '.join(over)} {when}"
 
-    def status(self) -> dict[str, Any]:
+    def status(self, replica: str) -> dict[str, Any]:
         reason = self.exceeded()
         period_start = (f"{self.period}T00:00:00Z" if self.spec.period == "Daily" else self.created)
-        return {"period": self.period, "periodStart": period_start, "spentCost": round(self.cost, 6),
-                "spentDisplay": f"${self.cost:.4f}", "spentTokens": self.tokens, "exceeded": reason is not None,
+        cost = self.total_cost
+        return {"period": self.period, "periodStart": period_start, "spentCost": round(cost, 6),
+                "spentDisplay": f"${cost:.4f}", "spentTokens": self.total_tokens, "exceeded": reason is not None,
                 "message": reason or "within the limit", "observedGeneration": self.generation,
-                "updateTime": utc_iso()}
+                "updateTime": utc_iso(),
+                "replicas": {replica: {"period": self.period, "spentCost": round(self.cost, 6),
+                                       "spentTokens": self.tokens}}}
+
+    def learn(self, status: dict[str, Any], replica: str) -> bool:
+        """Take the other replicas' counts from a status read back; True when they changed."""
+        others = {name: (str(entry.get("period") or ""), float(entry.get("spentCost") or 0.0),
+                         int(entry.get("spentTokens") or 0))
+                  for name, entry in (status.get("replicas") or {}).items()
+                  if name != replica and isinstance(entry, dict)}
+        changed, self.others = others != self.others, others
+        return changed
 
 
 StopNamespace = Callable[[str, str], None]  # (namespace, message): stop its running tasks
@@ -81,8 +108,9 @@ StopNamespace = Callable[[str, str], None]  # (namespace, message): stop its run
 
 class SpendLimits:
     def __init__(self, api_client: k8s.ApiClient, ledger: SpendLedger, stop_namespace: StopNamespace,
-                 flush_interval: float = FLUSH_INTERVAL) -> None:
+                 flush_interval: float = FLUSH_INTERVAL, replica: str = "operator") -> None:
         self.custom = k8s.CustomObjectsApi(api_client)
+        self.replica = replica  # this replica's entry in status.replicas
         self.ledger = ledger
         self.stop_namespace = stop_namespace
         self.flush_interval = flush_interval
@@ -103,7 +131,11 @@ class SpendLimits:
             limit = _Limit(key[0], key[1], spec, meta.get("generation"), meta.get("creationTimestamp") or utc_iso())
             status = body.get("status") or {}
             limit.roll()
-            if status.get("period") == limit.period:  # the count kept across a restart
+            own = (status.get("replicas") or {}).get(self.replica)
+            if isinstance(own, dict) and own.get("period") == limit.period:  # the count kept across a restart
+                limit.cost = float(own.get("spentCost") or 0.0)
+                limit.tokens = int(own.get("spentTokens") or 0)
+            elif status.get("period") == limit.period and not status.get("replicas"):  # written before replicas
                 limit.cost = float(status.get("spentCost") or 0.0)
                 limit.tokens = int(status.get("spentTokens") or 0)
             elif spec.period == "Daily":  # new: what the namespace already spent today counts
@@ -112,8 +144,16 @@ class SpendLimits:
             if spec.period == "Daily":
                 self.ledger.seed(key[0], limit.period, limit.cost, limit.tokens)
             self._limits[key] = limit
+            limit.learn(status, self.replica)
+        elif limit.generation == meta.get("generation") and limit.spec == spec:
+            # Only the status changed (a fleet's replicas see each other's counts this way).
+            if limit.learn(body.get("status") or {}, self.replica):
+                self._signal(key[0])
+                self._enforce(limit)
+            return
         else:
             limit.spec, limit.generation = spec, meta.get("generation")
+            limit.learn(body.get("status") or {}, self.replica)
         limit.dirty = True
         self._mark_dirty()
         self._signal(key[0])  # maybe raised: held tasks look again
@@ -188,7 +228,7 @@ class SpendLimits:
             limit.dirty = False
             try:
                 await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
-                                        limit.namespace, SPENDLIMITS, limit.name, {"status": limit.status()})
+                                        limit.namespace, SPENDLIMITS, limit.name, {"status": limit.status(self.replica)})
             except ApiException as exc:
                 if exc.status == 404:
                     self._limits.pop((limit.namespace, limit.name), None)
