@@ -20,7 +20,7 @@ FLEET = MANIFESTS.parent / "manifests-fleet"
 def test_fleet_kustomization_passes_server_dry_run(reactor_system):
     out = reactor_system.kubectl("apply", "--dry-run=server", "-k", str(FLEET))
     ok(out)
-    for kind_name in ("statefulset.apps/reactor", "service/reactor", "role.rbac.authorization.k8s.io/reactor-leases",
+    for kind_name in ("statefulset.apps/reactor", "service/reactor-replicas", "service/reactor", "role.rbac.authorization.k8s.io/reactor-leases",
                       "rolebinding.rbac.authorization.k8s.io/reactor-leases",
                       "clusterrole.rbac.authorization.k8s.io/reactor-agenttasks-fleet",
                       "rolebinding.rbac.authorization.k8s.io/reactor-agenttasks-fleet",
