@@ -254,10 +254,11 @@ class TaskStatus:
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, reason.value, message, warning=reason is Reason.SPEND_LIMIT_EXCEEDED)
 
-    async def write_progress(self, snapshot: dict[str, Any]) -> None:
-        """A live progress update (never after the verdict: the final progress is in it)."""
+    async def write_progress(self, status: dict[str, Any]) -> None:
+        """A live progress update, ``{"progress": ...}`` (never after the verdict: the final
+        progress is in it)."""
         if not self.finished:
-            await self.writer.patch(self.ref, {"progress": snapshot})
+            await self.writer.patch(self.ref, status)
 
 
 def final_progress(snapshot: dict[str, Any], result: TaskResult) -> dict[str, Any]:
