@@ -351,7 +351,7 @@ def test_the_fleet_page_in_headless_chromium(fleet, tmp_path):
             page.wait_for_selector('#transcript[data-complete="true"]')
             page.wait_for_selector('#timeline rect[data-phase="Succeeded"]')
             phases = [r.get_attribute("data-phase") for r in page.query_selector_all("#timeline rect")]
-            assert phases == ["Bootstrapping", "Executing", "Testing", "Committing", "TearingDown", "Succeeded"]
+            assert phases == ["Bootstrapping", "Executing", "Testing", "Committing", "Pushing", "TearingDown", "Succeeded"]
             transcript = page.inner_text("#transcript")
             assert "-> bash" in transcript and "token=***" in transcript
             assert page.inner_text("#files") == "calc.py"

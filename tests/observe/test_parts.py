@@ -7,7 +7,7 @@ import asyncio
 import json
 
 
-from reactor.opencode.events import EventDecoder, StepFinished, TextDone, ToolUpdate
+from reactor.opencode.events import EventDecoder, StepFinished, Streaming, TextDone, ToolUpdate
 from reactor.observe.fleet import SpendLedger
 from reactor.observe.progress import ProgressTracker
 from reactor.observe.redact import Redactor
@@ -50,7 +50,7 @@ def test_tool_states_and_texts_are_decoded_once_each():
                                         "text": "fix it"}))
     assert isinstance(prompt, TextDone) and prompt.role == "user"
     streaming = {"id": "prt_5", "messageID": "msg_2", "sessionID": "ses_1", "type": "text", "text": "Fix", "time": {"start": 1}}
-    assert decoder.decode(part_event(streaming)) is None  # still streaming
+    assert isinstance(decoder.decode(part_event(streaming)), Streaming)  # still streaming: activity, no text yet
     streaming["time"]["end"] = 2
     assert decoder.decode(part_event(streaming)).role == "assistant"
 

@@ -2,7 +2,7 @@
 "use strict";
 const PHASE_COLORS = {
   Pending: "#9e9e9e", Bootstrapping: "#1e88e5", Executing: "#8e24aa", Testing: "#fb8c00",
-  Committing: "#00897b", Reverting: "#e53935", TearingDown: "#546e7a", Succeeded: "#2e7d32", Failed: "#b71c1c",
+  Committing: "#00897b", Pushing: "#3949ab", Reverting: "#e53935", TearingDown: "#546e7a", Succeeded: "#2e7d32", Failed: "#b71c1c",
 };
 const POLL_MS = 2000;
 let selected = null;          // [namespace, name]
