@@ -52,15 +52,18 @@ def targets_for(repo: Path, work_dir: Path, tmp_path: Path, secret_file: Path, o
     )
 
 
-def assert_every_attempt_blocked(report_text: str, protected: list[str] = ("operator-credentials",)) -> None:
+def assert_every_attempt_blocked(report_text: str, protected: list[str] = ("operator-credentials",),
+                                 ports: list[int] = ()) -> None:
     report = parse_report(report_text)
     expected = {"write-outside-worktree", "write-other-checkout", "write-source-hook", "write-source-config",
                 "move-base-branch-ref-file", "move-base-branch-git", "move-other-branch-git", "push-other-branch",
                 "read-foreign-environ", "signal-other-cell", "read-operator-environ", "signal-operator",
-                *(f"read-protected {name}" for name in protected)}
+                *(f"read-protected {name}" for name in protected), *(f"connect-port {port}" for port in ports)}
     assert set(report) == expected, report_text
     succeeded = {name: outcome for name, outcome in report.items() if not outcome.startswith("blocked")}
     assert not succeeded, f"attacks that worked: {succeeded}"
+    for port in ports:  # refused by Landlock, not merely by nothing listening there
+        assert "PermissionError" in report[f"connect-port {port}"], report_text
     assert "for all 0 " not in report["signal-other-cell"], "the other cell was running and was tried"
 
 

@@ -8,11 +8,13 @@ import json
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.worktrees import repository_key
 from reactor.testing.attacks import REPORT, Targets, attack_step, parse_report
+from reactor.testing.helpers import free_port
 from reactor.testing.operator_process import operators
 from reactor.testing.repos import BUGGY_CALC, make_repo
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
@@ -47,7 +49,8 @@ def test_a_hostile_task_reaches_neither_its_neighbour_nor_the_operator(operator,
     origin = make_repo(tmp_path / "origin")
     git(origin, "branch", "reactor/OLD")
     origin_before = fingerprint(origin / ".git")
-    op = operator()
+    web_port = free_port()
+    op = operator("--web", f"127.0.0.1:{web_port}")  # every task's transcript is on that page
     secret = json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "victim-key"},
                          "stringData": {"VICTIM_API_KEY": VICTIM_KEY}})
     assert op.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=secret).returncode == 0
@@ -60,7 +63,9 @@ def test_a_hostile_task_reaches_neither_its_neighbour_nor_the_operator(operator,
                                                              agent={"config": model.opencode_config(),
                                                                     "envFrom": [{"secretRef": {"name": "victim-key"}}]}))
         assert out.returncode == 0, out.stderr
-        uid = op.get("victim")["metadata"]["uid"]
+        assert up.wait(240), "the victim's agent started"
+        victim_status = op.get("victim")
+        uid = victim_status["metadata"]["uid"]
         mirror = RepositoryMirrors(work_dir.resolve() / "mirrors").path_for(f"file://{origin}")
         targets = Targets(
             outside_file=str(tmp_path / "outside.txt"),
@@ -71,6 +76,9 @@ def test_a_hostile_task_reaches_neither_its_neighbour_nor_the_operator(operator,
             protected_files=[str(op.kubeconfig)],
             operator_pid=op.process.pid,
             secret=VICTIM_KEY,
+            # Nothing a cell needs listens on these: the page (transcripts of every task), the
+            # liveness endpoint, the victim's server (its password is not the only lock).
+            ports=[web_port, op.liveness_port, victim_status["status"]["cell"]["port"]],
         )
         model.script.add(Scenario("attacker:", [wait_for(up), attack_step(targets), set_event(attacked), FIX,
                                                 text("Fixed.")]))
@@ -84,7 +92,9 @@ def test_a_hostile_task_reaches_neither_its_neighbour_nor_the_operator(operator,
     assert attacker_obj["status"]["phase"] == "Succeeded", attacker_obj["status"]
     assert condition(attacker_obj, "Confined")["status"] == "True"
     assert_every_attempt_blocked(git(origin, "show", f"reactor/attacker:{REPORT}"),
-                                 protected=[Path(op.kubeconfig).name])
+                                 protected=[Path(op.kubeconfig).name], ports=targets.ports)
+    assert httpx.get(f"http://127.0.0.1:{web_port}/api/v1/tasks", timeout=10).status_code == 200, \
+        "the page answers anyone but a cell"
     assert git(origin, "show", "reactor/attacker:calc.py") == BUGGY_CALC.replace("a - b", "a + b").strip()
     assert victim_obj["status"]["phase"] == "Succeeded", victim_obj["status"]
     assert sorted(git(origin, "diff", "--name-only", "main", "reactor/victim").split()) == ["calc.py", "victim.py"]

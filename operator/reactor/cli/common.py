@@ -49,6 +49,7 @@ def engine_settings_from(args: argparse.Namespace, **overrides):
     confinement = ConfinementSettings(required=not args.allow_unconfined, enabled=not args.allow_unconfined)
     confinement.protected_paths += args.protected_path
     confinement.readable_paths += args.readable_path
+    confinement.protected_ports += _own_ports(args)
     try:
         memory_limit = parse_quantity(args.memory_limit) if args.memory_limit else None
         cell_memory = parse_quantity(args.cell_memory)
@@ -66,3 +67,20 @@ def engine_settings_from(args: argparse.Namespace, **overrides):
         **({"health_timeout": parse_duration(args.health_timeout)} if args.health_timeout else {}),
         **overrides,
     )
+
+
+def _own_ports(args: argparse.Namespace) -> list[int]:
+    """The TCP ports this process listens on (``--web``, ``--liveness``): no cell may connect
+    to them (the page shows every task's transcript)."""
+    from urllib.parse import urlsplit
+
+    ports = []
+    web = getattr(args, "web", None)
+    if web and web != "none":
+        from reactor.observe.web import parse_address
+
+        ports.append(parse_address(web)[1])
+    liveness = getattr(args, "liveness", None)
+    if liveness and liveness != "none":
+        ports.append(urlsplit(liveness).port or 80)
+    return [port for port in ports if port]

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,9 @@ class ConfinementSettings:
     enabled: bool = True
     protected_paths: list[str] = field(default_factory=lambda: list(DEFAULT_PROTECTED_PATHS))
     readable_paths: list[str] = field(default_factory=list)  # extra toolchains a cell may read
+    # TCP ports no cell may connect to (ABI >= 4): the process's own listeners (the web page
+    # with every task's transcript, the liveness endpoint); the engine adds its cells' ports.
+    protected_ports: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,16 @@ class KernelSupport:
     def scoping(self) -> bool:
         return self.abi >= SCOPE_ABI
 
+    @property
+    def network(self) -> bool:
+        return self.abi >= landlock.NET_ABI
+
     def describe(self) -> str:
         if not self.filesystem:
             return "Landlock unavailable in this kernel (needs Linux >= 5.13 with landlock in the LSM list)"
         parts = [f"Landlock ABI {self.abi}: filesystem, ptrace/proc"]
+        parts.append("operator and cell ports" if self.network
+                     else "NOT operator/cell ports (need ABI 4, Linux 6.7)")
         parts.append("signals, abstract sockets" if self.scoping
                      else "NOT signals/abstract sockets (need ABI 6, Linux 6.12)")
         return "; ".join(parts)
@@ -182,11 +192,21 @@ class CellPolicy:
 
     read: list[str]
     write: list[str]
+    # The engine's connect ruleset (an fd inherited by the launcher): the cell's server, its
+    # agent and its tests cannot open TCP connections to the operator's or other cells' ports.
+    net_ruleset_fd: int | None = None
 
-    def launcher_env(self) -> dict[str, str]:
-        return {landlock.POLICY_ENV: json.dumps({"read": self.read, "write": self.write,
-                                                 "abi": kernel_support().abi,
-                                                 "oom_score_adj": CELL_OOM_SCORE_ADJ})}
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return () if self.net_ruleset_fd is None else (self.net_ruleset_fd,)
+
+    def launcher_env(self, network: bool = False) -> dict[str, str]:
+        """``network``: apply the connect ruleset too (the spawn must pass ``pass_fds``)."""
+        policy: dict = {"read": self.read, "write": self.write, "abi": kernel_support().abi,
+                        "oom_score_adj": CELL_OOM_SCORE_ADJ}
+        if network and self.net_ruleset_fd is not None:
+            policy["net_ruleset_fd"] = self.net_ruleset_fd
+        return {landlock.POLICY_ENV: json.dumps(policy)}
 
     def wrap(self, argv: list[str]) -> list[str]:
         """The command line that runs ``argv`` confined (-I -S: no site-packages, no
@@ -197,13 +217,26 @@ class CellPolicy:
 class Confinement:
     """The engine's confinement: computes each cell's policy from shared, precomputed roots."""
 
-    def __init__(self, settings: ConfinementSettings, work_dir: Path, shared_read: list[Path]):
+    def __init__(self, settings: ConfinementSettings, work_dir: Path, shared_read: list[Path],
+                 cell_ports: range = range(0)):
         self.settings = settings
         self.status = check(settings)
         self.work_dir = Path(work_dir).resolve()
         self._protected = protected_paths(settings, self.work_dir)
         self._shared_read = [Path(os.path.realpath(p)) for p in shared_read]
         self._system_read: list[str] | None = None
+        self.denied_ports = {*settings.protected_ports, *cell_ports}
+        self._net_ruleset: int | None = None
+        self._net_lock = threading.Lock()
+
+    def net_ruleset(self) -> int | None:
+        """The connect ruleset every cell's server is started under (built on first use)."""
+        if not (self.enabled and kernel_support().network and self.denied_ports):
+            return None
+        with self._net_lock:
+            if self._net_ruleset is None:
+                self._net_ruleset = landlock.connect_ruleset(self.denied_ports)
+            return self._net_ruleset
 
     @property
     def enabled(self) -> bool:
@@ -234,4 +267,4 @@ class Confinement:
         alone may read (the objects of the repository its checkout borrows from)."""
         read = [*self.system_read(path_env), *(str(Path(os.path.realpath(p))) for p in readable)]
         write = [str(Path(os.path.realpath(p))) for p in writable] + [d for d in _WRITABLE_DEVICES if os.path.exists(d)]
-        return CellPolicy(read=read, write=write)
+        return CellPolicy(read=read, write=write, net_ruleset_fd=self.net_ruleset())

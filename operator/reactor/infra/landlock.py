@@ -12,7 +12,11 @@ What a policy does, in order (all irreversible, inherited by every descendant):
 2. When running with capabilities (root on a dev machine): lock the securebits, empty the
    bounding, ambient, permitted, effective and inheritable sets. Root *with* capabilities
    could still read other processes' /proc/PID/environ under Landlock.
-3. A Landlock ruleset: read/execute beneath ``read`` paths, everything beneath ``write``
+3. With ``net_ruleset_fd`` (ABI >= 4): a first Landlock layer that refuses TCP connections
+   to the operator's own ports (its web page, its liveness endpoint, the cells' servers).
+   Landlock's network rules only allow, so that ruleset allows every other port: ~65k
+   rules, built once by the operator and passed to each launcher as an inherited fd.
+4. A Landlock ruleset: read/execute beneath ``read`` paths, everything beneath ``write``
    paths, nothing else; on ABI >= 6 also scoping of signals and abstract unix sockets to
    the domain.
 """
@@ -30,7 +34,9 @@ POLICY_ENV = "REACTOR_LANDLOCK_POLICY"
 # Syscall numbers: the same on every architecture with the unified table (x86_64, arm64).
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION = 1
-_RULE_PATH_BENEATH = 1
+_RULE_PATH_BENEATH, _RULE_NET_PORT = 1, 2
+ACCESS_NET_CONNECT_TCP = 1 << 1  # ABI 4
+NET_ABI = 4
 
 # Filesystem access rights, by the ABI that introduced them.
 ACCESS_FS_EXECUTE = 1 << 0
@@ -69,6 +75,11 @@ class _RulesetAttr(ctypes.Structure):
 class _PathBeneathAttr(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _NetPortAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
 class _CapHeader(ctypes.Structure):
@@ -174,6 +185,31 @@ def restrict(read: list[str], write: list[str], abi: int | None = None, scope: b
     return applied
 
 
+def connect_ruleset(denied_ports: set[int]) -> int:
+    """A ruleset (fd) that handles TCP connect and allows it to every port but ``denied_ports``
+    (ABI >= 4). Built once: ~65k rules take 0.2-0.3 s; applying it is a kernel-side copy."""
+    attr = _RulesetAttr(handled_access_fs=0, handled_access_net=ACCESS_NET_CONNECT_TCP, scoped=0)
+    ruleset = _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(16), ctypes.c_uint32(0)),
+                     "landlock_create_ruleset (net)")
+    try:
+        rule, add = _NetPortAttr(ACCESS_NET_CONNECT_TCP, 0), _libc.syscall
+        for port in range(1 << 16):
+            if port not in denied_ports:
+                rule.port = port
+                if add(_SYS_ADD_RULE, ruleset, _RULE_NET_PORT, ctypes.byref(rule), 0) < 0:
+                    _check(-1, f"landlock_add_rule port {port}")
+    except BaseException:
+        os.close(ruleset)
+        raise
+    return ruleset
+
+
+def restrict_with(ruleset: int) -> None:
+    """Add a prebuilt ruleset as a layer of this process's domain."""
+    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+    _check(_libc.syscall(_SYS_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)), "landlock_restrict_self (net)")
+
+
 def confine_and_exec(argv: list[str]) -> None:
     policy = json.loads(os.environ.pop(POLICY_ENV))
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
@@ -185,6 +221,10 @@ def confine_and_exec(argv: list[str]) -> None:
             pass
     program = _which(argv[0])  # before confining: this interpreter's own files may be hidden after
     drop_capabilities()
+    net = policy.get("net_ruleset_fd")
+    if net is not None:
+        restrict_with(int(net))
+        os.close(int(net))
     restrict(policy["read"], policy["write"], abi=policy.get("abi"))
     os.execv(program, argv)
 

@@ -139,12 +139,14 @@ class OpenCodeServer:
         started = time.monotonic()
         argv = [spec.binary, "serve", "--port", str(spec.port), "--hostname", "127.0.0.1"]
         env = self.environment()
+        pass_fds: tuple[int, ...] = ()
         if spec.confinement is not None:
             argv = spec.confinement.wrap(argv)
-            env.update(spec.confinement.launcher_env())
+            env.update(spec.confinement.launcher_env(network=True))
+            pass_fds = spec.confinement.pass_fds
         with open(self.log_path, "ab") as log_file:
             self._process = await asyncio.create_subprocess_exec(
-                *argv, cwd=spec.cwd, env=env,
+                *argv, cwd=spec.cwd, env=env, pass_fds=pass_fds,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
                 start_new_session=True,  # its own process group, so stop() ends its children too
             )

@@ -32,6 +32,7 @@ class Targets:
     protected_files: list[str] = field(default_factory=list)
     operator_pid: int = 0
     secret: str = ""  # a value only another cell holds
+    ports: list[int] = field(default_factory=list)  # the operator's listeners, another cell's server
 
 
 _PROGRAM = r'''
@@ -110,6 +111,13 @@ report("signal-other-cell", bool(signalled),
 if T["operator_pid"]:
     attempt("read-operator-environ", lambda: open("/proc/%%d/environ" %% T["operator_pid"], "rb").read()[:0] or "read")
     attempt("signal-operator", lambda: os.kill(T["operator_pid"], 0) or "signal 0 delivered")
+import socket
+def connect(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return "connected, answer %%r" %% sock.recv(60)
+for port in T["ports"]:
+    attempt("connect-port %%d" %% port, lambda port=port: connect(port))
 for path in T["protected_files"]:
     attempt("read-protected " + os.path.basename(path), lambda path=path: "read %%d bytes" %% len(open(path, "rb").read()))
 text = "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ class OperatorProcess:
         self._api = None
 
     def start(self) -> OperatorProcess:
-        port = free_port()
+        port = self.liveness_port = free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

@@ -110,7 +110,8 @@ class Engine:
         # Raises ConfinementUnavailable when cells cannot be confined and that was not allowed.
         self.confinement = Confinement(self.settings.confinement, self.work_dir,
                                        shared_read=[p for p in (_install_root(self.opencode_bin),
-                                                                Path(reactor.__file__).parent, self.seed_dir) if p])
+                                                                Path(reactor.__file__).parent, self.seed_dir) if p],
+                                       cell_ports=range(self.settings.port_range.start, self.settings.port_range.end))
         self.owner = Owner.current()
         self.ports = PortAllocator(self.settings.port_range)
         self.worktrees = WorktreeManager(self.work_dir / "worktrees", self.owner)
