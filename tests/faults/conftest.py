@@ -27,6 +27,7 @@ from reactor.infra.ports import port_is_free
 from reactor.infra.processes import find_marked_processes
 from reactor.infra.worktrees import safe_component
 from reactor.testing.helpers import wait_for
+from reactor.testing.kube_fixtures import temporary_namespace
 from reactor.testing.operator_process import OperatorProcess
 from reactor.testing.repos import BUGGY_CALC, TEST_CALC, git, make_repo
 from reactor.testing.scripted_model import Script, ScriptedModel
@@ -278,14 +279,9 @@ class Matrix:
 
 @pytest.fixture(scope="module")
 def faults_namespace(kube_api, request) -> Iterator[str]:
-    name = f"faults-{request.module.__name__.rsplit('.', 1)[-1].replace('_', '-')[5:30].strip('-')}-{uuid.uuid4().hex[:6]}"
-    core = kubernetes.client.CoreV1Api(kube_api)
-    core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=name)))
-    yield name
-    try:
-        core.delete_namespace(name)
-    except kubernetes.client.ApiException:
-        pass
+    module = request.module.__name__.rsplit('.', 1)[-1].replace('_', '-')[5:30].strip('-')
+    with temporary_namespace(kube_api, f"faults-{module}-{uuid.uuid4().hex[:6]}") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

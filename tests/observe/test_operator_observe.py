@@ -21,11 +21,11 @@ import uuid
 from pathlib import Path
 
 import httpx
-import kubernetes
 import psutil
 import pytest
 
 from reactor.infra.processes import find_marked_processes
+from reactor.testing.kube_fixtures import temporary_namespace
 from reactor.testing.operator_process import free_port, operators
 from reactor.testing.repos import git, make_repo
 from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text, write
@@ -110,14 +110,8 @@ class LogsFollower:
 
 @pytest.fixture(scope="module")
 def module_namespace(kube_api) -> str:
-    name = f"observe-{uuid.uuid4().hex[:8]}"
-    core = kubernetes.client.CoreV1Api(kube_api)
-    core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=name)))
-    yield name
-    try:
-        core.delete_namespace(name)
-    except kubernetes.client.ApiException:
-        pass
+    with temporary_namespace(kube_api, f"observe-{uuid.uuid4().hex[:8]}") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

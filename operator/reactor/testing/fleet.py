@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reactor.infra.processes import find_marked_processes
+from reactor.testing.helpers import wait_for
 
 
 def fleet_args(index: int, namespace: str, lease_duration: float, *extra: str) -> tuple[str, ...]:
@@ -55,14 +56,8 @@ def all_terminal(cluster, namespace: str, count: int) -> dict[str, dict] | None:
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, log: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s\n{log()}")
-        time.sleep(0.2)
+    """``wait_for`` at a pace fit for predicates that ask the API server (kubectl)."""
+    return wait_for(predicate, timeout, what, log, interval=0.2)
 
 
 def conversations(requests: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition",
-             detail: Callable[[], str] | None = None) -> T:
+             detail: Callable[[], str] | None = None, interval: float = POLL_INTERVAL) -> T:
     """Poll ``predicate`` until it returns something truthy and return that; an
     AssertionError naming ``what`` (and ``detail()``, e.g. a log tail) after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -30,7 +30,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "con
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout:g}s" + (f"\n{detail()}" if detail else ""))
-        time.sleep(POLL_INTERVAL)
+        time.sleep(interval)
 
 
 async def until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:

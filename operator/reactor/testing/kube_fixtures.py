@@ -17,6 +17,8 @@ CI, that the Kubernetes tests did not run. Tests using these fixtures get the ``
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 import uuid
 from collections.abc import Iterator
@@ -96,11 +98,17 @@ def kube_api(control_plane: Cluster) -> Iterator[kubernetes.client.ApiClient]:
 def namespace(kube_api: kubernetes.client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
     # Readable in logs: the test's name, cut to fit the 63-character DNS label with a suffix.
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:48].rstrip("-")
-    name = f"{slug or 'test'}-{uuid.uuid4().hex[:8]}"
+    with temporary_namespace(kube_api, f"{slug or 'test'}-{uuid.uuid4().hex[:8]}") as name:
+        yield name
+
+
+@contextlib.contextmanager
+def temporary_namespace(kube_api: kubernetes.client.ApiClient, name: str) -> Iterator[str]:
+    """A namespace for the block, deleted afterwards (its objects go with it)."""
     core = kubernetes.client.CoreV1Api(kube_api)
     core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=name)))
-    yield name
     try:
-        core.delete_namespace(name)
-    except kubernetes.client.ApiException:
-        pass
+        yield name
+    finally:
+        with contextlib.suppress(kubernetes.client.ApiException):
+            core.delete_namespace(name)
