@@ -72,8 +72,11 @@ def test_a_fix_is_pushed_once(outcomes, matrix):
     reasons = [e["reason"] for e in matrix.events(row)]
     confinement = [r for r in reasons if r in ("Confined", "Unconfined")]
     assert len(confinement) == 1, f"the run says once whether its cell is confined: {reasons}"
+    # Milestones of the agent's work (observe/progress.py): its first edit, here.
+    milestones = [r for r in reasons if r in ("AgentEditing", "BudgetWarning", "ModelRetrying")]
+    assert milestones == ["AgentEditing"], reasons
     # One Event per phase (Events carry one-second timestamps: compare as multisets).
-    assert sorted(r for r in reasons if r not in confinement) == sorted(
+    assert sorted(r for r in reasons if r not in confinement + milestones) == sorted(
         ["Bootstrapping", "Executing", "Testing", "Committing", "Pushing", "TearingDown", "Succeeded"]), reasons
     matrix.assert_nothing_left(row, pushed=True)
 

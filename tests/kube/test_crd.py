@@ -69,5 +69,5 @@ def test_printer_columns(crd_installed, namespace):
     assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE"]
     assert table[1].split()[:5] == ["cols", "Succeeded", "committed", "abc1234", "$0.0123"]
     wide = crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON"]
+    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON", "REPLICA", "CLAIMED"]
     assert wide[1].split()[-4:] == ["idle", "900", "8001", "Committed"]
