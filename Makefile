@@ -25,13 +25,16 @@ help:
 	@echo "make image   - the operator image (docker, else podman with local stand-in bases)"
 	@echo "make node-up / node-load / deploy / node-down - the operator as a pod on a local one-node cluster (root)"
 
-$(PY): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# A stamp of its own: $(PY) is a symlink, and touching it would touch the interpreter it
+# points to (shared with every other venv), hiding a changed pyproject.toml from make.
+VENV_STAMP := $(VENV)/.installed
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	@touch $(PY)
+	@touch $@
 
-venv: $(PY)
+venv: $(VENV_STAMP)
 
 # The opencode binary from the npm package, pinned, project-local (no global install).
 $(OPENCODE_BIN): operator/reactor/__init__.py
@@ -44,7 +47,7 @@ $(OPENCODE_BIN): operator/reactor/__init__.py
 	fi
 
 # `source .venv/bin/activate` then finds the pinned opencode too (reactor run needs it).
-$(VENV)/bin/opencode: $(OPENCODE_BIN) $(PY)
+$(VENV)/bin/opencode: $(OPENCODE_BIN) $(VENV_STAMP)
 	ln -sfn $(abspath $(OPENCODE_BIN)) $@
 
 # OpenCode's plugin package, installed once: every cell's config dir links to it read-only
