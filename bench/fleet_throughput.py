@@ -26,6 +26,7 @@ from pathlib import Path
 from reactor.devcluster.controlplane import ControlPlane
 from reactor.testing.fleet import all_terminal, apply_all, fix_task, fleet_args, kill_pod, tasks, wait_until
 from reactor.testing.operator_process import operators
+from reactor.testing.helpers import install_crds
 from reactor.testing.repos import make_repo
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
 
@@ -106,10 +107,7 @@ def main() -> None:
     counts = [int(n) for n in args.replicas.split(",")]
     with tempfile.TemporaryDirectory(prefix="reactor-fleet-bench-") as tmp_text, ControlPlane() as cluster:
         tmp = Path(tmp_text)
-        out = cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "agenttask.yaml"))
-        if out.returncode:
-            raise RuntimeError(out.stderr)
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agenttasks.reactor.dev")
+        install_crds(cluster)
         print(f"model latency {args.latency:g}s/answer, --max-agents={args.max_agents} per replica, "
               f"{args.waves} waves, Lease {args.lease:g}s", flush=True)
         rows = []

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from reactor.devcluster.controlplane import ControlPlane  # noqa: E402
 from reactor.testing.operator_process import OperatorProcess, free_port  # noqa: E402
+from reactor.testing.helpers import install_crds  # noqa: E402
 from reactor.testing.repos import make_repo  # noqa: E402
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text, write  # noqa: E402
 
@@ -94,8 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="reactor-bench-obs-") as tmp_text, ControlPlane() as cluster:
         tmp = Path(tmp_text)
-        cluster.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/agenttasks.reactor.dev", "crd/spendlimits.reactor.dev")
+        install_crds(cluster)
         repo = make_repo(tmp / "app")
         labels = ("streamed", "plain")
         with ScriptedModel([scenario(f"{label}-{i}") for label in labels for i in range(args.tasks)]) as model:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from reactor.devcluster.controlplane import ControlPlane  # noqa: E402
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text  # noqa: E402
 from reactor.testing.operator_process import OperatorProcess  # noqa: E402
+from reactor.testing.helpers import install_crds  # noqa: E402
 from reactor.testing.repos import make_repo  # noqa: E402
 
 
@@ -93,8 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="reactor-bench-op-") as tmp_text, ControlPlane() as cluster:
         tmp = Path(tmp_text)
-        cluster.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/agenttasks.reactor.dev", "crd/spendlimits.reactor.dev")
+        install_crds(cluster)
         cluster.kubectl("create", "namespace", "bench")
         repo = make_repo(tmp / "app")
         names = [f"op-{i}" for i in range(args.rounds)] + [f"cli-{i}" for i in range(args.rounds)] + \

@@ -7,17 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from reactor.testing.helpers import install_crds  # noqa: F401  (used here and by other modules)
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "agenttask.yaml"
 CRDS = [CRD, ROOT / "crds" / "spendlimit.yaml"]  # what the operator watches
-
-
-def install_crds(cluster) -> None:
-    out = cluster.kubectl("apply", "--server-side", *(arg for crd in CRDS for arg in ("-f", str(crd))))
-    assert out.returncode == 0, out.stderr
-    done = cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                           "crd/agenttasks.reactor.dev", "crd/spendlimits.reactor.dev")
-    assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,12 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 POLL_INTERVAL = 0.02
+CRDS = Path(__file__).resolve().parents[3] / "crds"  # the repository's CRDs (a kustomization)
 
 
 def free_port() -> int:
@@ -44,3 +46,12 @@ async def until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached in {timeout:g}s")
         await asyncio.sleep(POLL_INTERVAL)
+
+
+def install_crds(cluster) -> None:
+    """Every CRD the operator watches (AgentTask, SpendLimit), established."""
+    out = cluster.kubectl("apply", "--server-side", "-k", str(CRDS))
+    assert out.returncode == 0, out.stderr
+    done = cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                           "crd/agenttasks.reactor.dev", "crd/spendlimits.reactor.dev")
+    assert done.returncode == 0, done.stderr
