@@ -26,6 +26,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from reactor.errors import ConfigurationError
 from reactor.kube.resource import GROUP, SPENDLIMITS, VERSION, SpendLimitSpec
 from reactor.observe.fleet import SpendLedger, utc_day, utc_iso
 
@@ -208,7 +209,14 @@ class SpendLimits:
             return [item for ns in namespaces
                     for item in self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, SPENDLIMITS)["items"]]
 
-        for body in await asyncio.to_thread(read):
+        try:
+            bodies = await asyncio.to_thread(read)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ConfigurationError("the SpendLimit CRD is not installed: `kubectl apply -k crds/` "
+                                         "(manifests/ includes it)") from None
+            raise
+        for body in bodies:
             self.upsert(body)
 
     async def start(self) -> None:
