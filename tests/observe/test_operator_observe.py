@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from reactor.infra.processes import find_marked_processes
+from reactor.testing.helpers import wait_for
 from reactor.testing.kube_fixtures import temporary_namespace
 from reactor.testing.operator_process import free_port, operators
 from reactor.testing.repos import git, make_repo
@@ -389,7 +390,9 @@ def test_a_namespace_spend_limit_stops_a_running_task_and_holds_new_ones_across_
         held = op.wait_for("cap-new", lambda o: o and o.get("status", {}).get("phase") == "Pending"
                            and condition(o)["reason"] == "SpendLimitExceeded", what="held by the spend limit")
         assert "team-cap" in held["status"]["message"]
-        before = spend_limit()["status"]
+        # The crossing is written at once (not after the 2 s rate limit): seen within moments.
+        before = wait_for(lambda: (lambda st: st if st.get("exceeded") else None)(spend_limit().get("status") or {}),
+                          10, "the SpendLimit's status says exceeded", lambda: json.dumps(spend_limit()), interval=0.2)
         assert before["exceeded"] is True and before["spentTokens"] > 100000, before
 
         # Restart: the spend is still there, and the new task is still held.

@@ -17,6 +17,7 @@ from the SpendLimit's watch events, and the spend is the sum.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -119,6 +120,7 @@ class SpendLimits:
         self._changed: dict[str, asyncio.Event] = {}  # per namespace: a limit was raised or removed
         self._flusher: asyncio.Task | None = None
         self._dirty = asyncio.Event()
+        self._urgent = asyncio.Event()  # a limit was crossed: write now, not after the interval
         ledger.subscribe(self.on_spend)
 
     # -- the resource (kopf handlers) --
@@ -176,6 +178,7 @@ class SpendLimits:
             limit.dirty = True
             if not was_over and limit.exceeded() is not None:
                 log.warning("%s", limit.exceeded())
+                self._urgent.set()
             self._enforce(limit)
         self._mark_dirty()
 
@@ -249,8 +252,11 @@ class SpendLimits:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            self._urgent.clear()
             await self.flush()
-            await asyncio.sleep(self.flush_interval)  # rate limit: at most one write per limit per interval
+            # Rate limit: at most one write per limit per interval, but a crossing is said at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), self.flush_interval)
 
     # -- internals --
 
