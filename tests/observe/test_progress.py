@@ -64,7 +64,7 @@ async def test_progress_shows_the_running_tool_and_the_transcript_records_the_tu
         # A step's tokens and cost come when it ends, after its tool call.
         assert snapshot["toolCalls"] == 1 and snapshot["steps"] == 0 and snapshot["lastActivityTime"]
         assert not [r for r in model.requests if r["scenario"] == "T-LIVE" and r["answer"] == "text"]
-        assert observatory.fleet.get("team-a", "t-live").phase == "Executing"
+        assert observatory.views.get("team-a", "t-live").phase == "Executing"
 
         Path(worktree[-1], ".release").write_text("")
         result = await asyncio.wait_for(run, 120)
@@ -93,6 +93,6 @@ async def test_progress_shows_the_running_tool_and_the_transcript_records_the_tu
     lines = [render(r) for r in records]
     assert any("-> bash" in line and "until" in line for line in lines)
 
-    view = observatory.fleet.get("team-a", "t-live")
+    view = observatory.views.get("team-a", "t-live")
     assert view.phase == Phase.SUCCEEDED.value and view.files == ["hello.txt"] and view.cost == pytest.approx(0.0024)
     assert observatory.spend.today("team-a").tokens == 480

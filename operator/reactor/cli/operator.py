@@ -59,7 +59,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     from reactor.durations import parse_duration
     from reactor.kube.handlers import fleet_registry, registry
-    from reactor.kube.supervisor import TaskSupervisor
+    from reactor.kube.supervisor import Supervisor
     from reactor.observe.web import WebServer, parse_address
     from reactor.workflow.engine import Engine
 
@@ -78,12 +78,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     api_client = kubernetes.client.ApiClient()
     watched = [] if clusterwide else namespaces
     interval = 0.0 if args.progress_interval.strip() in ("0", "0s") else parse_duration(args.progress_interval)
-    if fleet is not None:
-        from reactor.kube.fleet_supervisor import FleetSupervisor
-
-        supervisor = FleetSupervisor(engine, api_client, fleet, namespaces=watched, progress_interval=interval)
-    else:
-        supervisor = TaskSupervisor(engine, api_client, namespaces=watched, progress_interval=interval)
+    supervisor = Supervisor(engine, api_client, fleet=fleet, namespaces=watched, progress_interval=interval)
     web = None
     if args.web != "none":
         web = WebServer(supervisor.observatory, *parse_address(args.web))

@@ -18,11 +18,14 @@ No queue or protocol of our own: Kubernetes' optimistic concurrency and Leases.
   consider the Lease expired (the full duration, counted from a later instant: others see
   a renewal only after it was sent). Every status write of a holder is a JSON patch whose
   first operation tests ``/status/claim/holder``: the API server refuses the write once the
-  task was adopted, even from a replica that slept through its own fence (SIGSTOP). Right
-  before a push the holder re-reads the task (:meth:`Fleet.confirm`).
+  task was adopted, even from a replica that slept through its own fence (SIGSTOP); that
+  write is kube/status.py's (``StatusWriter`` with this object as its ``Fence``). Right
+  before a push the holder re-reads the task (:meth:`ReplicaLeases.confirm`).
 
-The engine knows nothing of this; the supervisor asks for a claim before it starts a cell,
-checks it before pushing, and stops its cells when the fleet fences it.
+The engine knows nothing of this; the supervisor's fleet ownership policy
+(kube/ownership.py) asks for a claim before it starts a cell, checks it before pushing, and
+stops its cells when this replica is fenced. Time is read from ``clock`` (monotonic
+seconds), so the rules can be checked with a clock a test moves.
 """
 
 from __future__ import annotations
@@ -42,19 +45,17 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from reactor.kube.resource import GROUP, PLURAL, VERSION, TaskRef
+from reactor.kube.resource import GROUP, PLURAL, VERSION, AgentTaskStatus, ClaimStatus, TaskRef
+from reactor.kube.status import ClaimLost
+
+__all__ = ["ClaimLost", "FleetSettings", "ReplicaLeases", "LEASE_PREFIX", "LEASE_LABEL"]
 
 log = logging.getLogger(__name__)
 
 LEASE_PREFIX = "reactor-replica-"
 LEASE_LABEL = "reactor.dev/replica"
-TERMINAL_PHASES = ("Succeeded", "Failed")
-JSON_PATCH = "application/json-patch+json"
-
-
-class ClaimLost(Exception):
-    """This replica no longer holds the task (adopted by another, or fenced): it must not
-    write the task's status or push its result."""
+Clock = Callable[[], float]
+ClaimWrite = Callable[[dict, dict[str, Any]], Awaitable[bool]]
 
 
 def micro_time(moment: dt.datetime | None = None) -> str:
@@ -87,6 +88,16 @@ class FleetSettings:
         return LEASE_PREFIX + self.replica
 
 
+@dataclass(frozen=True)
+class LeaseView:
+    """One replica's Lease as listed."""
+
+    replica: str
+    holder: str | None  # holderIdentity: the replica's incarnation
+    renewed: str | None  # renewTime as its holder wrote it (compared for change only)
+    duration: float
+
+
 @dataclass
 class _LeaseSeen:
     holder: str | None
@@ -95,16 +106,19 @@ class _LeaseSeen:
     observed: float  # our monotonic clock when (holder, renewed) last changed
 
 
-class Fleet:
-    """This replica's membership (its Lease), its view of the others' Leases, and claims."""
+class ReplicaLeases:
+    """This replica's membership (its Lease), its view of the others' Leases, and the claims
+    it holds; whether any claim is live."""
 
     def __init__(self, api_client: k8s.ApiClient, settings: FleetSettings,
                  on_fenced: Callable[[], Awaitable[None]] | None = None,
-                 on_view: Callable[[], Awaitable[None]] | None = None):
+                 on_view: Callable[[], Awaitable[None]] | None = None,
+                 on_lost: Callable[[TaskRef], None] | None = None, clock: Clock = time.monotonic):
         self.settings = settings
         self.coordination = k8s.CoordinationV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
-        self.on_fenced, self.on_view = on_fenced, on_view
+        self.on_fenced, self.on_view, self.on_lost = on_fenced, on_view, on_lost
+        self.clock = clock
         self.holder = self._new_incarnation()
         self.fences = 0  # how often this replica fenced itself (observability, tests)
         self._acquired = False
@@ -135,9 +149,9 @@ class Fleet:
     async def start(self) -> None:
         """Take this replica's Lease and read the others' before returning: no claim is
         judged dead on an empty view."""
-        deadline = time.monotonic() + self.settings.lease_duration * 4
+        deadline = self.clock() + self.settings.lease_duration * 4
         while not await self._heartbeat_once():
-            if time.monotonic() > deadline:
+            if self.clock() > deadline:
                 raise RuntimeError(f"could not take Lease {self.settings.namespace}/{self.settings.lease_name}")
             await asyncio.sleep(self.settings.renew_interval)
         self._tasks = [asyncio.create_task(self._heartbeat(), name="fleet heartbeat"),
@@ -165,36 +179,41 @@ class Fleet:
     def holds_lease(self, margin: float = 0.0) -> bool:
         """Our Lease is ours for at least ``margin`` more seconds (a local, synchronous check:
         valid even in the first instant after a SIGCONT)."""
-        return self._acquired and time.monotonic() + margin < self._valid_until
+        return self._acquired and self.clock() + margin < self._valid_until
 
     async def _heartbeat(self) -> None:
         while True:
-            began = time.monotonic()
+            began = self.clock()
             with contextlib.suppress(Exception):  # logged inside; the watchdog fences
                 await self._heartbeat_once()
-            await asyncio.sleep(max(0.0, self.settings.renew_interval - (time.monotonic() - began)))
+            await asyncio.sleep(max(0.0, self.settings.renew_interval - (self.clock() - began)))
 
     async def _watchdog(self) -> None:
         """Fence at ``_valid_until`` unless a renewal moved it: a renewal can hang (a
         partitioned network) while the deadline passes."""
         while True:
-            remaining = self._valid_until - time.monotonic()
-            if self._acquired and remaining <= 0:
-                await self.fence("the Lease was not renewed in time")
-                continue
-            await asyncio.sleep(max(0.02, remaining) if self._acquired else self.settings.renew_interval)
+            await asyncio.sleep(await self.fence_if_due())
+
+    async def fence_if_due(self) -> float:
+        """Fence when our Lease's deadline has passed (two thirds of the duration after the
+        last renewal was sent); returns how long until it is worth looking again."""
+        remaining = self._valid_until - self.clock()
+        if self._acquired and remaining <= 0:
+            await self.fence("the Lease was not renewed in time")
+            return 0.0
+        return max(0.02, remaining) if self._acquired else self.settings.renew_interval
 
     async def _heartbeat_once(self) -> bool:
         if self._acquired and not self.holds_lease():
             await self.fence("woke past the Lease's deadline")  # e.g. after SIGSTOP/SIGCONT
-        sent = time.monotonic()
+        sent = self.clock()
         try:
             renewed = await self._renew() if self._acquired else await self._acquire()
         except (ApiException, OSError, Exception) as exc:  # noqa: BLE001 - any failure: not renewed
             log.warning("fleet: cannot renew Lease %s: %s", self.settings.lease_name, _short(exc))
             renewed = False
         if renewed and self._acquired:
-            self._valid_until = sent + self.settings.fence_after
+            self.note_renewal(sent)
         try:
             await self.refresh()
         except Exception as exc:  # noqa: BLE001
@@ -203,6 +222,14 @@ class Fleet:
         if self.on_view is not None:
             await self.on_view()
         return renewed
+
+    def note_renewal(self, sent: float) -> None:
+        """Our Lease was written (taken or renewed) by a request sent at ``sent``: our claims
+        are live until ``fence_after`` later, when we fence ourselves unless renewed again.
+        The others consider the Lease expired only a full duration after they *see* a
+        renewal, which is later than we sent it: we always stop first."""
+        self._acquired = True
+        self._valid_until = sent + self.settings.fence_after
 
     def _lease_body(self, acquire: bool, transitions: int | None = None) -> dict[str, Any]:
         now = micro_time()
@@ -278,58 +305,75 @@ class Fleet:
         """Read every replica's Lease; note when each was last seen to change."""
         leases = await self._lease_call(self.coordination.list_namespaced_lease, self.settings.namespace,
                                         label_selector=LEASE_LABEL)
-        now = time.monotonic()
+        self.note_leases([
+            LeaseView((lease.metadata.labels or {}).get(LEASE_LABEL) or "", lease.spec.holder_identity,
+                      micro_time(lease.spec.renew_time) if lease.spec.renew_time else None,
+                      float(lease.spec.lease_duration_seconds or 0))
+            for lease in leases.items])
+
+    def note_leases(self, leases: list[LeaseView]) -> None:
+        """What a list of the Leases showed: a Lease is live for its duration after we *saw*
+        it change (holder or renewTime), on our own clock: no clocks compared across machines."""
+        now = self.clock()
         seen: dict[str, _LeaseSeen] = {}
-        for lease in leases.items:
-            replica = (lease.metadata.labels or {}).get(LEASE_LABEL)
-            if not replica:
+        for lease in leases:
+            if not lease.replica:
                 continue
-            spec = lease.spec
-            renewed = micro_time(spec.renew_time) if spec.renew_time else None
-            before = self._seen.get(replica)
-            changed = before is None or (before.holder, before.renewed) != (spec.holder_identity, renewed)
-            seen[replica] = _LeaseSeen(spec.holder_identity, renewed, float(spec.lease_duration_seconds or 0),
-                                       now if changed else before.observed)
+            before = self._seen.get(lease.replica)
+            changed = before is None or (before.holder, before.renewed) != (lease.holder, lease.renewed)
+            seen[lease.replica] = _LeaseSeen(lease.holder, lease.renewed, lease.duration,
+                                             now if changed or before is None else before.observed)
         self._seen = seen
 
     def replicas(self) -> dict[str, bool]:
         """Every replica with a Lease, and whether it is live."""
-        now = time.monotonic()
+        now = self.clock()
         return {name: seen.holder is not None and now - seen.observed < seen.duration for name, seen in self._seen.items()}
 
     # -- claims --
 
-    def claim_alive(self, claim: dict | None) -> bool:
-        if not claim or not claim.get("holder"):
+    def claim_alive(self, claim: ClaimStatus | None) -> bool:
+        if claim is None or not claim.holder:
             return False
-        if claim.get("replica") == self.replica:
+        if claim.replica == self.replica:
             # Ours: live only under our current incarnation and while our Lease holds.
-            return claim["holder"] == self.holder and self.holds_lease()
-        seen = self._seen.get(claim.get("replica", ""))
-        return (seen is not None and seen.holder == claim["holder"]
-                and time.monotonic() - seen.observed < seen.duration)
+            return claim.holder == self.holder and self.holds_lease()
+        seen = self._seen.get(claim.replica or "")
+        return seen is not None and seen.holder == claim.holder and self.clock() - seen.observed < seen.duration
 
     def claimable(self, body: dict) -> bool:
         """Not finished, not being deleted, and nobody live holds it."""
-        status = body.get("status") or {}
-        if status.get("phase") in TERMINAL_PHASES or body["metadata"].get("deletionTimestamp"):
+        status = AgentTaskStatus.of(body)
+        if status.finished or body["metadata"].get("deletionTimestamp"):
             return False
-        return not self.claim_alive(status.get("claim"))
+        return not self.claim_alive(status.claim)
 
     async def _claimable_now(self, body: dict) -> bool:
         """claimable(), but a claim that looks dead is judged on a fresh list of Leases: our
         view may predate the claimer's Lease (a replica that just started or restarted)."""
         if not self.claimable(body):
             return False
-        claim = (body.get("status") or {}).get("claim")
-        if claim and claim.get("replica") != self.replica:
+        claim = AgentTaskStatus.of(body).claim
+        if claim is not None and claim.replica != self.replica:
             await self.refresh()
             return self.claimable(body)
         return True
 
     def holds(self, ref: TaskRef) -> bool:
         """We claimed this task under our current incarnation and our Lease holds (local check)."""
-        return self._held.get(ref.uid) == self.holder and self.holds_lease()
+        return self.holder_of(ref) is not None
+
+    def holder_of(self, ref: TaskRef) -> str | None:
+        """The holder our claim of this task carries, while it is live (the status writer's
+        fence: the API server must still record it for a write of ours to apply)."""
+        holder = self._held.get(ref.uid)
+        return holder if holder == self.holder and self.holds_lease() else None
+
+    def lost(self, ref: TaskRef) -> None:
+        """The API server refused our write: the task is someone else's now."""
+        self._held.pop(ref.uid, None)
+        if self.on_lost is not None:
+            self.on_lost(ref)
 
     async def read(self, ref: TaskRef) -> dict | None:
         try:
@@ -340,12 +384,16 @@ class Fleet:
                 return None
             raise
 
+    def claim_status(self) -> dict[str, Any]:
+        """``status.claim`` for a claim made now."""
+        return {"replica": self.replica, "holder": self.holder, "since": micro_time()}
+
     async def claim(self, ref: TaskRef, first_status: Callable[[dict], dict[str, Any] | None],
-                    attempts: int = 5) -> tuple[dict, dict[str, Any]] | None:
+                    write: ClaimWrite, attempts: int = 5) -> tuple[dict, dict[str, Any]] | None:
         """Claim the task if it is claimable: ``first_status(fresh body)`` gives the status to
-        write with the claim (or None: do not claim). The write carries the resourceVersion
-        that was read, so it fails (409) if anything changed the task meanwhile; then read
-        again and decide again. Returns (the body read, the status written), or None."""
+        write with the claim (or None: do not claim); ``write(body, status)`` writes it onto
+        the version read (TaskStatus.claim: False when anything changed the task meanwhile;
+        then read again and decide again). Returns (the body read, the status written), or None."""
         for _ in range(attempts):
             if not self.holds_lease(margin=self.settings.renew_interval):
                 return None
@@ -356,58 +404,14 @@ class Fleet:
             if status is None:
                 return None
             holder = self.holder
-            status = {**status, "claim": {"replica": self.replica, "holder": holder, "since": micro_time()}}
-            patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": status}
-            try:
-                await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
-                                        ref.namespace, PLURAL, ref.name, patch)
-            except ApiException as exc:
-                if exc.status == 409:
-                    continue  # someone wrote first (another replica's claim, or any change): look again
-                if exc.status == 404:
-                    return None
-                raise
+            status = {**status, "claim": self.claim_status()}
+            if not await write(body, status):
+                continue  # someone wrote first (another replica's claim, or any change): look again
             if holder != self.holder:  # fenced while the write was in flight: it claimed for a dead incarnation
                 return None
             self._held[ref.uid] = holder
             return body, status
         return None
-
-    async def write_unclaimed(self, ref: TaskRef, body: dict, status: dict[str, Any]) -> bool:
-        """Status of a task nobody holds (it waits): only onto the version read, so it never
-        overwrites a claim made meanwhile. False when anything changed first."""
-        if not self.holds_lease() or not self.claimable(body):
-            return False
-        patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": status}
-        try:
-            await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
-                                    ref.namespace, PLURAL, ref.name, patch)
-            return True
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return False
-            raise
-
-    async def patch_status(self, ref: TaskRef, status: dict[str, Any]) -> None:
-        """Write a held task's status, only while the API server still records our claim (a JSON
-        patch led by a `test` of /status/claim/holder). Raises ClaimLost when the claim is not
-        ours (anymore); other API errors (404: the object is gone) propagate."""
-        holder = self._held.get(ref.uid)
-        if holder is None or holder != self.holder or not self.holds_lease():
-            raise ClaimLost(f"{ref}: not held by {self.holder}")
-        operations: list[dict[str, Any]] = [{"op": "test", "path": "/status/claim/holder", "value": holder}]
-        operations += json_patch_operations(status)
-        try:
-            await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
-                                    ref.namespace, PLURAL, ref.name, operations, _content_type=JSON_PATCH)
-        except ApiException as exc:
-            if exc.status == 422:
-                # A failed `test` is a bare 422 "Invalid" with no details: look at the claim.
-                current = await self.read(ref)
-                if current is not None and ((current.get("status") or {}).get("claim") or {}).get("holder") != holder:
-                    self._held.pop(ref.uid, None)
-                    raise ClaimLost(f"{ref}: the claim moved away from {holder}") from None
-            raise
 
     def release(self, ref: TaskRef) -> None:
         self._held.pop(ref.uid, None)
@@ -420,35 +424,8 @@ class Fleet:
             await asyncio.sleep(0.05)
         if not self.holds(ref):
             return False
-        body = await self.read(ref)
-        claim = ((body or {}).get("status") or {}).get("claim") or {}
-        return claim.get("holder") == self._held.get(ref.uid) and self.holds_lease(margin)
-
-
-def json_patch_operations(status: dict[str, Any]) -> list[dict[str, Any]]:
-    """The JSON-patch equivalent of merging ``status`` into /status, for the shapes the
-    supervisor writes: each top-level key replaced whole, None removing it. `add` then
-    `remove` removes a key whether or not it exists (a bare `remove` of a missing key fails)."""
-    operations: list[dict[str, Any]] = []
-    for key, value in status.items():
-        path = f"/status/{_escape(key)}"
-        if value is None:
-            operations += [{"op": "add", "path": path, "value": {}}, {"op": "remove", "path": path}]
-        else:
-            operations.append({"op": "add", "path": path, "value": _without_none(value)})
-    return operations
-
-
-def _without_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_none(v) for v in value]
-    return value
-
-
-def _escape(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
+        claim = AgentTaskStatus.of(await self.read(ref) or {}).claim
+        return claim is not None and claim.holder == self._held.get(ref.uid) and self.holds_lease(margin)
 
 
 def _short(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from reactor.durations import parse_duration
-from reactor.workflow.types import Budget, TaskSpec
+from reactor.workflow.types import Budget, Phase, TaskSpec
 
 GROUP, VERSION, PLURAL = "reactor.dev", "v1alpha1", "agenttasks"
 SPENDLIMITS = "spendlimits"
@@ -92,6 +92,134 @@ class SpendLimitSpec(_Spec):
     period: str = "Daily"  # Daily (UTC day) | Total (since creation)
     max_cost: str | None = Field(default=None, alias="maxCost")
     max_tokens: int | None = Field(default=None, alias="maxTokens")
+
+
+class _Status(BaseModel):
+    """What the operator wrote (read back): every field optional; unknown ones kept."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+
+class ClaimStatus(_Status):
+    replica: str | None = None  # the StatefulSet pod name of the replica that runs the task
+    holder: str | None = None  # its incarnation when it claimed (see kube/fleet.py)
+    since: str | None = None
+
+
+class CellStatus(_Status):
+    port: int | None = None
+    worktree: str | None = None
+    server_pid: int | None = Field(default=None, alias="serverPid")
+    session_id: str | None = Field(default=None, alias="sessionId")
+    cell_id: str | None = Field(default=None, alias="cellId")
+
+
+class ResultStatus(_Status):
+    outcome: str | None = None
+    branch: str | None = None
+    commit: str | None = None
+    short_commit: str | None = Field(default=None, alias="shortCommit")
+    pushed: bool | None = None
+    files_changed: list[str] = Field(default_factory=list, alias="filesChanged")
+    test_exit_code: int | None = Field(default=None, alias="testExitCode")
+    test_output_tail: str | None = Field(default=None, alias="testOutputTail")
+
+    def as_written(self) -> dict[str, Any]:
+        """The fields as the status holds them (to carry a first run's result into a resumed one)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class UsageStatus(_Status):
+    input_tokens: int = Field(default=0, alias="inputTokens")
+    output_tokens: int = Field(default=0, alias="outputTokens")
+    reasoning_tokens: int = Field(default=0, alias="reasoningTokens")
+    cache_read_tokens: int = Field(default=0, alias="cacheReadTokens")
+    cache_write_tokens: int = Field(default=0, alias="cacheWriteTokens")
+    cost: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return (self.input_tokens + self.output_tokens + self.reasoning_tokens + self.cache_read_tokens
+                + self.cache_write_tokens)
+
+
+class ProgressStatus(_Status):
+    """``status.progress`` (written from reactor.observe.progress's snapshot; read back for
+    what an earlier attempt spent)."""
+
+    input_tokens: int = Field(default=0, alias="inputTokens")
+    output_tokens: int = Field(default=0, alias="outputTokens")
+    total_tokens: int = Field(default=0, alias="totalTokens")
+    cost: float = 0.0
+    steps: int = 0
+
+
+class Condition(_Status):
+    type: str
+    status: str | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class AgentTaskStatus(_Status):
+    """An AgentTask's status as read from the API server (written by kube/status.py)."""
+
+    phase: Phase | None = None
+    message: str | None = None
+    attempts: int = 0
+    start_time: str | None = Field(default=None, alias="startTime")
+    completion_time: str | None = Field(default=None, alias="completionTime")
+    conditions: list[Condition] = Field(default_factory=list)
+    claim: ClaimStatus | None = None
+    cell: CellStatus | None = None
+    result: ResultStatus | None = None
+    usage: UsageStatus | None = None
+    progress: ProgressStatus | None = None
+
+    @classmethod
+    def of(cls, body: Any) -> AgentTaskStatus:
+        return cls.model_validate(body.get("status") or {})
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is not None and self.phase.terminal
+
+    @property
+    def waiting(self) -> bool:
+        """Not started yet, or handed back (Pending)."""
+        return self.phase in (None, Phase.PENDING)
+
+    @property
+    def reason(self) -> str | None:
+        """The reason of the Succeeded condition (why the task is where it is)."""
+        return next((c.reason for c in self.conditions if c.type == "Succeeded"), None)
+
+    @property
+    def commit(self) -> str | None:
+        return self.result.commit if self.result is not None else None
+
+
+class ReplicaSpend(_Status):
+    period: str = ""
+    spent_cost: float = Field(default=0.0, alias="spentCost")
+    spent_tokens: int = Field(default=0, alias="spentTokens")
+
+
+class SpendLimitStatus(_Status):
+    """A SpendLimit's status as read back: the period's spend, and each replica's own count
+    (a fleet's replicas each write only their own entry)."""
+
+    period: str = ""
+    spent_cost: float = Field(default=0.0, alias="spentCost")
+    spent_tokens: int = Field(default=0, alias="spentTokens")
+    replicas: dict[str, ReplicaSpend] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: Any) -> SpendLimitStatus:
+        status = dict(body.get("status") or {})
+        # An entry that is not an object (hand-edited) counts as nothing, not as an error.
+        status["replicas"] = {k: v for k, v in (status.get("replicas") or {}).items() if isinstance(v, dict)}
+        return cls.model_validate(status)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from reactor.errors import ConfigurationError
-from reactor.kube.resource import GROUP, SPENDLIMITS, VERSION, SpendLimitSpec
+from reactor.kube.resource import GROUP, SPENDLIMITS, VERSION, SpendLimitSpec, SpendLimitStatus
 from reactor.observe.fleet import SpendLedger, utc_day, utc_iso
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,10 @@ class _Limit:
                 "replicas": {replica: {"period": self.period, "spentCost": round(self.cost, 6),
                                        "spentTokens": self.tokens}}}
 
-    def learn(self, status: dict[str, Any], replica: str) -> bool:
+    def learn(self, status: SpendLimitStatus, replica: str) -> bool:
         """Take the other replicas' counts from a status read back; True when they changed."""
-        others = {name: (str(entry.get("period") or ""), float(entry.get("spentCost") or 0.0),
-                         int(entry.get("spentTokens") or 0))
-                  for name, entry in (status.get("replicas") or {}).items()
-                  if name != replica and isinstance(entry, dict)}
+        others = {name: (entry.period, entry.spent_cost, entry.spent_tokens)
+                  for name, entry in status.replicas.items() if name != replica}
         changed, self.others = others != self.others, others
         return changed
 
@@ -132,15 +130,13 @@ class SpendLimits:
         limit = self._limits.get(key)
         if limit is None:
             limit = _Limit(key[0], key[1], spec, meta.get("generation"), meta.get("creationTimestamp") or utc_iso())
-            status = body.get("status") or {}
+            status = SpendLimitStatus.of(body)
             limit.roll()
-            own = (status.get("replicas") or {}).get(self.replica)
-            if isinstance(own, dict) and own.get("period") == limit.period:  # the count kept across a restart
-                limit.cost = float(own.get("spentCost") or 0.0)
-                limit.tokens = int(own.get("spentTokens") or 0)
-            elif status.get("period") == limit.period and not status.get("replicas"):  # written before replicas
-                limit.cost = float(status.get("spentCost") or 0.0)
-                limit.tokens = int(status.get("spentTokens") or 0)
+            own = status.replicas.get(self.replica)
+            if own is not None and own.period == limit.period:  # the count kept across a restart
+                limit.cost, limit.tokens = own.spent_cost, own.spent_tokens
+            elif status.period == limit.period and not status.replicas:  # written before replicas
+                limit.cost, limit.tokens = status.spent_cost, status.spent_tokens
             elif spec.period == "Daily":  # new: what the namespace already spent today counts
                 today = self.ledger.today(key[0])
                 limit.cost, limit.tokens = today.cost, today.tokens
@@ -150,13 +146,13 @@ class SpendLimits:
             limit.learn(status, self.replica)
         elif limit.generation == meta.get("generation") and limit.spec == spec:
             # Only the status changed (a fleet's replicas see each other's counts this way).
-            if limit.learn(body.get("status") or {}, self.replica):
+            if limit.learn(SpendLimitStatus.of(body), self.replica):
                 self._signal(key[0])
                 self._enforce(limit)
             return
         else:
             limit.spec, limit.generation = spec, meta.get("generation")
-            limit.learn(body.get("status") or {}, self.replica)
+            limit.learn(SpendLimitStatus.of(body), self.replica)
         limit.dirty = True
         self._mark_dirty()
         self._signal(key[0])  # maybe raised: held tasks look again

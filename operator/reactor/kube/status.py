@@ -1,30 +1,69 @@
 """Writes what the engine reports into an AgentTask's status subresource and Events.
 
-One owner: a run's ``TaskStatus`` is the only writer of its task's status. It writes each
-phase once, in the order the workflow enters them (one merge patch and one Event per
-phase), the terminal phase with the result once, and nothing after it.
+One owner: a run's ``TaskStatus`` is the only writer of its task's status, with one replica
+or many. It writes each phase once, in the order the workflow enters them (one patch and
+one Event per phase), the terminal phase with the result once, and nothing after it; and,
+in a fleet, the claim, why an unclaimed task waits, and the hand-back.
 
-Status is written with JSON merge patches to /status (no resourceVersion: the operator
-is the only writer of these fields, and kopf's own bookkeeping lives in other keys).
+How a write reaches the API server depends on who owns the task (the supervisor's
+ownership policy, kube/ownership.py):
+
+- one replica: a JSON merge patch of /status, no resourceVersion (this operator is the
+  only writer of these fields; kopf's bookkeeping lives in other keys);
+- a fleet's claim holder: a JSON patch whose first operation tests ``/status/claim/holder``
+  (``StatusWriter`` with a ``Fence``), so the API server refuses the write once another
+  replica adopted the task; a refusal raises ``ClaimLost``;
+- a write about a task nobody holds yet (the claim itself, why it waits): a merge patch
+  carrying the resourceVersion that was read, so it is refused (``Conflict``) when anything
+  changed meanwhile.
+
 The kubernetes client is synchronous, so calls run in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from reactor.kube.resource import GROUP, PLURAL, VERSION, TaskRef, format_time
+from reactor.kube.resource import GROUP, PLURAL, VERSION, AgentTaskStatus, ProgressStatus, TaskRef, format_time
 from reactor.workflow.types import CellInfo, Phase, PhaseEvent, Reason, TaskResult
 
 log = logging.getLogger(__name__)
 COMPONENT = "reactor-operator"
+JSON_PATCH = "application/json-patch+json"
+
+
+class ClaimLost(Exception):
+    """This replica no longer holds the task (adopted by another, or fenced): it must not
+    write the task's status or push its result."""
+
+
+class Conflict(Exception):
+    """A write made on a version of the object that is not current any more (409)."""
+
+
+class Fence(Protocol):
+    """A fleet's claims, as the status writer needs them (kube/fleet.py ReplicaLeases)."""
+
+    def holder_of(self, ref: TaskRef) -> str | None:
+        """The claim holder the API server must still record for our write; None: not ours."""
+
+    def holds(self, ref: TaskRef) -> bool:
+        """Ours, as far as this replica knows (a local check)."""
+
+    def lost(self, ref: TaskRef) -> None:
+        """The API server says the task is someone else's now."""
+
+    async def read(self, ref: TaskRef) -> dict | None:
+        """The object as the API server has it now."""
 
 
 def now() -> str:
@@ -101,24 +140,29 @@ def confined_condition(confined: bool, message: str, generation: int | None) -> 
 
 
 class StatusWriter:
-    def __init__(self, api_client: k8s.ApiClient, confinement: tuple[bool, str] = (False, ""), metrics: Any = None):
+    """The API calls behind every TaskStatus of this operator (see the module doc)."""
+
+    def __init__(self, api_client: k8s.ApiClient, confinement: tuple[bool, str] = (False, ""), metrics: Any = None,
+                 fence: Fence | None = None):
         self.confinement = confinement  # (confined, message), the same for every task of this operator
         self.custom = k8s.CustomObjectsApi(api_client)
         self.core = k8s.CoreV1Api(api_client)
+        self.fence = fence  # a fleet: writes of a held task are refused once the claim moved
         self._locks: dict[str, asyncio.Lock] = {}
         self.metrics = metrics  # reactor.observe.metrics.Metrics: counts the writes
         self.patches: dict[str, int] = {}  # per object uid: status writes made
 
-    async def patch(self, ref: TaskRef, status: dict[str, Any]) -> bool:
+    async def patch(self, ref: TaskRef, status: dict[str, Any], *, on_version: str | None = None) -> bool:
         """Merge ``status`` into the object's status. False when the object is gone.
-        Conditions always carry Confined beside Succeeded (a merge patch replaces the list)."""
+        ``on_version``: only onto this resourceVersion (else ``Conflict``), for a task nobody
+        holds. Conditions always carry Confined beside Succeeded (a patch replaces the list)."""
         if "conditions" in status:
             status = {**status, "conditions": [*status["conditions"],
                                                confined_condition(*self.confinement, status.get("observedGeneration"))]}
         lock = self._locks.setdefault(ref.uid, asyncio.Lock())
         async with lock:  # keep one object's patches in the order they were made
             try:
-                await self._send(ref, status)
+                await self._send(ref, status, on_version)
                 self.patches[ref.uid] = self.patches.get(ref.uid, 0) + 1
                 if self.metrics is not None:
                     kind = "progress" if set(status) == {"progress"} else "phase"
@@ -127,6 +171,8 @@ class StatusWriter:
             except ApiException as exc:
                 if exc.status == 404:
                     return False
+                if exc.status == 409 and on_version is not None:
+                    raise Conflict(f"{ref}: changed since version {on_version}") from None
                 if exc.status == 403:
                     message = (f"RBAC: {_api_message(exc)}; grant `patch` on agenttasks/status in namespace "
                                f"{ref.namespace} (see manifests/rbac.yaml)")
@@ -135,13 +181,44 @@ class StatusWriter:
                     raise PermissionError(message) from None
                 raise
 
-    async def _send(self, ref: TaskRef, status: dict[str, Any]) -> None:
-        """The write itself: a merge patch of /status (a fleet replica's is fenced, see kube/fleet.py)."""
+    async def _send(self, ref: TaskRef, status: dict[str, Any], on_version: str | None) -> None:
+        """The write itself (see the module doc for which one)."""
+        if on_version is None and self.fence is not None:
+            await self._send_fenced(ref, status)
+            return
+        body: dict[str, Any] = {"status": status}
+        if on_version is not None:
+            body["metadata"] = {"resourceVersion": on_version}
         await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status,
-                                GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": status})
+                                GROUP, VERSION, ref.namespace, PLURAL, ref.name, body)
+
+    async def _send_fenced(self, ref: TaskRef, status: dict[str, Any]) -> None:
+        """A claim holder's write: applied only while the API server still records our claim
+        (a JSON patch led by a `test` of /status/claim/holder). ClaimLost when it does not."""
+        assert self.fence is not None
+        holder = self.fence.holder_of(ref)
+        if holder is None:
+            self.fence.lost(ref)
+            raise ClaimLost(f"{ref}: not held by this replica")
+        operations: list[dict[str, Any]] = [{"op": "test", "path": "/status/claim/holder", "value": holder}]
+        operations += json_patch_operations(status)
+        try:
+            await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
+                                    ref.namespace, PLURAL, ref.name, operations, _content_type=JSON_PATCH)
+        except ApiException as exc:
+            if exc.status == 422:
+                # A failed `test` is a bare 422 "Invalid" with no details: look at the claim.
+                current = AgentTaskStatus.of(await self.fence.read(ref) or {})
+                if current.claim is None or current.claim.holder != holder:
+                    self.fence.lost(ref)
+                    raise ClaimLost(f"{ref}: the claim moved away from {holder}") from None
+            raise
 
     async def event(self, ref: TaskRef, reason: str, message: str, warning: bool = False) -> None:
-        """Post a core/v1 Event about the task. IG: an event that cannot be posted is logged."""
+        """Post a core/v1 Event about the task (in a fleet only while we hold it). A failure
+        to post is logged, not fatal (bookkeeping)."""
+        if self.fence is not None and not self.fence.holds(ref):
+            return
         timestamp = dt.datetime.now(dt.timezone.utc)
         body = k8s.CoreV1Event(
             metadata=k8s.V1ObjectMeta(generate_name=f"{ref.name}.", namespace=ref.namespace),
@@ -166,18 +243,58 @@ class StatusWriter:
 
 
 
-class TaskStatus:
-    """The one writer of one run's status (see the module doc). ``report`` is the workflow's
-    phase callback; ``finish`` and ``requeue`` are for verdicts the supervisor reaches
-    without a run (a missing Secret, restarts used up) and for the operator stopping;
-    ``waiting`` says why a task is held in Pending; ``write_progress`` is the live progress
-    (the publisher's rate-limited writes), which also rides along with every phase write."""
+def json_patch_operations(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON-patch equivalent of merging ``status`` into /status, for the shapes the
+    supervisor writes: each top-level key replaced whole, None removing it. `add` then
+    `remove` removes a key whether or not it exists (a bare `remove` of a missing key fails)."""
+    operations: list[dict[str, Any]] = []
+    for key, value in status.items():
+        path = f"/status/{_escape(key)}"
+        if value is None:
+            operations += [{"op": "add", "path": path, "value": {}}, {"op": "remove", "path": path}]
+        else:
+            operations.append({"op": "add", "path": path, "value": _without_none(value)})
+    return operations
 
-    def __init__(self, writer: StatusWriter, ref: TaskRef, generation: int | None, attempt: int,
-                 previous_result: dict[str, Any] | None = None):
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+
+Unclaimed = Callable[[], "dict[str, Any] | None"]
+
+
+class TaskStatus:
+    """The one writer of one task's status in this replica (see the module doc).
+
+    - ``report``: the workflow's phase callback (each phase once, the verdict once);
+    - ``finish``: a verdict reached without a run (a missing Secret, restarts used up, a bug);
+    - ``waiting``: why the task is held in Pending (written when the reason changes);
+    - ``write_progress``: the live progress (the publisher's rate-limited writes; it also
+      rides along with every phase write);
+    - ``requeue``: back to Pending and unclaimed (the operator stops);
+    - a fleet's: ``claim`` (the first write of a holder, on the version read), ``release``
+      (a deleted task's claim given up once its cell is gone).
+
+    ``claimed``: the task is ours (always, with one replica); until then ``unclaimed()``
+    gives the object to write "why it waits" onto, or None when this replica must not.
+    """
+
+    def __init__(self, writer: StatusWriter, ref: TaskRef, generation: int | None, attempt: int = 0, *,
+                 claimed: bool = True, unclaimed: Unclaimed | None = None):
         self.writer, self.ref, self.generation, self.attempt = writer, ref, generation, attempt
-        self.previous_result = previous_result  # a resumed push: what the first run recorded
-        self.previous_progress: dict[str, Any] | None = None  # an earlier attempt's spend
+        self.claimed, self.unclaimed = claimed, unclaimed
+        self.previous_result: dict[str, Any] | None = None  # a resumed push: what the first run recorded
+        self.previous_progress: ProgressStatus | None = None  # an earlier attempt's spend
         self.phase: Phase | None = None
         self.waiting_reason: Reason | None = None
         self.observation: Any = None  # reactor.observe TaskObservation of the run, once it runs
@@ -189,6 +306,18 @@ class TaskStatus:
     @property
     def finished(self) -> bool:
         return self.phase is not None and self.phase.terminal
+
+    async def claim(self, body: dict[str, Any], status: dict[str, Any]) -> bool:
+        """A fleet's claim: ``status`` (with ``claim``) written onto the version of ``body``
+        that was read. False when anything changed the object first (read again, decide again)."""
+        try:
+            written = await self.writer.patch(self.ref, status, on_version=body["metadata"]["resourceVersion"])
+        except Conflict:
+            return False
+        if written:
+            self.claimed = True
+            self.attempt = int(status.get("attempts") or self.attempt)
+        return written
 
     async def report(self, event: PhaseEvent) -> None:
         if self.finished:
@@ -236,23 +365,46 @@ class TaskStatus:
                                 warning=not result.succeeded)
 
     async def requeue(self, reason: Reason, message: str) -> None:
-        """Back to Pending (the operator stops): the task runs again on its next start."""
-        if self.finished:
+        """Back to Pending and unclaimed (the operator stops): the task runs again on the next
+        start, or at once on another replica of a fleet."""
+        if self.finished or not self.claimed:
             return
         status = phase_status(Phase.PENDING, message, self.generation, reason.value)
-        status["cell"] = None
+        status.update(cell=None, claim=None)
         self.phase = Phase.PENDING
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, reason.value, message, warning=True)
+
+    async def release(self) -> None:
+        """A fleet's task being deleted: its cell is gone, the claim is given up, so whichever
+        replica's delete handler runs next may let the object go."""
+        if self.claimed:
+            await self.writer.patch(self.ref, {"cell": None, "claim": None})
 
     async def waiting(self, reason: Reason, message: str) -> None:
         """Held in Pending, and why (capacity, memory, a SpendLimit): written when the reason changes."""
         if self.finished or (self.phase is Phase.PENDING and self.waiting_reason is reason):
             return
         status = phase_status(Phase.PENDING, message, self.generation, reason.value)
+        if not self.claimed:
+            await self._waiting_unclaimed(reason, status)
+            return
         self.phase, self.waiting_reason = Phase.PENDING, reason
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, reason.value, message, warning=reason is Reason.SPEND_LIMIT_EXCEEDED)
+
+    async def _waiting_unclaimed(self, reason: Reason, status: dict[str, Any]) -> None:
+        """A task nobody holds says why it waits: the first replica to say it wins, and a claim
+        made meanwhile is never overwritten (the write carries the version it saw). No Event:
+        every replica waits for it."""
+        body = self.unclaimed() if self.unclaimed is not None else None
+        if body is None:
+            return
+        current = AgentTaskStatus.of(body)
+        if not current.waiting or current.reason == reason.value:
+            return
+        with contextlib.suppress(Conflict):
+            await self.writer.patch(self.ref, status, on_version=body["metadata"]["resourceVersion"])
 
     async def write_progress(self, status: dict[str, Any]) -> None:
         """A live progress update, ``{"progress": ...}`` (never after the verdict: the final

@@ -1,13 +1,21 @@
-"""Runs AgentTasks: one asyncio task per object, outside kopf's handlers.
+"""Runs AgentTasks: one asyncio task per object, outside kopf's handlers, with one replica or many.
 
-Handlers only hand objects over (admit, resume, stop), so a long task never delays its
-own deletion (kopf #936), and deletion works the same whether or not a run is in memory:
+Handlers only hand objects over (admit, resume, observe, stop), so a long task never delays
+its own deletion (kopf #936), and deletion works the same whether or not a run is in memory:
 a delete with nothing running (the operator restarted meanwhile) reaps the recorded cell.
 
-Each run has one exit that writes its status (``_run``, like Tekton's TaskRun reconciler):
-the workflow reports phases and its verdict through the run's ``TaskStatus``; verdicts
-reached without a run (a missing Secret, restarts used up) and the requeue on shutdown go
-through the same object, which writes nothing after a terminal phase.
+Who runs a task is the ownership policy's (kube/ownership.py): with one replica every task
+is ours; in a fleet a replica claims a task once it holds a slot for it, and Leases decide
+when a lost replica's tasks may be adopted. Everything else is the same code in both modes:
+
+    take ─► admission (``_admit``: SpendLimits; where a task may wait on something)
+         ─► slot (agents, memory; oldest first)      [a fleet claims here]
+         ─► restart rules (``ownership.plan``: first start, retry, resume the push, give up)
+         ─► secrets, spec ─► ``run_task`` ─► push ─► ``after_push`` ─► verdict
+
+Each run has one exit that writes its status (``_run``, like Tekton's TaskRun reconciler),
+and every status write of the task goes through the run's ``TaskStatus`` (kube/status.py):
+the claim, why it waits, each phase, the verdict, the requeue on shutdown.
 
 Every run is observed (reactor.observe): its cell's events and phases feed live progress
 (``status.progress``, rate-limited, written by the same TaskStatus), the transcript, metrics
@@ -18,22 +26,28 @@ SpendLimit stop it. A SpendLimit that is crossed holds new tasks in Pending.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes import client as k8s
 
 from reactor.errors import ConfigurationError
 from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
-from reactor.infra.processes import is_marked_for, kill_process_group
+from reactor.infra.processes import find_marked_processes, is_marked_for, kill_process_group
+from reactor.kube.fleet import FleetSettings
+from reactor.kube.ownership import FleetOwnership, Ownership, Plan, SingleReplica
 from reactor.kube.progress import ProgressPublisher
-from reactor.kube.resource import AgentTaskSpec, TaskRef, parse_time
+from reactor.kube.resource import AgentTaskSpec, AgentTaskStatus, ProgressStatus, TaskRef, parse_time
 from reactor.kube.secrets import SecretReader, TaskSecrets
 from reactor.kube.spendlimits import SpendLimits
-from reactor.kube.status import StatusWriter, TaskStatus
+from reactor.kube.status import ClaimLost, StatusWriter, TaskStatus
 from reactor.observe.local import observatory_for
 from reactor.observe.observation import Observatory
 from reactor.opencode.events import Event
@@ -42,116 +56,150 @@ from reactor.workflow.control import Spend, TaskControl
 from reactor.workflow.engine import Engine
 from reactor.workflow.origin import MirrorOrigin
 from reactor.workflow.tcr import run_task
-from reactor.workflow.types import Outcome, Phase, Reason, TaskResult, TaskSpec
+from reactor.workflow.types import Outcome, PhaseEvent, Reason, TaskResult, TaskSpec
 
 WaitingCallback = Callable[[Reason, str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
-# A run interrupted by an operator crash is started once more; after that it fails with
-# reason OperatorRestarted instead of looping. (A resumed push is not a new attempt.)
-MAX_ATTEMPTS = 2
-TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
-# Phases in which the tests have passed: a commit found on the result branch is the result.
-COMMITTED_PHASES = (Phase.COMMITTING.value, Phase.PUSHING.value)
+
+class AdmissionCheck(Protocol):
+    """Something a task waits on in Pending before it may take a slot (a SpendLimit; a task
+    it depends on, a merge queue). Checked again once the slot is granted: a task held back
+    meanwhile hands the slot on."""
+
+    def blocked(self, ref: TaskRef, body: dict) -> tuple[Reason, str] | None:
+        """Why the task must wait now (reason, message), or None."""
+
+    async def changed(self, ref: TaskRef) -> None:
+        """Returns when the answer may have changed."""
+
+
+class SpendLimitCheck:
+    """A SpendLimit of the task's namespace is exceeded: wait until the period ends or the
+    limit is raised."""
+
+    def __init__(self, limits: SpendLimits):
+        self.limits = limits
+
+    def blocked(self, ref: TaskRef, body: dict) -> tuple[Reason, str] | None:
+        reason = self.limits.blocked(ref.namespace)
+        if reason is None:
+            return None
+        return Reason.SPEND_LIMIT_EXCEEDED, f"{reason}; waiting until the period ends or the limit is raised"
+
+    async def changed(self, ref: TaskRef) -> None:
+        await self.limits.wait_change(ref.namespace)
 
 
 @dataclass
-class _Run:
-    task: asyncio.Task
-    status: TaskStatus  # its one writer: says whether the run reached a verdict
+class Run:
+    status: TaskStatus  # its one writer: says whether the run holds the task and reached a verdict
+    task: asyncio.Task = None  # type: ignore[assignment]  # set right after (the run refers to itself)
+    deleting: bool = False  # a fleet's run stopped because its object is being deleted
 
 
-class TaskSupervisor:
-    def __init__(self, engine: Engine, api_client: k8s.ApiClient, *, namespaces: list[str] | None = None,
-                 observatory: Observatory | None = None, progress_interval: float = 2.0):
+class Supervisor:
+    def __init__(self, engine: Engine, api_client: k8s.ApiClient, *, fleet: FleetSettings | None = None,
+                 namespaces: list[str] | None = None, observatory: Observatory | None = None,
+                 progress_interval: float = 2.0, clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
-        self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message),
-                                   self.observatory.metrics)
         self.secrets = SecretReader(api_client)
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
+        self.ownership: Ownership
+        if fleet is None:
+            self.ownership = SingleReplica(self.reap)
+        else:
+            self.ownership = FleetOwnership(api_client, fleet, self.reap, on_fenced=self._fenced,
+                                            on_view=self._rescan, on_lost=self._lost, clock=clock)
+            self.limits.replica = fleet.replica  # its own entry of each SpendLimit's status.replicas
+        self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message),
+                                   self.observatory.metrics, fence=self.ownership.fence)
+        # The admission hook: every check a task waits on before it takes a slot.
+        self.admission: list[AdmissionCheck] = [SpendLimitCheck(self.limits)]
         self.progress_interval = progress_interval
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, Run] = {}
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
         self._background: set[asyncio.Task] = set()
         self._stopping = False
 
     # -- what the handlers call --
 
-    async def admit(self, body: Any) -> None:
-        """A new AgentTask: start it."""
-        if (body.get("status") or {}).get("phase") in TERMINAL or body["metadata"]["uid"] in self._runs:
-            return
-        self._start(body, attempt=1)
-
-    async def resume(self, body: Any) -> None:
-        """The operator (re)started and finds this object. A finished task is left alone; an
-        interrupted one has its orphaned cell reaped and is resumed at its push (when it had
-        committed), retried, or failed."""
-        ref = TaskRef.from_body(body)
-        status = body.get("status") or {}
-        phase = status.get("phase")
-        if phase in TERMINAL:
-            self._remember_finished(ref, status)
-        if phase in TERMINAL or ref.uid in self._runs:
-            return
-        attempts = int(status.get("attempts") or 0)
-        if phase in (None, Phase.PENDING.value):  # not started, or requeued by a clean shutdown
-            self._start(body, attempt=max(attempts, 1))  # a clean shutdown costs no attempt
-            return
-        previous = status.get("result") or {}
-        # Only a commit made after the tests passed is a result; any other (the agent's own)
-        # goes with the reaped worktree, so the retry starts from a fresh branch.
-        committed = bool(previous.get("commit")) or phase in COMMITTED_PHASES
-        kept = await self.reap(ref, status, keep_results=committed)
-        commit = previous.get("commit") or (kept[0] if kept else None)
-        if commit is not None:
-            message = f"operator restarted during {phase}; resuming at the push of {commit[:12]}"
-            await self.status.event(ref, "Retrying", message, warning=True)
-            self._start(body, attempt=max(attempts, 1), resume_commit=commit, previous_result=previous)
-        elif attempts < MAX_ATTEMPTS:
-            message = f"operator restarted during {phase}; orphaned cell cleaned up, running again"
-            await self.status.event(ref, "Retrying", message, warning=True)
-            self._start(body, attempt=attempts + 1)
-        else:
-            message = f"operator restarted during {phase}; orphaned cell cleaned up; no attempts left"
-            verdict = TaskStatus(self.status, ref, body["metadata"].get("generation"), attempts)
-            self._observed(verdict)
-            await verdict.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED,
-                                            reason=Reason.OPERATOR_RESTARTED, message=message))
-
     async def start(self) -> None:
         """After the startup sweep, before the first task: the SpendLimits are read (no task
-        starts past one), then a fleet replica joins here."""
+        starts past one), then a fleet replica joins (its Lease)."""
         await self.limits.load(self.namespaces)
         await self.limits.start()
+        await self.ownership.start()
+
+    async def admit(self, body: Any) -> None:
+        """One replica: a new AgentTask."""
+        if not AgentTaskStatus.of(body).finished and body["metadata"]["uid"] not in self._runs:
+            self._take(body)
+
+    async def resume(self, body: Any) -> None:
+        """One replica: the operator (re)started and finds this object. A finished task is
+        shown; an interrupted one is taken under the restart rules."""
+        ref, status = TaskRef.from_body(body), AgentTaskStatus.of(body)
+        if status.finished:
+            self._remember_finished(ref, status)
+        elif ref.uid not in self._runs:
+            self._take(body)
+
+    def observe(self, event_type: str | None, body: dict) -> None:
+        """A fleet: every change of every task (kopf's on.event, on every replica)."""
+        ref = TaskRef.from_body(body)
+        run = self._runs.get(ref.uid)
+        if event_type == "DELETED":
+            self.ownership.known.pop(ref.uid, None)
+            if run is not None:
+                run.task.cancel()  # gone: stop at once (its teardown needs nothing of the object)
+            self.observatory.forget(ref.namespace, ref.name)
+            return
+        self.ownership.known[ref.uid] = body
+        status = AgentTaskStatus.of(body)
+        if status.finished and run is None:  # finished here or elsewhere: on the page
+            self._remember_finished(ref, status)
+        if body["metadata"].get("deletionTimestamp") and run is not None and run.status.claimed and not run.deleting:
+            # Deleted while it runs here: stop at once and give the claim up, so whichever
+            # replica's on.delete comes next may let the object go.
+            run.deleting = True
+            run.task.cancel()
+        self._consider(body)
 
     async def stop(self, body: Any) -> str | None:
         """The object is being deleted: stop its run at once and leave nothing behind. (A
         push already begun ends first and its verdict is written: see run_task.) Returns why
         the deletion must wait (a fleet: another replica still runs the cell), else None."""
-        ref = TaskRef.from_body(body)
-        status = body.get("status") or {}
+        ref, status = TaskRef.from_body(body), AgentTaskStatus.of(body)
         run = self._runs.get(ref.uid)
         if run is not None:
             run.task.cancel()
             await asyncio.wait([run.task])  # the run tears its cell down before it ends
+        elsewhere = self.ownership.held_elsewhere(status)
+        if elsewhere is not None:  # nothing of ours to reap: the cell lived in another replica's pod
+            replica, live = elsewhere
+            # A finished task has no cell any more (its final status is written after teardown).
+            if not status.finished and live:
+                return f"replica {replica} runs this task's cell; waiting for it to stop it"
+            return None
         finished = run is not None and run.status.finished
-        await self.reap(ref, status, keep_results=False)
+        await self.reap(ref, status, False)
         await self._forget_result(body, status)
         self.observatory.forget(ref.namespace, ref.name)  # its transcript goes with it
-        phase = status.get("phase")
-        if phase not in TERMINAL and not finished:
+        if not status.finished and not finished:
+            phase = status.phase.value if status.phase else "Pending"
             await self.status.event(ref, Reason.CANCELLED.value,
-                                    f"deleted during {phase or 'Pending'}: stopped; its cell was removed", warning=True)
+                                    f"deleted during {phase}: stopped; its cell was removed", warning=True)
         return None
 
     async def shutdown(self) -> None:
-        """Operator stopping: stop every cell; the tasks go back to Pending and run again on
-        the next start (a task already pushing finishes its push and reports it)."""
+        """Operator stopping: stop every cell; the tasks go back to Pending, unclaimed, and run
+        again on the next start or on another replica (a task already pushing finishes its
+        push and reports it)."""
         self._stopping = True
         runs = [run.task for run in self._runs.values()]
         for run in runs:
@@ -159,65 +207,150 @@ class TaskSupervisor:
         if runs:
             await asyncio.wait(runs)
         await self.limits.stop()  # the last spend counts are written
+        await self.ownership.stop()
+
+    # -- taking a task --
+
+    def _consider(self, body: dict) -> None:
+        """A fleet: take a task nobody live holds; drop a wait for one somebody else took."""
+        if self._stopping or not self.ownership.active():
+            return
+        run = self._runs.get(body["metadata"]["uid"])
+        if run is not None:
+            if not run.status.claimed and not self.ownership.ours(body) and not self.ownership.may_take(body):
+                run.task.cancel()  # it waited here for a slot, but someone else took it (or it ended)
+            return
+        if self.ownership.may_take(body):
+            self._take(body)
+
+    async def _rescan(self) -> None:
+        """A fleet, after each look at the Leases: a replica may have died (its tasks are claimable now)."""
+        for body in list(self.ownership.known.values()):
+            self._consider(body)
+
+    def _take(self, body: Any) -> None:
+        ref = TaskRef.from_body(body)
+        status = TaskStatus(self.status, ref, body["metadata"].get("generation"), claimed=not self.ownership.claims,
+                            unclaimed=lambda: self.ownership.unclaimed(ref))
+        run = Run(status)
+        run.task = asyncio.create_task(self._run(ref, body, run), name=f"agenttask {ref}")
+        self._runs[ref.uid] = run
+        run.task.add_done_callback(lambda _: self._runs.pop(ref.uid, None) if self._runs.get(ref.uid) is run else None)
+
+    async def _run(self, ref: TaskRef, body: dict, run: Run) -> None:
+        """The run's one exit: every way it ends is written through ``run.status``."""
+        status = run.status
+        try:
+            if self.ownership.claims:
+                # A replica claims a task only once it holds a slot for it: the oldest waiting
+                # task is the next one claimed anywhere, and a claim is never left idle.
+                await self._in_slot(ref, body, status, lambda: self._claim_and_run(ref, status))
+            else:
+                plan = await self.ownership.plan(ref, AgentTaskStatus.of(body))
+                await self._carry_out(ref, body, status, plan, holding_slot=False)
+        except asyncio.CancelledError:
+            if self._stopping:
+                with contextlib.suppress(ClaimLost):
+                    await status.requeue(Reason.OPERATOR_SHUTDOWN, "operator stopped; the task runs again when it restarts")
+            elif run.deleting:
+                with contextlib.suppress(Exception):  # the cell is gone: nothing left to wait for
+                    await status.release()
+            raise
+        except ClaimLost as exc:
+            log.warning("%s: %s; stopped without writing", ref, exc)
+        except Exception as exc:  # a bug must end the task visibly, not leave it hanging
+            log.exception("%s: internal error", ref)
+            if status.claimed:
+                try:
+                    self._observed(status)
+                    await status.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED,
+                                                   reason=Reason.INTERNAL_ERROR,
+                                                   message=f"internal error: {type(exc).__name__}: {exc}"))
+                except Exception:  # e.g. the status write itself was forbidden: logged by the writer
+                    log.exception("%s: cannot record the internal error", ref)
+        finally:
+            self.ownership.release(ref)
+
+    async def _claim_and_run(self, ref: TaskRef, status: TaskStatus) -> None:
+        body = await self.ownership.claim(ref, status.claim)
+        if body is None:
+            return  # another replica has it, or it ended or went away meanwhile
+        plan = await self.ownership.plan(ref, AgentTaskStatus.of(body))
+        await self._carry_out(ref, body, status, plan, holding_slot=True)
+
+    async def _carry_out(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool) -> None:
+        """The task is ours: carry the restart rules' plan out."""
+        previous = AgentTaskStatus.of(body)
+        status.attempt = plan.attempt
+        if plan.give_up is not None:
+            self._observed(status)
+            await status.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED, reason=Reason.OPERATOR_RESTARTED,
+                                           message=plan.give_up))
+            return
+        if plan.retrying is not None:
+            await self.status.event(ref, "Retrying", plan.retrying, warning=True)
+        if plan.attempt > 1 or plan.resume_commit is not None:  # the task's budget covers all its attempts
+            status.previous_progress = previous.progress
+        if plan.resume_commit is not None and previous.result is not None:
+            status.previous_result = previous.result.as_written()  # files, test exit code of the first run
+        spec = AgentTaskSpec.model_validate(body["spec"])
+        try:
+            secrets = await self.secrets.for_task(ref, spec)
+        except ConfigurationError as exc:
+            self._observed(status)
+            await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
+                                           reason=Reason.INVALID_INPUT, message=str(exc)))
+            return
+        origin = self.ownership.origin(ref, MirrorOrigin(self.mirrors, spec.repository.url, secrets.git,
+                                                         pushes=spec.repository.push))
+        task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time))
+        confined, message = self.status.confinement  # said on every task: never a silent downgrade
+        await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
+
+        async def execute() -> None:
+            await self._execute(ref, spec, task, secrets, status, origin, plan.resume_commit)
+
+        if holding_slot or plan.resume_commit is not None:  # (a resumed push needs no cell)
+            await execute()
+        else:
+            await self._in_slot(ref, body, status, execute)
+
+    async def _in_slot(self, ref: TaskRef, body: dict, status: TaskStatus, work: Callable[[], Awaitable[None]]) -> None:
+        """Admission, then a capacity slot (oldest task first), then ``work``."""
+        gate, priority = self.engine.capacity, (ref.creation, ref.namespace, ref.name)
+        while True:
+            await self._admit(ref, body, status.waiting)
+            async with gate.slot(priority, on_reason=status.waiting):
+                if self._held_back(ref, body) is not None:
+                    continue  # held back while this task waited for a slot: hand the slot on
+                await work()
+            return
+
+    # -- admission --
+
+    async def _admit(self, ref: TaskRef, body: dict, say: WaitingCallback) -> None:
+        """The admission hook: hold the task in Pending, saying why, while any check of
+        ``self.admission`` holds it back."""
+        said = None
+        while (held := self._held_back(ref, body)) is not None:
+            check, why = held
+            if why != said:
+                await say(*why)
+                self.observatory.views.view(ref.namespace, ref.name).message = why[1]
+                said = why
+            await check.changed(ref)
+
+    def _held_back(self, ref: TaskRef, body: dict) -> tuple[AdmissionCheck, tuple[Reason, str]] | None:
+        for check in self.admission:
+            why = check.blocked(ref, body)
+            if why is not None:
+                return check, why
+        return None
 
     # -- running --
 
-    def _start(self, body: Any, attempt: int, resume_commit: str | None = None,
-               previous_result: dict | None = None) -> None:
-        ref = TaskRef.from_body(body)
-        status = TaskStatus(self.status, ref, body["metadata"].get("generation"), attempt, previous_result)
-        if attempt > 1 or resume_commit is not None:  # the task's budget covers all its attempts
-            status.previous_progress = (body.get("status") or {}).get("progress")
-        started_at = parse_time((body.get("status") or {}).get("startTime"))
-        task = asyncio.create_task(self._run(ref, body["spec"], status, started_at, resume_commit),
-                                   name=f"agenttask {ref}")
-        run = self._runs[ref.uid] = _Run(task, status)
-        task.add_done_callback(lambda _: self._runs.pop(ref.uid, None) if self._runs.get(ref.uid) is run else None)
-
-    async def _run(self, ref: TaskRef, raw_spec: dict, status: TaskStatus, started_at: float | None,
-                   resume_commit: str | None, take_capacity: bool = True) -> None:
-        """The run's one exit: every way it ends is written through ``status``.
-        ``take_capacity=False``: the caller holds a capacity slot already (a fleet replica
-        claims a task only once it has one)."""
-        try:
-            spec = AgentTaskSpec.model_validate(raw_spec)
-            try:
-                secrets = await self.secrets.for_task(ref, spec)
-            except ConfigurationError as exc:
-                self._observed(status)
-                await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
-                                               reason=Reason.INVALID_INPUT, message=str(exc)))
-                return
-            origin = self._origin(ref, spec, secrets)
-            task = spec.to_task_spec(ref, origin.path, secrets.env, started_at)
-            confined, message = self.status.confinement  # said on every task: never a silent downgrade
-            await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
-            if not take_capacity or resume_commit is not None:  # (a resumed push needs no cell)
-                await self._execute(ref, task, secrets, status, origin, resume_commit)
-                return
-            gate, priority = self.engine.capacity, (ref.creation, ref.namespace, ref.name)
-            while True:
-                await self.wait_for_spend_limit(ref, status.waiting)
-                async with gate.slot(priority, on_reason=status.waiting):
-                    if self.limits.blocked(ref.namespace):
-                        continue  # crossed while this task waited for a cell: hand the slot on
-                    await self._execute(ref, task, secrets, status, origin, None)
-                return
-        except asyncio.CancelledError:
-            if self._stopping:
-                await status.requeue(Reason.OPERATOR_SHUTDOWN, "operator stopped; the task runs again when it restarts")
-            raise
-        except Exception as exc:  # a bug must end the task visibly, not leave it hanging
-            log.exception("%s: internal error", ref)
-            try:
-                self._observed(status)
-                await status.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
-                                               message=f"internal error: {type(exc).__name__}: {exc}"))
-            except Exception:  # e.g. the status write itself was forbidden: logged by the writer
-                log.exception("%s: cannot record the internal error", ref)
-
-    async def _execute(self, ref: TaskRef, task: TaskSpec, secrets: TaskSecrets, status: TaskStatus,
-                       origin: MirrorOrigin, resume_commit: str | None) -> None:
+    async def _execute(self, ref: TaskRef, spec: AgentTaskSpec, task: TaskSpec, secrets: TaskSecrets,
+                       status: TaskStatus, origin: MirrorOrigin, resume_commit: str | None) -> None:
         """One observed run of the workflow (holding a slot, unless it only resumes a push)."""
         control = TaskControl(_spent_before(status.previous_progress))
         observation = self.observatory.observe(
@@ -237,9 +370,17 @@ class TaskSupervisor:
             if publisher is not None:
                 publisher.poke()
 
+        async def on_phase(event: PhaseEvent) -> None:
+            if event.phase.terminal and event.result is not None and event.result.pushed:
+                try:
+                    await self.after_push(ref, spec, secrets, event.result, status)
+                except Exception:  # noqa: BLE001 - the verdict is written whatever happens here
+                    log.exception("%s: after the push", ref)
+            await status.report(event)
+
         self._controls[ref.uid] = (ref, control)
         try:
-            await run_task(task, self.engine, status.report, cell_id=ref.cell_id,
+            await run_task(task, self.engine, on_phase, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
                            resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch])
         finally:
@@ -247,23 +388,17 @@ class TaskSupervisor:
             if publisher is not None:
                 await publisher.stop()
 
+    async def after_push(self, ref: TaskRef, spec: AgentTaskSpec, secrets: TaskSecrets, result: TaskResult,
+                         status: TaskStatus) -> None:
+        """The place after a successful push: the commit is on the task's origin
+        (``result.pushed``), the cell is gone, and the verdict is not written yet, so what is
+        recorded here (through a TaskStatus method) lands before it. Runs uncancellable, like
+        the push; an exception is logged and the verdict written anyway. Nothing yet."""
+
     def _observed(self, status: TaskStatus) -> None:
         """A verdict reached without a run (a missing Secret, a bug) is counted and shown too."""
         if status.observation is None:
             status.observation = self.observatory.observe(status.ref.namespace, status.ref.name, TaskControl())
-
-    # -- spend limits --
-
-    async def wait_for_spend_limit(self, ref: TaskRef, say: WaitingCallback) -> None:
-        """Hold a new task in Pending while a SpendLimit of its namespace is exceeded."""
-        said = None
-        while (reason := self.limits.blocked(ref.namespace)) is not None:
-            if reason != said:
-                message = f"{reason}; waiting until the period ends or the limit is raised"
-                await say(Reason.SPEND_LIMIT_EXCEEDED, message)
-                self.observatory.fleet.view(ref.namespace, ref.name).message = message
-                said = reason
-            await self.limits.wait_change(ref.namespace)
 
     def stop_namespace(self, namespace: str, message: str) -> None:
         """A SpendLimit of ``namespace`` was crossed: stop every task running there."""
@@ -271,41 +406,59 @@ class TaskSupervisor:
             if ref.namespace == namespace:
                 control.stop(Reason.SPEND_LIMIT_EXCEEDED, message)
 
-    def _remember_finished(self, ref: TaskRef, status: dict) -> None:
-        """A finished task found at start-up: shown on the page and counted by phase."""
-        view = self.observatory.fleet.view(ref.namespace, ref.name)
-        view.phase, view.message = status.get("phase") or "", status.get("message") or ""
-        view.reason = next((c.get("reason", "") for c in status.get("conditions") or [] if c.get("type") == "Succeeded"), "")
+    def _remember_finished(self, ref: TaskRef, status: AgentTaskStatus) -> None:
+        """A finished task found at start-up (or finished by another replica): shown on the
+        page and counted by phase."""
+        view = self.observatory.views.view(ref.namespace, ref.name)
+        view.phase, view.message = status.phase.value if status.phase else "", status.message or ""
+        view.reason = status.reason or ""
         view.created = ref.creation or view.created
-        view.started, view.finished = status.get("startTime"), status.get("completionTime")
-        usage = status.get("usage") or {}
-        view.cost = float(usage.get("cost") or 0.0)
-        view.tokens = sum(int(usage.get(k) or 0) for k in ("inputTokens", "outputTokens", "reasoningTokens",
-                                                            "cacheReadTokens", "cacheWriteTokens"))
-        result = status.get("result") or {}
-        view.files, view.commit = list(result.get("filesChanged") or []), result.get("commit")
+        view.started, view.finished = status.start_time, status.completion_time
+        view.cost = status.usage.cost if status.usage else 0.0
+        view.tokens = status.usage.total_tokens if status.usage else 0
+        view.files = list(status.result.files_changed) if status.result else []
+        view.commit = status.commit
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _origin(self, ref: TaskRef, spec: AgentTaskSpec, secrets: Any) -> MirrorOrigin:
-        """Where the task's repository is fetched from and its result pushed to."""
-        return MirrorOrigin(self.mirrors, spec.repository.url, secrets.git, pushes=spec.repository.push)
+    # -- a fleet: fencing, claims lost --
+
+    async def _fenced(self) -> None:
+        """Our Lease may be about to expire for the others: kill our cells now (they must be
+        gone before another replica may start the same tasks), then drop the runs; their
+        teardown removes the worktrees. No status write: the claims are not ours any more."""
+        owner = self.engine.owner.token
+        for process in await asyncio.to_thread(find_marked_processes, str(self.engine.work_dir)):
+            if process.owner == owner:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        runs = [run.task for run in self._runs.values() if run.status.claimed]
+        for run in runs:
+            run.cancel()
+        if runs:
+            await asyncio.wait(runs)
+
+    def _lost(self, ref: TaskRef) -> None:
+        """The API server says the task is someone else's now: drop our run of it."""
+        run = self._runs.get(ref.uid)
+        if run is not None and run.task is not asyncio.current_task():
+            run.task.cancel()
 
     # -- orphans --
 
-    async def reap(self, ref: TaskRef, status: dict, *, keep_results: bool) -> list[str]:
+    async def reap(self, ref: TaskRef, status: AgentTaskStatus, keep_results: bool) -> list[str]:
         """Kill a cell's server recorded in status (only if it still carries this cell's
         marker: the PID may have been reused) and remove its worktree. A result branch that
         holds a commit is kept when ``keep_results`` (its head is returned), else deleted."""
-        cell = status.get("cell") or {}
-        cell_id = cell.get("cellId") or ref.cell_id
-        pid = cell.get("serverPid")
-        if pid and is_marked_for(int(pid), cell_id):
+        cell = status.cell
+        cell_id = (cell.cell_id if cell else None) or ref.cell_id
+        pid = cell.server_pid if cell else None
+        if pid and is_marked_for(pid, cell_id):
             log.warning("%s: killing orphaned server pid %s", ref, pid)
-            await asyncio.to_thread(kill_process_group, int(pid))
+            await asyncio.to_thread(kill_process_group, pid)
         removed = await asyncio.to_thread(self.engine.worktrees.remove_slot, cell_id)
         kept = []
         for worktree in removed:
@@ -316,16 +469,15 @@ class TaskSupervisor:
                 await asyncio.to_thread(self.mirrors.delete_branch, worktree.repo, worktree.branch)
         return kept
 
-    async def _forget_result(self, body: Any, status: dict) -> None:
+    async def _forget_result(self, body: Any, status: AgentTaskStatus) -> None:
         """A deleted task's unpushed commit (its push failed) goes with it: the mirror is the
         operator's, not the user's."""
-        result = status.get("result") or {}
-        branch, commit = result.get("branch"), result.get("commit")
-        if not branch or not commit or result.get("pushed"):
+        result = status.result
+        if result is None or not result.branch or not result.commit or result.pushed:
             return
-        mirror = self.mirrors.path_for(body["spec"]["repository"]["url"])
-        if mirror.exists() and await self._head(mirror, branch) == commit:
-            await asyncio.to_thread(self.mirrors.delete_branch, mirror, branch)
+        mirror = self.mirrors.path_for(AgentTaskSpec.model_validate(body["spec"]).repository.url)
+        if mirror.exists() and await self._head(mirror, result.branch) == result.commit:
+            await asyncio.to_thread(self.mirrors.delete_branch, mirror, result.branch)
 
     @staticmethod
     async def _head(repo: Any, branch: str) -> str:
@@ -333,12 +485,12 @@ class TaskSupervisor:
                                        check=False)
 
 
-def _spent_before(progress: dict | None) -> Spend | None:
+def _spent_before(progress: ProgressStatus | None) -> Spend | None:
     """What an interrupted earlier attempt had spent (its last progress): the task's budget
     covers all its attempts."""
-    if not progress:
+    if progress is None:
         return None
-    inp, out = int(progress.get("inputTokens") or 0), int(progress.get("outputTokens") or 0)
-    other = max(0, int(progress.get("totalTokens") or 0) - inp - out)
-    return Spend(TokenUsage(input_tokens=inp, output_tokens=out, cache_read_tokens=other),
-                 float(progress.get("cost") or 0.0), int(progress.get("steps") or 0))
+    inp, out = progress.input_tokens, progress.output_tokens
+    other = max(0, progress.total_tokens - inp - out)
+    return Spend(TokenUsage(input_tokens=inp, output_tokens=out, cache_read_tokens=other), progress.cost,
+                 progress.steps)

@@ -1,5 +1,5 @@
-"""The fleet view: every task this process knows, with what the web page and metrics show,
-and each namespace's spend today."""
+"""The fleet page's data: every task this process knows (``TaskViews``), with what the web
+page and metrics show, and each namespace's spend today (``SpendLedger``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TERMINAL_PHASES = ("Succeeded", "Failed")
+from reactor.workflow.types import Phase
 
 
 @dataclass
@@ -34,13 +34,18 @@ class TaskView:
 
     @property
     def running(self) -> bool:
-        return self.phase not in TERMINAL_PHASES
+        return self.phase not in _TERMINAL
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class Fleet:
+_TERMINAL = {phase.value for phase in Phase if phase.terminal}
+
+
+class TaskViews:
+    """The task list of the fleet page and the metrics: one view per task, by namespace and name."""
+
     def __init__(self) -> None:
         self._tasks: dict[tuple[str, str], TaskView] = {}
 

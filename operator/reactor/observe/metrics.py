@@ -1,7 +1,7 @@
 """Prometheus metrics (``/metrics``), prefix ``reactor_``.
 
 Counters and histograms are updated as things happen; gauges that mirror state owned
-elsewhere (tasks by phase: the fleet view; cells: the engine's capacity gate) are read at
+elsewhere (tasks by phase: the fleet page's task views; cells: the engine's capacity gate) are read at
 scrape time by a collector, so there is one owner per number.
 """
 
@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from reactor.observe.fleet import Fleet
+from reactor.observe.fleet import TaskViews
 
 TASK_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 PHASE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -22,13 +22,13 @@ CapacityReader = Callable[[], tuple[int, int, int]]  # busy, capacity, waiting
 
 
 class _StateCollector(Collector):
-    def __init__(self, fleet: Fleet, capacity: CapacityReader | None) -> None:
-        self.fleet, self.capacity = fleet, capacity
+    def __init__(self, views: TaskViews, capacity: CapacityReader | None) -> None:
+        self.views, self.capacity = views, capacity
 
     def collect(self):
         tasks = GaugeMetricFamily("reactor_tasks", "Tasks known to this process, by namespace and phase",
                                   labels=["namespace", "phase"])
-        for (namespace, phase), count in sorted(self.fleet.by_phase().items()):
+        for (namespace, phase), count in sorted(self.views.by_phase().items()):
             tasks.add_metric([namespace, phase], count)
         yield tasks
         if self.capacity is not None:
@@ -39,11 +39,11 @@ class _StateCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, fleet: Fleet, capacity: CapacityReader | None = None,
+    def __init__(self, views: TaskViews, capacity: CapacityReader | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        r.register(_StateCollector(fleet, capacity))
+        r.register(_StateCollector(views, capacity))
         self.task_duration = Histogram("reactor_task_duration_seconds", "Whole task, start to verdict",
                                        ["namespace", "outcome"], buckets=TASK_BUCKETS, registry=r)
         self.phase_duration = Histogram("reactor_phase_duration_seconds", "Time spent in each phase",

@@ -1,4 +1,4 @@
-"""Wiring: one :class:`Observatory` per process (fleet, metrics, transcripts, spend), one
+"""Wiring: one :class:`Observatory` per process (task views, metrics, transcripts, spend), one
 :class:`TaskObservation` per task run, fed by the engine (phase callback, cell events)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from reactor.opencode.client import is_wrapped_command
 from reactor.opencode.events import Event, StepFinished, ToolUpdate
-from reactor.observe.fleet import Fleet, SpendLedger, utc_iso
+from reactor.observe.fleet import SpendLedger, TaskViews, utc_iso
 from reactor.observe.metrics import CapacityReader, Metrics
 from reactor.observe.progress import Milestone, ProgressTracker
 from reactor.observe.redact import Redactor
@@ -24,9 +24,9 @@ LOCAL_NAMESPACE = "local"  # the namespace label of `reactor run` tasks
 
 class Observatory:
     def __init__(self, transcripts_dir: Path, capacity: CapacityReader | None = None) -> None:
-        self.fleet = Fleet()
+        self.views = TaskViews()
         self.spend = SpendLedger()
-        self.metrics = Metrics(self.fleet, capacity)
+        self.metrics = Metrics(self.views, capacity)
         self.transcripts = TranscriptStore(transcripts_dir)
 
     def observe(self, namespace: str, name: str, control: TaskControl, secrets: list[str] | None = None,
@@ -35,7 +35,7 @@ class Observatory:
 
     def forget(self, namespace: str, name: str) -> None:
         """The task is gone (deleted): its view and its transcript go too."""
-        self.fleet.remove(namespace, name)
+        self.views.remove(namespace, name)
         self.transcripts.remove(namespace, name)
 
 
@@ -51,7 +51,7 @@ class TaskObservation:
         self._on_milestone = on_milestone
         self.progress = ProgressTracker(control, redactor, self._milestone)
         self.transcript = observatory.transcripts.open(namespace, name, redactor)
-        self.view = observatory.fleet.view(namespace, name)
+        self.view = observatory.views.view(namespace, name)
         self.milestones: list[Milestone] = []
 
     # -- inputs from the engine --

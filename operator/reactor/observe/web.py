@@ -54,13 +54,13 @@ def build_app(observatory: Observatory) -> web.Application:
     async def tasks(_: web.Request) -> web.Response:
         spend = {ns: {"day": day.day, "cost": round(day.cost, 6), "tokens": day.tokens}
                  for ns, day in sorted(observatory.spend.namespaces().items())}
-        return web.json_response({"now": utc_iso(), "tasks": [v.to_dict() for v in observatory.fleet.tasks()],
+        return web.json_response({"now": utc_iso(), "tasks": [v.to_dict() for v in observatory.views.tasks()],
                                   "spend": spend})
 
     @routes.get("/api/v1/tasks/{namespace}/{name}")
     async def task(request: web.Request) -> web.Response:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
-        view = observatory.fleet.get(namespace, name)
+        view = observatory.views.get(namespace, name)
         if view is None:
             raise web.HTTPNotFound(text=f"no task {namespace}/{name}")
         timeline: list[dict[str, Any]] = []
@@ -73,7 +73,7 @@ def build_app(observatory: Observatory) -> web.Application:
     async def transcript(request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         store = observatory.transcripts
-        if observatory.fleet.get(namespace, name) is None and not store.exists(namespace, name):
+        if observatory.views.get(namespace, name) is None and not store.exists(namespace, name):
             raise web.HTTPNotFound(text=f"no transcript of task {namespace}/{name}")
         follow = request.query.get("follow", "") in ("1", "true", "yes")
         text = request.query.get("format", "jsonl") == "text"

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PhaseCallback = Callable[[PhaseEvent], Awaitable[None]]
+Clock = Callable[[], float]  # wall-clock seconds since the epoch (time.time)
 OUTPUT_TAIL_CHARS = 4000
 EXIT_COMMAND_NOT_FOUND = 127
 
@@ -65,6 +66,23 @@ class TaskFailed(Exception):
     def __init__(self, reason: Reason, message: str, outcome: Outcome = Outcome.FAILED):
         super().__init__(message)
         self.reason, self.message, self.outcome = reason, message, outcome
+
+
+class TimeBox:
+    """The task's time box, like a Job's activeDeadlineSeconds: ``seconds`` counted from the
+    task's first start (wall-clock epoch seconds, kept in status across operator restarts and
+    adoptions, so a restart grants no fresh box)."""
+
+    def __init__(self, seconds: float, started_at: float):
+        self.seconds, self.started_at = seconds, started_at
+
+    def left(self, now: float) -> float:
+        """Seconds left at ``now``; zero or less: expired."""
+        return self.seconds - (now - self.started_at)
+
+    def describe(self) -> str:
+        since = dt.datetime.fromtimestamp(self.started_at, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"time box of {self.seconds:g}s (counted from the first start, {since})"
 
 
 class _Phases:
@@ -107,7 +125,8 @@ class _Phases:
 async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | None = None,
                    cell_id: str | None = None, priority: object = 0, take_capacity: bool = True,
                    origin: Origin | None = None, resume_commit: str | None = None,
-                   control: TaskControl | None = None, watchers: Sequence[Consumer] = ()) -> TaskResult:
+                   control: TaskControl | None = None, watchers: Sequence[Consumer] = (),
+                   clock: Clock = time.time) -> TaskResult:
     """Run one task to a verdict and report it (the terminal phase carries the result).
     Never raises for task failures (they are results); a cancellation tears the cell down
     and propagates, unless the push had begun (then the verdict is reported first).
@@ -118,7 +137,8 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     repository is fetched from and the result pushed to; ``resume_commit``: the task was
     committed by an earlier run that stopped before its push ended: push that commit only;
     ``control`` lets the caller stop the run with a verdict and read its running spend;
-    ``watchers`` receive the cell's OpenCode events (live progress, transcripts)."""
+    ``watchers`` receive the cell's OpenCode events (live progress, transcripts); ``clock``
+    is the wall clock the time box is counted on."""
     gate = engine.capacity if take_capacity else None
     started = time.monotonic()
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
@@ -143,9 +163,9 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                 await phases.enter(Phase.PENDING, waiting[1], reason=waiting[0])
             async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
                 if result.started_at is None:
-                    result.started_at = time.time()
+                    result.started_at = clock()
                 try:
-                    await _in_cell(spec, cell, phases, result, origin, control)
+                    await _in_cell(spec, cell, phases, result, origin, control, clock)
                 finally:
                     await uncancellable(_wind_down(cell, phases, result))
     except asyncio.CancelledError:
@@ -171,15 +191,15 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
 
 
 async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult, origin: Origin | None,
-                   control: TaskControl) -> None:
+                   control: TaskControl, clock: Clock) -> None:
     """From Bootstrapping to the verdict. The agent's part (up to the test verdict) runs in
     the time box and may be stopped by ``control``; a change that passed its tests is
     committed and pushed outside both."""
     assert result.started_at is not None
-    left = spec.timeout - (time.time() - result.started_at)
-    box = _describe_box(spec, result.started_at)
+    box = TimeBox(spec.timeout, result.started_at)
+    left = box.left(clock())
     if left <= 0:
-        result.reason, result.message = Reason.TIMEOUT, f"{box} expired before this attempt could start"
+        result.reason, result.message = Reason.TIMEOUT, f"{box.describe()} expired before this attempt could start"
         return
     time_box = asyncio.timeout(left)
     try:
@@ -190,7 +210,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
         except TimeoutError:
             if not time_box.expired():
                 raise
-            raise TaskFailed(Reason.TIMEOUT, f"{box} expired") from None
+            raise TaskFailed(Reason.TIMEOUT, f"{box.describe()} expired") from None
         except TaskStopped as stopped:  # the agent's turn was cancelled, which aborts it
             raise TaskFailed(stopped.request.reason, stopped.request.message) from None
     except TaskFailed as verdict:
@@ -339,11 +359,6 @@ def _protected_paths(patterns: list[str]) -> pathspec.PathSpec:
         return pathspec.GitIgnoreSpec.from_lines(patterns)
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"protect: {exc}") from None
-
-
-def _describe_box(spec: TaskSpec, started_at: float) -> str:
-    since = dt.datetime.fromtimestamp(started_at, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f"time box of {spec.timeout:g}s (counted from the first start, {since})"
 
 
 async def _prompt(cell: Cell, result: TaskResult) -> None:

@@ -1,0 +1,261 @@
+"""Who runs a task: the supervisor's ownership policy, and the restart rules both share.
+
+- ``SingleReplica``: one operator process; every task it sees is its own. Kopf's create and
+  resume handlers hand tasks over; an interrupted run's leftovers are on this machine.
+- ``FleetOwnership`` (``reactor operator --fleet``): every replica sees every task (kopf's
+  on.event); a replica takes a task only once it holds a free slot, by a claim written onto
+  the version it read, kept live by its Lease (kube/fleet.py ``ReplicaLeases``). Only the
+  holder writes (fenced on the API server) and pushes (after re-reading its claim).
+
+The restart rules (``restart_plan``) are one: a task interrupted mid-run (the operator
+restarted, or the replica that ran it was lost) runs once more from the start (its time box
+still counted from its first start) or fails with OperatorRestarted after
+``MAX_ATTEMPTS``; one that had committed is resumed at its push where its commit is still
+at hand (one replica: the commit is in this machine's mirror; a fleet's lost replica kept
+it in its own volume, so there the task runs again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kubernetes import client as k8s
+
+from reactor.kube.fleet import FleetSettings, ReplicaLeases
+from reactor.kube.resource import AgentTaskStatus, TaskRef
+from reactor.kube.status import Fence, now, phase_status
+from reactor.workflow.origin import MirrorOrigin, PushFailed
+from reactor.workflow.types import Phase, Reason
+
+# A run interrupted by an operator crash (or a lost replica) is started once more; after that
+# it fails with reason OperatorRestarted instead of looping. (A resumed push is not a new attempt.)
+MAX_ATTEMPTS = 2
+# Phases in which the tests have passed: a commit found on the result branch is the result.
+COMMITTED_PHASES = (Phase.COMMITTING, Phase.PUSHING)
+
+Reap = Callable[[TaskRef, AgentTaskStatus, bool], Awaitable[list[str]]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a replica does with a task it takes."""
+
+    attempt: int
+    resume_commit: str | None = None  # committed before the interruption: push this commit only
+    retrying: str | None = None  # why it runs again (the Retrying Event); None: a first start
+    give_up: str | None = None  # no attempts left: the verdict's message (reason OperatorRestarted)
+
+
+def restart_plan(status: AgentTaskStatus, commit: str | None, lost: str, again: str = "running again") -> Plan:
+    """The restart rules. ``status``: the task as found; ``commit``: a commit of an
+    interrupted run that can still be pushed; ``lost``: how the run was lost, for the
+    messages ("operator restarted during Executing; orphaned cell cleaned up")."""
+    attempts = status.attempts
+    if status.waiting:  # not started, or handed back by a clean shutdown: costs no attempt
+        return Plan(attempt=max(attempts, 1))
+    if commit is not None:
+        return Plan(attempt=max(attempts, 1), resume_commit=commit, retrying=f"{lost}; resuming at the push of {commit[:12]}")
+    if attempts < MAX_ATTEMPTS:
+        return Plan(attempt=attempts + 1, retrying=f"{lost}; {again}")
+    return Plan(attempt=attempts, give_up=f"{lost}; no attempts left")
+
+
+class Ownership(Protocol):
+    """What the supervisor asks of its ownership policy."""
+
+    claims: bool  # True: a task is run only once claimed (after a slot is held); False: every task is ours
+    fence: Fence | None  # how status writes are fenced (None: plain merge patches)
+    known: dict[str, dict]  # a fleet: every task of the watched namespaces, as last seen
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def active(self) -> bool:
+        """This replica may take tasks at all (a fleet: it holds its Lease)."""
+
+    def may_take(self, body: dict) -> bool:
+        """Nobody else runs the task (a fleet: nobody live holds it)."""
+
+    def ours(self, body: dict) -> bool:
+        """The task's status names this replica as its holder."""
+
+    def unclaimed(self, ref: TaskRef) -> dict | None:
+        """The object to write "why it waits" onto while nobody holds it; None: do not."""
+
+    async def claim(self, ref: TaskRef, write: Callable[[dict, dict[str, Any]], Awaitable[bool]]) -> dict | None:
+        """Make the task ours (``write``: TaskStatus.claim); the body read, or None: not ours."""
+
+    async def plan(self, ref: TaskRef, status: AgentTaskStatus) -> Plan:
+        """Clean up what this replica can reach of an interrupted run, then the restart rules."""
+
+    def held_elsewhere(self, status: AgentTaskStatus) -> tuple[str, bool] | None:
+        """Another replica named by the task's claim, and whether its claim is live."""
+
+    def release(self, ref: TaskRef) -> None: ...
+
+    def origin(self, ref: TaskRef, origin: MirrorOrigin) -> MirrorOrigin: ...
+
+
+class SingleReplica:
+    """One operator: every task is ours; an interrupted run's cell and commit are on this machine."""
+
+    claims = False
+    fence = None
+
+    def __init__(self, reap: Reap):
+        self.reap = reap
+        self.known: dict[str, dict] = {}  # (unused: kopf's create and resume hand tasks over)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def active(self) -> bool:
+        return True
+
+    def may_take(self, body: dict) -> bool:
+        return not AgentTaskStatus.of(body).finished
+
+    def ours(self, body: dict) -> bool:
+        return True
+
+    def unclaimed(self, ref: TaskRef) -> dict | None:
+        return None
+
+    async def claim(self, ref: TaskRef, write: Callable[[dict, dict[str, Any]], Awaitable[bool]]) -> dict | None:
+        raise AssertionError("one replica claims nothing")
+
+    async def plan(self, ref: TaskRef, status: AgentTaskStatus) -> Plan:
+        commit = None
+        if not status.waiting:
+            # Only a commit made after the tests passed is a result; any other (the agent's own)
+            # goes with the reaped worktree, so the retry starts from a fresh branch.
+            committed = bool(status.commit) or status.phase in COMMITTED_PHASES
+            kept = await self.reap(ref, status, committed)
+            commit = status.commit or (kept[0] if kept else None)
+        lost = f"operator restarted during {status.phase.value if status.phase else 'Pending'}; orphaned cell cleaned up"
+        return restart_plan(status, commit, lost)
+
+    def held_elsewhere(self, status: AgentTaskStatus) -> tuple[str, bool] | None:
+        return None
+
+    def release(self, ref: TaskRef) -> None:
+        pass
+
+    def origin(self, ref: TaskRef, origin: MirrorOrigin) -> MirrorOrigin:
+        return origin
+
+
+class ClaimedOrigin(MirrorOrigin):
+    """Pushes only while the task is still ours: re-read right before the push."""
+
+    def __init__(self, origin: MirrorOrigin, confirm: Callable[[], Awaitable[bool]]):
+        super().__init__(origin.mirrors, origin.url, origin.credentials, pushes=origin.pushes)
+        self.confirm = confirm
+
+    async def push(self, branch: str, commit: str) -> None:
+        if not await self.confirm():
+            raise PushFailed("this replica no longer holds the task (another replica took it over); nothing pushed")
+        await super().push(branch, commit)
+
+
+class FleetOwnership:
+    """One replica of many: claims and Leases (kube/fleet.py). Every task of the watched
+    namespaces is known here (``known``); a task is taken when nobody live holds it."""
+
+    claims = True
+
+    def __init__(self, api_client: k8s.ApiClient, settings: FleetSettings, reap: Reap, *,
+                 on_fenced: Callable[[], Awaitable[None]] | None = None,
+                 on_view: Callable[[], Awaitable[None]] | None = None,
+                 on_lost: Callable[[TaskRef], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.leases = ReplicaLeases(api_client, settings, on_fenced=on_fenced, on_view=on_view, on_lost=on_lost,
+                                    clock=clock)
+        self.fence: Fence = self.leases
+        self.reap = reap
+        self.known: dict[str, dict] = {}  # every task of the watched namespaces, as last seen
+
+    @property
+    def replica(self) -> str:
+        return self.leases.replica
+
+    async def start(self) -> None:
+        await self.leases.start()
+
+    async def stop(self) -> None:
+        await self.leases.stop()  # the Lease goes, so nobody waits for it to expire
+
+    def active(self) -> bool:
+        return self.leases.holds_lease()
+
+    def may_take(self, body: dict) -> bool:
+        return self.leases.claimable(body)
+
+    def ours(self, body: dict) -> bool:
+        """The task's claim is this incarnation's (our own claim may be seen before the run
+        that made it resumes)."""
+        claim = AgentTaskStatus.of(body).claim
+        return claim is not None and claim.holder == self.leases.holder
+
+    def unclaimed(self, ref: TaskRef) -> dict | None:
+        """The object to write "why it waits" onto, while nobody holds it; None: do not."""
+        body = self.known.get(ref.uid)
+        return body if body is not None and self.active() and self.may_take(body) else None
+
+    def first_status(self, body: dict) -> dict[str, Any] | None:
+        """What the claim writes besides ``claim``: the first phase (Bootstrapping, attempt n),
+        or no phase when the task has no attempts left (the verdict follows through
+        TaskStatus.finish). None: nothing to run."""
+        status = AgentTaskStatus.of(body)
+        if status.finished:
+            return None
+        plan = restart_plan(status, None, self._lost(status), self._again)
+        if plan.give_up is not None:
+            return {"cell": None}
+        message = plan.retrying or f"claimed by replica {self.replica}"
+        reason = Reason.OPERATOR_RESTARTED.value if plan.retrying else None
+        first = phase_status(Phase.BOOTSTRAPPING, message, body["metadata"].get("generation"), reason)
+        return {**first, "startTime": status.start_time or now(), "attempts": plan.attempt, "cell": None}
+
+    async def claim(self, ref: TaskRef, write: Callable[[dict, dict[str, Any]], Awaitable[bool]]) -> dict | None:
+        claimed = await self.leases.claim(ref, self.first_status, write)
+        return None if claimed is None else claimed[0]
+
+    async def plan(self, ref: TaskRef, status: AgentTaskStatus) -> Plan:
+        if not status.waiting and status.claim is not None and status.claim.replica == self.replica:
+            await self.reap(ref, status, False)  # our own earlier incarnation's cell
+        # An adopted task runs from the start: a commit the lost replica had not pushed lived
+        # in its own volume.
+        return restart_plan(status, None, self._lost(status), self._again)
+
+    def _lost(self, status: AgentTaskStatus) -> str:
+        lost = status.claim.replica if status.claim is not None and status.claim.replica else "?"
+        return f"replica {lost} was lost during {status.phase.value if status.phase else 'Pending'}"
+
+    @property
+    def _again(self) -> str:
+        return f"running again on {self.replica}"
+
+    def held_elsewhere(self, status: AgentTaskStatus) -> tuple[str, bool] | None:
+        claim = status.claim
+        if claim is None or not claim.replica or claim.replica == self.replica:
+            return None
+        return claim.replica, self.leases.claim_alive(claim)
+
+    def release(self, ref: TaskRef) -> None:
+        self.leases.release(ref)
+
+    def origin(self, ref: TaskRef, origin: MirrorOrigin) -> MirrorOrigin:
+        # The push must be over before our Lease could expire for others: a renewal interval
+        # of margin, plus the third of the duration that fencing keeps in reserve.
+        margin = self.leases.settings.renew_interval
+        return ClaimedOrigin(origin, lambda: self.leases.confirm(ref, margin=margin))
+
+
+__all__ = ["MAX_ATTEMPTS", "ClaimedOrigin", "FleetOwnership", "Ownership", "Plan", "SingleReplica", "restart_plan"]
