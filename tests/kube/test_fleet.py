@@ -14,8 +14,9 @@ import time
 import kubernetes
 import pytest
 
-from reactor.kube.fleet import LEASE_PREFIX, ClaimLost, Fleet, FleetSettings
+from reactor.kube.fleet import LEASE_PREFIX, ClaimLost, FleetSettings, ReplicaLeases
 from reactor.kube.resource import GROUP, PLURAL, VERSION, TaskRef
+from reactor.kube.status import StatusWriter, TaskStatus
 from tests.kube.conftest import agenttask
 
 LEASE = 4.0  # seconds: short, but renewals (every 0.8 s) survive a busy 2-core machine
@@ -46,10 +47,22 @@ def bootstrapping(body: dict) -> dict:
     return {"phase": "Bootstrapping", "attempts": int((body.get("status") or {}).get("attempts") or 0) + 1}
 
 
-async def started(cluster, namespace: str, replica: str, **kwargs) -> Fleet:
-    fleet = Fleet(api_client(cluster, kwargs.pop("server", None)), FleetSettings(replica, namespace, LEASE), **kwargs)
+async def started(cluster, namespace: str, replica: str, **kwargs) -> ReplicaLeases:
+    fleet = ReplicaLeases(api_client(cluster, kwargs.pop("server", None)), FleetSettings(replica, namespace, LEASE),
+                          **kwargs)
     await fleet.start()
     return fleet
+
+
+def writer(fleet: ReplicaLeases) -> StatusWriter:
+    """Status writes as the operator makes them: fenced by this replica's claims."""
+    return StatusWriter(fleet.custom.api_client, fence=fleet)
+
+
+async def claim(fleet: ReplicaLeases, task: TaskRef, first_status=None):
+    """Claim as the supervisor does: the claim written through the task's TaskStatus."""
+    status = TaskStatus(writer(fleet), task, None, claimed=False)
+    return await fleet.claim(task, first_status or bootstrapping, status.claim)
 
 
 async def test_a_replica_heartbeats_its_lease_and_gives_it_up_on_stop(crd_installed, namespace, kube_api):
@@ -75,7 +88,7 @@ async def test_a_replica_heartbeats_its_lease_and_gives_it_up_on_stop(crd_instal
 async def test_exactly_one_of_racing_replicas_claims_a_task(crd_installed, namespace, kube_api, task):
     fleets = [await started(crd_installed, namespace, f"r{i}") for i in range(5)]
     try:
-        results = await asyncio.gather(*(fleet.claim(task, bootstrapping) for fleet in fleets))
+        results = await asyncio.gather(*(claim(fleet, task) for fleet in fleets))
         winners = [fleet for fleet, result in zip(fleets, results, strict=True) if result is not None]
         # (A replica that fenced itself meanwhile would rightly lose its claim to another.)
         assert [fleet.fences for fleet in fleets] == [0] * 5
@@ -87,10 +100,10 @@ async def test_exactly_one_of_racing_replicas_claims_a_task(crd_installed, names
             await fleet.refresh()
             assert fleet.claim_alive(status["claim"])
         # The winner writes; the others may not (the server tests the claim's holder).
-        await winners[0].patch_status(task, {"phase": "Executing", "cell": None})
+        await writer(winners[0]).patch(task, {"phase": "Executing", "cell": None})
         for loser in (f for f in fleets if f is not winners[0]):
             with pytest.raises(ClaimLost):
-                await loser.patch_status(task, {"phase": "Failed"})
+                await writer(loser).patch(task, {"phase": "Failed"})
         assert status_of(kube_api, task)["phase"] == "Executing"
     finally:
         for fleet in fleets:
@@ -112,7 +125,7 @@ async def test_a_stale_read_cannot_claim(crd_installed, namespace, kube_api, tas
         return bootstrapping(body)
 
     try:
-        assert await fleet.claim(task, first_status) is not None
+        assert await claim(fleet, task, first_status) is not None
         assert len(calls) == 2 and calls[0] != calls[1], "the first write was refused (409) and retried"
     finally:
         await fleet.stop()
@@ -121,14 +134,14 @@ async def test_a_stale_read_cannot_claim(crd_installed, namespace, kube_api, tas
 async def test_the_server_refuses_a_holders_write_once_the_claim_moved(crd_installed, namespace, kube_api, task):
     fleet = await started(crd_installed, namespace, "r0")
     try:
-        assert await fleet.claim(task, bootstrapping)
+        assert await claim(fleet, task)
         # Another replica adopts it (as it would after this one's Lease expired).
         kubernetes.client.CustomObjectsApi(kube_api).patch_namespaced_custom_object_status(
             GROUP, VERSION, task.namespace, PLURAL, task.name,
             {"status": {"claim": {"replica": "r9", "holder": "r9.adopter", "since": "2030-01-01T00:00:00.000000Z"}}})
         assert fleet.holds(task), "locally it still believes it holds the task"
         with pytest.raises(ClaimLost):
-            await fleet.patch_status(task, {"phase": "Succeeded"})
+            await writer(fleet).patch(task, {"phase": "Succeeded"})
         assert status_of(kube_api, task)["phase"] == "Bootstrapping"
         assert not await fleet.confirm(task, margin=0)
     finally:
@@ -137,15 +150,19 @@ async def test_the_server_refuses_a_holders_write_once_the_claim_moved(crd_insta
 
 MEMBER = """
 import asyncio, sys, kubernetes
-from reactor.kube.fleet import Fleet, FleetSettings
+from reactor.kube.fleet import FleetSettings, ReplicaLeases
 from reactor.kube.resource import TaskRef
+from reactor.kube.status import StatusWriter, TaskStatus
 
 async def main(kubeconfig, namespace, replica, name, uid, lease):
     config = kubernetes.client.Configuration()
     kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
-    fleet = Fleet(kubernetes.client.ApiClient(config), FleetSettings(replica, namespace, float(lease)))
+    api = kubernetes.client.ApiClient(config)
+    fleet = ReplicaLeases(api, FleetSettings(replica, namespace, float(lease)))
     await fleet.start()
-    won = await fleet.claim(TaskRef(namespace, name, uid, ""), lambda body: {"phase": "Bootstrapping"})
+    ref = TaskRef(namespace, name, uid, "")
+    status = TaskStatus(StatusWriter(api, fence=fleet), ref, None, claimed=False)
+    won = await fleet.claim(ref, lambda body: {"phase": "Bootstrapping"}, status.claim)
     print("claimed" if won else "lost", flush=True)
     await asyncio.Event().wait()
 
@@ -164,7 +181,7 @@ async def test_a_killed_replicas_claim_is_adoptable_only_after_its_lease_expires
         killed = time.monotonic()
         member.wait()
         try:
-            while (await adopter.claim(task, bootstrapping)) is None:
+            while (await claim(adopter, task)) is None:
                 assert time.monotonic() - killed < 3 * LEASE, "never adopted"
                 await asyncio.sleep(0.1)
             waited = time.monotonic() - killed
@@ -234,7 +251,7 @@ async def test_a_partitioned_replica_fences_itself_before_its_lease_expires_for_
     isolated = await started(crd_installed, namespace, "r0", server=await partition.start(), on_fenced=on_fenced)
     observer = await started(crd_installed, namespace, "r1")
     try:
-        assert await isolated.claim(task, bootstrapping)
+        assert await claim(isolated, task)
         claim = (await observer.read(task))["status"]["claim"]
         partition.sever()
         cut = time.monotonic()
@@ -246,7 +263,7 @@ async def test_a_partitioned_replica_fences_itself_before_its_lease_expires_for_
         assert fenced_at[0] < expired, "it stopped its cells before any other replica could adopt its tasks"
         assert not isolated.holds(task) and isolated.fences == 1
         with pytest.raises(ClaimLost):
-            await isolated.patch_status(task, {"phase": "Succeeded"})
+            await writer(isolated).patch(task, {"phase": "Succeeded"})
         print(f"\npartition -> fenced {fenced_at[0] - cut:.2f}s, -> expired for others {expired - cut:.2f}s")
     finally:
         await isolated.stop()
@@ -256,7 +273,7 @@ async def test_a_partitioned_replica_fences_itself_before_its_lease_expires_for_
 
 async def test_a_restarted_replica_takes_its_lease_over_and_its_old_claims_die(crd_installed, namespace, task):
     first = await started(crd_installed, namespace, "r0")
-    assert await first.claim(task, bootstrapping)
+    assert await claim(first, task)
     old_claim = (await first.read(task))["status"]["claim"]
     for running in first._tasks:  # the process "dies": no stop(), the Lease stays behind
         running.cancel()
@@ -264,7 +281,7 @@ async def test_a_restarted_replica_takes_its_lease_over_and_its_old_claims_die(c
     try:
         assert second.holder != old_claim["holder"]
         assert not second.claim_alive(old_claim), "an earlier incarnation's claim is dead at once"
-        result = await second.claim(task, bootstrapping)
+        result = await claim(second, task)
         assert result is not None and result[1]["attempts"] == 2
     finally:
         await second.stop()

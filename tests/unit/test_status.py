@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from reactor.kube.resource import TaskRef
-from reactor.kube.status import TaskStatus, cell_status, phase_status, result_status, usage_status
+from reactor.kube.status import Conflict, TaskStatus, cell_status, phase_status, result_status, usage_status
 from reactor.workflow.types import CellInfo, Outcome, Phase, PhaseEvent, Reason, TaskResult, Usage
 
 REF = TaskRef("ns", "fix-add", "0123456789abcdef", "2026-01-01T00:00:00Z")
@@ -13,12 +13,17 @@ REF = TaskRef("ns", "fix-add", "0123456789abcdef", "2026-01-01T00:00:00Z")
 class Recorder:
     """Stands in for StatusWriter: keeps the patches and Events in order."""
 
-    def __init__(self):
+    def __init__(self, current_version: str = "1"):
         self.patches: list[dict] = []
+        self.versions: list[str | None] = []
         self.events: list[tuple[str, str, bool]] = []
+        self.current_version = current_version
 
-    async def patch(self, ref, status):
+    async def patch(self, ref, status, *, on_version=None):
+        if on_version is not None and on_version != self.current_version:
+            raise Conflict("stale")
         self.patches.append(status)
+        self.versions.append(on_version)
         return True
 
     async def event(self, ref, reason, message, warning=False):
@@ -79,8 +84,8 @@ async def test_one_write_and_one_event_per_phase_in_order_and_nothing_after_the_
 
 async def test_a_resumed_push_keeps_what_the_first_run_recorded():
     writer = Recorder()
-    status = TaskStatus(writer, REF, 1, attempt=1,
-                        previous_result={"commit": "a" * 40, "filesChanged": ["calc.py"], "testExitCode": 0})
+    status = TaskStatus(writer, REF, 1, attempt=1)
+    status.previous_result = {"commit": "a" * 40, "filesChanged": ["calc.py"], "testExitCode": 0}
     await status.finish(TaskResult(task_id="t", outcome=Outcome.COMMITTED, reason=Reason.COMMITTED, message="pushed",
                                    commit="a" * 40, branch="b", pushed=True))
     result = writer.patches[-1]["result"]
@@ -94,3 +99,36 @@ async def test_requeue_on_shutdown_is_pending_with_its_reason():
     await status.requeue(Reason.OPERATOR_SHUTDOWN, "operator stopped")
     assert [p["conditions"][0]["reason"] for p in writer.patches] == ["WaitingForCapacity", "OperatorShutdown"]
     assert writer.events[-1] == ("OperatorShutdown", "operator stopped", True)
+
+    assert writer.patches[-1]["claim"] is None and writer.patches[-1]["cell"] is None, "unclaimed: any replica takes it"
+
+
+def task_body(version: str, **status) -> dict:
+    return {"metadata": {"uid": REF.uid, "resourceVersion": version}, "status": status}
+
+
+async def test_a_fleet_claim_is_written_onto_the_version_read_or_not_at_all():
+    writer = Recorder(current_version="7")
+    status = TaskStatus(writer, REF, 1, claimed=False)
+    claim = {"phase": "Bootstrapping", "attempts": 2, "claim": {"replica": "r1", "holder": "r1.ab"}}
+    assert not await status.claim(task_body("6"), claim) and not status.claimed, "stale: read again"
+    assert await status.claim(task_body("7"), claim) and status.claimed and status.attempt == 2
+    assert writer.versions == ["7"]
+
+
+async def test_an_unclaimed_task_says_why_it_waits_once_without_an_event():
+    writer = Recorder(current_version="3")
+    seen = {"body": task_body("3", phase="Pending")}
+    status = TaskStatus(writer, REF, 1, claimed=False, unclaimed=lambda: seen["body"])
+    await status.waiting(Reason.WAITING_FOR_CAPACITY, "all 2 agents busy")
+    assert writer.versions == ["3"] and writer.events == [], "every replica waits for it: no Event"
+    seen["body"] = task_body("4", phase="Pending", conditions=[{"type": "Succeeded", "reason": "WaitingForCapacity"}])
+    await status.waiting(Reason.WAITING_FOR_CAPACITY, "all 2 agents busy")
+    assert len(writer.patches) == 1, "said already (by this replica or another)"
+    seen["body"] = task_body("5", phase="Bootstrapping", claim={"replica": "r2", "holder": "r2.x"})
+    await status.waiting(Reason.WAITING_FOR_MEMORY, "no memory")
+    assert len(writer.patches) == 1, "claimed meanwhile: never overwritten"
+    seen["body"] = None  # this replica may not write (not its Lease, or someone holds it)
+    await status.waiting(Reason.WAITING_FOR_MEMORY, "no memory")
+    await status.requeue(Reason.OPERATOR_SHUTDOWN, "operator stopped")
+    assert len(writer.patches) == 1, "nothing to hand back: it never held the task"
