@@ -1,17 +1,15 @@
 """Fault matrix, the operator killed (SIGKILL) with tasks in every phase, then restarted;
-one task deleted while it is down. Row 2 (committed, then the operator dies before the push
-ends: resumed at the push, same commit, pushed once) and row 3 (the time box counts from
-the task's first start, across the restart)."""
+one task deleted while it is down; a task that had committed when the operator died is
+resumed at the push (same commit, pushed once). (That the time box counts from the task's
+first start across a restart is a rule: tests/unit/test_time_box.py.)"""
 
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.kube.resource import parse_time
 from reactor.testing.helpers import wait_for
 from reactor.testing.scripted_model import Scenario, edit, hang, text
 from tests.faults.conftest import Matrix, Row, condition, held_boot_binary, process_alive
@@ -20,9 +18,7 @@ from tests.faults.conftest import Matrix, Row, condition, held_boot_binary, proc
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 FIX = edit("calc.py", "return a - b", "return a + b")
-TIME_BOX = 60  # seconds: longer than the kill and the restart take
 TEST_SLEEP = 25  # the Testing phase of k-test lasts this long (each attempt)
-DOWNTIME = 40  # seconds from k-box's first start to the restart
 BOOT_HOLD = 12  # k-hold-boot starts this late (each attempt; under the 30 s health timeout)
 
 
@@ -41,7 +37,6 @@ def crash(matrix: Matrix) -> dict:
         ("k-exec", [hang(times=1), FIX, text("Fixed.")], {}),
         ("k-gone", [hang(times=1000)], {}),
         ("k-push", [FIX, text("Fixed.")], {}),
-        ("k-box", [hang(times=1000)], {"timeout": f"{TIME_BOX}s"}),
         ("k-test", [FIX, text("Fixed.")], {"test": {"command": f"sleep {TEST_SLEEP}; python3 -m pytest -q"}}),
         ("k-hold-boot", [FIX, text("Fixed.")], {}),
         ("k-pending", [FIX, text("Fixed.")], {}),
@@ -56,8 +51,6 @@ def crash(matrix: Matrix) -> dict:
     # The phases that pass by themselves come last, just before the kill.
     matrix.apply(rows["k-test"])
     matrix.wait_phase(rows["k-test"], "Testing")
-    matrix.apply(rows["k-box"])  # started (its time box runs), not finished: any phase will do
-    matrix.wait(rows["k-box"], lambda o: o and (o.get("status") or {}).get("startTime"), "k-box started")
     matrix.apply(rows["k-hold-boot"])
     wait_for(lambda: matrix.get(rows["k-hold-boot"]) and find_marked_processes(
         str(matrix.work_dir.resolve()), matrix.cell_id(rows["k-hold-boot"])), 60, "k-hold-boot: its server starting")
@@ -66,8 +59,7 @@ def crash(matrix: Matrix) -> dict:
 
     before = {name: matrix.get(row) for name, row in rows.items()}
     phases = {name: obj["status"]["phase"] for name, obj in before.items()}
-    assert phases["k-box"] in ("Bootstrapping", "Executing")
-    assert phases == {"k-exec": "Executing", "k-gone": "Executing", "k-push": "Pushing", "k-box": phases["k-box"],
+    assert phases == {"k-exec": "Executing", "k-gone": "Executing", "k-push": "Pushing",
                       "k-test": "Testing", "k-hold-boot": "Bootstrapping", "k-pending": "Pending"}
     orphans = {name: (obj["status"].get("cell") or {}).get("serverPid") for name, obj in before.items()}
     op.stop(signal.SIGKILL)
@@ -78,15 +70,10 @@ def crash(matrix: Matrix) -> dict:
     assert rows["k-push"].origin.pushes(rows["k-push"].branch) == []
     rows["k-push"].origin.release()
     live_orphans = {name: pid for name, pid in orphans.items() if pid and process_alive(pid)}
-    # The operator stays down a while (a rescheduled pod): a time box restarted with it would
-    # end DOWNTIME seconds after one counted from the task's first start.
-    started = parse_time(before["k-box"]["status"]["startTime"])
-    time.sleep(max(0.0, started + DOWNTIME - time.time()))
-    restarted_at = time.time()
     matrix.start_operator(*args)
     matrix.wait(rows["k-gone"], lambda o: o is None, "k-gone deleted after the restart", timeout=120)
     matrix.wait_all_terminal([r for n, r in rows.items() if n != "k-gone"], timeout=420)
-    return {"rows": rows, "before": before, "live_orphans": live_orphans, "restarted_at": restarted_at}
+    return {"rows": rows, "before": before, "live_orphans": live_orphans}
 
 
 def test_the_killed_operator_left_orphans_and_the_restart_reaped_them(crash):
@@ -112,7 +99,7 @@ def test_a_task_interrupted_by_the_crash_runs_again_and_succeeds(crash, matrix, 
 
 
 def test_a_committed_task_resumes_at_the_push_with_the_same_commit(crash, matrix):
-    """Row 2: the commit passed its tests; the push was cut off by the crash."""
+    """The commit passed its tests; the push was cut off by the crash."""
     row = crash["rows"]["k-push"]
     recorded = crash["before"]["k-push"]["status"]["result"]["commit"]
     status = row.final["status"]
@@ -124,27 +111,6 @@ def test_a_committed_task_resumes_at_the_push_with_the_same_commit(crash, matrix
     retried = [e for e in matrix.events(row) if e["reason"] == "Retrying"]
     assert retried and "resuming at the push" in retried[0]["message"]
     matrix.assert_nothing_left(row, pushed=True)
-
-
-def test_the_time_box_counts_from_the_first_start(crash, matrix):
-    """Row 3: like a Job's activeDeadlineSeconds; the restart gives no fresh box."""
-    row = crash["rows"]["k-box"]
-    status = row.final["status"]
-    assert status["phase"] == "Failed" and condition(row.final)["reason"] == "Timeout", status["message"]
-    assert status["startTime"] == crash["before"]["k-box"]["status"]["startTime"], "startTime kept"
-    started = parse_time(status["startTime"])
-    lasted = parse_time(status["completionTime"]) - started
-    retried = [e for e in matrix.events(row) if e["reason"] == "Retrying"]
-    resumed = parse_time(retried[0]["metadata"]["creationTimestamp"]) - started
-    assert resumed >= DOWNTIME - 1, "the retry began after the restart"
-    if resumed >= TIME_BOX:  # the restarted operator got to it late: nothing left of the box
-        assert "expired before this attempt could start" in status["message"]
-        assert lasted - resumed < 20, "no new box was granted"
-    else:  # ends when the first start's box does (plus the teardown), not DOWNTIME later
-        assert TIME_BOX - 1 <= lasted <= TIME_BOX + 30 < resumed + TIME_BOX, \
-            f"ended {lasted:.0f}s after its first start, resumed after {resumed:.0f}s"
-    assert "counted from the first start" in status["message"]
-    matrix.assert_nothing_left(row, pushed=False)
 
 
 def test_a_task_deleted_while_the_operator_was_down(crash, matrix):

@@ -1,6 +1,6 @@
 """Fault matrix, `kubectl delete` in each phase (Pending, Bootstrapping, Executing, Testing,
-Pushing), and a delete followed at once by the operator's SIGTERM (row 1: the teardown is
-not cancelled by the second cancellation). One operator holds four tasks in four phases
+Pushing), and a delete followed at once by the operator's SIGTERM (the teardown is not
+cancelled by the second cancellation). One operator holds four tasks in four phases
 and a fifth waiting for capacity; each is deleted where it stands."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_delete_while_pushing_lets_the_push_finish_and_report(held, matrix):
 
 
 def test_delete_then_operator_sigterm_at_once(held, matrix):
-    """Row 1: two cancellations of one run (the delete, then the operator's shutdown) do
+    """Two cancellations of one run (the delete, then the operator's shutdown) do
     not cut its teardown short."""
     row = matrix.row("d-sigterm")
     matrix.model.script.add(Scenario("d-sigterm:", [hang(times=1000)]))

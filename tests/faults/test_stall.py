@@ -1,4 +1,4 @@
-"""Fault matrix, row 4: a model that stops answering mid-turn, or answers with empty streams
+"""Fault matrix, a stalled agent: a model that stops answering mid-turn, or answers with empty streams
 (OpenCode then loops through empty steps at ~80 % CPU), stalls the agent; no progress for
 the stall timeout ends the task with AgentStalled, long before its time box, and its cell
 is gone. (A model that never answers its very first request is bounded by the time box:

@@ -1,4 +1,4 @@
-"""spec.test.protect / --protect patterns (row 7): .gitignore semantics, as users know them."""
+"""spec.test.protect / --protect patterns: .gitignore semantics, as users know them."""
 
 from __future__ import annotations
 

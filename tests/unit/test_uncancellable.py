@@ -1,4 +1,4 @@
-"""Row 1 of the fault matrix, by construction: a teardown run through uncancellable() ends
+"""A delete then the operator's SIGTERM, by construction: a teardown run through uncancellable() ends
 whatever number of cancellations land on its caller, and wherever they land."""
 
 from __future__ import annotations

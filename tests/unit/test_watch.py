@@ -1,4 +1,4 @@
-"""What counts as an agent's progress (row 4), on events as OpenCode 1.18.33 sends them
+"""What counts as an agent's progress (the stall watch), on events as OpenCode 1.18.33 sends them
 (recorded from a real server: docs/faults.md), decoded as the cell's follower decodes them."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Row 1 on real cells: a teardown that a second (and third) cancellation lands on, at each
+"""A delete then a shutdown, on real cells: a teardown that a second (and third) cancellation lands on, at each
 point where it waits, still ends with nothing left: no server, no worktree, no port.
 
 The teardown coroutine is stepped through a wrapper that counts the times it yields to the

@@ -1,5 +1,5 @@
 """Thin, synchronous git runner. Reactor's own git operations (checkouts, commit, revert)
-run here; the repository's tests never do (INV-006: they go through the OpenCode server).
+run here; the repository's tests never do (they run through the cell's OpenCode server).
 
 Reactor's git never runs hooks and never honours the repository-local settings that make
 git execute programs (a cell writes its own checkout's config; the operator must not run

@@ -1,4 +1,4 @@
-"""Port allocation for cell servers (INV-001: each server gets a unique port)."""
+"""Port allocation for cell servers: each server gets a port no other live cell holds."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class PortsExhausted(ReactorError):
 
 @dataclass(frozen=True)
 class PortRange:
-    """Ports ``start`` up to but not including ``end`` (8000-9000 is 1000 ports, as in the seed)."""
+    """Ports ``start`` up to but not including ``end`` (8000-9000 is 1000 ports, the design's default)."""
 
     start: int
     end: int
@@ -57,7 +57,7 @@ class PortAllocator:
     Thread-safe. Allocation walks the range round-robin from the last port handed out, so a
     port just released is the last to be reused (its old server may still be closing).
     A port can still be taken by an unrelated process between allocation and the server's
-    bind; the server then fails to boot and BOOT_RETRY allocates another.
+    bind; the server then fails to boot and its restart (BOOT_RETRY) allocates another.
     """
 
     def __init__(self, port_range: PortRange = PortRange(*DEFAULT_PORT_RANGE), host: str = "127.0.0.1"):

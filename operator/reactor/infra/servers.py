@@ -1,5 +1,5 @@
-"""`opencode serve` processes: one per cell (INV-002 cwd = worktree, INV-003 health before
-use, INV-005 killed with its whole process group).
+"""`opencode serve` processes: one per cell, its working directory the cell's worktree, used
+only once its health check answers, and killed with its whole process group.
 
 A server gets its configuration through the environment (OPENCODE_CONFIG_CONTENT: nothing is
 written into the worktree, where it would be committed), a random per-cell password, and a
@@ -71,7 +71,7 @@ def find_opencode_binary(explicit: str | None = None) -> str:
 @dataclass
 class ServerSpec:
     binary: str
-    cwd: Path  # the worktree (INV-002)
+    cwd: Path  # the worktree: the agent works in its own checkout
     port: int
     cell_id: str
     state_dir: Path  # per cell: XDG data/state/config/cache, HOME, TMPDIR, logs
@@ -131,7 +131,7 @@ class OpenCodeServer:
         }
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Spawn the server and return once GET /global/health answers 200 (INV-003)."""
+        """Spawn the server and return once GET /global/health answers 200 (never used before)."""
         spec = self.spec
         if not spec.cwd.is_dir():
             raise ServerBootError(f"worktree {spec.cwd} does not exist")
@@ -225,7 +225,8 @@ class OpenCodeServer:
         return self._process is not None and self._process.returncode is None
 
     async def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process group, SIGKILL after ``grace`` seconds (INV-005). Idempotent."""
+        """SIGTERM the process group, SIGKILL after ``grace`` seconds: no process of the cell
+        outlives it. Idempotent."""
         process = self._process
         if process is None:
             return

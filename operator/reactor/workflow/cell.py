@@ -45,7 +45,7 @@ class Cell:
         self.session_id: str | None = None
         self.boot_attempts = 0
         # BOOT_RETRY, counted once per task: failed boots and servers lost mid-task draw on
-        # the same restarts (the seed's 2), so a task boots at most 3 times in all.
+        # the same restarts (2, the design's budget), so a task boots at most 3 times in all.
         self.restarts_left = engine.settings.recovery.boot_restarts
         self.spent = Usage()  # usage of sessions already left behind (R3 retries)
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
@@ -129,7 +129,8 @@ class Cell:
             owner=self.engine.owner,
         ))
         await self.server.start(timeout=settings.health_timeout)
-        # INV-004: the client knows only http://127.0.0.1:PORT and the cell's password.
+        # The client knows only http://127.0.0.1:PORT and the cell's password: the cell is
+        # reached through its own server's API and nothing else.
         self.client = OpenCodeClient(self.server.base_url, self.server.password)
         try:
             # Subscribed before the first prompt, so no event of the task is missed.

@@ -1,4 +1,4 @@
-"""The seed's recovery strategies as policies.
+"""The design's recovery strategies as policies (docs/architecture.md names each).
 
 | Code       | Strategy                | Attempts                  | Backoff     |
 |------------|-------------------------|---------------------------|-------------|

@@ -8,10 +8,11 @@ shows the task (the CLI's stderr, the operator's status) has one source. Pushing
 only where there is an origin to push to (the operator); the CLI's result branch stays in
 the user's repository.
 
-Recovery: R3 around the prompt and the test run (transient model/server errors), BOOT_RETRY
-when the server fails to boot or dies mid-task (one budget per task, in the cell), RB
-(revert, no commit) on failed tests, a protected path changed, a stalled agent or the time
-box expiring, IG for bookkeeping (usage, phase reporting).
+Recovery (the strategies of docs/architecture.md): transient model/server errors around
+the prompt and the test run are retried (R3); a server that fails to boot or dies mid-task
+is restarted (BOOT_RETRY, one budget per task, in the cell); failed tests, a protected path
+changed, a stalled agent or the time box expiring revert the change without a commit (RB);
+bookkeeping (usage, phase reporting) that fails is logged and the task goes on (IG).
 
 Cancellation (the task deleted, the operator stopping) ends the run at the next await, with
 two exceptions made uncancellable by construction: the push, once begun, runs to its end
@@ -299,7 +300,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
         raise TaskFailed(Reason.TESTS_MODIFIED, f"the agent changed protected paths: {', '.join(touched)} "
                          f"(protected: {', '.join(spec.protect)}); nothing committed", Outcome.REVERTED)
 
-    # -- Testing: through the server (INV-006), never a subprocess of ours --
+    # -- Testing: through the server, never a subprocess of ours --
     await phases.enter(Phase.TESTING, test_command, cell)
     client = cell.client
     assert client is not None
