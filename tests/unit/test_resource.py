@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reactor.kube.resource import AgentTaskSpec, TaskRef, format_time, parse_time
+from reactor.kube.resource import AgentTaskSpec, AgentTaskStatus, TaskRef, format_time, parse_time
+from reactor.workflow.types import Phase
 
 REF = TaskRef("team-a", "fix-add", "0123456789abcdef", "2026-01-01T00:00:00Z")
 
@@ -47,3 +48,17 @@ def test_status_times_round_trip(text):
 
 def test_unreadable_times_are_absent():
     assert parse_time(None) is None and parse_time("yesterday") is None
+
+
+def test_the_status_read_back_is_typed_and_a_hand_edited_field_is_left_out():
+    status = AgentTaskStatus.of({"status": {
+        "phase": "Pushing", "attempts": 1, "startTime": "2026-01-01T00:00:00Z",
+        "conditions": [{"type": "Succeeded", "status": "Unknown", "reason": "Pushing"}],
+        "cell": {"serverPid": 42, "cellId": "ns.t.0123"}, "result": {"commit": "a" * 40, "filesChanged": ["calc.py"]},
+        "progress": {"inputTokens": 10, "totalTokens": 12, "cost": 0.5, "activity": "edit calc.py"}}})
+    assert status.phase is Phase.PUSHING and not status.finished and not status.waiting
+    assert status.reason == "Pushing" and status.commit == "a" * 40 and status.cell.server_pid == 42
+    assert status.result.as_written() == {"commit": "a" * 40, "filesChanged": ["calc.py"]}
+    assert status.progress.total_tokens == 12 and status.progress.cost == 0.5
+    edited = AgentTaskStatus.of({"status": {"phase": "Sleeping", "attempts": "many", "message": "kept"}})
+    assert edited.phase is None and edited.attempts == 0 and edited.message == "kept"

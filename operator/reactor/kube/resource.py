@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reactor.durations import parse_duration
 from reactor.workflow.types import Budget, Phase, TaskSpec
@@ -99,6 +99,22 @@ class _Status(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True, extra="allow")
 
+    @classmethod
+    def read(cls, data: dict[str, Any]):
+        """Parse a status read back; a field that does not parse (a hand-edited status) is
+        left out rather than failing every handler that looks at the object."""
+        data = dict(data)
+        for _ in range(len(data) + 1):
+            try:
+                return cls.model_validate(data)
+            except ValidationError as exc:
+                bad = {error["loc"][0] for error in exc.errors() if error["loc"]}
+                if not bad & set(data):
+                    raise
+                for key in bad:
+                    data.pop(key, None)
+        return cls.model_validate({})
+
 
 class ClaimStatus(_Status):
     replica: str | None = None  # the StatefulSet pod name of the replica that runs the task
@@ -178,7 +194,7 @@ class AgentTaskStatus(_Status):
 
     @classmethod
     def of(cls, body: Any) -> AgentTaskStatus:
-        return cls.model_validate(body.get("status") or {})
+        return cls.read(body.get("status") or {})
 
     @property
     def finished(self) -> bool:
@@ -219,7 +235,7 @@ class SpendLimitStatus(_Status):
         status = dict(body.get("status") or {})
         # An entry that is not an object (hand-edited) counts as nothing, not as an error.
         status["replicas"] = {k: v for k, v in (status.get("replicas") or {}).items() if isinstance(v, dict)}
-        return cls.model_validate(status)
+        return cls.read(status)
 
 
 @dataclass(frozen=True)
