@@ -15,7 +15,7 @@ import kubernetes
 import pytest
 
 from reactor.kube.fleet import LEASE_PREFIX, ClaimLost, FleetSettings, ReplicaLeases
-from reactor.kube.resource import GROUP, PLURAL, VERSION, TaskRef
+from reactor.kube.resource import GROUP, PLURAL, VERSION, ClaimStatus, TaskRef
 from reactor.kube.status import StatusWriter, TaskStatus
 from tests.kube.conftest import agenttask
 
@@ -59,7 +59,7 @@ def writer(fleet: ReplicaLeases) -> StatusWriter:
     return StatusWriter(fleet.custom.api_client, fence=fleet)
 
 
-async def claim(fleet: ReplicaLeases, task: TaskRef, first_status=None):
+async def claim_task(fleet: ReplicaLeases, task: TaskRef, first_status=None):
     """Claim as the supervisor does: the claim written through the task's TaskStatus."""
     status = TaskStatus(writer(fleet), task, None, claimed=False)
     return await fleet.claim(task, first_status or bootstrapping, status.claim)
@@ -88,7 +88,7 @@ async def test_a_replica_heartbeats_its_lease_and_gives_it_up_on_stop(crd_instal
 async def test_exactly_one_of_racing_replicas_claims_a_task(crd_installed, namespace, kube_api, task):
     fleets = [await started(crd_installed, namespace, f"r{i}") for i in range(5)]
     try:
-        results = await asyncio.gather(*(claim(fleet, task) for fleet in fleets))
+        results = await asyncio.gather(*(claim_task(fleet, task) for fleet in fleets))
         winners = [fleet for fleet, result in zip(fleets, results, strict=True) if result is not None]
         # (A replica that fenced itself meanwhile would rightly lose its claim to another.)
         assert [fleet.fences for fleet in fleets] == [0] * 5
@@ -98,7 +98,7 @@ async def test_exactly_one_of_racing_replicas_claims_a_task(crd_installed, names
         assert status["phase"] == "Bootstrapping" and status["attempts"] == 1, "one claim, one attempt"
         for fleet in fleets:
             await fleet.refresh()
-            assert fleet.claim_alive(status["claim"])
+            assert fleet.claim_alive(ClaimStatus.model_validate(status["claim"]))
         # The winner writes; the others may not (the server tests the claim's holder).
         await writer(winners[0]).patch(task, {"phase": "Executing", "cell": None})
         for loser in (f for f in fleets if f is not winners[0]):
@@ -125,7 +125,7 @@ async def test_a_stale_read_cannot_claim(crd_installed, namespace, kube_api, tas
         return bootstrapping(body)
 
     try:
-        assert await claim(fleet, task, first_status) is not None
+        assert await claim_task(fleet, task, first_status) is not None
         assert len(calls) == 2 and calls[0] != calls[1], "the first write was refused (409) and retried"
     finally:
         await fleet.stop()
@@ -134,7 +134,7 @@ async def test_a_stale_read_cannot_claim(crd_installed, namespace, kube_api, tas
 async def test_the_server_refuses_a_holders_write_once_the_claim_moved(crd_installed, namespace, kube_api, task):
     fleet = await started(crd_installed, namespace, "r0")
     try:
-        assert await claim(fleet, task)
+        assert await claim_task(fleet, task)
         # Another replica adopts it (as it would after this one's Lease expired).
         kubernetes.client.CustomObjectsApi(kube_api).patch_namespaced_custom_object_status(
             GROUP, VERSION, task.namespace, PLURAL, task.name,
@@ -181,7 +181,7 @@ async def test_a_killed_replicas_claim_is_adoptable_only_after_its_lease_expires
         killed = time.monotonic()
         member.wait()
         try:
-            while (await claim(adopter, task)) is None:
+            while (await claim_task(adopter, task)) is None:
                 assert time.monotonic() - killed < 3 * LEASE, "never adopted"
                 await asyncio.sleep(0.1)
             waited = time.monotonic() - killed
@@ -251,8 +251,8 @@ async def test_a_partitioned_replica_fences_itself_before_its_lease_expires_for_
     isolated = await started(crd_installed, namespace, "r0", server=await partition.start(), on_fenced=on_fenced)
     observer = await started(crd_installed, namespace, "r1")
     try:
-        assert await claim(isolated, task)
-        claim = (await observer.read(task))["status"]["claim"]
+        assert await claim_task(isolated, task)
+        claim = ClaimStatus.model_validate((await observer.read(task))["status"]["claim"])
         partition.sever()
         cut = time.monotonic()
         while observer.claim_alive(claim):
@@ -273,15 +273,15 @@ async def test_a_partitioned_replica_fences_itself_before_its_lease_expires_for_
 
 async def test_a_restarted_replica_takes_its_lease_over_and_its_old_claims_die(crd_installed, namespace, task):
     first = await started(crd_installed, namespace, "r0")
-    assert await claim(first, task)
-    old_claim = (await first.read(task))["status"]["claim"]
+    assert await claim_task(first, task)
+    old_claim = ClaimStatus.model_validate((await first.read(task))["status"]["claim"])
     for running in first._tasks:  # the process "dies": no stop(), the Lease stays behind
         running.cancel()
     second = await started(crd_installed, namespace, "r0")
     try:
-        assert second.holder != old_claim["holder"]
+        assert second.holder != old_claim.holder
         assert not second.claim_alive(old_claim), "an earlier incarnation's claim is dead at once"
-        result = await claim(second, task)
+        result = await claim_task(second, task)
         assert result is not None and result[1]["attempts"] == 2
     finally:
         await second.stop()
