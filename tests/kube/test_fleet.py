@@ -159,9 +159,11 @@ async def main(kubeconfig, namespace, replica, name, uid, lease):
     kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
     api = kubernetes.client.ApiClient(config)
     fleet = ReplicaLeases(api, FleetSettings(replica, namespace, float(lease)))
-    await fleet.start()
     ref = TaskRef(namespace, name, uid, "")
+    # Built before the Lease is taken, as the operator does: the client's first CoreV1Api
+    # is a slow import, which would hold the event loop past the fence.
     status = TaskStatus(StatusWriter(api, fence=fleet), ref, None, claimed=False)
+    await fleet.start()
     won = await fleet.claim(ref, lambda body: {"phase": "Bootstrapping"}, status.claim)
     print("claimed" if won else "lost", flush=True)
     await asyncio.Event().wait()
