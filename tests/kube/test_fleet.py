@@ -16,7 +16,7 @@ import pytest
 
 from reactor.kube.fleet import LEASE_PREFIX, ClaimLost, Fleet, FleetSettings
 from reactor.kube.resource import GROUP, PLURAL, VERSION, TaskRef
-from tests.kube.conftest import agenttask
+from reactor_dev.testing.tasks import agent_task
 
 LEASE = 4.0  # seconds: short, but renewals (every 0.8 s) survive a busy 2-core machine
 
@@ -32,7 +32,7 @@ def api_client(cluster, server: str | None = None) -> kubernetes.client.ApiClien
 @pytest.fixture
 def task(crd_installed, namespace, kube_api) -> TaskRef:
     custom = kubernetes.client.CustomObjectsApi(kube_api)
-    body = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, agenttask("shared"))
+    body = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, agent_task("shared"))
     return TaskRef.from_body(body)
 
 
