@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import threading
@@ -22,20 +23,13 @@ import yaml
 from reactor_dev.devcluster.node import NodeCluster
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.worktrees import repository_key
-from reactor_dev.testing.attacks import REPORT, Targets, attack_step
+from reactor_dev.testing.attacks import REPORT, Targets, assert_every_attempt_blocked, attack_step
+from reactor_dev.testing.node import NAMESPACE, POD_MOUNT, chown_tree, get_json, host_path
 from reactor_dev.testing.repos import make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, set_event, text, write
 from reactor_dev.testing.scripted_model import wait_for as wait_for_event
-from tests.security.test_confinement import assert_every_attempt_blocked
-from tests.node.conftest import (
-    NAMESPACE,
-    POD_MOUNT,
-    ROOT,
-    chown_tree,
-    get_json,
-    host_path,
-    kubectl_ok,
-)
+from reactor_dev.testing.shipped import ROOT
+from reactor_dev.testing.tasks import agent_task, condition, kubectl_ok, reason, terminal
 
 SA_USER = f"system:serviceaccount:{NAMESPACE}:reactor"
 SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # the operator's credential, in its pod
@@ -110,17 +104,8 @@ def fingerprint(git_dir: Path, ignore_refs: tuple[str, ...] = ()) -> dict[str, s
 
 
 def task(name: str, url: str, model: ScriptedModel, **spec) -> dict:
-    body = {
-        "description": "Fix add",
-        "prompt": f"{name}: fix add() in calc.py so the tests pass",
-        "repository": {"url": url, "branch": "main"},
-        "test": {"command": TEST_COMMAND, "timeout": "2m"},
-        "agent": {"config": model.opencode_config()},
-        "timeout": "5m",
-    }
-    body.update(spec)
-    return {"apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask",
-            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": body}
+    return agent_task(name, url, model, namespace=NAMESPACE, **{
+        "test": {"command": TEST_COMMAND, "timeout": "2m"}, "timeout": "5m", **spec})
 
 
 def apply(cluster: NodeCluster, obj: dict) -> None:
@@ -143,18 +128,6 @@ def wait_for(cluster: NodeCluster, name: str, predicate, what: str, timeout: flo
             raise AssertionError(f"{name}: {what} not reached in {timeout}s; status: "
                                  f"{json.dumps((obj or {}).get('status'), indent=1)}\noperator log:\n{logs}")
         time.sleep(0.2)
-
-
-def terminal(obj: dict | None) -> bool:
-    return bool(obj) and (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-
-
-def condition(obj: dict, type_: str) -> dict:
-    return next(c for c in obj["status"]["conditions"] if c["type"] == type_)
-
-
-def reason(obj: dict) -> str:
-    return condition(obj, "Succeeded")["reason"]
 
 
 def operator_pod(cluster: NodeCluster) -> dict:
@@ -364,8 +337,8 @@ def test_make_undeploy_removes_everything_tasks_first(deployed, model, repo_url)
     wait_for(cluster, "last", lambda o: o and o.get("status", {}).get("phase") == "Executing", "Executing")
     kubectl = Path(cluster.assets.kubectl)
     out = subprocess.run(["make", "--no-print-directory", "undeploy"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**__import__("os").environ, "KUBECONFIG": str(cluster.kubeconfig_path),
-                                           "PATH": f"{kubectl.parent}:{__import__('os').environ['PATH']}"})
+                         timeout=300, env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path),
+                                           "PATH": f"{kubectl.parent}:{os.environ['PATH']}"})
     assert out.returncode == 0, out.stderr + out.stdout
     lines = out.stdout.splitlines()
     first_task = next(i for i, line in enumerate(lines) if "agenttask" in line and "deleted" in line)

@@ -180,7 +180,7 @@ def prometheus(observed, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fleet(observed, tmp_path_factory):
+def two_tasks(observed, tmp_path_factory):
     """Two tasks at once: `obs-live` (its first tool call held until released, with a
     Secret in its environment) and `obs-budget` (a runaway agent with maxTokens 100000)."""
     cluster, namespace, op = observed["cluster"], observed["namespace"], observed["operator"]
@@ -210,46 +210,46 @@ def fleet(observed, tmp_path_factory):
 # --------------------------------------------------------------------------------- tests
 
 
-def test_progress_shows_the_running_tool_before_the_turn_ends(fleet):
-    progress = fleet["mid"]["status"]["progress"]
-    assert fleet["mid"]["status"]["phase"] == "Executing"
+def test_progress_shows_the_running_tool_before_the_turn_ends(two_tasks):
+    progress = two_tasks["mid"]["status"]["progress"]
+    assert two_tasks["mid"]["status"]["phase"] == "Executing"
     assert progress["tool"] == "bash" and progress["activity"].startswith("bash: until [ -e .release ]")
     assert progress["toolCalls"] == 1 and progress["lastActivityTime"]
-    assert fleet["final_answer_asked"] == [], "the turn had not ended"
-    header, *rows = fleet["wide"].splitlines()
+    assert two_tasks["final_answer_asked"] == [], "the turn had not ended"
+    header, *rows = two_tasks["wide"].splitlines()
     assert "ACTIVITY" in header and "COST" in header and "TOKENS" in header
     live_row = next(row for row in rows if row.startswith("obs-live"))
     assert "bash: until" in live_row and "$" in live_row
 
-    live = fleet["done"]["obs-live"]["status"]
+    live = two_tasks["done"]["obs-live"]["status"]
     assert live["phase"] == "Succeeded", live
     final = live["progress"]
     assert final["steps"] == 4 and final["toolCalls"] == 3 and final["filesTouched"] == ["calc.py"]
     assert final["costDisplay"] == live["usage"]["costDisplay"] and final["activity"] == ""
-    table = kubectl_ok(fleet["cluster"], "get", "agenttasks", "-n", fleet["namespace"])
+    table = kubectl_ok(two_tasks["cluster"], "get", "agenttasks", "-n", two_tasks["namespace"])
     assert live["usage"]["costDisplay"] in next(r for r in table.splitlines() if r.startswith("obs-live"))
-    events = fleet["operator"].events("obs-live")
+    events = two_tasks["operator"].events("obs-live")
     assert any(e["reason"] == "AgentEditing" and "calc.py" in e["message"] for e in events), events
-    assert SECRET not in json.dumps(fleet["done"]["obs-live"]) + json.dumps(events)
+    assert SECRET not in json.dumps(two_tasks["done"]["obs-live"]) + json.dumps(events)
 
 
-def test_a_task_crossing_max_tokens_is_stopped_reverted_and_not_pushed(fleet):
-    obj = fleet["done"]["obs-budget"]
+def test_a_task_crossing_max_tokens_is_stopped_reverted_and_not_pushed(two_tasks):
+    obj = two_tasks["done"]["obs-budget"]
     status = obj["status"]
     assert status["phase"] == "Failed" and condition(obj)["reason"] == "BudgetExceeded", status
     assert "tokens > maxTokens 100000" in status["message"] and "spent $" in status["message"]
     assert status["result"]["pushed"] is False and status["result"].get("commit") is None
-    assert git(fleet["repo"], "branch", "--list", "reactor/obs-budget") == "", "nothing pushed"
-    steps = [r for r in fleet["model_requests"] if r["scenario"] == "obs-budget:" and r["answer"] != "text"]
+    assert git(two_tasks["repo"], "branch", "--list", "reactor/obs-budget") == "", "nothing pushed"
+    steps = [r for r in two_tasks["model_requests"] if r["scenario"] == "obs-budget:" and r["answer"] != "text"]
     assert len(steps) <= 4, "stopped within one model step of crossing (at step 3)"
     used = status["usage"]["inputTokens"] + status["usage"]["outputTokens"]
     print(f"\nbudget overshoot in the operator: {used - 100000} tokens past maxTokens 100000 ({len(steps)} model answers)")
-    reasons = [e["reason"] for e in fleet["operator"].events("obs-budget")]
+    reasons = [e["reason"] for e in two_tasks["operator"].events("obs-budget")]
     assert "BudgetWarning" in reasons and "Failed" in reasons, reasons
 
 
-def test_reactor_logs_follows_a_running_task_and_replays_it_after(fleet):
-    followed, replay = fleet["followed"], fleet["replay"]
+def test_reactor_logs_follows_a_running_task_and_replays_it_after(two_tasks):
+    followed, replay = two_tasks["followed"], two_tasks["replay"]
     assert followed == replay, "the live stream and the replay show the same transcript"
     assert "== Executing" in followed and ">> prompt: obs-live: fix add()" in followed
     assert "-> bash" in followed and "until [ -e .release ]" in followed and "released" in followed
@@ -258,12 +258,12 @@ def test_reactor_logs_follows_a_running_task_and_replays_it_after(fleet):
     assert followed.rstrip().splitlines()[-1].split(" ", 1)[1].startswith("== end: committed (Committed)")
 
 
-def test_reactor_logs_names_an_unknown_task(fleet):
-    out = subprocess.run([sys.executable, "-m", "reactor.cli", "logs", "no-such-task", "-n", fleet["namespace"],
-                          "--kubeconfig", str(fleet["cluster"].kubeconfig_path),
-                          "--operator-service", f"{fleet['namespace']}/reactor:web"],
+def test_reactor_logs_names_an_unknown_task(two_tasks):
+    out = subprocess.run([sys.executable, "-m", "reactor.cli", "logs", "no-such-task", "-n", two_tasks["namespace"],
+                          "--kubeconfig", str(two_tasks["cluster"].kubeconfig_path),
+                          "--operator-service", f"{two_tasks['namespace']}/reactor:web"],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1 and f"no task {fleet['namespace']}/no-such-task" in out.stderr, out.stderr
+    assert out.returncode == 1 and f"no task {two_tasks['namespace']}/no-such-task" in out.stderr, out.stderr
 
 
 def promql(prometheus: str, query: str) -> float | None:
@@ -274,9 +274,9 @@ def promql(prometheus: str, query: str) -> float | None:
 
 
 @pytest.mark.needs("prometheus")
-def test_prometheus_scrapes_what_the_tasks_did(fleet, prometheus):
-    ns = fleet["namespace"]
-    done = fleet["done"]
+def test_prometheus_scrapes_what_the_tasks_did(two_tasks, prometheus):
+    ns = two_tasks["namespace"]
+    done = two_tasks["done"]
     tokens = sum(sum(done[n]["status"]["usage"][k] for k in ("inputTokens", "outputTokens", "reasoningTokens",
                                                                "cacheReadTokens", "cacheWriteTokens")) for n in done)
     cost = sum(done[n]["status"]["usage"]["cost"] for n in done)
@@ -317,16 +317,16 @@ def _pixels_near(image, box, rgb, tolerance: int = 12) -> int:
 
 
 @pytest.mark.needs("chromium")
-def test_the_fleet_page_in_headless_chromium(fleet, tmp_path):
+def test_the_fleet_page_in_headless_chromium(two_tasks, tmp_path):
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    ns = fleet["namespace"]
+    ns = two_tasks["namespace"]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1100})
-            page.goto(fleet["url"] + "/")
+            page.goto(two_tasks["url"] + "/")
             page.wait_for_selector('tr[data-task="%s/obs-budget"]' % ns)
             rows = {r.get_attribute("data-task"): r.inner_text() for r in page.query_selector_all("#tasks tbody tr")}
             assert "Succeeded" in rows[f"{ns}/obs-live"] and "$" in rows[f"{ns}/obs-live"]
@@ -361,10 +361,10 @@ def test_the_fleet_page_in_headless_chromium(fleet, tmp_path):
     assert _pixels_near(listed, badge_box, PHASE_RGB["Failed"]) > 50
 
 
-def test_a_namespace_spend_limit_stops_a_running_task_and_holds_new_ones_across_a_restart(fleet):
+def test_a_namespace_spend_limit_stops_a_running_task_and_holds_new_ones_across_a_restart(two_tasks):
     """Runs last: it restarts the module's operator."""
-    cluster, ns, op = fleet["cluster"], fleet["namespace"], fleet["operator"]
-    repo = fleet["repo"]
+    cluster, ns, op = two_tasks["cluster"], two_tasks["namespace"], two_tasks["operator"]
+    repo = two_tasks["repo"]
     limit = {"apiVersion": "reactor.dev/v1alpha1", "kind": "SpendLimit", "metadata": {"name": "team-cap"},
              "spec": {"period": "Total", "maxTokens": 100000}}
     kubectl_ok(cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(limit))
@@ -390,7 +390,7 @@ def test_a_namespace_spend_limit_stops_a_running_task_and_holds_new_ones_across_
 
         # Restart: the spend is still there, and the new task is still held.
         op.stop()
-        op = fleet["start"](*fleet["args"])
+        op = two_tasks["start"](*two_tasks["args"])
         deadline = time.monotonic() + 60
         while sum(e["reason"] == "SpendLimitExceeded" for e in op.events("cap-new")) < 2:
             assert time.monotonic() < deadline, f"the restarted operator did not hold cap-new:\n{op.log()}"
@@ -408,7 +408,7 @@ def test_a_namespace_spend_limit_stops_a_running_task_and_holds_new_ones_across_
     assert done["status"]["phase"] == "Succeeded", done["status"]
 
     # A deleted task's transcript goes with it.
-    transcript = fleet["work_dir"] / "transcripts" / ns / "cap-new.jsonl"
+    transcript = two_tasks["work_dir"] / "transcripts" / ns / "cap-new.jsonl"
     assert transcript.exists()
     kubectl_ok(cluster, "delete", "agenttask", "cap-new", "-n", ns, "--timeout=60s")
     assert not transcript.exists()

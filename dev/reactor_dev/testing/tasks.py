@@ -54,9 +54,9 @@ def ok(out) -> str:
     return out.stdout
 
 
-def kubectl_ok(cluster, *args: str, input: str | None = None, **kwargs) -> str:
+def kubectl_ok(cluster, *args: str, input: str | None = None, timeout: float = 120) -> str:
     """``cluster.kubectl(*args)`` that must succeed; its stdout."""
-    out = cluster.kubectl(*args, input=input, **kwargs)
+    out = cluster.kubectl(*args, input=input, timeout=timeout)
     assert out.returncode == 0, f"kubectl {' '.join(args)} failed ({out.returncode}):\n{out.stderr}\n{out.stdout}"
     return out.stdout
 
