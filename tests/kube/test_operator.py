@@ -35,7 +35,9 @@ def operator(crd_installed, namespace, work_dir):
 
 
 def task_manifest(name: str, repo, model: ScriptedModel, **spec) -> dict:
-    return agent_task(name, repo, model, timeout="3m", **spec)
+    # The default time box (30m): no test here is about it, and on a loaded machine a run
+    # across an operator restart takes minutes.
+    return agent_task(name, repo, model, **spec)
 
 
 def test_reapplying_a_finished_task_does_not_run_it_again(operator, namespace, app_repo):
