@@ -31,6 +31,7 @@ from reactor_dev.devcluster.controlplane import ControlPlane  # noqa: E402
 from reactor_dev.testing.operator_process import OperatorProcess, free_port  # noqa: E402
 from reactor_dev.testing.helpers import install_crds  # noqa: E402
 from reactor_dev.testing.repos import make_repo  # noqa: E402
+from reactor_dev.testing.tasks import agent_task  # noqa: E402
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text, write  # noqa: E402
 
 os.environ.setdefault("REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode"))
@@ -44,11 +45,7 @@ def scenario(name: str) -> Scenario:
 
 
 def manifest(name: str, repo: Path, config: dict) -> str:
-    return json.dumps({
-        "apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask", "metadata": {"name": name},
-        "spec": {"prompt": f"{name}: fix add", "repository": {"url": f"file://{repo}"}, "resultBranch": f"reactor/{name}",
-                 "test": {"command": "python3 -m pytest -q"}, "agent": {"config": config}, "timeout": "10m"},
-    })
+    return json.dumps(agent_task(name, repo, config, resultBranch=f"reactor/{name}", timeout="10m"))
 
 
 def run_fleet(cluster, tmp: Path, label: str, follow: bool, tasks: int, repo: Path, model: ScriptedModel) -> dict:

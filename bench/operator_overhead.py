@@ -33,17 +33,14 @@ from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, te
 from reactor_dev.testing.operator_process import OperatorProcess  # noqa: E402
 from reactor_dev.testing.helpers import install_crds  # noqa: E402
 from reactor_dev.testing.repos import make_repo  # noqa: E402
+from reactor_dev.testing.tasks import agent_task  # noqa: E402
 
 
 FIX = edit("calc.py", "return a - b", "return a + b")
 
 
 def manifest(name: str, repo: Path, config: dict) -> str:
-    return json.dumps({
-        "apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask", "metadata": {"name": name},
-        "spec": {"prompt": f"{name}: fix add", "repository": {"url": f"file://{repo}"}, "resultBranch": f"reactor/{name}",
-                 "test": {"command": "python3 -m pytest -q"}, "agent": {"config": config}, "timeout": "5m"},
-    })
+    return json.dumps(agent_task(name, repo, config, resultBranch=f"reactor/{name}", timeout="5m"))
 
 
 def status_reader(cluster):

@@ -33,6 +33,7 @@ from reactor import OPENCODE_VERSION  # noqa: E402
 from reactor_dev.devcluster.node import NodeCluster  # noqa: E402
 from reactor_dev.testing.operator_process import OperatorProcess  # noqa: E402
 from reactor_dev.testing.repos import make_repo  # noqa: E402
+from reactor_dev.testing.tasks import agent_task  # noqa: E402
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text  # noqa: E402
 
 NAMESPACE, LOCAL_NAMESPACE = "reactor-system", "bench-local"
@@ -48,11 +49,8 @@ def kubectl(cluster: NodeCluster, *args: str, input: str | None = None) -> str:
 
 
 def manifest(name: str, namespace: str, url: str, config: dict) -> str:
-    return json.dumps({
-        "apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask", "metadata": {"name": name, "namespace": namespace},
-        "spec": {"prompt": f"{name}: fix add", "repository": {"url": url}, "resultBranch": f"reactor/{name}",
-                 "test": {"command": TEST_COMMAND}, "agent": {"config": config}, "timeout": "5m"},
-    })
+    return json.dumps(agent_task(name, url, config, namespace=namespace, resultBranch=f"reactor/{name}",
+                                 test={"command": TEST_COMMAND}, timeout="5m"))
 
 
 def apply_to_terminal(cluster: NodeCluster, api, namespace: str, name: str, url: str, config: dict) -> float:

@@ -1,4 +1,5 @@
-"""Shared fixtures: real git repositories, an engine with its own work dir, leak checks."""
+"""Shared fixtures: real git repositories, a work dir with a leak check, an engine of real cells.
+Their helpers live in reactor_dev.testing (no test module imports another)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.processes import find_marked_processes
+from reactor.workflow.engine import Engine
+from reactor_dev.testing.engine import engine_settings
 from reactor_dev.testing.repos import make_repo
 
-pytest_plugins = ["reactor_dev.testing.kube_fixtures"]
+# The control plane fixtures (crd_installed included), and the end-of-run report: the slowest
+# modules, and each group of tests skipped and why (a failure where CI is set).
+pytest_plugins = ["reactor_dev.testing.kube_fixtures", "reactor_dev.testing.suite_report"]
 
 # Servers of `reactor` subprocesses (CLI, operator) start on a machine this suite keeps busy.
 os.environ.setdefault("REACTOR_HEALTH_TIMEOUT", "60")
@@ -31,3 +36,11 @@ def work_dir(tmp_path: Path):
     for proc in leaked:  # end them so one failure does not cascade, then fail the test
         os.killpg(proc.pid, 9)
     assert not leaked, f"servers left running: {leaked}"
+
+
+@pytest.fixture
+def engine(work_dir: Path) -> Engine:
+    """An engine running real cells under ``work_dir``; every port released afterwards."""
+    engine = Engine(engine_settings(work_dir))
+    yield engine
+    assert engine.ports.held() == {}, "every port is released"

@@ -24,6 +24,7 @@ from reactor_dev.devcluster.controlplane import ControlPlane
 from reactor_dev.testing.operator_process import OperatorProcess
 from reactor_dev.testing.repos import git, make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.testing.tasks import agent_task
 
 def say(message: str) -> None:
     print(f"\n==> {message}", flush=True)
@@ -77,18 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    pid {operator.process.pid}, log {operator.log_path}")
 
         say("kubectl apply -f task.yaml")
-        task = {
-            "apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask",
-            "metadata": {"name": "fix-calc", "namespace": "demo"},
-            "spec": {
-                "description": "Fix add()",
-                "prompt": "fix-calc: the test in test_calc.py fails; fix add() in calc.py.",
-                "repository": {"url": f"file://{repo}", "branch": "main"},
-                "test": {"command": "python3 -m pytest -q"},
-                "agent": {"config": model.opencode_config()},
-                "timeout": "5m",
-            },
-        }
+        task = agent_task("fix-calc", repo, model, namespace="demo", description="Fix add()",
+                          prompt="fix-calc: the test in test_calc.py fails; fix add() in calc.py.", timeout="5m")
         print("    " + kubectl("apply", "-f", "-", input=json.dumps(task)).stdout.strip())
 
         say("Following the task")

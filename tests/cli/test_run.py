@@ -106,6 +106,10 @@ def test_not_a_repository_fails_with_exit_1_and_leaves_nothing(tmp_path, work_di
     plain.mkdir()
     out = reactor("run", "--task", "T", "--prompt", "x", "--test-cmd", "true", work_dir=work_dir, cwd=plain, timeout=60)
     assert out.returncode == 1 and "is not a git repository" in out.stdout
+    assert find_marked_processes(str(work_dir.resolve())) == [], "no server was started"
+    # Its transcript (what happened, for `reactor logs`) is all it keeps: no worktree, no cell state.
+    assert [p for p in work_dir.rglob("*") if p.is_file() and "transcripts" not in p.parts] == []
+    assert list(plain.iterdir()) == [], "the directory was not touched"
 
 
 def test_cleanup_after_a_crashed_run(repo, work_dir, config_file):

@@ -12,7 +12,8 @@ from reactor_dev.testing.fleet import all_terminal, apply_all, fix_task, fleet_a
 from reactor_dev.testing.operator_process import operators
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
 from reactor_dev.testing.repos import git, make_repo
-from tests.deploy.conftest import EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all, ok
+from reactor_dev.testing.shipped import EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all
+from reactor_dev.testing.tasks import ok
 
 FLEET = MANIFESTS.parent / "manifests-fleet"
 

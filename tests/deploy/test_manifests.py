@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from reactor import OPENCODE_VERSION
-from tests.deploy.conftest import EXAMPLES, MANIFESTS, ROOT, load_all, ok
+from reactor_dev.testing.shipped import EXAMPLES, MANIFESTS, ROOT, load_all
+from reactor_dev.testing.tasks import ok
 
 EXAMPLE_FILES = ["task.yaml", "parallel.yaml", "secrets.yaml", "spendlimit.yaml", "monitoring/logs-reader-rbac.yaml"]
 

@@ -15,10 +15,10 @@ import yaml
 from reactor_dev.devcluster.controlplane import ControlPlane
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, text
 from reactor_dev.testing.repos import git, make_repo
-from tests.deploy.conftest import EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all, ok
-from tests.kube.conftest import install_crds
+from reactor_dev.testing.shipped import EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all
+from reactor_dev.testing.helpers import install_crds
 from reactor_dev.testing.operator_process import OperatorProcess, operators
-from tests.kube.test_operator import task_manifest
+from reactor_dev.testing.tasks import agent_task, ok
 
 TENANT_RBAC = EXAMPLES / "tenant" / "rbac.yaml"
 # The agent proves the task's Secret reached its server's environment: the fix only
@@ -82,9 +82,9 @@ def test_operator_as_serviceaccount_runs_a_task_to_succeeded(as_serviceaccount, 
     op = as_serviceaccount()
     main_before = git(app_repo, "rev-parse", "main")
     with ScriptedModel([Scenario("rbac-ok:", [FIX_IF_SECRET, text("Fixed.")])]) as model:
-        good = task_manifest("rbac-ok", app_repo, model, agent={
+        good = agent_task("rbac-ok", app_repo, model, timeout="3m", agent={
             "config": model.opencode_config(), "envFrom": [{"secretRef": {"name": "model-api-keys"}}]})
-        denied = task_manifest("rbac-unlisted-secret", app_repo, model, agent={
+        denied = agent_task("rbac-unlisted-secret", app_repo, model, timeout="3m", agent={
             "config": model.opencode_config(), "envFrom": [{"secretRef": {"name": "unlisted"}}]})
         applied = time.monotonic()
         ok(cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(good)))
@@ -133,7 +133,7 @@ def test_without_the_status_rule_the_operator_names_the_missing_permission(
         op = as_serviceaccount()
         with ScriptedModel([Scenario("no-status:", [text("Nothing to do.")])]) as model:
             ok(cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                               input=json.dumps(task_manifest("no-status", app_repo, model))))
+                               input=json.dumps(agent_task("no-status", app_repo, model, timeout="3m"))))
             expected = 'cannot patch resource "agenttasks/status" in API group "reactor.dev"'
             deadline = time.monotonic() + 180
             while expected not in op.log_path.read_text(errors="replace"):
@@ -200,7 +200,7 @@ def test_the_audit_log_shows_every_rule_used_and_nothing_else_needed(kube_assets
         kubeconfig = cluster.kubeconfig_for(SA_USER, SA_GROUPS, tmp_path / "reactor-sa.kubeconfig")
         op = OperatorProcess(cluster, namespace, work_dir, kubeconfig=kubeconfig).start()
         with ScriptedModel([Scenario("audited:", [FIX_IF_SECRET, text("Fixed.")])]) as model:
-            task = task_manifest("audited", app_repo, model, agent={
+            task = agent_task("audited", app_repo, model, timeout="3m", agent={
                 "config": model.opencode_config(), "envFrom": [{"secretRef": {"name": "model-api-keys"}}]})
             ok(cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(task)))
             obj = op.wait_terminal("audited", timeout=300)

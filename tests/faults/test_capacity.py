@@ -1,20 +1,23 @@
-"""Fault matrix, capacity: 12 tasks under --max-agents 3 (never more than 3 cells, counted
-where it happens: the model's open requests)."""
+"""Fault matrix, capacity: 3 tasks under --max-agents 2 (never more than 2 cells, counted
+where it happens: the model's open requests; the third waits, saying why). The limit is a
+count, so two cells prove it as well as twelve; the admission rule itself is unit-tested
+(tests/unit/test_capacity.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from reactor_dev.testing.scripted_model import Scenario, edit, text
-from tests.faults.conftest import Matrix, condition
+from reactor_dev.testing.matrix import Matrix
+from reactor_dev.testing.tasks import condition
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
-TASKS, LIMIT = 12, 3
+TASKS, LIMIT = 3, 2
 
 
-def test_twelve_tasks_never_more_than_three_cells(matrix: Matrix):
+def test_never_more_cells_than_max_agents_and_the_rest_wait(matrix: Matrix):
     matrix.start_operator("--port-range", "23400-23500", "--max-agents", str(LIMIT))
     rows = []
     for i in range(TASKS):

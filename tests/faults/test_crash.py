@@ -12,7 +12,8 @@ import pytest
 from reactor.infra.processes import find_marked_processes
 from reactor_dev.testing.helpers import wait_for
 from reactor_dev.testing.scripted_model import Scenario, edit, hang, text
-from tests.faults.conftest import Matrix, Row, condition, held_boot_binary, process_alive
+from reactor_dev.testing.matrix import Matrix, Row, held_boot_binary, process_alive
+from reactor_dev.testing.tasks import condition
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]

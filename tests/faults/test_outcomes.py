@@ -9,12 +9,14 @@ import json
 import pytest
 
 from reactor_dev.testing.scripted_model import Scenario, bash, edit, fail, text
-from tests.faults.conftest import Matrix, Row, condition
+from reactor_dev.testing.matrix import Matrix, Row
+from reactor_dev.testing.tasks import condition
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 FIX = edit("calc.py", "return a - b", "return a + b")
+WRONG_FIX = edit("calc.py", "return a - b", "return a * b")
 MEGABYTES = 20
 
 
@@ -29,6 +31,7 @@ def outcomes(matrix: Matrix) -> dict[str, Row]:
 
     rows = [
         row("ok", [FIX, text("Fixed.")]),
+        row("tests-fail", [WRONG_FIX, text("Done.")]),
         # OpenCode retries a failing provider itself (retry-after honoured), then R3 twice more.
         row("model-500", [fail(500, times=1000, retry_after=0.05)]),
         row("model-429", [fail(429, times=2, retry_after=2), FIX, text("Fixed.")]),
@@ -65,10 +68,15 @@ def verdict(row: Row) -> tuple[str, str, str]:
 def test_a_fix_is_pushed_once(outcomes, matrix):
     row = outcomes["ok"]
     phase, reason, message = verdict(row)
-    assert (phase, reason) == ("Succeeded", "Committed")
-    result = row.final["status"]["result"]
+    assert (phase, reason) == ("Succeeded", "Committed") and condition(row.final)["status"] == "True"
+    status = row.final["status"]
+    result = status["result"]
     assert result["pushed"] is True and row.origin.head(row.branch) == result["commit"]
+    assert result["filesChanged"] == ["calc.py"] and result["testExitCode"] == 0
     assert "pushed" in message and result["commit"][:12] in message
+    assert status["usage"]["inputTokens"] > 0
+    assert status["observedGeneration"] == row.final["metadata"]["generation"]
+    assert status.get("cell") is None, "the cell is gone"
     reasons = [e["reason"] for e in matrix.events(row)]
     confinement = [r for r in reasons if r in ("Confined", "Unconfined")]
     assert len(confinement) == 1, f"the run says once whether its cell is confined: {reasons}"
@@ -78,7 +86,21 @@ def test_a_fix_is_pushed_once(outcomes, matrix):
     # One Event per phase (Events carry one-second timestamps: compare as multisets).
     assert sorted(r for r in reasons if r not in confinement + milestones) == sorted(
         ["Bootstrapping", "Executing", "Testing", "Committing", "Pushing", "TearingDown", "Succeeded"]), reasons
+    # `kubectl get agenttasks` shows the verdict and the commit.
+    line = next(line for line in matrix.cluster.kubectl("get", "-n", matrix.namespace, "agenttasks").stdout.splitlines()
+                if line.split()[0] == "ok")
+    assert "Succeeded" in line and result["shortCommit"] in line, line
     matrix.assert_nothing_left(row, pushed=True)
+
+
+def test_failing_tests_end_failed_and_nothing_is_pushed(outcomes, matrix):
+    row = outcomes["tests-fail"]
+    phase, reason, message = verdict(row)
+    assert (phase, reason) == ("Failed", "TestsFailed") and condition(row.final)["status"] == "False"
+    result = row.final["status"]["result"]
+    assert result["pushed"] is False and result.get("commit") is None
+    assert any(e["reason"] == "Failed" and e["type"] == "Warning" for e in matrix.events(row))
+    matrix.assert_nothing_left(row, pushed=False)
 
 
 def test_model_failing_until_opencode_gives_up(outcomes, matrix):
@@ -185,6 +207,8 @@ def test_a_push_the_repository_refuses(outcomes, matrix):
 
 
 def test_nothing_of_the_module_is_left(outcomes, matrix):
-    for row in outcomes.values():
-        assert matrix.get(row) is None or row.final is not None
+    """Every row's test deleted its task (finalizer released); none of them is left, nor a
+    port of the operator's range, nor a server of its work dir."""
+    left = [row.name for row in outcomes.values() if matrix.get(row) is not None]
+    assert left == [], f"tasks still there: {left}"
     matrix.assert_range_free()

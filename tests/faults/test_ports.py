@@ -7,7 +7,8 @@ import socket
 import pytest
 
 from reactor_dev.testing.scripted_model import Scenario, edit, text
-from tests.faults.conftest import Matrix, condition
+from reactor_dev.testing.matrix import Matrix
+from reactor_dev.testing.tasks import condition
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from reactor_dev.testing.scripted_model import Scenario, empty, hang, write
-from tests.faults.conftest import Matrix, Row, condition
+from reactor_dev.testing.matrix import Matrix, Row
+from reactor_dev.testing.tasks import condition
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from tests.kube.conftest import agenttask, kubectl_apply
+from reactor_dev.testing.tasks import agent_task, kubectl_apply
 
 
 def test_a_valid_task_is_accepted_with_defaults(crd_installed, namespace):
-    out = kubectl_apply(crd_installed, namespace, agenttask("ok"))
+    out = kubectl_apply(crd_installed, namespace, agent_task("ok"))
     assert out.returncode == 0, out.stderr
     got = json.loads(crd_installed.kubectl("get", "-n", namespace, "agenttask", "ok", "-o", "json").stdout)
     assert got["spec"]["repository"]["push"] is True
@@ -35,14 +35,14 @@ def test_a_valid_task_is_accepted_with_defaults(crd_installed, namespace):
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(crd_installed, namespace, overrides, field, why):
-    out = kubectl_apply(crd_installed, namespace, agenttask("bad", **overrides))
+    out = kubectl_apply(crd_installed, namespace, agent_task("bad", **overrides))
     assert out.returncode != 0
     assert field in out.stderr and why in out.stderr, out.stderr
     assert crd_installed.kubectl("get", "-n", namespace, "agenttask", "bad").returncode != 0, "nothing was stored"
 
 
 def test_spec_is_immutable_and_reapplying_the_same_manifest_changes_nothing(crd_installed, namespace):
-    task = agenttask("frozen")
+    task = agent_task("frozen")
     assert kubectl_apply(crd_installed, namespace, task).returncode == 0
     before = json.loads(crd_installed.kubectl("get", "-n", namespace, "at", "frozen", "-o", "json").stdout)
     again = kubectl_apply(crd_installed, namespace, task)
@@ -50,14 +50,14 @@ def test_spec_is_immutable_and_reapplying_the_same_manifest_changes_nothing(crd_
     after = json.loads(crd_installed.kubectl("get", "-n", namespace, "at", "frozen", "-o", "json").stdout)
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
 
-    changed = agenttask("frozen", prompt="Something else")
+    changed = agent_task("frozen", prompt="Something else")
     out = kubectl_apply(crd_installed, namespace, changed)
     assert out.returncode != 0
     assert "spec is immutable: create a new AgentTask" in out.stderr, out.stderr
 
 
 def test_printer_columns(crd_installed, namespace):
-    assert kubectl_apply(crd_installed, namespace, agenttask("cols")).returncode == 0
+    assert kubectl_apply(crd_installed, namespace, agent_task("cols")).returncode == 0
     status = {"status": {"phase": "Succeeded", "result": {"outcome": "committed", "shortCommit": "abc1234"},
                          "usage": {"cost": 0.0123, "costDisplay": "$0.0123"}, "cell": {"port": 8001},
                          "progress": {"costDisplay": "$0.0123", "activity": "idle", "totalTokens": 900},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from reactor_dev.testing.helpers import wait_for
-from tests.kube.conftest import CRDS
+from reactor_dev.testing.shipped import CRDS
 
 
 def _undescribed(schema: dict, path: str) -> list[str]:

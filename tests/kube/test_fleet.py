@@ -17,7 +17,7 @@ import pytest
 from reactor.kube.fleet import LEASE_PREFIX, ClaimLost, FleetSettings, ReplicaLeases
 from reactor.kube.resource import GROUP, PLURAL, VERSION, ClaimStatus, TaskRef
 from reactor.kube.status import StatusWriter, TaskStatus
-from tests.kube.conftest import agenttask
+from reactor_dev.testing.tasks import agent_task
 
 LEASE = 4.0  # seconds: short, but renewals (every 0.8 s) survive a busy 2-core machine
 
@@ -33,7 +33,7 @@ def api_client(cluster, server: str | None = None) -> kubernetes.client.ApiClien
 @pytest.fixture
 def task(crd_installed, namespace, kube_api) -> TaskRef:
     custom = kubernetes.client.CustomObjectsApi(kube_api)
-    body = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, agenttask("shared"))
+    body = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, agent_task("shared"))
     return TaskRef.from_body(body)
 
 

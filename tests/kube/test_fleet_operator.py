@@ -50,16 +50,16 @@ def origin(tmp_path) -> Path:
 
 
 @pytest.fixture
-def fleet(crd_installed, namespace, tmp_path):
-    """``start(index, *args)`` runs replica r<index> with its own work dir and port range.
+def replica(crd_installed, namespace, tmp_path):
+    """``replica(index, *args)`` starts replica r<index> with its own work dir and port range.
     Afterwards no server of any replica may be left."""
     work_dirs: list[Path] = []
     with operators(crd_installed, namespace, tmp_path / "unused") as start:
-        def replica(index: int, *args: str):
+        def start_replica(index: int, *args: str):
             work = tmp_path / f"replica-{index}"
             work_dirs.append(work)
             return start(*fleet_args(index, namespace, LEASE, *args), work_dir=work)
-        yield replica
+        yield start_replica
     leaked = [p for work in work_dirs for p in find_marked_processes(str(work.resolve()))]
     for process in leaked:
         os.killpg(process.pid, signal.SIGKILL)
@@ -80,15 +80,17 @@ def pushes(origin: Path, branch: str) -> list[str]:
     return out.splitlines()
 
 
-def test_three_replicas_share_24_tasks_each_run_once_and_pushed_once(fleet, crd_installed, namespace, origin,
-                                                                      tmp_path):
-    replicas = [fleet(i, "--max-agents=2") for i in range(3)]
+def test_three_replicas_share_nine_tasks_each_run_once_and_pushed_once(replica, crd_installed, namespace, origin,
+                                                                        tmp_path):
+    replicas = [replica(i, "--max-agents=2") for i in range(3)]
     work_dirs = {f"r{i}": r.work_dir for i, r in enumerate(replicas)}
-    names = [f"t{i:02d}" for i in range(24)]
+    # Nine tasks for six slots: every replica gets work, some wait for a free slot (the
+    # oldest first), and more than one replica's worth runs at once.
+    names = [f"t{i:02d}" for i in range(9)]
     with ScriptedModel([Scenario(f"{n}:", [FIX, text("Fixed.")]) for n in names], latency=LATENCY) as model:
         started = time.monotonic()
         apply_all(crd_installed, namespace, [manifest(n, origin, model) for n in names])
-        objs = wait_until(lambda: all_terminal(crd_installed, namespace, len(names)), 600, "all 24 terminal",
+        objs = wait_until(lambda: all_terminal(crd_installed, namespace, len(names)), 600, "all terminal",
                           lambda: "\n".join(r.log()[-3000:] for r in replicas))
         took = time.monotonic() - started
         talks = conversations(model.requests)
@@ -109,9 +111,9 @@ def test_three_replicas_share_24_tasks_each_run_once_and_pushed_once(fleet, crd_
     by_replica: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for name in names:
         (cell, span), = talks[name].items()
-        replica = replica_of(cell, work_dirs)
-        assert objs[name]["status"]["claim"]["replica"] == replica
-        by_replica[replica].append(span)
+        owner = replica_of(cell, work_dirs)
+        assert objs[name]["status"]["claim"]["replica"] == owner
+        by_replica[owner].append(span)
     assert set(by_replica) == {"r0", "r1", "r2"}, {r: len(s) for r, s in by_replica.items()}
     assert all(most_at_once(spans) <= 2 for spans in by_replica.values())
     overall = most_at_once([span for spans in by_replica.values() for span in spans])
@@ -125,7 +127,7 @@ def test_three_replicas_share_24_tasks_each_run_once_and_pushed_once(fleet, crd_
     # `kubectl get -o wide` shows who ran what.
     wide = crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide").stdout
     assert "REPLICA" in wide.splitlines()[0] and all(f"r{i}" in wide for i in range(3))
-    print(f"\n24 tasks on 3 replicas x 2 agents: {took:.1f}s; per replica "
+    print(f"\n{len(names)} tasks on 3 replicas x 2 agents: {took:.1f}s; per replica "
           f"{ {r: len(s) for r, s in sorted(by_replica.items())} }; at once {overall}")
 
 
@@ -135,9 +137,9 @@ def _seconds(stamp: str) -> float:
     return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
 
 
-def test_a_killed_replicas_tasks_are_adopted_and_finish(fleet, crd_installed, namespace, origin):
-    replicas = [fleet(i, "--max-agents=2") for i in range(3)]
-    names = [f"k{i}" for i in range(9)]
+def test_a_killed_replicas_tasks_are_adopted_and_finish(replica, crd_installed, namespace, origin):
+    replicas = [replica(i, "--max-agents=2") for i in range(3)]
+    names = [f"k{i}" for i in range(6)]  # every slot of the three replicas busy when r1 dies
     # Long enough turns that the victim is mid-run when it dies.
     scenarios = [Scenario(f"{n}:", [FIX, text("Fixed.")]) for n in names]
     with ScriptedModel(scenarios, latency=3.0) as model:
@@ -186,9 +188,9 @@ def lease_holder(cluster, namespace: str, replica: str) -> str | None:
     return json.loads(out.stdout)["spec"].get("holderIdentity") if out.returncode == 0 else None
 
 
-def test_a_replica_that_slept_through_its_lease_stops_its_cells_and_changes_nothing(fleet, crd_installed, namespace,
+def test_a_replica_that_slept_through_its_lease_stops_its_cells_and_changes_nothing(replica, crd_installed, namespace,
                                                                                      origin):
-    replicas = {"r0": fleet(0, "--max-agents=1"), "r1": fleet(1, "--max-agents=1")}
+    replicas = {"r0": replica(0, "--max-agents=1"), "r1": replica(1, "--max-agents=1")}
     with ScriptedModel([Scenario("nap:", [FIX, text("Fixed.")])], latency=4.0) as model:
         apply_all(crd_installed, namespace, [manifest("nap", origin, model)])
         # Whichever replica claims it is frozen mid-turn (the model holds its answer for 4 s).
@@ -226,9 +228,9 @@ def test_a_replica_that_slept_through_its_lease_stops_its_cells_and_changes_noth
 def test_memory_admission_keeps_cells_within_a_small_simulated_limit(crd_installed, namespace, origin, tmp_path):
     """--memory-limit 1550Mi with cells estimated at 600Mi: the operator (~100 MiB) plus two
     cells (their peaks reserved) fit, a third does not, although --max-agents allows 6 (all
-    five tasks arrive at once: without admission all five would talk to the model at once)."""
+    three tasks arrive at once: without admission all three would talk to the model at once)."""
     work = tmp_path / "work"
-    names = [f"m{i}" for i in range(5)]
+    names = [f"m{i}" for i in range(3)]
     with operators(crd_installed, namespace, work) as start, \
             ScriptedModel([Scenario(f"{n}:", [FIX, text("Fixed.")]) for n in names], latency=LATENCY) as model:
         op = start("--max-agents=6", "--memory-limit=1550Mi", "--cell-memory=600Mi", "--health-timeout=90s")

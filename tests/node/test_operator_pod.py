@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import threading
@@ -22,20 +23,13 @@ import yaml
 from reactor_dev.devcluster.node import NodeCluster
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.worktrees import repository_key
-from reactor_dev.testing.attacks import REPORT, Targets, attack_step
+from reactor_dev.testing.attacks import REPORT, Targets, assert_every_attempt_blocked, attack_step
+from reactor_dev.testing.node import NAMESPACE, POD_MOUNT, chown_tree, get_json, host_path
 from reactor_dev.testing.repos import make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, set_event, text, write
 from reactor_dev.testing.scripted_model import wait_for as wait_for_event
-from tests.security.test_confinement import assert_every_attempt_blocked
-from tests.node.conftest import (
-    NAMESPACE,
-    POD_MOUNT,
-    ROOT,
-    chown_tree,
-    get_json,
-    host_path,
-    kubectl_ok,
-)
+from reactor_dev.testing.shipped import ROOT
+from reactor_dev.testing.tasks import agent_task, condition, kubectl_ok, reason, terminal
 
 SA_USER = f"system:serviceaccount:{NAMESPACE}:reactor"
 SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # the operator's credential, in its pod
@@ -110,17 +104,8 @@ def fingerprint(git_dir: Path, ignore_refs: tuple[str, ...] = ()) -> dict[str, s
 
 
 def task(name: str, url: str, model: ScriptedModel, **spec) -> dict:
-    body = {
-        "description": "Fix add",
-        "prompt": f"{name}: fix add() in calc.py so the tests pass",
-        "repository": {"url": url, "branch": "main"},
-        "test": {"command": TEST_COMMAND, "timeout": "2m"},
-        "agent": {"config": model.opencode_config()},
-        "timeout": "5m",
-    }
-    body.update(spec)
-    return {"apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask",
-            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": body}
+    return agent_task(name, url, model, namespace=NAMESPACE, **{
+        "test": {"command": TEST_COMMAND, "timeout": "2m"}, "timeout": "5m", **spec})
 
 
 def apply(cluster: NodeCluster, obj: dict) -> None:
@@ -143,18 +128,6 @@ def wait_for(cluster: NodeCluster, name: str, predicate, what: str, timeout: flo
             raise AssertionError(f"{name}: {what} not reached in {timeout}s; status: "
                                  f"{json.dumps((obj or {}).get('status'), indent=1)}\noperator log:\n{logs}")
         time.sleep(0.2)
-
-
-def terminal(obj: dict | None) -> bool:
-    return bool(obj) and (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-
-
-def condition(obj: dict, type_: str) -> dict:
-    return next(c for c in obj["status"]["conditions"] if c["type"] == type_)
-
-
-def reason(obj: dict) -> str:
-    return condition(obj, "Succeeded")["reason"]
 
 
 def operator_pod(cluster: NodeCluster) -> dict:
@@ -216,35 +189,7 @@ def test_shipped_manifests_run_the_operator_restricted_and_live(deployed):
     assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
 
 
-def test_a_task_succeeds_run_by_the_pod_with_its_service_account(deployed, model, repo_url):
-    cluster, (url, bare) = deployed, repo_url
-    model.script.add(Scenario("fix-in-pod:", [FIX, text("Fixed.")]))
-    started = time.monotonic()
-    apply(cluster, task("fix-in-pod", url, model))
-    obj = wait_for(cluster, "fix-in-pod", terminal, "a terminal phase")
-    print(f"\napply -> Succeeded in the pod: {time.monotonic() - started:.1f}s")
-    status = obj["status"]
-    assert status["phase"] == "Succeeded", status
-    assert status["result"]["pushed"] is True
-    assert status["result"]["commit"] == rev_parse(bare, "reactor/fix-in-pod")
-    assert any(r.get("scenario") == "fix-in-pod:" for r in model.requests), "the pod's cell reached the model"
-    # Every write to the task came from the operator's ServiceAccount token, none from an admin.
-    writers = {e["user"]["username"] for e in cluster.audit_events()
-               if (e.get("objectRef") or {}).get("name") == "fix-in-pod"
-               and e["objectRef"].get("resource") == "agenttasks" and e["verb"] in ("patch", "update")}
-    assert writers == {SA_USER}, writers
-    events = [e for e in get_json(cluster, "events", "-n", NAMESPACE)["items"]
-              if e["involvedObject"]["name"] == "fix-in-pod"]
-    assert {"Bootstrapping", "Executing", "Testing", "Committing", "Succeeded"} <= {e["reason"] for e in events}
-    posted_by = {e["user"]["username"] for e in cluster.audit_events()
-                 if (e.get("objectRef") or {}).get("resource") == "events" and e["verb"] == "create"
-                 and (e.get("objectRef") or {}).get("namespace") == NAMESPACE}
-    assert SA_USER in posted_by
-    logs = kubectl_ok(cluster, "logs", "-n", NAMESPACE, "deployment/reactor")
-    for phase in ("Bootstrapping", "Executing", "Testing", "Committing", "Succeeded"):
-        assert re.search(rf"fix-in-pod.*{phase}|{phase}.*fix-in-pod", logs), f"no {phase} line in the pod's log"
-
-
+@pytest.mark.needs("landlock")
 def test_confinement_holds_in_the_pod(deployed, model, repo_url, volume):
     """A hostile task beside a victim that holds a model key from its own Secret, inside the
     operator pod (seccomp RuntimeDefault, no capabilities, read-only root): every attempt on
@@ -294,41 +239,74 @@ def test_confinement_holds_in_the_pod(deployed, model, repo_url, volume):
     assert operator_pod(cluster)["status"]["containerStatuses"][0]["restartCount"] == 0, "the operator lives"
 
 
-def test_a_cell_out_of_memory_fails_its_task_and_spares_the_rest(deployed, model, repo_url, volume):
-    """The hog's test command allocates past the pod's 3Gi limit. The kernel must pick it
-    (cells raise their oom_score_adj), not the operator or another cell."""
+@pytest.fixture(scope="module")
+def bystander_and_hog(deployed, model, repo_url, volume) -> dict:
+    """One run for two tests: the bystander, an ordinary task, is mid-test (waiting for a file
+    only this fixture creates) while the hog's test command allocates past the pod's 3Gi
+    limit; then the bystander finishes."""
     cluster, (url, _) = deployed, repo_url
     pod_before = operator_pod(cluster)
-    # The bystander waits in its test run for a file only this test creates: it is alive
-    # and mid-test while the hog runs.
     model.script.add(Scenario("bystander:", [FIX, text("Fixed.")]))
+    started = time.monotonic()
     apply(cluster, task("bystander", url, model, resultBranch="reactor/bystander", test={
         "command": f"while [ ! -e .release ]; do sleep 0.1; done; {TEST_COMMAND}", "timeout": "4m"}))
-    bystander = wait_for(cluster, "bystander", lambda o: o and o.get("status", {}).get("phase") == "Testing",
-                         "Testing")
-    bystander_server = bystander["status"]["cell"]["serverPid"]
+    testing = wait_for(cluster, "bystander", lambda o: o and o.get("status", {}).get("phase") == "Testing", "Testing")
 
     model.script.add(Scenario("hog:", [write("notes.txt", "x\n"), text("Done.")]))
     hog_command = "python3 -c 'chunks = [bytearray(64 << 20) for _ in range(64)]; print(len(chunks))'"
     apply(cluster, task("hog", url, model, resultBranch="reactor/hog", test={"command": hog_command}))
     hog = wait_for(cluster, "hog", terminal, "a terminal phase")
+    pod_after = operator_pod(cluster)
+    still = get_task(cluster, "bystander")
+    if still["status"].get("cell"):
+        (host_path(volume, still["status"]["cell"]["worktree"]) / ".release").touch()
+    done = wait_for(cluster, "bystander", terminal, "a terminal phase")
+    print(f"\napply -> Succeeded in the pod (held in Testing meanwhile): {time.monotonic() - started:.1f}s")
+    return {"pod_before": pod_before, "pod_after": pod_after, "testing": testing, "hog": hog, "still": still,
+            "done": done}
+
+
+def test_a_task_succeeds_run_by_the_pod_with_its_service_account(deployed, model, repo_url, bystander_and_hog):
+    cluster, (_, bare) = deployed, repo_url
+    status = bystander_and_hog["done"]["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["attempts"] == 1
+    assert status["result"]["pushed"] is True
+    assert status["result"]["commit"] == rev_parse(bare, "reactor/bystander")
+    assert any(r.get("scenario") == "bystander:" for r in model.requests), "the pod's cell reached the model"
+    # Every write to the task came from the operator's ServiceAccount token, none from an admin.
+    writers = {e["user"]["username"] for e in cluster.audit_events()
+               if (e.get("objectRef") or {}).get("name") == "bystander"
+               and e["objectRef"].get("resource") == "agenttasks" and e["verb"] in ("patch", "update")}
+    assert writers == {SA_USER}, writers
+    events = [e for e in get_json(cluster, "events", "-n", NAMESPACE)["items"]
+              if e["involvedObject"]["name"] == "bystander"]
+    assert {"Bootstrapping", "Executing", "Testing", "Committing", "Succeeded"} <= {e["reason"] for e in events}
+    posted_by = {e["user"]["username"] for e in cluster.audit_events()
+                 if (e.get("objectRef") or {}).get("resource") == "events" and e["verb"] == "create"
+                 and (e.get("objectRef") or {}).get("namespace") == NAMESPACE}
+    assert SA_USER in posted_by
+    logs = kubectl_ok(cluster, "logs", "-n", NAMESPACE, "deployment/reactor")
+    for phase in ("Bootstrapping", "Executing", "Testing", "Committing", "Succeeded"):
+        assert re.search(rf"bystander.*{phase}|{phase}.*bystander", logs), f"no {phase} line in the pod's log"
+
+
+def test_a_cell_out_of_memory_fails_its_task_and_spares_the_rest(bystander_and_hog):
+    """The hog's test command allocates past the pod's 3Gi limit. The kernel must pick it
+    (cells raise their oom_score_adj), not the operator or another cell."""
+    run = bystander_and_hog
+    hog = run["hog"]
     assert hog["status"]["phase"] == "Failed"
     assert reason(hog) == "OutOfMemory", hog["status"]
     assert "out-of-memory" in hog["status"]["message"]
     assert hog["status"]["result"]["testExitCode"] == 137
-
     # The operator lived through it: same pod, never restarted, still answering.
-    pod_after = operator_pod(cluster)
-    assert pod_after["metadata"]["uid"] == pod_before["metadata"]["uid"]
-    assert pod_after["status"]["containerStatuses"][0]["restartCount"] == 0
-    # ... and so did the other cell, which now finishes its run.
-    still = get_task(cluster, "bystander")
-    assert still["status"]["phase"] == "Testing" and still["status"]["cell"]["serverPid"] == bystander_server
-    release = host_path(volume, still["status"]["cell"]["worktree"]) / ".release"
-    release.touch()
-    done = wait_for(cluster, "bystander", terminal, "a terminal phase")
-    assert done["status"]["phase"] == "Succeeded", done["status"]
-    assert done["status"]["attempts"] == 1
+    assert run["pod_after"]["metadata"]["uid"] == run["pod_before"]["metadata"]["uid"]
+    assert run["pod_after"]["status"]["containerStatuses"][0]["restartCount"] == 0
+    # ... and so did the other cell, mid-test all along, which then finished its run.
+    still = run["still"]["status"]
+    assert still["phase"] == "Testing" and still["cell"]["serverPid"] == run["testing"]["status"]["cell"]["serverPid"]
+    assert run["done"]["status"]["phase"] == "Succeeded" and run["done"]["status"]["attempts"] == 1
 
 
 def test_deleting_the_operator_pod_mid_task_the_new_pod_finishes_it(deployed, model, repo_url, volume):
@@ -364,8 +342,8 @@ def test_make_undeploy_removes_everything_tasks_first(deployed, model, repo_url)
     wait_for(cluster, "last", lambda o: o and o.get("status", {}).get("phase") == "Executing", "Executing")
     kubectl = Path(cluster.assets.kubectl)
     out = subprocess.run(["make", "--no-print-directory", "undeploy"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**__import__("os").environ, "KUBECONFIG": str(cluster.kubeconfig_path),
-                                           "PATH": f"{kubectl.parent}:{__import__('os').environ['PATH']}"})
+                         timeout=300, env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path),
+                                           "PATH": f"{kubectl.parent}:{os.environ['PATH']}"})
     assert out.returncode == 0, out.stderr + out.stdout
     lines = out.stdout.splitlines()
     first_task = next(i for i, line in enumerate(lines) if "agenttask" in line and "deleted" in line)

@@ -30,7 +30,7 @@ from reactor_dev.testing.kube_fixtures import temporary_namespace
 from reactor_dev.testing.operator_process import free_port, operators
 from reactor_dev.testing.repos import git, make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text, write
-from tests.kube.test_operator import task_manifest
+from reactor_dev.testing.tasks import agent_task, condition, kubectl_ok
 
 pytestmark = pytest.mark.opencode
 
@@ -56,16 +56,6 @@ def host_ip() -> str:
             if address.family == socket.AF_INET and not address.address.startswith("127."):
                 return address.address
     pytest.fail("no non-loopback IPv4 address on this machine: the service proxy needs one")
-
-
-def condition(obj: dict) -> dict:
-    return next(c for c in obj["status"]["conditions"] if c["type"] == "Succeeded")
-
-
-def kubectl_ok(cluster, *args, input=None) -> str:
-    out = cluster.kubectl(*args, input=input)
-    assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
-    return out.stdout
 
 
 class LogsFollower:
@@ -152,7 +142,8 @@ def observed(crd_installed, module_namespace, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prometheus(observed, tmp_path_factory):
-    """Debian's Prometheus scraping the operator every second."""
+    """Debian's Prometheus scraping the operator every second (its counters hold what the
+    tasks did, whether it scraped during their run or after)."""
     root = tmp_path_factory.mktemp("prometheus")
     target = observed["url"].removeprefix("http://")
     (root / "prometheus.yml").write_text(json.dumps({
@@ -189,16 +180,16 @@ def prometheus(observed, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_tasks(observed, prometheus, tmp_path_factory):
+def two_tasks(observed, tmp_path_factory):
     """Two tasks at once: `obs-live` (its first tool call held until released, with a
     Secret in its environment) and `obs-budget` (a runaway agent with maxTokens 100000)."""
     cluster, namespace, op = observed["cluster"], observed["namespace"], observed["operator"]
     repo = make_repo(tmp_path_factory.mktemp("observe-repo") / "app")
     live = Scenario("obs-live:", [bash(WAIT), bash("echo token=$TEAM_TOKEN"), FIX, text("Fixed add().")])
     with ScriptedModel([live, runaway("obs-budget:")]) as model:
-        live_task = task_manifest("obs-live", repo, model, agent={
+        live_task = agent_task("obs-live", repo, model, timeout="3m", agent={
             "config": model.opencode_config(), "envFrom": [{"secretRef": {"name": "team-keys"}}]})
-        budget_task = task_manifest("obs-budget", repo, model, budget={"maxTokens": 100000})
+        budget_task = agent_task("obs-budget", repo, model, timeout="3m", budget={"maxTokens": 100000})
         for task in (live_task, budget_task):
             kubectl_ok(cluster, "apply", "-n", namespace, "-f", "-", input=json.dumps(task))
 
@@ -282,6 +273,7 @@ def promql(prometheus: str, query: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
+@pytest.mark.needs("prometheus")
 def test_prometheus_scrapes_what_the_tasks_did(two_tasks, prometheus):
     ns = two_tasks["namespace"]
     done = two_tasks["done"]
@@ -324,6 +316,7 @@ def _pixels_near(image, box, rgb, tolerance: int = 12) -> int:
     return count
 
 
+@pytest.mark.needs("chromium")
 def test_the_fleet_page_in_headless_chromium(two_tasks, tmp_path):
     from PIL import Image
     from playwright.sync_api import sync_playwright
@@ -380,13 +373,13 @@ def test_a_namespace_spend_limit_stops_a_running_task_and_holds_new_ones_across_
         return json.loads(kubectl_ok(cluster, "get", "spendlimit", "team-cap", "-n", ns, "-o", "json"))
 
     with ScriptedModel([runaway("cap-hog:"), Scenario("cap-new:", [FIX, text("Fixed.")])]) as model:
-        kubectl_ok(cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(task_manifest("cap-hog", repo, model)))
+        kubectl_ok(cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(agent_task("cap-hog", repo, model, timeout="3m")))
         hog = op.wait_terminal("cap-hog", timeout=180)
         assert condition(hog)["reason"] == "SpendLimitExceeded", hog["status"]
         assert "namespace spend limit team-cap reached" in hog["status"]["message"]
         assert git(repo, "branch", "--list", "reactor/cap-hog") == ""
 
-        kubectl_ok(cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(task_manifest("cap-new", repo, model)))
+        kubectl_ok(cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(agent_task("cap-new", repo, model, timeout="3m")))
         held = op.wait_for("cap-new", lambda o: o and o.get("status", {}).get("phase") == "Pending"
                            and condition(o)["reason"] == "SpendLimitExceeded", what="held by the spend limit")
         assert "team-cap" in held["status"]["message"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reactor.workflow.engine import Engine
-from tests.workflow.conftest import engine_settings
+from reactor_dev.testing.engine import engine_settings
 
 
 @pytest.fixture
@@ -28,5 +28,3 @@ def confined_engine(work_dir: Path, secret_file: Path) -> Engine:
     yield engine
     assert engine.ports.held() == {}, "every port is released"
 
-
-from tests.kube.conftest import crd_installed  # noqa: E402,F401 - the operator tests' CRD fixture

@@ -6,7 +6,6 @@ victim's result must be unaffected. Real opencode, real git, real Landlock."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import subprocess
@@ -17,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.worktrees import repository_key
-from reactor_dev.testing.attacks import REPORT, Targets, attack_program, attack_step, parse_report
+from reactor_dev.testing.attacks import (REPORT, Targets, assert_every_attempt_blocked, attack_program, attack_step,
+                                        fingerprint)
 from reactor_dev.testing.repos import BUGGY_CALC, TEST_CALC, make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
 from reactor.workflow.tcr import run_task
@@ -28,13 +28,6 @@ pytestmark = pytest.mark.opencode
 
 FIX = edit("calc.py", "return a - b", "return a + b")
 FIXED_CALC = BUGGY_CALC.replace("a - b", "a + b")
-
-
-def fingerprint(git_dir: Path) -> dict[str, str]:
-    """What an attack on the shared repository would change: hooks, config, refs."""
-    hooks = sorted(p.name for p in (git_dir / "hooks").iterdir())
-    return {"hooks": ",".join(hooks), "config": hashlib.sha256((git_dir / "config").read_bytes()).hexdigest(),
-            "refs": git(git_dir, "for-each-ref", "--format=%(refname) %(objectname)")}
 
 
 def checkout_path(work_dir: Path, repo: Path, slot: str) -> Path:
@@ -50,21 +43,6 @@ def targets_for(repo: Path, work_dir: Path, tmp_path: Path, secret_file: Path, o
         protected_files=[str(secret_file)],
         operator_pid=operator_pid,
     )
-
-
-def assert_every_attempt_blocked(report_text: str, protected: list[str] = ("operator-credentials",),
-                                 ports: list[int] = ()) -> None:
-    report = parse_report(report_text)
-    expected = {"write-outside-worktree", "write-other-checkout", "write-source-hook", "write-source-config",
-                "move-base-branch-ref-file", "move-base-branch-git", "move-other-branch-git", "push-other-branch",
-                "read-foreign-environ", "signal-other-cell", "read-operator-environ", "signal-operator",
-                *(f"read-protected {name}" for name in protected), *(f"connect-port {port}" for port in ports)}
-    assert set(report) == expected, report_text
-    succeeded = {name: outcome for name, outcome in report.items() if not outcome.startswith("blocked")}
-    assert not succeeded, f"attacks that worked: {succeeded}"
-    for port in ports:  # refused by Landlock, not merely by nothing listening there
-        assert "PermissionError" in report[f"connect-port {port}"], report_text
-    assert "for all 0 " not in report["signal-other-cell"], "the other cell was running and was tried"
 
 
 def assert_shared_state_untouched(repo: Path, before: dict[str, str], tmp_path: Path) -> None:
@@ -86,6 +64,7 @@ def assert_victim_result(repo: Path, result) -> None:
     assert git(repo, "show", "reactor/VICTIM:calc.py") == FIXED_CALC.strip()
 
 
+@pytest.mark.needs("landlock")
 async def test_an_agent_attacking_from_its_bash_tool_reaches_nothing(repo, work_dir, tmp_path, secret_file,
                                                                      confined_engine):
     git(repo, "branch", "reactor/OLD")  # another task's finished result
@@ -112,6 +91,7 @@ async def test_an_agent_attacking_from_its_bash_tool_reaches_nothing(repo, work_
     assert worktrees_of(repo, work_dir) == []
 
 
+@pytest.mark.needs("landlock")
 async def test_the_repositorys_test_command_attacking_reaches_nothing(tmp_path, work_dir, secret_file,
                                                                       confined_engine):
     """The test command is the repository's own code: here it runs the hostile program
@@ -142,6 +122,7 @@ async def test_the_repositorys_test_command_attacking_reaches_nothing(tmp_path, 
     assert_shared_state_untouched(repo, before, tmp_path)
 
 
+@pytest.mark.needs("landlock")
 def test_reactor_run_parallel_with_an_attacker_beside_a_victim(repo, work_dir, tmp_path, secret_file):
     """`reactor run --parallel`: both cells in one Reactor process (the attacker's target
     for signals and /proc), the credential hidden by --protected-path."""

@@ -13,14 +13,13 @@ import pytest
 
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.worktrees import repository_key
-from reactor_dev.testing.attacks import REPORT, Targets, attack_step, parse_report
+from reactor_dev.testing.attacks import REPORT, Targets, assert_every_attempt_blocked, attack_step, fingerprint
 from reactor_dev.testing.helpers import free_port
 from reactor_dev.testing.operator_process import operators
 from reactor_dev.testing.repos import BUGGY_CALC, make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
 from reactor_dev.testing.repos import git
-from tests.kube.conftest import kubectl_apply
-from tests.security.test_confinement import assert_every_attempt_blocked, fingerprint
+from reactor_dev.testing.tasks import agent_task, condition, kubectl_apply
 
 pytestmark = pytest.mark.opencode
 
@@ -35,16 +34,10 @@ def operator(crd_installed, namespace, work_dir):
 
 
 def manifest(name: str, origin: Path, model: ScriptedModel, **spec) -> dict:
-    body = {"prompt": f"{name}: fix add() in calc.py", "repository": {"url": f"file://{origin}", "branch": "main"},
-            "test": {"command": "python3 -m pytest -q"}, "agent": {"config": model.opencode_config()}, "timeout": "5m"}
-    body.update(spec)
-    return {"apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask", "metadata": {"name": name}, "spec": body}
+    return agent_task(name, origin, model, timeout="5m", **spec)
 
 
-def condition(obj: dict, type_: str) -> dict:
-    return next(c for c in obj["status"]["conditions"] if c["type"] == type_)
-
-
+@pytest.mark.needs("landlock")
 def test_a_hostile_task_reaches_neither_its_neighbour_nor_the_operator(operator, namespace, work_dir, tmp_path):
     origin = make_repo(tmp_path / "origin")
     git(origin, "branch", "reactor/OLD")

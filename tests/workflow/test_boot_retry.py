@@ -8,7 +8,7 @@ from reactor_dev.testing.repos import git, worktrees_of
 from reactor.workflow.engine import Engine
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Reason, TaskSpec
-from tests.workflow.conftest import engine_settings
+from reactor_dev.testing.engine import engine_settings
 
 
 async def test_a_server_that_never_boots_is_started_three_times_in_all(repo, work_dir, tmp_path):

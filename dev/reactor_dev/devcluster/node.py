@@ -301,6 +301,15 @@ class NodeCluster:
         self.started_in = time.monotonic() - started
         return self
 
+    @classmethod
+    def attach(cls, record: HostRecord, assets: Assets | None = None) -> NodeCluster:
+        """The node another process started (``reactor dev-cluster up --node``, whose state
+        dir holds ``record``): kubectl, the kubelet's API, the audit log, images and its
+        network namespace, but not ``stop`` (``reactor dev-cluster down`` does that)."""
+        cluster = cls(assets or find_assets())
+        cluster.record = record
+        return cluster
+
     def stop(self) -> list[str]:
         """Stop everything and undo every change to the host; returns leftovers (none when
         clean). Idempotent."""

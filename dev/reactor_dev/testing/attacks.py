@@ -14,9 +14,12 @@ same program from a file (``attack_file``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from reactor_dev.testing.repos import git
 from reactor_dev.testing.scripted_model import Step, bash
 
 REPORT = "attack-report.txt"
@@ -145,3 +148,26 @@ def parse_report(text: str) -> dict[str, str]:
             name, _, outcome = line[len("ATTACK "):].partition(": ")
             found[name] = outcome
     return found
+
+
+def assert_every_attempt_blocked(report_text: str, protected: list[str] = ("operator-credentials",),
+                                 ports: list[int] = ()) -> None:
+    """Every attempt of the program was made (the protected files and ports named) and blocked."""
+    report = parse_report(report_text)
+    expected = {"write-outside-worktree", "write-other-checkout", "write-source-hook", "write-source-config",
+                "move-base-branch-ref-file", "move-base-branch-git", "move-other-branch-git", "push-other-branch",
+                "read-foreign-environ", "signal-other-cell", "read-operator-environ", "signal-operator",
+                *(f"read-protected {name}" for name in protected), *(f"connect-port {port}" for port in ports)}
+    assert set(report) == expected, report_text
+    succeeded = {name: outcome for name, outcome in report.items() if not outcome.startswith("blocked")}
+    assert not succeeded, f"attacks that worked: {succeeded}"
+    for port in ports:  # refused by Landlock, not merely by nothing listening there
+        assert "PermissionError" in report[f"connect-port {port}"], report_text
+    assert "for all 0 " not in report["signal-other-cell"], "the other cell was running and was tried"
+
+
+def fingerprint(git_dir: Path) -> dict[str, str]:
+    """What an attack on the shared repository would change: hooks, config, refs."""
+    hooks = sorted(p.name for p in (git_dir / "hooks").iterdir())
+    return {"hooks": ",".join(hooks), "config": hashlib.sha256((git_dir / "config").read_bytes()).hexdigest(),
+            "refs": git(git_dir, "for-each-ref", "--format=%(refname) %(objectname)")}

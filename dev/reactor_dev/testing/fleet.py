@@ -15,6 +15,7 @@ from typing import Any
 
 from reactor.infra.processes import find_marked_processes
 from reactor_dev.testing.helpers import wait_for
+from reactor_dev.testing.tasks import agent_task
 
 
 def fleet_args(index: int, namespace: str, lease_duration: float, *extra: str) -> tuple[str, ...]:
@@ -29,11 +30,7 @@ def fleet_args(index: int, namespace: str, lease_duration: float, *extra: str) -
 
 def fix_task(name: str, origin: Path, model_config: dict, timeout: str = "5m") -> dict:
     """An AgentTask fixing calc.py of reactor_dev.testing.repos' default repository."""
-    return {"apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask", "metadata": {"name": name},
-            "spec": {"description": "Fix add", "prompt": f"{name}: fix add() in calc.py so the tests pass",
-                     "repository": {"url": f"file://{origin}", "branch": "main"},
-                     "resultBranch": f"reactor/{name}", "test": {"command": "python3 -m pytest -q"},
-                     "agent": {"config": model_config}, "timeout": timeout}}
+    return agent_task(name, Path(origin), model_config, resultBranch=f"reactor/{name}", timeout=timeout)
 
 
 def apply_all(cluster, namespace: str, objects: list[dict]) -> None:

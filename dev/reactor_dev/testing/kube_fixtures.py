@@ -10,6 +10,7 @@ Fixtures:
   ``kube_api``      (session) a ``kubernetes.client.ApiClient`` for it, as admin
   ``namespace``     (function) a fresh namespace; deleted best-effort afterwards (with no
                     controller-manager it stays Terminating, which harms nothing)
+  ``crd_installed`` (session) ``control_plane`` with the AgentTask and SpendLimit CRDs established
 
 Missing binaries FAIL the test with the instructions, never skip it: a skip would hide, in
 CI, that the Kubernetes tests did not run. Tests using these fixtures get the ``kube`` mark.
@@ -28,6 +29,7 @@ import kubernetes
 import pytest
 
 from reactor_dev.devcluster.assets import Assets, AssetsNotFound, find_assets
+from reactor_dev.testing.helpers import install_crds
 from reactor_dev.devcluster.controlplane import (
     Cluster,
     ControlPlane,
@@ -36,7 +38,7 @@ from reactor_dev.devcluster.controlplane import (
     use_existing_cluster,
 )
 
-_KUBE_FIXTURES = {"kube_assets", "control_plane", "kube_api", "namespace"}
+_KUBE_FIXTURES = {"kube_assets", "control_plane", "kube_api", "namespace", "crd_installed"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -92,6 +94,12 @@ def kube_api(control_plane: Cluster) -> Iterator[kubernetes.client.ApiClient]:
     )
     with kubernetes.client.ApiClient(configuration) as api:
         yield api
+
+
+@pytest.fixture(scope="session")
+def crd_installed(control_plane: Cluster) -> Cluster:
+    install_crds(control_plane)
+    return control_plane
 
 
 @pytest.fixture

@@ -1,14 +1,13 @@
-"""Fixtures for tests that run real cells: the opencode binary, an engine, scripted models."""
+"""Engine settings for tests that run real cells in-process (workflow, security, observe)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from reactor.infra.ports import PortRange
-from reactor.workflow.engine import Engine, EngineSettings
+from reactor.workflow.engine import EngineSettings
 from reactor.workflow.recovery import RecoveryPolicy
+
 # Ports for test servers: away from the default range a developer's own run may use.
 TEST_PORTS = PortRange(18000, 18500)
 
@@ -23,10 +22,3 @@ def engine_settings(work_dir: Path, **overrides) -> EngineSettings:
     )
     values.update(overrides)
     return EngineSettings(**values)
-
-
-@pytest.fixture
-def engine(work_dir: Path) -> Engine:
-    engine = Engine(engine_settings(work_dir))
-    yield engine
-    assert engine.ports.held() == {}, "every port is released"
