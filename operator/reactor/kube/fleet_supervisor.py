@@ -230,7 +230,7 @@ class FleetSupervisor(TaskSupervisor):
         # The push must be over before our Lease could expire for others: a renewal interval
         # of margin, plus the third of the duration that fencing keeps in reserve.
         margin = self.fleet.settings.renew_interval
-        return FleetOrigin(self.mirrors, spec.repository.url, secrets.git, pushes=spec.repository.push,
+        return FleetOrigin(self.mirrors, ref.namespace, spec.repository.url, secrets.git, pushes=spec.repository.push,
                            confirm=lambda: self.fleet.confirm(ref, margin=margin))
 
     def _lost(self, ref: TaskRef) -> None:

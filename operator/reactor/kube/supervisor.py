@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
@@ -28,6 +29,7 @@ from kubernetes import client as k8s
 from reactor.errors import ConfigurationError
 from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
+from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused
 from reactor.infra.processes import is_marked_for, kill_process_group
 from reactor.kube.progress import ProgressPublisher
 from reactor.kube.resource import AgentTaskSpec, TaskRef, parse_time
@@ -64,14 +66,17 @@ class _Run:
 
 class TaskSupervisor:
     def __init__(self, engine: Engine, api_client: k8s.ApiClient, *, namespaces: list[str] | None = None,
-                 observatory: Observatory | None = None, progress_interval: float = 2.0):
+                 observatory: Observatory | None = None, progress_interval: float = 2.0,
+                 allow_file_urls: list[Path] | tuple[Path, ...] = ()):
         self.engine = engine
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
         self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message),
                                    self.observatory.metrics)
         self.secrets = SecretReader(api_client)
-        self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
+        # file:// only under the prefixes the administrator allows (--allow-file-urls).
+        self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors", RepositoryPolicy(engine.work_dir,
+                                                                                       tuple(allow_file_urls)))
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
         self.progress_interval = progress_interval
         self._runs: dict[str, _Run] = {}
@@ -183,12 +188,13 @@ class TaskSupervisor:
             spec = AgentTaskSpec.model_validate(raw_spec)
             try:
                 secrets = await self.secrets.for_task(ref, spec)
-            except ConfigurationError as exc:
+                origin = self._origin(ref, spec, secrets)
+            except (ConfigurationError, RepositoryRefused) as exc:
+                reason = Reason.REPOSITORY_REFUSED if isinstance(exc, RepositoryRefused) else Reason.INVALID_INPUT
                 self._observed(status)
                 await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
-                                               reason=Reason.INVALID_INPUT, message=str(exc)))
+                                               reason=reason, message=str(exc)))
                 return
-            origin = self._origin(ref, spec, secrets)
             task = spec.to_task_spec(ref, origin.path, secrets.env, started_at)
             confined, message = self.status.confinement  # said on every task: never a silent downgrade
             await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
@@ -292,7 +298,8 @@ class TaskSupervisor:
 
     def _origin(self, ref: TaskRef, spec: AgentTaskSpec, secrets: Any) -> MirrorOrigin:
         """Where the task's repository is fetched from and its result pushed to."""
-        return MirrorOrigin(self.mirrors, spec.repository.url, secrets.git, pushes=spec.repository.push)
+        return MirrorOrigin(self.mirrors, ref.namespace, spec.repository.url, secrets.git,
+                            pushes=spec.repository.push)
 
     # -- orphans --
 
@@ -323,7 +330,7 @@ class TaskSupervisor:
         branch, commit = result.get("branch"), result.get("commit")
         if not branch or not commit or result.get("pushed"):
             return
-        mirror = self.mirrors.path_for(body["spec"]["repository"]["url"])
+        mirror = self.mirrors.path_for(body["metadata"]["namespace"], body["spec"]["repository"]["url"])
         if mirror.exists() and await self._head(mirror, branch) == commit:
             await asyncio.to_thread(self.mirrors.delete_branch, mirror, branch)
 
