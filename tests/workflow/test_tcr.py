@@ -6,9 +6,9 @@ import asyncio
 import os
 import signal
 
-import psutil
 import pytest
 
+from reactor.testing.attacks import TESTED_MARK, hanging_filters, plant_hanging_filter
 from reactor.testing.helpers import until
 from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, edit, empty, fail, hang, text
 from reactor.workflow.engine import Engine
@@ -194,12 +194,6 @@ async def test_changing_a_protected_path_fails_with_tests_modified_row_7(repo, e
 R3_FAILURES = 6
 
 
-# A clean filter the agent plants in its checkout's config: it passes files through until the
-# tests have run (the test command leaves `.tested`), then hangs every git step that reads a file.
-PLANT_HANGING_FILTER = bash("git config filter.hang.clean 'if [ -e .tested ]; then exec sleep 6061; fi; cat' "
-                            "&& echo '*.py filter=hang' > .gitattributes")
-
-
 async def test_a_commit_that_hangs_ends_at_the_time_box_with_timeout_and_leaves_nothing(repo, work_dir):
     """The box covers committing: a tested change gets commit_grace (1 s here) or the rest of
     the box, whichever is longer; then the hanging git step and its filter are killed."""
@@ -210,13 +204,13 @@ async def test_a_commit_that_hangs_ends_at_the_time_box_with_timeout_and_leaves_
     async def record(event):
         phases.append(event.phase)
 
-    with ScriptedModel([Scenario("T-HANG-COMMIT", [PLANT_HANGING_FILTER, FIX, text("Fixed.")])]) as model:
-        task = spec(repo, model, "T-HANG-COMMIT", timeout=box, test_command="python3 -m pytest -q && touch .tested")
+    with ScriptedModel([Scenario("T-HANG-COMMIT", [plant_hanging_filter(), FIX, text("Fixed.")])]) as model:
+        task = spec(repo, model, "T-HANG-COMMIT", timeout=box, test_command=f"python3 -m pytest -q && touch {TESTED_MARK}")
         result = await run_task(task, engine, record)
     assert (result.outcome, result.reason) == (Outcome.FAILED, Reason.TIMEOUT), result.message
     assert "expired while committing" in result.message and "nothing committed" in result.message
     assert Phase.COMMITTING in phases and result.test_exit_code == 0, "the tests passed; the commit hung"
     assert result.duration < box + 15, f"held {result.duration:.0f}s by a box of {box}s"
     assert git(repo, "branch", "--list", "reactor/T-HANG-COMMIT") == "" and result.commit is None
-    assert [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"]) if "6061" in (p.info["cmdline"] or [])] == []
+    assert hanging_filters() == []
     assert_nothing_left(repo, engine)
