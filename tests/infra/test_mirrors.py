@@ -13,7 +13,7 @@ import pytest
 from reactor.infra.git import git_ok
 from reactor.infra.mirrors import GitCredentials, RepositoryMirrors
 from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused
-from reactor.testing.repos import git, make_repo
+from reactor_dev.testing.repos import git, make_repo
 
 
 @pytest.fixture

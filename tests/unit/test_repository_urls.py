@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused
-from reactor.testing.repos import git, make_repo
+from reactor_dev.testing.repos import git, make_repo
 
 
 @pytest.fixture
