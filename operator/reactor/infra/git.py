@@ -63,6 +63,17 @@ class GitTimeout(GitError):
         self.timeout = timeout
         super().__init__(args, -9, f"killed after {timeout:.1f}s (deadline)")
 
+    @property
+    def command(self) -> str:
+        """The git subcommand that ran past its deadline (``add``), for messages."""
+        words = iter(self.args_)
+        for word in words:
+            if word == "-c":
+                next(words, None)
+            elif not word.startswith("-"):
+                return word
+        return "?"
+
 
 def git(cwd: Path | str, *args: str, check: bool = True, env: dict[str, str] | None = None, strip: bool = True,
         wrap: Sequence[str] = (), inherit_env: bool = True, pass_fds: Sequence[int] = (),

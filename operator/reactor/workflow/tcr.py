@@ -203,7 +203,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
                 raise
             raise TaskFailed(Reason.TIMEOUT, f"{box} expired") from None
         except GitTimeout as exc:  # a git step killed at the box's end, just before the box said so
-            raise TaskFailed(Reason.TIMEOUT, f"{box} expired (git {' '.join(exc.args_[:1])} was killed)") from None
+            raise TaskFailed(Reason.TIMEOUT, f"{box} expired (git {exc.command} was killed)") from None
         except TaskStopped as stopped:  # the agent's turn was cancelled, which aborts it
             raise TaskFailed(stopped.request.reason, stopped.request.message) from None
     except TaskFailed as verdict:
@@ -247,7 +247,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     except GitTimeout as exc:
         # The time is up: no revert (it would run the same planted filter); the checkout and
         # its branch go at teardown, which runs no git in the checkout.
-        message = (f"{box} expired while committing: git {' '.join(exc.args_[:1])} was still running "
+        message = (f"{box} expired while committing: git {exc.command} was still running "
                    f"(a tested change gets {grace:g}s to be committed, even past the box); nothing committed")
         await phases.enter(Phase.REVERTING, message, cell)
         result.outcome, result.reason, result.message = Outcome.FAILED, Reason.TIMEOUT, message
