@@ -3,6 +3,7 @@ URL, file:// only under the allowed prefixes and never into the work dir, judged
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,17 @@ def test_another_tenants_mirror_in_the_work_dir_is_refused_however_it_is_named(p
     git(allowed, "init", "--quiet", "--bare", str(borrower))
     (borrower / "objects" / "info" / "alternates").write_text(f"{mirror}/objects\n")
     assert "operator's work dir" in refused(policy, f"file://{borrower}")
+    facade = allowed / "facade.git"  # a bare repository whose objects and refs are the mirror's
+    git(allowed, "init", "--quiet", "--bare", str(facade))
+    for part in ("objects", "refs"):
+        shutil.rmtree(facade / part)
+        (facade / part).symlink_to(mirror / part)
+    assert "operator's work dir" in refused(policy, f"file://{facade}")
 
 
 def test_git_is_given_the_resolved_path(places):
     allowed, work, _ = places
+    (allowed / "app" / "docs").symlink_to("/usr/share/doc")  # the repository's content may link anywhere
     (allowed / "alias").symlink_to(allowed / "app")
     url = RepositoryPolicy(work, (allowed,)).clone_url(f"file://{allowed}/alias")
     assert url == f"file://{(allowed / 'app').resolve()}"

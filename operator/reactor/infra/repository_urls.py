@@ -11,7 +11,9 @@ follows it with the operator's rights, so the URL is checked before any git comm
   work dir (other tasks' mirrors and cells), whatever the prefixes say. The path is judged
   after symlinks and ``..`` are resolved, and so is every place git would read the
   repository from (a ``.git`` file naming another git dir, ``commondir``, object
-  alternates); git is then given the resolved path, not the tenant's text.
+  alternates, symlinks inside the git dir); git is then given the resolved path, not the
+  tenant's text. Hard links and a link swapped between this check and the clone are not
+  caught: allow only directories tenants cannot write.
 """
 
 from __future__ import annotations
@@ -94,22 +96,43 @@ class RepositoryPolicy:
 
 
 def _indirections(path: Path) -> Iterable[Path]:
-    """Other places git reads when it opens the repository at ``path`` (resolved): the git
-    dir a ``.git`` file names, a worktree's ``commondir``, and object alternates."""
-    git_dirs = [path]
-    for candidate in (path / ".git", path):
-        target = _gitfile_target(candidate)
-        if target is not None:
-            git_dirs.append(target)
-    if (path / ".git").is_dir():
-        git_dirs.append(Path(os.path.realpath(path / ".git")))
+    """Other places git reads when it opens the repository at ``path`` (resolved): its git
+    dir (``.git``, or the dir a ``.git`` file names), a worktree's ``commondir``, object
+    alternates, and wherever a symlink inside those git dirs leads (``objects``, a pack or a
+    ref linked to another repository's)."""
+    dot_git = path / ".git"
+    if dot_git.exists():
+        git_dirs = [_gitfile_target(dot_git) or Path(os.path.realpath(dot_git))]
+    else:  # a bare repository, a `.git` file given directly, or a bundle
+        git_dirs = [_gitfile_target(path) or path]
     for git_dir in list(git_dirs):
         common = _read_first_line(git_dir / "commondir")
         if common:
             git_dirs.append(Path(os.path.realpath(git_dir / common)))
+    for git_dir in list(git_dirs):
+        git_dirs.extend(_alternates(git_dir / "objects", depth=5))
     for git_dir in git_dirs:
         yield git_dir
-        yield from _alternates(git_dir / "objects", depth=5)
+        yield from _links_inside(git_dir)
+
+
+MAX_ENTRIES_CHECKED = 200_000
+
+
+def _links_inside(git_dir: Path) -> Iterable[Path]:
+    """Where the symlinks under ``git_dir`` lead (not followed while walking)."""
+    if not git_dir.is_dir():
+        return
+    seen = 0
+    for root, dirs, files in os.walk(git_dir, followlinks=False):
+        for name in dirs + files:
+            seen += 1
+            entry = Path(root) / name
+            if entry.is_symlink():
+                yield Path(os.path.realpath(entry))
+        if seen > MAX_ENTRIES_CHECKED:
+            raise RepositoryRefused(f"{git_dir} holds over {MAX_ENTRIES_CHECKED} files; too many to check "
+                                    "(pack the repository: git gc)")
 
 
 def _gitfile_target(candidate: Path) -> Path | None:
