@@ -72,6 +72,7 @@ def test_another_tenants_mirror_in_the_work_dir_is_refused_however_it_is_named(p
     assert "operator's work dir" in refused(policy, "file://" + str(mirror).replace("mirrors", "%6Dirrors"))
     (allowed / "shared.git").symlink_to(mirror)  # a link under the allowed prefix
     assert "operator's work dir" in refused(policy, f"file://{allowed}/shared.git")
+    assert "operator's work dir" in refused(policy, f"file://{allowed}/shared")  # git would open shared.git
     gitfile = allowed / "gitfile"  # a `.git` file naming the mirror as its git dir
     gitfile.mkdir()
     (gitfile / ".git").write_text(f"gitdir: {mirror}\n")

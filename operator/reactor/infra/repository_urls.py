@@ -83,7 +83,7 @@ class RepositoryPolicy:
         if split.netloc not in ("", "localhost") or split.query or split.fragment or "?" in url or "#" in url:
             raise RepositoryRefused(f"{url}: a file:// URL is a local absolute path (file:///path), nothing else")
         path = Path(os.path.realpath(unquote(split.path)))
-        for place in [path, *_indirections(path)]:
+        for place in _places(path):
             if _within(place, self.work_dir):
                 raise RepositoryRefused(f"{url} leads into the operator's work dir (other tasks' mirrors and cells); "
                                         f"refused whatever {FILE_URL_FLAG} allows")
@@ -93,6 +93,22 @@ class RepositoryPolicy:
                 raise RepositoryRefused(f"{url}{what} is outside the paths this operator allows for file:// "
                                         f"repositories ({FILE_URL_FLAG}: {allowed})")
         return "file://" + quote(str(path))
+
+
+# Where git looks for a repository named by a path, in its order (clone's get_repo_path,
+# upload-pack's enter_repo): file:///srv/app may open /srv/app.git.
+_REPOSITORY_SUFFIXES = ("/.git", "", ".git/.git", ".git")
+
+
+def _places(path: Path) -> Iterable[Path]:
+    """Every place git may read when given ``path`` (resolved): the path itself, and each
+    repository git would find there."""
+    yield path
+    for suffix in _REPOSITORY_SUFFIXES:
+        candidate = Path(os.path.realpath(f"{path}{suffix}"))
+        if candidate.exists():
+            yield candidate
+            yield from _indirections(candidate)
 
 
 def _indirections(path: Path) -> Iterable[Path]:
