@@ -51,6 +51,8 @@ def test_file_urls_are_refused_unless_allowed(places):
     message = refused(RepositoryPolicy(work), f"file://{allowed}/app")
     assert "--allow-file-urls PREFIX" in message
     assert RepositoryPolicy(work, (allowed,)).clone_url(f"file://{allowed}/app") == f"file://{allowed.resolve()}/app"
+    exactly = RepositoryPolicy(work, (allowed / "app",))  # one repository allowed, as the demo does
+    assert exactly.clone_url(f"file://{allowed}/app") == f"file://{allowed.resolve()}/app"
 
 
 def test_a_file_url_outside_the_allowed_prefixes_is_refused(places):
