@@ -64,7 +64,7 @@ class GitTimeout(GitError):
         super().__init__(args, -9, f"killed after {timeout:.1f}s (deadline)")
 
     @property
-    def command(self) -> str:
+    def step(self) -> str:
         """The git subcommand that ran past its deadline (``add``), for messages."""
         words = iter(self.args_)
         for word in words:

@@ -100,10 +100,10 @@ class RepositoryMirrors:
         return mirror_path(self.root, namespace, url)
 
     def sync(self, namespace: str, url: str, credentials: GitCredentials | None = None,
-             deadline: float | None = None) -> Path:
+             until: float | None = None) -> Path:
         """Clone the mirror on first use, otherwise fetch; return its path. Blocking. Raises
         RepositoryRefused for a URL the policy refuses (before git sees it); past
-        ``deadline`` (time.monotonic()) the clone or fetch is killed (GitTimeout).
+        ``until`` (time.monotonic()) the clone or fetch is killed (GitTimeout).
 
         Branches are fetched into refs/heads/* (without --prune, so result branches that live
         only here survive); the base branch therefore always names the remote's tip."""
@@ -117,7 +117,7 @@ class RepositoryMirrors:
                     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
                     try:
                         git(path.parent, "clone", "--bare", "--quiet", clone_url, str(tmp), env=auth.env,
-                            pass_fds=auth.fds, timeout=_left(deadline))
+                            pass_fds=auth.fds, timeout=_left(until))
                         git(tmp, "config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*")
                         RefLedger(tmp).record_all()
                         os.replace(tmp, path)
@@ -134,7 +134,7 @@ class RepositoryMirrors:
                         # Judged just now: a file:// path resolves to where it leads today.
                         git(path, "config", "remote.origin.url", clone_url)
                         git(path, "fetch", "--quiet", "origin", env=auth.env, pass_fds=auth.fds,
-                            timeout=_left(deadline))
+                            timeout=_left(until))
                         ledger.record_all()
             except GitError as exc:
                 raise GitError(exc.args_, exc.returncode, f"cannot fetch {redact_url(url)}: {exc.stderr}") from None
@@ -161,5 +161,5 @@ class RepositoryMirrors:
             RefLedger(mirror).record(f"refs/heads/{branch}", None)
 
 
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - time.monotonic()
+def _left(until: float | None) -> float | None:
+    return None if until is None else until - time.monotonic()

@@ -73,12 +73,10 @@ class Worktree:
         self.wrap, self.wrap_env = list(wrap), dict(wrap_env)
 
     def cell_git(self, *args: str, check: bool = True, strip: bool = True, deadline: float | None = None) -> str:
-        """Git in the checkout, confined once the cell is. ``deadline`` (time.monotonic()):
-        past it the command and what it started (a filter the cell planted) are killed and
-        GitTimeout is raised."""
-        timeout = None if deadline is None else deadline - time.monotonic()
+        """Git in the checkout, confined once the cell is. ``deadline`` (seconds): past it the
+        step and what it started (a filter the cell planted) are killed: GitTimeout."""
         return git(self.path, *args, check=check, strip=strip, wrap=self.wrap,
-                   env={**_CELL_GIT_ENV, **self.wrap_env}, timeout=timeout, track=self.running)
+                   env={**_CELL_GIT_ENV, **self.wrap_env}, timeout=deadline, track=self.running)
 
     def kill_running(self) -> None:
         """Kill the git commands running in the checkout and what they started (the task is
@@ -88,21 +86,22 @@ class Worktree:
 
     # -- operations on the checkout; none of these touch the source repository --
 
-    def _rebase_index(self, deadline: float | None = None) -> None:
+    def _rebase_index(self, until: float | None = None) -> None:
         """Point HEAD at the task's branch on the base commit and reset the index to it,
         keeping the files: whatever the agent did with branches, commits or index flags,
         `status` then shows everything that differs from the base commit."""
-        self.cell_git("update-ref", f"refs/heads/{self.branch}", self.base_commit, deadline=deadline)
-        self.cell_git("symbolic-ref", "HEAD", f"refs/heads/{self.branch}", deadline=deadline)
-        self.cell_git("read-tree", self.base_commit, deadline=deadline)
+        self.cell_git("update-ref", f"refs/heads/{self.branch}", self.base_commit, deadline=_left(until))
+        self.cell_git("symbolic-ref", "HEAD", f"refs/heads/{self.branch}", deadline=_left(until))
+        self.cell_git("read-tree", self.base_commit, deadline=_left(until))
 
-    # ``deadline`` below: as in cell_git, for every git command of the operation.
+    # ``until`` below (time.monotonic()): every git step of the operation ends by then.
 
-    def changed_paths(self, deadline: float | None = None) -> list[str]:
+    def changed_paths(self, until: float | None = None) -> list[str]:
         """Paths that differ from the base commit, including untracked files (and both
         sides of a rename)."""
-        self._rebase_index(deadline)
-        out = self.cell_git("status", "--porcelain=v1", "-z", "--untracked-files=all", strip=False, deadline=deadline)
+        self._rebase_index(until)
+        out = self.cell_git("status", "--porcelain=v1", "-z", "--untracked-files=all", strip=False,
+                            deadline=_left(until))
         entries = iter(e for e in out.split("\0") if e)
         paths = []
         for entry in entries:
@@ -112,20 +111,20 @@ class Worktree:
                 paths.append(next(entries, ""))  # -z puts the source path in its own entry
         return [p for p in paths if p]
 
-    def commit(self, message: str, paths: list[str], deadline: float | None = None) -> str:
+    def commit(self, message: str, paths: list[str], until: float | None = None) -> str:
         """Commit ``paths`` (added, changed or deleted) on the base commit; return the commit
         SHA. Only those paths: files a test run left behind are not the change."""
-        self._rebase_index(deadline)
-        self.cell_git("add", "--all", "--", *paths, deadline=deadline)
+        self._rebase_index(until)
+        self.cell_git("add", "--all", "--", *paths, deadline=_left(until))
         self.cell_git("-c", f"user.name={self.identity['name']}", "-c", f"user.email={self.identity['email']}",
-                      "commit", "--no-verify", "--quiet", "-m", message, deadline=deadline)
-        return self.cell_git("rev-parse", "HEAD", deadline=deadline)
+                      "commit", "--no-verify", "--quiet", "-m", message, deadline=_left(until))
+        return self.cell_git("rev-parse", "HEAD", deadline=_left(until))
 
-    def revert(self, deadline: float | None = None) -> None:
+    def revert(self, until: float | None = None) -> None:
         """Throw away every change since the base commit (the RB strategy's rollback)."""
-        self._rebase_index(deadline)
-        self.cell_git("reset", "--hard", "--quiet", self.base_commit, deadline=deadline)
-        self.cell_git("clean", "-fdx", "--quiet", deadline=deadline)
+        self._rebase_index(until)
+        self.cell_git("reset", "--hard", "--quiet", self.base_commit, deadline=_left(until))
+        self.cell_git("clean", "-fdx", "--quiet", deadline=_left(until))
 
     @property
     def source_objects(self) -> Path:
@@ -179,14 +178,14 @@ class WorktreeManager:
             raise
         return worktree
 
-    def accept(self, worktree: Worktree, commit: str, tested_paths: list[str], deadline: float | None = None) -> None:
+    def accept(self, worktree: Worktree, commit: str, tested_paths: list[str], until: float | None = None) -> None:
         """Bring the cell's result commit into the source repository as the result branch.
 
         The commit is fetched by SHA through `git upload-pack` run confined in the cell (it
         reads the cell's config), objects checked (fsck); it must have the base commit as its
         only parent, change only tested paths, and hold the files as they are in the
         checkout. Refs moved behind Reactor's back are restored first. Raises ResultRejected.
-        ``deadline`` (time.monotonic()) bounds the fetch, the one step that runs the cell's git."""
+        ``until`` (time.monotonic()) bounds the fetch, the one step that runs the cell's git."""
         top = worktree.repo
         incoming = f"refs/reactor/incoming/{safe_component(worktree.slot)}"
         upload_pack = shlex.join([*worktree.wrap, *git_command("-c", "uploadpack.allowAnySHA1InWant=true", "upload-pack")])
@@ -198,7 +197,7 @@ class WorktreeManager:
             git(top, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
                 f"--upload-pack={upload_pack}", str(worktree.path), f"+{commit}:{incoming}",
                 env={**_CELL_GIT_ENV, **worktree.wrap_env}, inherit_env=False,
-                timeout=None if deadline is None else deadline - time.monotonic(), track=worktree.running)
+                timeout=_left(until), track=worktree.running)
             try:
                 self._check_result(worktree, commit, tested_paths)
                 git(top, "update-ref", f"refs/heads/{worktree.branch}", commit, "")
@@ -307,6 +306,11 @@ class WorktreeManager:
                 )
             except (OSError, ValueError, KeyError):
                 continue
+
+
+def _left(until: float | None) -> float | None:
+    """Seconds from now to ``until`` (time.monotonic()), for a step's deadline."""
+    return None if until is None else until - time.monotonic()
 
 
 def resolve_repository(repo: Path | str) -> Path:

@@ -51,7 +51,7 @@ class Cell:
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
         self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
         # When the task's time box ends (time.monotonic()): git in the checkout is killed then.
-        self.deadline: float | None = None
+        self.box_end: float | None = None
 
     def info(self) -> CellInfo:
         return CellInfo(
@@ -155,7 +155,7 @@ class Cell:
                                   f"{self.engine.settings.recovery.boot_restarts} restarts are used up")
         self.restarts_left -= 1
         if self.worktree is not None:
-            await asyncio.to_thread(self.worktree.revert, self.deadline)
+            await asyncio.to_thread(self.worktree.revert, self.box_end)
         await self.start_server()
 
     # -- teardown --

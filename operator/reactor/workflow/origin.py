@@ -28,8 +28,8 @@ class Origin(Protocol):
     def describe(self) -> str:
         """Where the repository comes from, fit for status messages (no credentials)."""
 
-    async def fetch(self, deadline: float | None = None) -> None:
-        """Bring the task's local repository up to date, by ``deadline`` (time.monotonic())
+    async def fetch(self, until: float | None = None) -> None:
+        """Bring the task's local repository up to date, by ``until`` (time.monotonic())
         if given. Raises FetchFailed, RepositoryRefused or ConfigurationError (e.g. a
         credentials Secret that does not exist)."""
 
@@ -51,9 +51,9 @@ class MirrorOrigin:
     def describe(self) -> str:
         return redact_url(self.url)
 
-    async def fetch(self, deadline: float | None = None) -> None:
+    async def fetch(self, until: float | None = None) -> None:
         try:
-            await asyncio.to_thread(self.mirrors.sync, self.namespace, self.url, self.credentials, deadline)
+            await asyncio.to_thread(self.mirrors.sync, self.namespace, self.url, self.credentials, until)
         except GitError as exc:
             raise FetchFailed(redact_url(str(exc))) from None
 

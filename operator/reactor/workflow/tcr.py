@@ -191,7 +191,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
         result.reason, result.message = Reason.TIMEOUT, f"{box} expired before this attempt could start"
         return
     time_box = asyncio.timeout(left)
-    cell.deadline = box_end = time.monotonic() + left
+    cell.box_end = box_end = time.monotonic() + left
     grace = cell.engine.settings.commit_grace
     try:
         try:
@@ -203,7 +203,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
                 raise
             raise TaskFailed(Reason.TIMEOUT, f"{box} expired") from None
         except GitTimeout as exc:  # a git step killed at the box's end, just before the box said so
-            raise TaskFailed(Reason.TIMEOUT, f"{box} expired (git {exc.command} was killed)") from None
+            raise TaskFailed(Reason.TIMEOUT, f"{box} expired (git {exc.step} was killed)") from None
         except TaskStopped as stopped:  # the agent's turn was cancelled, which aborts it
             raise TaskFailed(stopped.request.reason, stopped.request.message) from None
     except TaskFailed as verdict:
@@ -234,11 +234,11 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     # otherwise change a file between the test run and the commit.
     cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
     await cell.stop_server()
-    deadline = max(box_end, time.monotonic() + grace)
+    until = max(box_end, time.monotonic() + grace)
     try:
-        commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files, deadline)
+        commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files, until)
         # into the source repository as the result branch, once it holds up
-        await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files, deadline)
+        await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files, until)
     except ResultRejected as exc:
         await phases.enter(Phase.REVERTING, str(exc), cell)
         await _revert(cell, max(box_end, time.monotonic() + grace))
@@ -247,7 +247,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     except GitTimeout as exc:
         # The time is up: no revert (it would run the same planted filter); the checkout and
         # its branch go at teardown, which runs no git in the checkout.
-        message = (f"{box} expired while committing: git {exc.command} was still running "
+        message = (f"{box} expired while committing: git {exc.step} was still running "
                    f"(a tested change gets {grace:g}s to be committed, even past the box); nothing committed")
         await phases.enter(Phase.REVERTING, message, cell)
         result.outcome, result.reason, result.message = Outcome.FAILED, Reason.TIMEOUT, message
@@ -267,7 +267,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     # -- Bootstrapping: repository, worktree, port, healthy server, session --
     await phases.enter(Phase.BOOTSTRAPPING, f"fetching {origin.describe()}" if origin is not None else "")
     if origin is not None:
-        await origin.fetch(cell.deadline)
+        await origin.fetch(cell.box_end)
     repo = await asyncio.to_thread(resolve_repository, spec.repo)
     test_command = spec.test_command or await asyncio.to_thread(detect_test_command, repo)
     result.test_command = test_command
@@ -385,7 +385,7 @@ async def _fresh_session(cell: Cell) -> None:
     does not build on a half-finished turn."""
     assert cell.client is not None and cell.worktree is not None
     cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
-    await asyncio.to_thread(cell.worktree.revert, cell.deadline)
+    await asyncio.to_thread(cell.worktree.revert, cell.box_end)
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
 
 
@@ -393,7 +393,7 @@ async def _changed_files(cell: Cell) -> list[str]:
     """What the agent changed. The worktree's git status is the truth (it is what a commit
     would contain); the server's view is not needed for the verdict."""
     assert cell.worktree is not None
-    return sorted(await asyncio.to_thread(cell.worktree.changed_paths, cell.deadline))
+    return sorted(await asyncio.to_thread(cell.worktree.changed_paths, cell.box_end))
 
 
 async def _abort_turn(cell: Cell) -> None:
@@ -404,13 +404,13 @@ async def _abort_turn(cell: Cell) -> None:
         await ignore_and_warn(f"{cell.cell_id}: abort agent", lambda: asyncio.wait_for(client.abort(session_id), 5), False)
 
 
-async def _revert(cell: Cell, deadline: float) -> None:
-    """RB: throw the change away, by ``deadline``. The worktree and its branch go at teardown
-    anyway; the reset makes sure no half-written state can be committed or pushed by anything
-    else."""
+async def _revert(cell: Cell, until: float) -> None:
+    """RB: throw the change away, by ``until`` (time.monotonic()). The worktree and its branch
+    go at teardown anyway; the reset makes sure no half-written state can be committed or
+    pushed by anything else."""
     if cell.worktree is not None and Path(cell.worktree.path).exists():
         worktree = cell.worktree
-        await ignore_and_warn(f"{cell.cell_id}: revert", lambda: asyncio.to_thread(worktree.revert, deadline), None)
+        await ignore_and_warn(f"{cell.cell_id}: revert", lambda: asyncio.to_thread(worktree.revert, until), None)
 
 
 async def _wind_down(cell: Cell, phases: _Phases, result: TaskResult) -> None:
