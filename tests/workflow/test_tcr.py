@@ -194,11 +194,11 @@ async def test_changing_a_protected_path_fails_with_tests_modified_row_7(repo, e
 R3_FAILURES = 6
 
 
-async def test_a_commit_that_hangs_ends_at_the_time_box_with_timeout_and_leaves_nothing(repo, work_dir):
-    """The box covers committing: a tested change gets commit_grace (1 s here) or the rest of
-    the box, whichever is longer; then the hanging git step and its filter are killed."""
-    engine = Engine(engine_settings(work_dir, commit_grace=1.0))
-    box = 90  # room for a slow start on a loaded machine: the box must run out in Committing
+async def test_a_commit_that_hangs_ends_at_its_deadline_with_timeout_and_leaves_nothing(repo, work_dir):
+    """Committing has a deadline of its own (commit_grace from its start, 3 s here), however
+    much of the time box is left: then the hanging git step and its filter are killed."""
+    grace, box = 3.0, 600
+    engine = Engine(engine_settings(work_dir, commit_grace=grace))
     phases = []
 
     async def record(event):
@@ -208,9 +208,9 @@ async def test_a_commit_that_hangs_ends_at_the_time_box_with_timeout_and_leaves_
         task = spec(repo, model, "T-HANG-COMMIT", timeout=box, test_command=f"python3 -m pytest -q && touch {TESTED_MARK}")
         result = await run_task(task, engine, record)
     assert (result.outcome, result.reason) == (Outcome.FAILED, Reason.TIMEOUT), result.message
-    assert "expired while committing" in result.message and "nothing committed" in result.message
+    assert "committing ran past its deadline of 3s: git add" in result.message and "nothing committed" in result.message
     assert Phase.COMMITTING in phases and result.test_exit_code == 0, "the tests passed; the commit hung"
-    assert result.duration < box + 15, f"held {result.duration:.0f}s by a box of {box}s"
+    assert result.phase_durations["Committing"] < grace + 5, result.phase_durations  # not the rest of the box
     assert git(repo, "branch", "--list", "reactor/T-HANG-COMMIT") == "" and result.commit is None
     assert hanging_filters() == []
     assert_nothing_left(repo, engine)

@@ -13,12 +13,13 @@ when the server fails to boot or dies mid-task (one budget per task, in the cell
 (revert, no commit) on failed tests, a protected path changed, a stalled agent or the time
 box expiring, IG for bookkeeping (usage, phase reporting).
 
-Deadlines: the time box covers every git step in the checkout, committing and reverting
-included (a filter the agent planted can hang any of them; the step is killed with what it
-started). A change that passed its tests is still committed when the box ends meanwhile,
-but gets no more than ``commit_grace`` past the box: committing and reverting each end by
-max(box end, their start + commit_grace). A commit killed there fails the task with
-Timeout and nothing is committed (docs/faults.md).
+Deadlines: every git step in the checkout has one (a filter the agent planted can hang any
+of them; the step is killed with what it started). Up to the test verdict it is the time
+box's end. Committing and reverting come after the verdict and get ``commit_grace`` (60 s)
+from their start, whether the box has time left or has just run out: a change that passed
+its tests is not lost for the box ending meanwhile, and a hung commit holds the task that
+long at most. A commit killed there fails the task with Timeout, nothing committed
+(docs/faults.md).
 
 Cancellation (the task deleted, the operator stopping) ends the run at the next await, with
 two exceptions made uncancellable by construction: the push, once begun, runs to its end
@@ -191,7 +192,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
         result.reason, result.message = Reason.TIMEOUT, f"{box} expired before this attempt could start"
         return
     time_box = asyncio.timeout(left)
-    cell.box_end = box_end = time.monotonic() + left
+    cell.box_end = time.monotonic() + left
     grace = cell.engine.settings.commit_grace
     try:
         try:
@@ -210,7 +211,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
         await _abort_turn(cell)
         if cell.worktree is not None:
             await phases.enter(Phase.REVERTING, verdict.message, cell)
-            await _revert(cell, max(box_end, time.monotonic() + grace))
+            await _revert(cell, time.monotonic() + grace)
         result.outcome, result.reason, result.message = verdict.outcome, verdict.reason, verdict.message
         return
     except ConfigurationError as exc:
@@ -234,21 +235,21 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     # otherwise change a file between the test run and the commit.
     cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
     await cell.stop_server()
-    until = max(box_end, time.monotonic() + grace)
+    until = time.monotonic() + grace
     try:
         commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files, until)
         # into the source repository as the result branch, once it holds up
         await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files, until)
     except ResultRejected as exc:
         await phases.enter(Phase.REVERTING, str(exc), cell)
-        await _revert(cell, max(box_end, time.monotonic() + grace))
+        await _revert(cell, time.monotonic() + grace)
         result.outcome, result.reason, result.message = Outcome.FAILED, Reason.REFS_TAMPERED, str(exc)
         return
     except GitTimeout as exc:
         # The time is up: no revert (it would run the same planted filter); the checkout and
         # its branch go at teardown, which runs no git in the checkout.
-        message = (f"{box} expired while committing: git {exc.step} was still running "
-                   f"(a tested change gets {grace:g}s to be committed, even past the box); nothing committed")
+        message = (f"committing ran past its deadline of {grace:g}s: git {exc.step} was still running "
+                   "(a filter of the checkout that hangs?); nothing committed")
         await phases.enter(Phase.REVERTING, message, cell)
         result.outcome, result.reason, result.message = Outcome.FAILED, Reason.TIMEOUT, message
         return
