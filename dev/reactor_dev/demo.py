@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         failing = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=repo, capture_output=True, text=True)
         print("    " + (failing.stdout.strip().splitlines() or ["?"])[-1])
 
-        say("Starting the operator (reactor operator)")
+        say(f"Starting the operator (reactor operator --allow-file-urls {repo})")
         (tmp / "work").mkdir()
-        operator = OperatorProcess(cluster, "demo", tmp / "work")
+        # file:// repositories are refused unless allowed: this one, and nothing else.
+        operator = OperatorProcess(cluster, "demo", tmp / "work", allow_file_urls=(repo,))
         stack.callback(operator.stop)
         operator.start()
         print(f"    pid {operator.process.pid}, log {operator.log_path}")

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from reactor.infra.processes import find_marked_processes
+from reactor_dev.testing.attacks import TESTED_MARK, hanging_filters, plant_hanging_filter
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
 from reactor_dev.testing.repos import git, worktrees_of
 
@@ -135,3 +136,37 @@ def test_cleanup_after_a_crashed_run(repo, work_dir, config_file):
     assert "killed orphaned server" in out.stdout and "removed worktree" in out.stdout
     assert find_marked_processes(str(work_dir.resolve())) == []
     assert worktrees_of(repo, work_dir) == [] and git(repo, "branch", "--list", "reactor/*") == ""
+
+
+@pytest.mark.timeout(400)
+def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, config_file):
+    """Ctrl-C's signal, sent to `reactor run` alone (not its process group, so Reactor itself
+    must stop what runs) while a clean filter the agent planted hangs the commit: it exits
+    130 and leaves no process, filter, worktree, branch or cell state."""
+    with ScriptedModel([Scenario("CTRL-C", [plant_hanging_filter(), FIX, text("Fixed.")])]) as model:
+        run = subprocess.Popen([sys.executable, "-m", "reactor.cli", "run", "--task", "CTRL-C", "--prompt", "CTRL-C: x",
+                                "--test-cmd", f"python3 -m pytest -q && touch {TESTED_MARK}",
+                                "--opencode-config", config_file(model), "--port-range", "18600-18700",
+                                "--work-dir", str(work_dir)],
+                               cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        try:
+            seen = []
+            for line in run.stderr:  # the phases, as the user sees them
+                seen.append(line)
+                if "[CTRL-C] Committing" in line:
+                    break
+            assert seen and "[CTRL-C] Committing" in seen[-1], "".join(seen)
+            deadline = time.monotonic() + 60
+            while not hanging_filters():  # the commit's `git add` is stuck in the filter
+                assert time.monotonic() < deadline and run.poll() is None, "the filter never ran"
+                time.sleep(0.05)
+            os.kill(run.pid, signal.SIGINT)
+            assert run.wait(timeout=30) == 130
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    assert hanging_filters() == [] and find_marked_processes(str(work_dir.resolve())) == []
+    assert worktrees_of(repo, work_dir) == [] and git(repo, "branch", "--list", "reactor/*") == ""
+    assert not any((work_dir / "cells").iterdir()) if (work_dir / "cells").exists() else True

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from reactor.infra.mirrors import mirror_path
 from reactor_dev.testing.scripted_model import Scenario, bash, edit, fail, text
 from reactor_dev.testing.matrix import Matrix, Row
 from reactor_dev.testing.tasks import condition
@@ -39,7 +40,10 @@ def outcomes(matrix: Matrix) -> dict[str, Row]:
         row("tests-megabytes", [FIX, text("Fixed.")],
             test={"command": f"head -c {MEGABYTES * 1024 * 1024} /dev/zero | tr '\\0' x; echo; python3 -m pytest -q"}),
         row("tests-127", [FIX, text("Fixed.")], test={"command": "no-such-test-runner --all"}),
-        row("bad-url", [], repository={"url": "file:///nonexistent/repository.git"}),
+        row("bad-url", [], repository={"url": f"file://{matrix.root}/origins/nonexistent.git"}),
+        # Another tenant's mirror in the operator's work dir, through a link under a prefix the
+        # operator allows (--allow-file-urls: the matrix's root): refused, nothing fetched.
+        row("foreign-mirror", [], repository={"url": f"file://{matrix.root}/origins/shared.git"}),
         row("bad-branch", [], repository={"branch": "develop"}),
         row("no-secret", [], repository={"credentialsSecretRef": {"name": "missing-credentials"}}),
         # The agent makes the test pass by changing the test.
@@ -53,6 +57,8 @@ def outcomes(matrix: Matrix) -> dict[str, Row]:
         row("push-refused", [FIX, text("Fixed.")]),
     ]
     rows[-1].origin.refuse()
+    ok_mirror = mirror_path(matrix.work_dir / "mirrors", matrix.namespace, rows[0].origin.url)
+    (matrix.root / "origins" / "shared.git").symlink_to(ok_mirror)
     # bad-url: its origin is never used; the URL does not exist.
     for r in rows:
         matrix.apply(r)
@@ -152,7 +158,15 @@ def test_a_repository_that_does_not_exist(outcomes, matrix):
     row = outcomes["bad-url"]
     phase, reason, message = verdict(row)
     assert (phase, reason) == ("Failed", "FetchFailed")
-    assert "file:///nonexistent/repository.git" in message and "does not appear to be a git repository" in message
+    assert f"{matrix.root}/origins/nonexistent.git" in message and "does not appear to be a git repository" in message
+    matrix.assert_nothing_left(row, pushed=False)
+
+
+def test_another_tenants_mirror_is_refused_as_a_repository(outcomes, matrix):
+    row = outcomes["foreign-mirror"]
+    phase, reason, message = verdict(row)
+    assert (phase, reason) == ("Failed", "RepositoryRefused")
+    assert "leads into the operator's work dir" in message and "--allow-file-urls" in message
     matrix.assert_nothing_left(row, pushed=False)
 
 

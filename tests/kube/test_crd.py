@@ -41,6 +41,17 @@ def test_invalid_specs_are_rejected_naming_the_field(crd_installed, namespace, o
     assert crd_installed.kubectl("get", "-n", namespace, "agenttask", "bad").returncode != 0, "nothing was stored"
 
 
+def test_a_url_carrying_credentials_is_refused_pointing_at_the_secret_ref(crd_installed, namespace):
+    for url in ("https://ci-bot:ghp_S3cr3tT0ken@github.com/example/app.git", "https://ghp_S3cr3tT0ken@github.com/e/a.git",
+                "ssh://git:ghp_S3cr3tT0ken@github.com/example/app.git"):
+        out = kubectl_apply(crd_installed, namespace, agenttask("creds", repository={"url": url}))
+        assert out.returncode != 0, url
+        assert "spec.repository.url" in out.stderr and "spec.repository.credentialsSecretRef" in out.stderr, out.stderr
+        assert "S3cr3t" not in out.stderr, "the refusal repeats the token"
+    ssh_user = kubectl_apply(crd_installed, namespace, agenttask("ssh-user", repository={"url": "ssh://git@github.com/e/a.git"}))
+    assert ssh_user.returncode == 0, ssh_user.stderr
+
+
 def test_spec_is_immutable_and_reapplying_the_same_manifest_changes_nothing(crd_installed, namespace):
     task = agent_task("frozen")
     assert kubectl_apply(crd_installed, namespace, task).returncode == 0

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from reactor_dev.devcluster.node import NodeCluster
-from reactor.infra.mirrors import RepositoryMirrors
+from reactor.infra.mirrors import mirror_path
 from reactor.infra.worktrees import repository_key
 from reactor_dev.testing.attacks import REPORT, Targets, assert_every_attempt_blocked, attack_step
 from reactor_dev.testing.node import NAMESPACE, POD_MOUNT, chown_tree, get_json, host_path
@@ -205,7 +205,7 @@ def test_confinement_holds_in_the_pod(deployed, model, repo_url, volume):
     apply(cluster, task("victim", url, model, resultBranch="reactor/victim",
                         agent={"config": model.opencode_config(), "envFrom": [{"secretRef": {"name": "model-api-keys"}}]}))
     uid = get_task(cluster, "victim")["metadata"]["uid"]
-    mirror = RepositoryMirrors(POD_MOUNT / "work" / "mirrors").path_for(url)
+    mirror = mirror_path(POD_MOUNT / "work" / "mirrors", NAMESPACE, url)
     pod = operator_pod(cluster)["metadata"]["name"]
     operator_pid = int(kubectl_ok(cluster, "exec", "-n", NAMESPACE, pod, "--", "python", "-c", FIND_OPERATOR_PID))
     targets = Targets(

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reactor.infra.mirrors import RepositoryMirrors
+from reactor.infra.mirrors import mirror_path
 from reactor.infra.worktrees import repository_key
 from reactor_dev.testing.attacks import REPORT, Targets, assert_every_attempt_blocked, attack_step, fingerprint
 from reactor_dev.testing.helpers import free_port
@@ -59,7 +59,7 @@ def test_a_hostile_task_reaches_neither_its_neighbour_nor_the_operator(operator,
         assert up.wait(240), "the victim's agent started"
         victim_status = op.get("victim")
         uid = victim_status["metadata"]["uid"]
-        mirror = RepositoryMirrors(work_dir.resolve() / "mirrors").path_for(f"file://{origin}")
+        mirror = mirror_path(work_dir.resolve() / "mirrors", namespace, f"file://{origin}")
         targets = Targets(
             outside_file=str(tmp_path / "outside.txt"),
             other_checkout_file=str(work_dir.resolve() / "worktrees" / repository_key(mirror) /
@@ -108,7 +108,7 @@ def test_unconfined_cells_are_said_so_and_a_moved_ref_is_caught(operator, namesp
     origin_before = fingerprint(origin / ".git")
     op = operator("--allow-unconfined")
     with ScriptedModel([]) as model:
-        mirror = RepositoryMirrors(work_dir.resolve() / "mirrors").path_for(f"file://{origin}")
+        mirror = mirror_path(work_dir.resolve() / "mirrors", namespace, f"file://{origin}")
         targets = Targets(outside_file=str(tmp_path / "outside.txt"), other_checkout_file=str(tmp_path / "none"),
                           source_git_dir=str(mirror), other_branch="refs/heads/reactor/OLD")
         model.script.add(Scenario("attacker:", [attack_step(targets), FIX, text("Fixed.")]))

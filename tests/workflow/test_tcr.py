@@ -11,6 +11,7 @@ import signal
 
 import pytest
 
+from reactor_dev.testing.attacks import TESTED_MARK, hanging_filters, plant_hanging_filter
 from reactor_dev.testing.helpers import until
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, fail, hang, text
 from reactor.workflow.tcr import run_task
@@ -146,3 +147,25 @@ async def test_bad_repository_or_base_branch_fail_before_anything_starts(tmp_pat
 # OpenCode makes six attempts of its own before a model error reaches Reactor (measured:
 # docs/opencode-api.md); six 500s fail the first prompt, R3's second prompt succeeds.
 R3_FAILURES = 6
+
+
+async def test_a_commit_that_hangs_ends_at_its_deadline_with_timeout_and_leaves_nothing(repo, work_dir):
+    """Committing has a deadline of its own (commit_grace from its start, 3 s here), however
+    much of the time box is left: then the hanging git step and its filter are killed."""
+    grace, box = 3.0, 600
+    engine = Engine(engine_settings(work_dir, commit_grace=grace))
+    phases = []
+
+    async def record(event):
+        phases.append(event.phase)
+
+    with ScriptedModel([Scenario("T-HANG-COMMIT", [plant_hanging_filter(), FIX, text("Fixed.")])]) as model:
+        task = spec(repo, model, "T-HANG-COMMIT", timeout=box, test_command=f"python3 -m pytest -q && touch {TESTED_MARK}")
+        result = await run_task(task, engine, record)
+    assert (result.outcome, result.reason) == (Outcome.FAILED, Reason.TIMEOUT), result.message
+    assert "committing ran past its deadline of 3s: git add" in result.message and "nothing committed" in result.message
+    assert Phase.COMMITTING in phases and result.test_exit_code == 0, "the tests passed; the commit hung"
+    assert result.phase_durations["Committing"] < grace + 5, result.phase_durations  # not the rest of the box
+    assert git(repo, "branch", "--list", "reactor/T-HANG-COMMIT") == "" and result.commit is None
+    assert hanging_filters() == []
+    assert_nothing_left(repo, engine)

@@ -171,3 +171,23 @@ def fingerprint(git_dir: Path) -> dict[str, str]:
     hooks = sorted(p.name for p in (git_dir / "hooks").iterdir())
     return {"hooks": ",".join(hooks), "config": hashlib.sha256((git_dir / "config").read_bytes()).hexdigest(),
             "refs": git(git_dir, "for-each-ref", "--format=%(refname) %(objectname)")}
+
+
+# A clean filter an agent plants in its checkout's own config: it passes files through until
+# the tests have run (the test command then leaves TESTED_MARK), after which every git step
+# that reads a file (add, status, reset) hangs in `sleep HANGING_FILTER_SECONDS`.
+HANGING_FILTER_SECONDS = "6061"  # also how a test finds the filter's process
+TESTED_MARK = ".tested"
+
+
+def plant_hanging_filter() -> Step:
+    return bash(f"git config filter.hang.clean 'if [ -e {TESTED_MARK} ]; then exec sleep {HANGING_FILTER_SECONDS}; "
+                "fi; cat' && echo '*.py filter=hang' > .gitattributes")
+
+
+def hanging_filters() -> list[int]:
+    """PIDs of planted filters still running, anywhere."""
+    import psutil
+
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if (p.info["cmdline"] or [])[-1:] == [HANGING_FILTER_SECONDS] and "sleep" in (p.info["cmdline"] or [""])[0]]

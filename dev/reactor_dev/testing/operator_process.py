@@ -21,8 +21,14 @@ START_TIMEOUT = 180.0
 
 
 class OperatorProcess:
-    def __init__(self, cluster, namespace: str, work_dir: Path, *extra_args: str, kubeconfig: Path | None = None):
+    def __init__(self, cluster, namespace: str, work_dir: Path, *extra_args: str, kubeconfig: Path | None = None,
+                 allow_file_urls: tuple[Path, ...] | None = None):
+        """``allow_file_urls``: prefixes for file:// repositories (--allow-file-urls); default:
+        the work dir's parent, where tests keep their origin repositories (the work dir itself
+        stays refused)."""
         self.cluster, self.namespace, self.work_dir = cluster, namespace, work_dir
+        prefixes = (Path(work_dir).resolve().parent,) if allow_file_urls is None else allow_file_urls
+        self.file_url_args = tuple(f"--allow-file-urls={p}" for p in prefixes)
         # The identity the operator runs as: the cluster's admin unless given (e.g. a
         # ServiceAccount's, minted with cluster.kubeconfig_for).
         self.kubeconfig = Path(kubeconfig) if kubeconfig is not None else Path(cluster.kubeconfig_path)
@@ -38,7 +44,7 @@ class OperatorProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "reactor.cli", "operator", "--namespace", self.namespace,
                  "--work-dir", str(self.work_dir), "--port-range", "18500-19000",
-                 "--liveness", f"http://127.0.0.1:{port}/healthz", *self.extra_args],
+                 "--liveness", f"http://127.0.0.1:{port}/healthz", *self.file_url_args, *self.extra_args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         # Liveness answers after kopf's startup handlers, which reap a killed predecessor's

@@ -22,6 +22,9 @@ def add_subparser(sub: Any) -> None:
     parser.add_argument("--web", default="none", metavar="HOST:PORT",
                         help="serve the fleet page, transcripts (`reactor logs`) and /metrics here, e.g. 0.0.0.0:8081 "
                              "(default: none)")
+    parser.add_argument("--allow-file-urls", action="append", default=[], metavar="PREFIX", type=_absolute_path,
+                        help="fetch file:// repositories under this path (repeatable; default: none, file:// is "
+                             "refused). Never inside --work-dir, whatever this allows")
     parser.add_argument("--progress-interval", default="2s",
                         help="at most one status.progress write per task this often; 0: none while it runs (default: 2s)")
     fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests-fleet)")
@@ -34,6 +37,15 @@ def add_subparser(sub: Any) -> None:
     fleet.add_argument("--lease-duration", default="15s",
                        help="a replica whose Lease is not renewed for this long is considered gone (default: 15s)")
     parser.set_defaults(func=cmd_operator)
+
+
+def _absolute_path(value: str):
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise argparse.ArgumentTypeError(f"{value!r} is not an absolute path")
+    return path
 
 
 def fleet_settings_from(args: argparse.Namespace, namespaces: list[str]):
@@ -78,7 +90,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     api_client = kubernetes.client.ApiClient()
     watched = [] if clusterwide else namespaces
     interval = 0.0 if args.progress_interval.strip() in ("0", "0s") else parse_duration(args.progress_interval)
-    supervisor = Supervisor(engine, api_client, fleet=fleet, namespaces=watched, progress_interval=interval)
+    supervisor = Supervisor(engine, api_client, fleet=fleet, namespaces=watched, progress_interval=interval,
+                            allow_file_urls=args.allow_file_urls)
     web = None
     if args.web != "none":
         web = WebServer(supervisor.observatory, *parse_address(args.web))

@@ -10,10 +10,13 @@ still runs only with the cell's rights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+
+import psutil
 
 from reactor.errors import ReactorError
 
@@ -53,20 +56,70 @@ def git_command(*args: str) -> list[str]:
 _CELL_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
+class GitTimeout(GitError):
+    """A git command ran past its deadline and was killed with what it started."""
+
+    def __init__(self, args: list[str], timeout: float):
+        self.timeout = timeout
+        super().__init__(args, -9, f"killed after {timeout:.1f}s (deadline)")
+
+    @property
+    def step(self) -> str:
+        """The git subcommand that ran past its deadline (``add``), for messages."""
+        words = iter(self.args_)
+        for word in words:
+            if word == "-c":
+                next(words, None)
+            elif not word.startswith("-"):
+                return word
+        return "?"
+
+
 def git(cwd: Path | str, *args: str, check: bool = True, env: dict[str, str] | None = None, strip: bool = True,
-        wrap: Sequence[str] = (), inherit_env: bool = True) -> str:
+        wrap: Sequence[str] = (), inherit_env: bool = True, pass_fds: Sequence[int] = (),
+        timeout: float | None = None, track: set[subprocess.Popen] | None = None) -> str:
     """Run git in ``cwd`` and return its stdout (stripped unless ``strip`` is False).
     ``wrap`` prefixes the command line (the cell's confinement launcher); such a run, or one
-    with ``inherit_env=False`` (it starts a program in a cell), gets a minimal environment."""
+    with ``inherit_env=False`` (it starts a program in a cell), gets a minimal environment.
+    ``pass_fds``: descriptors git inherits (an ssh key in memory). ``timeout`` (seconds):
+    past it git and every process it started are killed and GitTimeout is raised. ``track``:
+    the running process is in this set meanwhile (so its owner can kill it: ``kill_tree``)."""
     inherit = inherit_env and not wrap
     base = os.environ if inherit else {k: os.environ[k] for k in _CELL_PASSTHROUGH if k in os.environ}
     full_env = {**base, **_GIT_ENV, **(env or {})}
-    proc = subprocess.run(
-        [*wrap, *git_command(*args)], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, capture_output=True, text=True
-    )
+    argv = [*wrap, *git_command(*args)]
+    with subprocess.Popen(argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, pass_fds=tuple(pass_fds)) as proc:
+        if track is not None:
+            track.add(proc)
+        try:
+            stdout, stderr = proc.communicate(timeout=None if timeout is None else max(timeout, 0.0))
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            raise GitTimeout(list(args), timeout or 0.0) from None
+        except BaseException:  # e.g. KeyboardInterrupt: leave nothing running
+            kill_tree(proc)
+            raise
+        finally:
+            if track is not None:
+                track.discard(proc)
     if check and proc.returncode != 0:
-        raise GitError(list(args), proc.returncode, proc.stderr)
-    return proc.stdout.strip() if strip else proc.stdout
+        raise GitError(list(args), proc.returncode, stderr)
+    return stdout.strip() if strip else stdout
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and its descendants (a filter or hook it started), then reap it. The
+    pipes are not drained: a descendant that escaped could hold them open forever."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    proc.kill()
+    for child in family:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    proc.wait()
 
 
 def git_ok(cwd: Path | str, *args: str) -> bool:

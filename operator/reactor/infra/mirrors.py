@@ -1,27 +1,34 @@
-"""Repository mirrors for the operator: one bare clone per repository URL in the work dir,
-fetched before each task; worktrees are cut from it and result branches pushed from it.
+"""Repository mirrors for the operator: one bare clone per namespace and repository URL in
+the work dir, fetched before each task; worktrees are cut from it and result branches pushed
+from it. Per namespace: a mirror holds unpushed results and their branch names, which are
+no other tenant's business, even on the same URL.
 
-Credentials never appear in argv, URLs or logs: https passwords reach git through an
-askpass script reading environment variables, ssh keys through a 0600 key file named in
-GIT_SSH_COMMAND.
+Credentials never appear in argv, URLs, files or logs: https passwords reach git through an
+askpass script reading environment variables, ssh keys through an anonymous in-memory file
+(memfd) that ssh opens as /dev/fd/N. Every URL passes the RepositoryPolicy before git sees
+it (no credentials in it; file:// only where allowed, never into the work dir).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from reactor.infra.git import GitError, git
 from reactor.infra.refledger import RefLedger
-from reactor.infra.worktrees import ResultRejected, file_lock, repository_lock
+from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused, redact_url  # noqa: F401 (re-exported)
+from reactor.infra.worktrees import ResultRejected, file_lock, repository_lock, safe_component
 
 log = logging.getLogger(__name__)
 
@@ -43,54 +50,79 @@ class GitCredentials:
         return "GitCredentials(<redacted>)"
 
     @contextmanager
-    def environment(self) -> Iterator[dict[str, str]]:
-        """Environment variables that make git use these credentials; files removed afterwards."""
-        env: dict[str, str] = {}
-        with tempfile.TemporaryDirectory(prefix="reactor-git-") as tmp:
+    def environment(self) -> Iterator[GitAuth]:
+        """What makes git use these credentials: environment variables, and the file
+        descriptors git must inherit (pass them as ``pass_fds``); all gone afterwards."""
+        auth = GitAuth()
+        with contextlib.ExitStack() as stack:
             if self.password is not None:
-                askpass = Path(tmp) / "askpass"
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="reactor-git-"))
+                askpass = Path(tmp) / "askpass"  # a script reading the environment: no secret in it
                 askpass.write_text(_ASKPASS)
                 askpass.chmod(stat.S_IRWXU)
-                env.update(GIT_ASKPASS=str(askpass), REACTOR_GIT_USERNAME=self.username or "git",
-                           REACTOR_GIT_PASSWORD=self.password)
+                auth.env.update(GIT_ASKPASS=str(askpass), REACTOR_GIT_USERNAME=self.username or "git",
+                                REACTOR_GIT_PASSWORD=self.password)
             if self.ssh_private_key is not None:
-                key = Path(tmp) / "id"
-                key.touch(mode=0o600)
-                key.write_text(self.ssh_private_key if self.ssh_private_key.endswith("\n") else self.ssh_private_key + "\n")
-                env["GIT_SSH_COMMAND"] = f"ssh -i {key} -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new"
-            yield env
+                # Never on disk: a memfd that git hands down to ssh, which opens it as /dev/fd/N
+                # (a new open of /proc/<pid>/fd/N needs ptrace rights over git: a cell has none).
+                fd = os.memfd_create("reactor-ssh-key", 0)  # no MFD_CLOEXEC: git and ssh inherit it
+                stack.callback(os.close, fd)
+                os.fchmod(fd, 0o600)  # ssh refuses a key others could read
+                key = self.ssh_private_key if self.ssh_private_key.endswith("\n") else self.ssh_private_key + "\n"
+                os.write(fd, key.encode())
+                auth.fds = (fd,)
+                auth.env["GIT_SSH_COMMAND"] = (f"ssh -i /dev/fd/{fd} -o IdentitiesOnly=yes "
+                                               "-o StrictHostKeyChecking=accept-new")
+            yield auth
 
 
-def redact_url(url: str) -> str:
-    """A URL fit for logs and messages: any user:password@ part removed."""
-    return re.sub(r"://[^/@]*@", "://", url)
+@dataclass
+class GitAuth:
+    env: dict[str, str] = field(default_factory=dict)
+    fds: tuple[int, ...] = ()
+
+
+def mirror_path(root: Path, namespace: str, url: str) -> Path:
+    """Where the mirror of ``url`` for ``namespace`` lives under ``root``."""
+    digest = hashlib.sha256(f"{namespace}\0{url}".encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")) or "repo"
+    return Path(root) / safe_component(namespace) / f"{name}-{digest}.git"
 
 
 class RepositoryMirrors:
-    def __init__(self, root: Path):
+    """Mirrors under ``root``, one per (namespace, URL); ``policy`` judges every URL."""
+
+    def __init__(self, root: Path, policy: RepositoryPolicy):
         self.root = Path(root)
+        self.policy = policy
 
-    def path_for(self, url: str) -> Path:
-        digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")) or "repo"
-        return self.root / f"{name}-{digest}.git"
+    def path_for(self, namespace: str, url: str) -> Path:
+        return mirror_path(self.root, namespace, url)
 
-    def sync(self, url: str, credentials: GitCredentials | None = None) -> Path:
-        """Clone the mirror on first use, otherwise fetch; return its path. Blocking.
+    def sync(self, namespace: str, url: str, credentials: GitCredentials | None = None,
+             until: float | None = None) -> Path:
+        """Clone the mirror on first use, otherwise fetch; return its path. Blocking. Raises
+        RepositoryRefused for a URL the policy refuses (before git sees it); past
+        ``until`` (time.monotonic()) the clone or fetch is killed (GitTimeout).
 
         Branches are fetched into refs/heads/* (without --prune, so result branches that live
         only here survive); the base branch therefore always names the remote's tip."""
-        path = self.path_for(url)
+        clone_url = self.policy.clone_url(url)
+        path = self.path_for(namespace, url)
         creds = credentials or GitCredentials()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with creds.environment() as env, file_lock(path.with_suffix(".lock")):
+        with creds.environment() as auth, file_lock(path.with_suffix(".lock")):
             try:
                 if not (path / "HEAD").exists():
                     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-                    git(path.parent, "clone", "--bare", "--quiet", url, str(tmp), env=env)
-                    git(tmp, "config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*")
-                    RefLedger(tmp).record_all()
-                    os.replace(tmp, path)
+                    try:
+                        git(path.parent, "clone", "--bare", "--quiet", clone_url, str(tmp), env=auth.env,
+                            pass_fds=auth.fds, timeout=_left(until))
+                        git(tmp, "config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*")
+                        RefLedger(tmp).record_all()
+                        os.replace(tmp, path)
+                    finally:
+                        shutil.rmtree(tmp, ignore_errors=True)  # a clone that failed half-way
                 else:
                     # Under the repository lock too: fetch must not race a checkout or a result.
                     with repository_lock(path):
@@ -99,7 +131,10 @@ class RepositoryMirrors:
                         if tampered:  # before fetching, so the fetch cannot launder a moved ref
                             log.error("mirror %s: refs changed behind Reactor's back, restored: %s",
                                       redact_url(url), "; ".join(tampered))
-                        git(path, "fetch", "--quiet", "origin", env=env)
+                        # Judged just now: a file:// path resolves to where it leads today.
+                        git(path, "config", "remote.origin.url", clone_url)
+                        git(path, "fetch", "--quiet", "origin", env=auth.env, pass_fds=auth.fds,
+                            timeout=_left(until))
                         ledger.record_all()
             except GitError as exc:
                 raise GitError(exc.args_, exc.returncode, f"cannot fetch {redact_url(url)}: {exc.stderr}") from None
@@ -111,15 +146,20 @@ class RepositoryMirrors:
         branch someone else wrote). Refuses (ResultRejected) when any ref of the mirror moved
         behind Reactor's back, or ``branch`` is not at ``expected``."""
         creds = credentials or GitCredentials()
-        with creds.environment() as env, repository_lock(mirror):
+        with creds.environment() as auth, repository_lock(mirror):
             tampered = RefLedger(mirror).restore_tampered()
             if tampered:
                 raise ResultRejected("refs of the mirror changed behind Reactor's back; restored: " + "; ".join(tampered))
             if expected is not None and git(mirror, "rev-parse", f"refs/heads/{branch}") != expected:
                 raise ResultRejected(f"branch {branch} is not at the tested commit {expected[:12]}")
-            git(mirror, "push", "--quiet", "origin", f"refs/heads/{branch}:refs/heads/{branch}", env=env)
+            git(mirror, "push", "--quiet", "origin", f"refs/heads/{branch}:refs/heads/{branch}", env=auth.env,
+                pass_fds=auth.fds)
 
     def delete_branch(self, mirror: Path, branch: str) -> None:
         with repository_lock(mirror):
             git(mirror, "update-ref", "-d", f"refs/heads/{branch}", check=False)
             RefLedger(mirror).record(f"refs/heads/{branch}", None)
+
+
+def _left(until: float | None) -> float | None:
+    return None if until is None else until - time.monotonic()

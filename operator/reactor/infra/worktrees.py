@@ -27,13 +27,14 @@ import os
 import shlex
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from reactor.errors import ConfigurationError, ReactorError
-from reactor.infra.git import GitError, git, git_command, git_ok
+from reactor.infra.git import GitError, git, git_command, git_ok, kill_tree
 from reactor.infra.processes import Owner
 from reactor.infra.refledger import RefLedger
 
@@ -63,31 +64,44 @@ class Worktree:
     # The confinement launcher prefix and its environment; set once the cell is confined.
     wrap: list[str] = field(default_factory=list, repr=False, compare=False)
     wrap_env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # Git commands running in the checkout now (threads run them): killed with the cell.
+    running: set = field(default_factory=set, repr=False, compare=False)
 
     def confine(self, wrap: list[str], wrap_env: dict[str, str]) -> None:
         """From now on git in the checkout runs in the cell's Landlock domain: the checkout's
         config, attributes and hooks were written by the cell."""
         self.wrap, self.wrap_env = list(wrap), dict(wrap_env)
 
-    def cell_git(self, *args: str, check: bool = True, strip: bool = True) -> str:
+    def cell_git(self, *args: str, check: bool = True, strip: bool = True, deadline: float | None = None) -> str:
+        """Git in the checkout, confined once the cell is. ``deadline`` (seconds): past it the
+        step and what it started (a filter the cell planted) are killed: GitTimeout."""
         return git(self.path, *args, check=check, strip=strip, wrap=self.wrap,
-                   env={**_CELL_GIT_ENV, **self.wrap_env})
+                   env={**_CELL_GIT_ENV, **self.wrap_env}, timeout=deadline, track=self.running)
+
+    def kill_running(self) -> None:
+        """Kill the git commands running in the checkout and what they started (the task is
+        cancelled or torn down while a thread waits on one)."""
+        for proc in list(self.running):
+            kill_tree(proc)
 
     # -- operations on the checkout; none of these touch the source repository --
 
-    def _rebase_index(self) -> None:
+    def _rebase_index(self, until: float | None = None) -> None:
         """Point HEAD at the task's branch on the base commit and reset the index to it,
         keeping the files: whatever the agent did with branches, commits or index flags,
         `status` then shows everything that differs from the base commit."""
-        self.cell_git("update-ref", f"refs/heads/{self.branch}", self.base_commit)
-        self.cell_git("symbolic-ref", "HEAD", f"refs/heads/{self.branch}")
-        self.cell_git("read-tree", self.base_commit)
+        self.cell_git("update-ref", f"refs/heads/{self.branch}", self.base_commit, deadline=_left(until))
+        self.cell_git("symbolic-ref", "HEAD", f"refs/heads/{self.branch}", deadline=_left(until))
+        self.cell_git("read-tree", self.base_commit, deadline=_left(until))
 
-    def changed_paths(self) -> list[str]:
+    # ``until`` below (time.monotonic()): every git step of the operation ends by then.
+
+    def changed_paths(self, until: float | None = None) -> list[str]:
         """Paths that differ from the base commit, including untracked files (and both
         sides of a rename)."""
-        self._rebase_index()
-        out = self.cell_git("status", "--porcelain=v1", "-z", "--untracked-files=all", strip=False)
+        self._rebase_index(until)
+        out = self.cell_git("status", "--porcelain=v1", "-z", "--untracked-files=all", strip=False,
+                            deadline=_left(until))
         entries = iter(e for e in out.split("\0") if e)
         paths = []
         for entry in entries:
@@ -97,20 +111,20 @@ class Worktree:
                 paths.append(next(entries, ""))  # -z puts the source path in its own entry
         return [p for p in paths if p]
 
-    def commit(self, message: str, paths: list[str]) -> str:
+    def commit(self, message: str, paths: list[str], until: float | None = None) -> str:
         """Commit ``paths`` (added, changed or deleted) on the base commit; return the commit
         SHA. Only those paths: files a test run left behind are not the change."""
-        self._rebase_index()
-        self.cell_git("add", "--all", "--", *paths)
+        self._rebase_index(until)
+        self.cell_git("add", "--all", "--", *paths, deadline=_left(until))
         self.cell_git("-c", f"user.name={self.identity['name']}", "-c", f"user.email={self.identity['email']}",
-                      "commit", "--no-verify", "--quiet", "-m", message)
-        return self.cell_git("rev-parse", "HEAD")
+                      "commit", "--no-verify", "--quiet", "-m", message, deadline=_left(until))
+        return self.cell_git("rev-parse", "HEAD", deadline=_left(until))
 
-    def revert(self) -> None:
+    def revert(self, until: float | None = None) -> None:
         """Throw away every change since the base commit (the RB strategy's rollback)."""
-        self._rebase_index()
-        self.cell_git("reset", "--hard", "--quiet", self.base_commit)
-        self.cell_git("clean", "-fdx", "--quiet")
+        self._rebase_index(until)
+        self.cell_git("reset", "--hard", "--quiet", self.base_commit, deadline=_left(until))
+        self.cell_git("clean", "-fdx", "--quiet", deadline=_left(until))
 
     @property
     def source_objects(self) -> Path:
@@ -164,13 +178,14 @@ class WorktreeManager:
             raise
         return worktree
 
-    def accept(self, worktree: Worktree, commit: str, tested_paths: list[str]) -> None:
+    def accept(self, worktree: Worktree, commit: str, tested_paths: list[str], until: float | None = None) -> None:
         """Bring the cell's result commit into the source repository as the result branch.
 
         The commit is fetched by SHA through `git upload-pack` run confined in the cell (it
         reads the cell's config), objects checked (fsck); it must have the base commit as its
         only parent, change only tested paths, and hold the files as they are in the
-        checkout. Refs moved behind Reactor's back are restored first. Raises ResultRejected."""
+        checkout. Refs moved behind Reactor's back are restored first. Raises ResultRejected.
+        ``until`` (time.monotonic()) bounds the fetch, the one step that runs the cell's git."""
         top = worktree.repo
         incoming = f"refs/reactor/incoming/{safe_component(worktree.slot)}"
         upload_pack = shlex.join([*worktree.wrap, *git_command("-c", "uploadpack.allowAnySHA1InWant=true", "upload-pack")])
@@ -181,7 +196,8 @@ class WorktreeManager:
                 raise ResultRejected("refs changed outside the task's branch; restored: " + "; ".join(tampered))
             git(top, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
                 f"--upload-pack={upload_pack}", str(worktree.path), f"+{commit}:{incoming}",
-                env={**_CELL_GIT_ENV, **worktree.wrap_env}, inherit_env=False)
+                env={**_CELL_GIT_ENV, **worktree.wrap_env}, inherit_env=False,
+                timeout=_left(until), track=worktree.running)
             try:
                 self._check_result(worktree, commit, tested_paths)
                 git(top, "update-ref", f"refs/heads/{worktree.branch}", commit, "")
@@ -267,8 +283,8 @@ class WorktreeManager:
     def _write_meta(self, worktree: Worktree) -> None:
         meta = self._meta_path(worktree)
         meta.parent.mkdir(parents=True, exist_ok=True)
-        record = {k: v if isinstance(v, dict) else str(v) for k, v in asdict(worktree).items()
-                  if k not in ("wrap", "wrap_env")}
+        record = {f.name: dict(v) if isinstance(v := getattr(worktree, f.name), dict) else str(v)
+                  for f in fields(worktree) if f.name not in ("wrap", "wrap_env", "running")}
         tmp = meta.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, meta)
@@ -290,6 +306,11 @@ class WorktreeManager:
                 )
             except (OSError, ValueError, KeyError):
                 continue
+
+
+def _left(until: float | None) -> float | None:
+    """Seconds from now to ``until`` (time.monotonic()), for a step's deadline."""
+    return None if until is None else until - time.monotonic()
 
 
 def resolve_repository(repo: Path | str) -> Path:

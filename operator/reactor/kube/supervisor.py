@@ -33,6 +33,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from kubernetes import client as k8s
@@ -40,6 +41,7 @@ from kubernetes import client as k8s
 from reactor.errors import ConfigurationError
 from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
+from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused
 from reactor.infra.processes import find_marked_processes, is_marked_for, kill_process_group
 from reactor.kube.fleet import FleetSettings
 from reactor.kube.ownership import FleetOwnership, Ownership, Plan, SingleReplica
@@ -102,12 +104,15 @@ class Run:
 class Supervisor:
     def __init__(self, engine: Engine, api_client: k8s.ApiClient, *, fleet: FleetSettings | None = None,
                  namespaces: list[str] | None = None, observatory: Observatory | None = None,
-                 progress_interval: float = 2.0, clock: Callable[[], float] = time.monotonic):
+                 progress_interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 allow_file_urls: list[Path] | tuple[Path, ...] = ()):
         self.engine = engine
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
         self.secrets = SecretReader(api_client)
-        self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
+        # file:// only under the prefixes the administrator allows (--allow-file-urls).
+        self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors", RepositoryPolicy(engine.work_dir,
+                                                                                       tuple(allow_file_urls)))
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
         self.ownership: Ownership
         if fleet is None:
@@ -296,13 +301,14 @@ class Supervisor:
         spec = AgentTaskSpec.model_validate(body["spec"])
         try:
             secrets = await self.secrets.for_task(ref, spec)
-        except ConfigurationError as exc:
+            origin = self.ownership.origin(ref, MirrorOrigin(self.mirrors, ref.namespace, spec.repository.url,
+                                                             secrets.git, pushes=spec.repository.push))
+        except (ConfigurationError, RepositoryRefused) as exc:
+            reason = Reason.REPOSITORY_REFUSED if isinstance(exc, RepositoryRefused) else Reason.INVALID_INPUT
             self._observed(status)
             await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
-                                           reason=Reason.INVALID_INPUT, message=str(exc)))
+                                           reason=reason, message=str(exc)))
             return
-        origin = self.ownership.origin(ref, MirrorOrigin(self.mirrors, spec.repository.url, secrets.git,
-                                                         pushes=spec.repository.push))
         task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time))
         confined, message = self.status.confinement  # said on every task: never a silent downgrade
         await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
@@ -475,7 +481,7 @@ class Supervisor:
         result = status.result
         if result is None or not result.branch or not result.commit or result.pushed:
             return
-        mirror = self.mirrors.path_for(AgentTaskSpec.model_validate(body["spec"]).repository.url)
+        mirror = self.mirrors.path_for(body["metadata"]["namespace"], AgentTaskSpec.model_validate(body["spec"]).repository.url)
         if mirror.exists() and await self._head(mirror, result.branch) == result.commit:
             await asyncio.to_thread(self.mirrors.delete_branch, mirror, result.branch)
 

@@ -50,6 +50,8 @@ class Cell:
         self.spent = Usage()  # usage of sessions already left behind (R3 retries)
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
         self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
+        # When the task's time box ends (time.monotonic()): git in the checkout is killed then.
+        self.box_end: float | None = None
 
     def info(self) -> CellInfo:
         return CellInfo(
@@ -154,7 +156,7 @@ class Cell:
                                   f"{self.engine.settings.recovery.boot_restarts} restarts are used up")
         self.restarts_left -= 1
         if self.worktree is not None:
-            await asyncio.to_thread(self.worktree.revert)
+            await asyncio.to_thread(self.worktree.revert, self.box_end)
         await self.start_server()
 
     # -- teardown --
@@ -178,6 +180,8 @@ class Cell:
     async def teardown(self, *, keep_branch: bool) -> None:
         """Kill the server's group, remove the worktree (and the branch unless it holds the
         result), release the port, remove the cell's state. Safe after a partial bootstrap."""
+        if self.worktree is not None:  # a git step a cancelled run left running (a hanging filter)
+            self.worktree.kill_running()
         try:
             await self.stop_server()
         finally:

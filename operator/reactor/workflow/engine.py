@@ -89,6 +89,10 @@ class EngineSettings:
     memory_limit: int | None = None
     cell_memory: int = 600 * MiB
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
+    # Committing (and reverting) get this long from their start, whether the time box has
+    # time left or has just run out: a tested change is not lost for the box ending
+    # meanwhile, and a commit a planted filter hangs holds the task no longer (docs/faults.md).
+    commit_grace: float = 60.0
     confinement: ConfinementSettings = field(default_factory=ConfinementSettings)
     # Base OpenCode config for every cell. A headless agent has nobody to answer a
     # permission prompt, so every permission OpenCode 1.18 knows is set here (a key left

@@ -28,9 +28,10 @@ class Origin(Protocol):
     def describe(self) -> str:
         """Where the repository comes from, fit for status messages (no credentials)."""
 
-    async def fetch(self) -> None:
-        """Bring the task's local repository up to date. Raises FetchFailed or
-        ConfigurationError (e.g. a credentials Secret that does not exist)."""
+    async def fetch(self, until: float | None = None) -> None:
+        """Bring the task's local repository up to date, by ``until`` (time.monotonic())
+        if given. Raises FetchFailed, RepositoryRefused or ConfigurationError (e.g. a
+        credentials Secret that does not exist)."""
 
     async def push(self, branch: str, commit: str) -> None:
         """Publish ``branch`` (holding ``commit``). Raises PushFailed."""
@@ -38,19 +39,21 @@ class Origin(Protocol):
 
 class MirrorOrigin:
     """A repository by URL: a bare mirror in the work dir, fetched before each task, the
-    result branch pushed from it (credentials never in argv, URLs or logs)."""
+    result branch pushed from it (credentials never in argv, URLs or logs). The mirror is
+    the namespace's own. Raises RepositoryRefused for a URL the mirrors' policy refuses."""
 
-    def __init__(self, mirrors: RepositoryMirrors, url: str, credentials: GitCredentials | None = None,
+    def __init__(self, mirrors: RepositoryMirrors, namespace: str, url: str, credentials: GitCredentials | None = None,
                  pushes: bool = True):
-        self.mirrors, self.url, self.credentials, self.pushes = mirrors, url, credentials, pushes
-        self.path = mirrors.path_for(url)
+        self.mirrors, self.namespace, self.url, self.credentials, self.pushes = mirrors, namespace, url, credentials, pushes
+        mirrors.policy.clone_url(url)  # refused before anything else happens
+        self.path = mirrors.path_for(namespace, url)
 
     def describe(self) -> str:
         return redact_url(self.url)
 
-    async def fetch(self) -> None:
+    async def fetch(self, until: float | None = None) -> None:
         try:
-            await asyncio.to_thread(self.mirrors.sync, self.url, self.credentials)
+            await asyncio.to_thread(self.mirrors.sync, self.namespace, self.url, self.credentials, until)
         except GitError as exc:
             raise FetchFailed(redact_url(str(exc))) from None
 
@@ -79,9 +82,9 @@ class MirrorOrigin:
         await asyncio.to_thread(self.mirrors.delete_branch, self.path, branch)
 
     def _remote_head(self, branch: str) -> str:
-        with (self.credentials or GitCredentials()).environment() as env:
+        with (self.credentials or GitCredentials()).environment() as auth:
             try:
-                out = git(self.path, "ls-remote", "origin", f"refs/heads/{branch}", env=env)
+                out = git(self.path, "ls-remote", "origin", f"refs/heads/{branch}", env=auth.env, pass_fds=auth.fds)
             except GitError as exc:
                 raise PushFailed(f"cannot reach {self.describe()}: {redact_url(exc.stderr)}") from None
         return out.split()[0] if out else ""

@@ -14,6 +14,14 @@ is restarted (BOOT_RETRY, one budget per task, in the cell); failed tests, a pro
 changed, a stalled agent or the time box expiring revert the change without a commit (RB);
 bookkeeping (usage, phase reporting) that fails is logged and the task goes on (IG).
 
+Deadlines: every git step in the checkout has one (a filter the agent planted can hang any
+of them; the step is killed with what it started). Up to the test verdict it is the time
+box's end. Committing and reverting come after the verdict and get ``commit_grace`` (60 s)
+from their start, whether the box has time left or has just run out: a change that passed
+its tests is not lost for the box ending meanwhile, and a hung commit holds the task that
+long at most. A commit killed there fails the task with Timeout, nothing committed
+(docs/faults.md).
+
 Cancellation (the task deleted, the operator stopping) ends the run at the next await, with
 two exceptions made uncancellable by construction: the push, once begun, runs to its end
 and its verdict is reported (a pushed branch is never left behind unreported), and the
@@ -38,7 +46,9 @@ from typing import Any, TypeVar
 import pathspec
 
 from reactor.errors import ConfigurationError
+from reactor.infra.git import GitTimeout
 from reactor.infra.ports import PortsExhausted
+from reactor.infra.repository_urls import RepositoryRefused
 from reactor.infra.servers import ServerBootError
 from reactor.infra.worktrees import ResultRejected, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
@@ -203,6 +213,8 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
         result.reason, result.message = Reason.TIMEOUT, f"{box.describe()} expired before this attempt could start"
         return
     time_box = asyncio.timeout(left)
+    cell.box_end = time.monotonic() + left
+    grace = cell.engine.settings.commit_grace
     try:
         try:
             async with time_box, control.guard() as stops:
@@ -212,17 +224,22 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
             if not time_box.expired():
                 raise
             raise TaskFailed(Reason.TIMEOUT, f"{box.describe()} expired") from None
+        except GitTimeout as exc:  # a git step killed at the box's end, just before the box said so
+            raise TaskFailed(Reason.TIMEOUT, f"{box.describe()} expired (git {exc.step} was killed)") from None
         except TaskStopped as stopped:  # the agent's turn was cancelled, which aborts it
             raise TaskFailed(stopped.request.reason, stopped.request.message) from None
     except TaskFailed as verdict:
         await _abort_turn(cell)
         if cell.worktree is not None:
             await phases.enter(Phase.REVERTING, verdict.message, cell)
-            await _revert(cell)
+            await _revert(cell, time.monotonic() + grace)
         result.outcome, result.reason, result.message = verdict.outcome, verdict.reason, verdict.message
         return
     except ConfigurationError as exc:
         result.reason, result.message = Reason.INVALID_INPUT, str(exc)
+        return
+    except RepositoryRefused as exc:
+        result.reason, result.message = Reason.REPOSITORY_REFUSED, str(exc)
         return
     except FetchFailed as exc:
         result.reason, result.message = Reason.FETCH_FAILED, str(exc)
@@ -239,13 +256,23 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     # otherwise change a file between the test run and the commit.
     cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
     await cell.stop_server()
-    commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files)
-    try:  # into the source repository as the result branch, once it holds up
-        await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files)
+    until = time.monotonic() + grace
+    try:
+        commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files, until)
+        # into the source repository as the result branch, once it holds up
+        await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files, until)
     except ResultRejected as exc:
         await phases.enter(Phase.REVERTING, str(exc), cell)
-        await _revert(cell)
+        await _revert(cell, time.monotonic() + grace)
         result.outcome, result.reason, result.message = Outcome.FAILED, Reason.REFS_TAMPERED, str(exc)
+        return
+    except GitTimeout as exc:
+        # The time is up: no revert (it would run the same planted filter); the checkout and
+        # its branch go at teardown, which runs no git in the checkout.
+        message = (f"committing ran past its deadline of {grace:g}s: git {exc.step} was still running "
+                   "(a filter of the checkout that hangs?); nothing committed")
+        await phases.enter(Phase.REVERTING, message, cell)
+        result.outcome, result.reason, result.message = Outcome.FAILED, Reason.TIMEOUT, message
         return
     result.commit = commit
     result.outcome, result.reason = Outcome.COMMITTED, Reason.COMMITTED
@@ -262,7 +289,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     # -- Bootstrapping: repository, worktree, port, healthy server, session --
     await phases.enter(Phase.BOOTSTRAPPING, f"fetching {origin.describe()}" if origin is not None else "")
     if origin is not None:
-        await origin.fetch()
+        await origin.fetch(cell.box_end)
     repo = await asyncio.to_thread(resolve_repository, spec.repo)
     test_command = spec.test_command or await asyncio.to_thread(detect_test_command, repo)
     result.test_command = test_command
@@ -375,7 +402,7 @@ async def _fresh_session(cell: Cell) -> None:
     does not build on a half-finished turn."""
     assert cell.client is not None and cell.worktree is not None
     cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
-    await asyncio.to_thread(cell.worktree.revert)
+    await asyncio.to_thread(cell.worktree.revert, cell.box_end)
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
 
 
@@ -383,7 +410,7 @@ async def _changed_files(cell: Cell) -> list[str]:
     """What the agent changed. The worktree's git status is the truth (it is what a commit
     would contain); the server's view is not needed for the verdict."""
     assert cell.worktree is not None
-    return sorted(await asyncio.to_thread(cell.worktree.changed_paths))
+    return sorted(await asyncio.to_thread(cell.worktree.changed_paths, cell.box_end))
 
 
 async def _abort_turn(cell: Cell) -> None:
@@ -394,11 +421,13 @@ async def _abort_turn(cell: Cell) -> None:
         await ignore_and_warn(f"{cell.cell_id}: abort agent", lambda: asyncio.wait_for(client.abort(session_id), 5), False)
 
 
-async def _revert(cell: Cell) -> None:
-    """RB: throw the change away. The worktree and its branch go at teardown anyway; the
-    reset makes sure no half-written state can be committed or pushed by anything else."""
+async def _revert(cell: Cell, until: float) -> None:
+    """RB: throw the change away, by ``until`` (time.monotonic()). The worktree and its branch
+    go at teardown anyway; the reset makes sure no half-written state can be committed or
+    pushed by anything else."""
     if cell.worktree is not None and Path(cell.worktree.path).exists():
-        await ignore_and_warn(f"{cell.cell_id}: revert", lambda: asyncio.to_thread(cell.worktree.revert), None)
+        worktree = cell.worktree
+        await ignore_and_warn(f"{cell.cell_id}: revert", lambda: asyncio.to_thread(worktree.revert, until), None)
 
 
 async def _wind_down(cell: Cell, phases: _Phases, result: TaskResult) -> None:

@@ -64,6 +64,7 @@ class Reason(str, enum.Enum):
     AGENT_ERROR = "AgentError"  # the model or the OpenCode server failed
     BOOT_FAILED = "BootFailed"  # no healthy server after BOOT_RETRY, or no free port
     FETCH_FAILED = "FetchFailed"  # the repository could not be fetched
+    REPOSITORY_REFUSED = "RepositoryRefused"  # a URL with credentials, or a file:// path not allowed
     PUSH_FAILED = "PushFailed"  # committed, but the push was refused or failed
     INVALID_INPUT = "InvalidInput"  # a bad spec, flag, secret reference or base branch
     OPERATOR_RESTARTED = "OperatorRestarted"  # interrupted by operator restarts, no attempts left
