@@ -62,6 +62,22 @@ class BudgetSpec(_Spec):
                       max_tokens=self.max_tokens)
 
 
+class TokenSecretRef(_Spec):
+    name: str
+    key: str = "token"
+
+
+class ResultSpec(_Spec):
+    kind: str = "branch"  # branch | pullRequest
+    draft: bool = False
+    forge: str | None = None  # gitea | github; None: told from the repository URL
+    token_secret_ref: TokenSecretRef | None = Field(default=None, alias="tokenSecretRef")
+
+    @property
+    def pull_request(self) -> bool:
+        return self.kind == "pullRequest"
+
+
 class AgentTaskSpec(_Spec):
     prompt: str
     repository: RepositorySpec
@@ -72,6 +88,7 @@ class AgentTaskSpec(_Spec):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     timeout: str = "30m"
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    result: ResultSpec = Field(default_factory=ResultSpec)
 
     def to_task_spec(self, ref: TaskRef, repo: Path, env: dict[str, str] | None = None,
                      started_at: float | None = None) -> TaskSpec:

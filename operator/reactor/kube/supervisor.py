@@ -30,6 +30,7 @@ from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.processes import is_marked_for, kill_process_group
 from reactor.kube.progress import ProgressPublisher
+from reactor.kube.pullrequests import PullRequests, PullRequestSettings
 from reactor.kube.resource import AgentTaskSpec, TaskRef, parse_time
 from reactor.kube.secrets import SecretReader, TaskSecrets
 from reactor.kube.spendlimits import SpendLimits
@@ -64,7 +65,8 @@ class _Run:
 
 class TaskSupervisor:
     def __init__(self, engine: Engine, api_client: k8s.ApiClient, *, namespaces: list[str] | None = None,
-                 observatory: Observatory | None = None, progress_interval: float = 2.0):
+                 observatory: Observatory | None = None, progress_interval: float = 2.0,
+                 pull_requests: PullRequestSettings | None = None):
         self.engine = engine
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
@@ -73,6 +75,7 @@ class TaskSupervisor:
         self.secrets = SecretReader(api_client)
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors")
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
+        self.pull_requests = PullRequests(self.secrets, pull_requests, self.observatory)
         self.progress_interval = progress_interval
         self._runs: dict[str, _Run] = {}
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
@@ -96,6 +99,10 @@ class TaskSupervisor:
         phase = status.get("phase")
         if phase in TERMINAL:
             self._remember_finished(ref, status)
+            # --- pull requests (issue 17): a PR not yet recorded at the pushed commit, or one to follow ---
+            finished = TaskStatus(self.status, ref, body["metadata"].get("generation"), int(status.get("attempts") or 0))
+            finished.phase, finished.conditions = Phase(phase), list(status.get("conditions") or [])
+            self.pull_requests.resume(ref, body["spec"], finished, status)
         if phase in TERMINAL or ref.uid in self._runs:
             return
         attempts = int(status.get("attempts") or 0)
@@ -136,6 +143,7 @@ class TaskSupervisor:
         ref = TaskRef.from_body(body)
         status = body.get("status") or {}
         run = self._runs.get(ref.uid)
+        self.pull_requests.forget(ref.uid)
         if run is not None:
             run.task.cancel()
             await asyncio.wait([run.task])  # the run tears its cell down before it ends
@@ -158,6 +166,7 @@ class TaskSupervisor:
             run.cancel()
         if runs:
             await asyncio.wait(runs)
+        await self.pull_requests.stop()  # a PR not yet opened is opened on the next start
         await self.limits.stop()  # the last spend counts are written
 
     # -- running --
@@ -194,6 +203,7 @@ class TaskSupervisor:
             await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
             if not take_capacity or resume_commit is not None:  # (a resumed push needs no cell)
                 await self._execute(ref, task, secrets, status, origin, resume_commit)
+                self._after_push(ref, raw_spec, status)
                 return
             gate, priority = self.engine.capacity, (ref.creation, ref.namespace, ref.name)
             while True:
@@ -202,6 +212,7 @@ class TaskSupervisor:
                     if self.limits.blocked(ref.namespace):
                         continue  # crossed while this task waited for a cell: hand the slot on
                     await self._execute(ref, task, secrets, status, origin, None)
+                self._after_push(ref, raw_spec, status)
                 return
         except asyncio.CancelledError:
             if self._stopping:
@@ -247,6 +258,13 @@ class TaskSupervisor:
             if publisher is not None:
                 await publisher.stop()
 
+    def _after_push(self, ref: TaskRef, raw_spec: dict, status: TaskStatus) -> None:
+        """--- THE pull-request hook (issue 17) ---: a run reached its verdict; when it pushed and
+        the task asks for a pull request, the PR is opened in the background (no slot held; the
+        verdict stands whatever the forge says)."""
+        if status.final is not None:
+            self.pull_requests.after_run(ref, raw_spec, status, status.final)
+
     def _observed(self, status: TaskStatus) -> None:
         """A verdict reached without a run (a missing Secret, a bug) is counted and shown too."""
         if status.observation is None:
@@ -284,6 +302,8 @@ class TaskSupervisor:
                                                             "cacheReadTokens", "cacheWriteTokens"))
         result = status.get("result") or {}
         view.files, view.commit = list(result.get("filesChanged") or []), result.get("commit")
+        pull_request = status.get("pullRequest") or {}
+        view.pull_request, view.pull_request_state = pull_request.get("url"), pull_request.get("state") or ""
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
