@@ -11,7 +11,7 @@ OPENCODE_SEED := .tools/opencode-seed
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 export REACTOR_OPENCODE_SEED := $(abspath $(OPENCODE_SEED))
 
-.PHONY: help setup venv opencode envtest observe-tools node node-deps node-up node-down node-load bench-node test test-fast demo bench clean image deploy deploy-fleet undeploy kind-up kind-load
+.PHONY: help setup venv opencode envtest forge observe-tools node node-deps node-up node-down node-load bench-node test test-fast demo bench clean image deploy deploy-fleet undeploy kind-up kind-load
 IMAGE ?= reactor:0.1.0
 KIND_CLUSTER ?= reactor
 # kubectl on PATH, else the one `make envtest` built.
@@ -65,6 +65,11 @@ opencode: $(OPENCODE_BIN) $(OPENCODE_SEED)/package-lock.json $(VENV)/bin/opencod
 envtest:
 	@hack/envtest/build.sh
 
+# Gitea 1.26, the real forge the pull-request tests (tests/forge) open PRs on: built from Go
+# modules once into ~/.cache/reactor-forge/ (5-10 min cold on 2 cores, then instant).
+forge:
+	@hack/forge/build.sh >/dev/null
+
 # Debian's prometheus and chromium, which the observability tests drive for real
 # (installed only when missing; apt-get needs root, as on CI; no service is started).
 observe-tools:
@@ -81,7 +86,7 @@ node: envtest node-deps
 setup: venv opencode envtest
 
 # tests/node (marker `node`) build the image themselves (incremental) and need the node.
-test: setup node observe-tools
+test: setup node observe-tools forge
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from reactor.devcluster import cli as devcluster
+    from reactor.devcluster import forge_cli as devforge
 
     parser = argparse.ArgumentParser(prog="reactor", description="Run AI coding agents in isolated cells with Test-Commit-Revert.")
     parser.add_argument("--version", action="version", version=f"reactor {__version__}")
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_subparser(sub)
     logs.add_subparser(sub)
     devcluster.add_subparser(sub)
+    devforge.add_subparser(sub)
     return parser
 
 
