@@ -195,24 +195,27 @@ class PullRequests:
                     return
                 published = await publish_pull_request(forge, facts, spec.result.draft, on_step=_crash_hook)
             except ForgeUnavailable as exc:
+                self._outcome(ref, "ForgeUnavailable")
                 message = f"the forge cannot be reached; retrying: {exc}"
                 log.warning("%s: %s", ref, message)
                 await status.write_pull_request(None, False, "ForgeUnavailable", message)
                 await asyncio.sleep(next(delays))
                 continue
             except (ForgeRefused, ConfigurationError) as exc:
+                self._outcome(ref, "ForgeRefused")
                 message = f"the forge refused the pull request: {exc}"
                 log.error("%s: %s", ref, message)
                 await status.write_pull_request(None, False, "ForgeRefused", message)
                 return
             finally:
                 if forge is not None:
-                    self.calls[ref.uid] = self.calls.get(ref.uid, 0) + forge.calls
+                    self._count(ref, forge, forge.calls)
             pr = published.pull_request
             reason = Action.UPDATED.value if published.action is Action.UPDATED else Action.CREATED.value
             message = (f"pull request #{pr.number} {pr.state.value}: {pr.url}" if published.action is Action.UNCHANGED
                        else f"{'updated' if reason == 'Updated' else 'opened'} pull request #{pr.number}: {pr.url}")
             await status.write_pull_request(self._record(pr, facts.commit), True, reason, message)
+            self._outcome(ref, reason)
             log.info("%s: %s", ref, message)
             self._show(ref, pr.url, pr.state.value)
             if pr.state is PRState.OPEN:
@@ -220,6 +223,15 @@ class PullRequests:
             else:
                 await forge.aclose()
             return
+
+    def _count(self, ref: TaskRef, forge: Forge, calls: int) -> None:
+        self.calls[ref.uid] = self.calls.get(ref.uid, 0) + calls
+        if self.observatory is not None and calls:
+            self.observatory.metrics.forge_requests.labels(ref.namespace, forge.kind.value).inc(calls)
+
+    def _outcome(self, ref: TaskRef, reason: str) -> None:
+        if self.observatory is not None:
+            self.observatory.metrics.pull_requests.labels(ref.namespace, reason).inc()
 
     @staticmethod
     def _record(pr, commit: str) -> dict[str, Any]:
@@ -250,7 +262,7 @@ class PullRequests:
                     log.info("%s: cannot check pull request #%d: %s", ref, number, exc)
                     continue
                 finally:
-                    self.calls[uid] = self.calls.get(uid, 0) + 1
+                    self._count(ref, forge, 1)
                 if pr.state is PRState.OPEN:
                     continue
                 self._followed.pop(uid, None)
