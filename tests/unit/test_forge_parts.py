@@ -57,3 +57,11 @@ def test_the_body_says_what_passed_and_tenant_text_stays_in_its_blocks():
 
 def test_backoff_doubles_to_a_cap():
     assert list(itertools.islice(retry_delays(1, 8), 6)) == [1, 2, 4, 8, 8, 8]
+
+
+def test_reactor_logs_shows_the_pull_request():
+    from reactor.observe.transcript import render
+
+    line = render({"time": "2026-12-04T23:00:00Z", "kind": "pullRequest", "url": "http://forge/r/app/pulls/3",
+                   "state": "merged"})
+    assert line == "23:00:00 == pull request (merged): http://forge/r/app/pulls/3"
