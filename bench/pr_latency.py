@@ -25,12 +25,12 @@ from pathlib import Path
 import httpx
 import kubernetes
 
-from reactor.devcluster.controlplane import ControlPlane
-from reactor.testing.forge import GiteaServer
-from reactor.testing.helpers import install_crds
-from reactor.testing.operator_process import OperatorProcess
-from reactor.testing.repos import make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.devcluster.controlplane import ControlPlane
+from reactor_dev.testing.forge import GiteaServer
+from reactor_dev.testing.helpers import install_crds
+from reactor_dev.testing.operator_process import OperatorProcess
+from reactor_dev.testing.repos import make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
 
 GREEN = ("Committing", "Pushing", "TearingDown", "Succeeded")
 
@@ -106,7 +106,7 @@ def main() -> None:
 
 
 def _free() -> int:
-    from reactor.testing.helpers import free_port
+    from reactor_dev.testing.helpers import free_port
 
     return free_port()
 

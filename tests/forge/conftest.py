@@ -1,3 +1,3 @@
-"""A real Gitea for the session (reactor.testing.forge_fixtures)."""
+"""A real Gitea for the session (reactor_dev.testing.forge_fixtures)."""
 
-from reactor.testing.forge_fixtures import gitea  # noqa: F401  (the fixture)
+from reactor_dev.testing.forge_fixtures import gitea  # noqa: F401  (the fixture)

@@ -29,8 +29,8 @@ from reactor.forge import (
     open_forge,
     publish_pull_request,
 )
-from reactor.testing.helpers import free_port
-from reactor.testing.repos import git, make_repo
+from reactor_dev.testing.helpers import free_port
+from reactor_dev.testing.repos import git, make_repo
 
 BRANCH = "reactor/fix-add"
 

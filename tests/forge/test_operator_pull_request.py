@@ -18,10 +18,10 @@ import pytest
 
 from reactor.forge import STATUS_CONTEXT
 from reactor.kube.pullrequests import CRASH_HOOK
-from reactor.testing.helpers import install_crds, wait_for
-from reactor.testing.operator_process import operators
-from reactor.testing.repos import make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text
+from reactor_dev.testing.helpers import install_crds, wait_for
+from reactor_dev.testing.operator_process import operators
+from reactor_dev.testing.repos import make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text
 
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(900)]
 

@@ -27,7 +27,7 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 
 def cmd_dev_forge(args: argparse.Namespace) -> int:
-    from reactor.testing.forge import GiteaServer
+    from reactor_dev.testing.forge import GiteaServer
 
     state = args.state_dir.resolve()
     shutil.rmtree(state, ignore_errors=True)

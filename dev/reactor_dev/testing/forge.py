@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from reactor.testing.helpers import free_port, wait_for
+from reactor_dev.testing.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = ROOT / "hack" / "forge" / "build.sh"

@@ -1,4 +1,4 @@
-"""pytest fixtures for a real Gitea (reactor.testing.forge): import them in a conftest.py.
+"""pytest fixtures for a real Gitea (reactor_dev.testing.forge): import them in a conftest.py.
 
   ``gitea`` (session) a started GiteaServer, stopped after the session; a missing binary is
             built (hack/forge/build.sh), and a failed build FAILS the tests, never skips them.
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from reactor.testing.forge import ForgeNotBuilt, GiteaServer
+from reactor_dev.testing.forge import ForgeNotBuilt, GiteaServer
 
 
 @pytest.fixture(scope="session")
