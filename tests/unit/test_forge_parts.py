@@ -65,3 +65,15 @@ def test_reactor_logs_shows_the_pull_request():
     line = render({"time": "2026-12-04T23:00:00Z", "kind": "pullRequest", "url": "http://forge/r/app/pulls/3",
                    "state": "merged"})
     assert line == "23:00:00 == pull request (merged): http://forge/r/app/pulls/3"
+
+
+def test_the_task_secrets_are_masked_in_what_the_pr_says():
+    from reactor.kube.pullrequests import _redact_facts
+    from reactor.observe.redact import Redactor
+
+    key = "sk-live-0123456789abcdef"
+    facts = PullRequestFacts(task="ns/t", title="Task t: x", commit="c" * 40, branch="reactor/t", base="main",
+                             prompt="use the key", test_output_tail=f"KEY={key}\n1 passed",
+                             attempts=[Attempt(1, "reverted", f"model error with {key}")])
+    body = render_body(_redact_facts(facts, Redactor([key])))
+    assert key not in body and "KEY=***" in body and "1 passed" in body

@@ -45,6 +45,7 @@ from reactor.forge import (
 from reactor.kube.resource import AgentTaskSpec, TaskRef
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import TaskStatus
+from reactor.observe.redact import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,30 @@ def facts_from(ref: TaskRef, spec: AgentTaskSpec, status: dict[str, Any]) -> Pul
     )
 
 
+def _redact_facts(facts: PullRequestFacts, redactor: Redactor) -> PullRequestFacts:
+    text = redactor.text
+    return PullRequestFacts(**{
+        **facts.__dict__,
+        "prompt": text(facts.prompt), "description": text(facts.description), "title": text(facts.title),
+        "test_command": text(facts.test_command), "test_output_tail": text(facts.test_output_tail),
+        "files_changed": [text(path) for path in facts.files_changed],
+        "attempts": [Attempt(a.number, a.outcome, text(a.note)) for a in facts.attempts],
+    })
+
+
 def wants_pull_request(spec: AgentTaskSpec, status: dict[str, Any]) -> bool:
     result = status.get("result") or {}
     return (spec.result.pull_request and status.get("phase") == "Succeeded" and bool(result.get("pushed"))
             and bool(result.get("commit")))
+
+
+async def _write(ref: TaskRef, status: TaskStatus, *args: Any) -> None:
+    """A PR status write that fails (the API server unreachable; in a fleet, the claim given up
+    after the run) is logged: the PR on the forge stands, and the next start records it."""
+    try:
+        await status.write_pull_request(*args)
+    except Exception as exc:  # noqa: BLE001 - IG
+        log.error("%s: cannot record the pull request in status: %s: %s", ref, type(exc).__name__, exc)
 
 
 def _crash_hook(step: str) -> None:
@@ -181,6 +202,18 @@ class PullRequests:
             raise ConfigurationError(f"{field_path}: secret {name!r} has no key {key!r}")
         return open_forge(repository, token.strip())
 
+    async def _redacted(self, ref: TaskRef, spec: AgentTaskSpec, facts: PullRequestFacts) -> PullRequestFacts:
+        """The facts with every value of the task's Secrets masked (a test that prints the
+        cell's API key would otherwise publish it)."""
+        try:
+            values = (await self.secrets.for_task(ref, spec)).values()
+        except ConfigurationError:  # a Secret gone since the run: mask what we can
+            values = []
+        redactor = Redactor(values)
+        if not redactor:
+            return facts
+        return _redact_facts(facts, redactor)
+
     async def _publish(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, current: dict[str, Any],
                        follow_only: int | None) -> None:
         facts = facts_from(ref, spec, current)
@@ -189,6 +222,8 @@ class PullRequests:
             forge: Forge | None = None
             try:
                 forge = await self._open(ref, spec)
+                if follow_only is None:  # the body may be public: no secret of the task's in it
+                    facts = await self._redacted(ref, spec, facts)
                 if follow_only is not None:
                     self._follow(ref, status, forge, follow_only, facts.commit)
                     forge = None
@@ -198,14 +233,14 @@ class PullRequests:
                 self._outcome(ref, "ForgeUnavailable")
                 message = f"the forge cannot be reached; retrying: {exc}"
                 log.warning("%s: %s", ref, message)
-                await status.write_pull_request(None, False, "ForgeUnavailable", message)
+                await _write(ref, status, None, False, "ForgeUnavailable", message)
                 await asyncio.sleep(next(delays))
                 continue
             except (ForgeRefused, ConfigurationError) as exc:
                 self._outcome(ref, "ForgeRefused")
                 message = f"the forge refused the pull request: {exc}"
                 log.error("%s: %s", ref, message)
-                await status.write_pull_request(None, False, "ForgeRefused", message)
+                await _write(ref, status, None, False, "ForgeRefused", message)
                 return
             finally:
                 if forge is not None:
@@ -214,7 +249,7 @@ class PullRequests:
             reason = Action.UPDATED.value if published.action is Action.UPDATED else Action.CREATED.value
             message = (f"pull request #{pr.number} {pr.state.value}: {pr.url}" if published.action is Action.UNCHANGED
                        else f"{'updated' if reason == 'Updated' else 'opened'} pull request #{pr.number}: {pr.url}")
-            await status.write_pull_request(self._record(pr, facts.commit), True, reason, message)
+            await _write(ref, status, self._record(pr, facts.commit), True, reason, message)
             self._outcome(ref, reason)
             log.info("%s: %s", ref, message)
             self._show(ref, pr.url, pr.state.value)
@@ -270,7 +305,7 @@ class PullRequests:
                 message = f"pull request #{pr.number} {pr.state.value} on the forge: {pr.url}"
                 reason = next((c.get("reason") for c in status.conditions if c.get("type") == "PullRequestOpened"),
                               None) or Action.CREATED.value  # still how it was opened
-                await status.write_pull_request(self._record(pr, commit), True, reason, message)
+                await _write(ref, status, self._record(pr, commit), True, reason, message)
                 await status.writer.event(ref, "PullRequestMerged" if pr.state is PRState.MERGED else "PullRequestClosed",
                                           message)
                 log.info("%s: %s", ref, message)
