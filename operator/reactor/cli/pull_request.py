@@ -1,7 +1,8 @@
 """`reactor run --result pr`: a committed task's branch pushed to the repository's remote and
 its pull request opened, as the operator does (reactor.forge). The token comes from
-$REACTOR_FORGE_TOKEN (never a flag: argv is visible to every process of the machine); the
-push is the user's own `git push`, with the user's own credentials."""
+$REACTOR_FORGE_TOKEN (never a flag: argv is visible to every process of the machine; and no
+REACTOR_* variable is passed to a cell); the push is the user's own `git push`, with the
+user's own credentials."""
 
 from __future__ import annotations
 
