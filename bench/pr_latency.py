@@ -75,7 +75,7 @@ def main() -> None:
                                              "repository": {"url": url, "credentialsSecretRef": {"name": "git-creds"}},
                                              "test": {"command": "python3 -m pytest -q"},
                                              "agent": {"config": model.opencode_config()}, "timeout": "10m",
-                                             "result": {"kind": "pullRequest"}}}
+                                             "result": {"kind": "pullRequest", "forge": "gitea"}}}
                         cluster.kubectl("create", "-n", "bench", "-f", "-", input=json.dumps(manifest))
                     green: dict[str, float] = {}
                     opened: dict[str, float] = {}
@@ -91,6 +91,10 @@ def main() -> None:
                                 green[name] = now
                             if name not in opened and (status.get("pullRequest") or {}).get("url"):
                                 opened[name] = now
+                            refused = [c for c in status.get("conditions") or []
+                                       if c.get("type") == "PullRequestOpened" and c.get("reason") == "ForgeRefused"]
+                            if refused:
+                                raise SystemExit(f"{name}: {refused[0]['message']}")
                         time.sleep(0.1)
                     metrics = httpx.get(f"http://{web}/metrics", timeout=10).text
                 finally:
