@@ -116,6 +116,12 @@ async def _write(ref: TaskRef, status: TaskStatus, *args: Any) -> None:
         log.error("%s: cannot record the pull request in status: %s: %s", ref, type(exc).__name__, exc)
 
 
+async def _close(forge: Forge | None) -> None:
+    if forge is not None:
+        with contextlib.suppress(Exception):
+            await forge.aclose()
+
+
 def _crash_hook(step: str) -> None:
     """Tests only: die at a named step of the PR path, as a SIGKILLed operator would."""
     if os.environ.get(CRASH_HOOK) == f"pr:{step}":
@@ -230,6 +236,7 @@ class PullRequests:
                     return
                 published = await publish_pull_request(forge, facts, spec.result.draft, on_step=_crash_hook)
             except ForgeUnavailable as exc:
+                await _close(forge)
                 self._outcome(ref, "ForgeUnavailable")
                 message = f"the forge cannot be reached; retrying: {exc}"
                 log.warning("%s: %s", ref, message)
@@ -237,8 +244,10 @@ class PullRequests:
                 await asyncio.sleep(next(delays))
                 continue
             except (ForgeRefused, ConfigurationError) as exc:
+                await _close(forge)
                 self._outcome(ref, "ForgeRefused")
-                message = f"the forge refused the pull request: {exc}"
+                message = (f"the forge refused the pull request: {exc}" if isinstance(exc, ForgeRefused)
+                           else f"cannot open the pull request: {exc}")
                 log.error("%s: %s", ref, message)
                 await _write(ref, status, None, False, "ForgeRefused", message)
                 return
