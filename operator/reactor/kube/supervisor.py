@@ -203,7 +203,7 @@ class TaskSupervisor:
             await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
             if not take_capacity or resume_commit is not None:  # (a resumed push needs no cell)
                 await self._execute(ref, task, secrets, status, origin, resume_commit)
-                self._after_push(ref, raw_spec, status)
+                self._after_push(ref, raw_spec, status)  # --- pull requests (issue 17)
                 return
             gate, priority = self.engine.capacity, (ref.creation, ref.namespace, ref.name)
             while True:
@@ -212,7 +212,7 @@ class TaskSupervisor:
                     if self.limits.blocked(ref.namespace):
                         continue  # crossed while this task waited for a cell: hand the slot on
                     await self._execute(ref, task, secrets, status, origin, None)
-                self._after_push(ref, raw_spec, status)
+                self._after_push(ref, raw_spec, status)  # --- pull requests (issue 17)
                 return
         except asyncio.CancelledError:
             if self._stopping:
