@@ -78,6 +78,7 @@ def main() -> None:
                                              "result": {"kind": "pullRequest", "forge": "gitea"}}}
                         cluster.kubectl("create", "-n", "bench", "-f", "-", input=json.dumps(manifest))
                     green: dict[str, float] = {}
+                    verdict: dict[str, float] = {}
                     opened: dict[str, float] = {}
                     deadline = time.monotonic() + 60 * args.tasks
                     while len(opened) < len(names) and time.monotonic() < deadline:
@@ -89,6 +90,8 @@ def main() -> None:
                                 raise SystemExit(f"{name} failed: {status.get('message')}")
                             if name not in green and status.get("phase") in GREEN:
                                 green[name] = now
+                            if name not in verdict and status.get("phase") == "Succeeded":
+                                verdict[name] = now
                             if name not in opened and (status.get("pullRequest") or {}).get("url"):
                                 opened[name] = now
                             refused = [c for c in status.get("conditions") or []
@@ -100,11 +103,14 @@ def main() -> None:
                 finally:
                     op.stop()
             latencies = [opened[n] - green[n] for n in names if n in opened and n in green]
+            forge_part = [opened[n] - verdict[n] for n in names if n in opened and n in verdict]
             requests = sum(float(v) for v in re.findall(r'^reactor_forge_requests_total\{[^}]*\} (\S+)', metrics, re.M))
             pulls = gitea.pull_requests("app")
             print(f"tasks {len(names)}, PRs on the forge {len(pulls)}, PRs recorded {len(opened)}")
             print(f"green-to-PR: p50 {statistics.median(latencies):.2f}s, p95 {percentile(latencies, 0.95):.2f}s, "
                   f"max {max(latencies):.2f}s (green = status past Testing; includes commit, push, teardown)")
+            print(f"Succeeded-to-PR (the forge's part): p50 {statistics.median(forge_part):.2f}s, "
+                  f"p95 {percentile(forge_part, 0.95):.2f}s")
             print(f"forge API requests: {requests:.0f} in all, {requests / len(names):.1f} per task")
             print(f"gitea after the run: rss {gitea.rss_bytes() / 2**20:.0f} MiB")
 
