@@ -108,7 +108,7 @@ bench-node: setup node
 
 # Tests that need neither opencode nor a control plane (seconds).
 test-fast: venv
-	$(PY) -m pytest -m "not kube and not opencode and not node" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not kube and not opencode and not node and not forge" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .reactor

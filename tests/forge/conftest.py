@@ -1,3 +1,3 @@
-"""A real Gitea for the session (reactor_dev.testing.forge_fixtures)."""
+"""A real Gitea for the session (reactor_dev.testing.forge_fixtures); its tests get the mark `forge`."""
 
-from reactor_dev.testing.forge_fixtures import gitea  # noqa: F401  (the fixture)
+from reactor_dev.testing.forge_fixtures import gitea, pytest_collection_modifyitems  # noqa: F401

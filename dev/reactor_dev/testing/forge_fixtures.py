@@ -13,6 +13,13 @@ import pytest
 from reactor_dev.testing.forge import ForgeNotBuilt, GiteaServer
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests using the ``gitea`` fixture get the ``forge`` mark (`make test-fast` leaves them out)."""
+    for item in items:
+        if "gitea" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.forge)
+
+
 @pytest.fixture(scope="session")
 def gitea(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GiteaServer]:
     try:
