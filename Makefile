@@ -95,12 +95,13 @@ demo: setup
 	$(PY) -m reactor_dev.demo
 
 # Speed and memory figures, as ratios against baselines measured in the same run.
-bench: setup
+bench: setup forge
 	$(PY) bench/cell_bootstrap.py
 	$(PY) bench/operator_overhead.py
 	$(PY) bench/cell_memory.py
 	$(PY) bench/fleet_throughput.py
 	$(PY) bench/observe_overhead.py
+	$(PY) bench/pr_latency.py
 
 # The operator pod on the dev node against a local operator process, and the pod's memory (root).
 bench-node: setup node
