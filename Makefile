@@ -11,7 +11,7 @@ OPENCODE_SEED := .tools/opencode-seed
 export REACTOR_OPENCODE_BIN := $(abspath $(OPENCODE_BIN))
 export REACTOR_OPENCODE_SEED := $(abspath $(OPENCODE_SEED))
 
-.PHONY: help setup venv opencode envtest observe-tools node node-deps test-node node-up node-down node-load bench-node test test-fast demo bench clean image deploy deploy-fleet undeploy kind-up kind-load
+.PHONY: help setup venv opencode envtest forge observe-tools node node-deps test-node node-up node-down node-load bench-node test test-fast demo bench clean image deploy deploy-fleet undeploy kind-up kind-load
 IMAGE ?= reactor:0.1.0
 KIND_CLUSTER ?= reactor
 # kubectl on PATH, else the one `make envtest` built.
@@ -67,6 +67,11 @@ opencode: $(OPENCODE_BIN) $(OPENCODE_SEED)/package-lock.json $(VENV)/bin/opencod
 envtest:
 	@hack/envtest/build.sh
 
+# Gitea 1.26, the real forge the pull-request tests (tests/forge) open PRs on: built from Go
+# modules once into ~/.cache/reactor-forge/ (5-10 min cold on 2 cores, then instant).
+forge:
+	@hack/forge/build.sh >/dev/null
+
 # Debian's prometheus and chromium, which the observability tests drive for real
 # (installed only when missing; apt-get needs root, as on CI: without root the tests that
 # need them are skipped and named; no service is started or enabled at boot).
@@ -91,19 +96,20 @@ test-node:
 
 # tests/node (marker `node`) build the image themselves (incremental) and need the node.
 # The run ends with the slowest tests and modules, and what was skipped and why.
-test: setup test-node observe-tools
+test: setup test-node observe-tools forge
 	$(PY) -m pytest --durations=10 $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m reactor_dev.demo
 
 # Speed and memory figures, as ratios against baselines measured in the same run.
-bench: setup
+bench: setup forge
 	$(PY) bench/cell_bootstrap.py
 	$(PY) bench/operator_overhead.py
 	$(PY) bench/cell_memory.py
 	$(PY) bench/fleet_throughput.py
 	$(PY) bench/observe_overhead.py
+	$(PY) bench/pr_latency.py
 
 # The operator pod on the dev node against a local operator process, and the pod's memory (root).
 bench-node: setup node
@@ -111,7 +117,7 @@ bench-node: setup node
 
 # Tests that need neither opencode nor a control plane (seconds).
 test-fast: venv
-	$(PY) -m pytest -m "not kube and not opencode and not node" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not kube and not opencode and not node and not forge" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .reactor

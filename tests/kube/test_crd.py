@@ -32,6 +32,11 @@ def test_a_valid_task_is_accepted_with_defaults(crd_installed, namespace):
         ({"agent": {"model": "claude-sonnet"}}, "spec.agent.model", "must be provider/model"),
         ({"taskId": "-x"}, "spec.taskId", "should match"),
         ({"test": {}}, "spec.test.command", "Required value"),
+        ({"repository": {"url": "http://example.com/a/b.git"}}, "spec.repository.url", "http:// only to 127.0.0.1"),
+        ({"result": {"kind": "pullRequest"}}, "spec.result.kind pullRequest", "not file://"),
+        ({"repository": {"url": "https://example.com/a/b.git"}, "result": {"kind": "branch", "draft": True}},
+         "spec.result.draft", "apply only to spec.result.kind pullRequest"),
+        ({"result": {"kind": "pr"}}, "spec.result.kind", "Unsupported value"),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(crd_installed, namespace, overrides, field, why):
@@ -80,5 +85,5 @@ def test_printer_columns(crd_installed, namespace):
     assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE"]
     assert table[1].split()[:5] == ["cols", "Succeeded", "committed", "abc1234", "$0.0123"]
     wide = crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON", "REPLICA", "CLAIMED"]
+    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON", "REPLICA", "CLAIMED", "PR"]
     assert wide[1].split()[-4:] == ["idle", "900", "8001", "Committed"]

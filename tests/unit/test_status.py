@@ -132,3 +132,23 @@ async def test_an_unclaimed_task_says_why_it_waits_once_without_an_event():
     await status.waiting(Reason.WAITING_FOR_MEMORY, "no memory")
     await status.requeue(Reason.OPERATOR_SHUTDOWN, "operator stopped")
     assert len(writer.patches) == 1, "nothing to hand back: it never held the task"
+
+
+
+async def test_the_pull_request_is_written_after_the_verdict_keeping_it():
+    """status.pullRequest and PullRequestOpened: the one write after a verdict; the Succeeded
+    condition rides along (a merge patch replaces the list); an Event only when it changes."""
+    writer = Recorder()
+    status = TaskStatus(writer, REF, 1, attempt=1)
+    await status.finish(committed())
+    pr = {"url": "http://forge/reactor/app/pulls/1", "number": 1, "headCommit": "a" * 40, "state": "open"}
+    await status.write_pull_request(None, False, "ForgeUnavailable", "the forge cannot be reached; retrying")
+    await status.write_pull_request(None, False, "ForgeUnavailable", "the forge cannot be reached; retrying (2)")
+    await status.write_pull_request(pr, True, "Created", "opened pull request #1")
+    assert status.final["result"]["commit"] == "a" * 40 and status.final["usage"]["cost"] == 0.0123
+    first, _, last = writer.patches[-3:]
+    assert [c["type"] for c in last["conditions"]] == ["Succeeded", "PullRequestOpened"]
+    assert last["conditions"][0]["reason"] == "Committed" and last["pullRequest"] == pr
+    assert "pullRequest" not in first and first["conditions"][1]["status"] == "False"
+    assert [e[0] for e in writer.events[-2:]] == ["ForgeUnavailable", "Created"]  # not one per retry
+    assert writer.events[-2][2] is True and writer.events[-1][2] is False

@@ -27,6 +27,12 @@ def add_subparser(sub: Any) -> None:
                              "refused). Never inside --work-dir, whatever this allows")
     parser.add_argument("--progress-interval", default="2s",
                         help="at most one status.progress write per task this often; 0: none while it runs (default: 2s)")
+    forge = parser.add_argument_group("pull requests (spec.result.kind pullRequest)")
+    forge.add_argument("--forge-token-secret", default=None, metavar="NAME",
+                       help="the Secret (in each task's namespace, key `token`) holding the forge API token for tasks "
+                            "without spec.result.tokenSecretRef (default: none)")
+    forge.add_argument("--pr-check-interval", default="60s",
+                       help="how often open pull requests are checked for merged/closed (default: 60s)")
     fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests-fleet)")
     fleet.add_argument("--fleet", action="store_true",
                        help="share the tasks with other replicas through Leases and claims")
@@ -71,6 +77,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     from reactor.durations import parse_duration
     from reactor.kube.handlers import fleet_registry, registry
+    from reactor.kube.pullrequests import PullRequestSettings
     from reactor.kube.supervisor import Supervisor
     from reactor.observe.web import WebServer, parse_address
     from reactor.workflow.engine import Engine
@@ -90,8 +97,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
     api_client = kubernetes.client.ApiClient()
     watched = [] if clusterwide else namespaces
     interval = 0.0 if args.progress_interval.strip() in ("0", "0s") else parse_duration(args.progress_interval)
+    pull_requests = PullRequestSettings(default_token_secret=args.forge_token_secret,
+                                        check_interval=parse_duration(args.pr_check_interval))
     supervisor = Supervisor(engine, api_client, fleet=fleet, namespaces=watched, progress_interval=interval,
-                            allow_file_urls=args.allow_file_urls)
+                            allow_file_urls=args.allow_file_urls, pull_requests=pull_requests)
     web = None
     if args.web != "none":
         web = WebServer(supervisor.observatory, *parse_address(args.web))

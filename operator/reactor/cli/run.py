@@ -36,6 +36,13 @@ def add_subparser(sub: Any) -> None:
     run.add_argument("--max-cost", type=float, default=None, help="stop a task whose model cost passes this many dollars (reason BudgetExceeded)")
     run.add_argument("--max-tokens", type=int, default=None, help="stop a task whose tokens pass this number (reason BudgetExceeded)")
     run.add_argument("--web", default=None, metavar="HOST:PORT", help="serve the fleet page and /metrics while the tasks run")
+    run.add_argument("--result", choices=("branch", "pr"), default="branch",
+                     help="branch: the result stays a branch of --repo (default); pr: push it to --remote and open a "
+                          "pull request there (Gitea, Forgejo or GitHub; token in $REACTOR_FORGE_TOKEN)")
+    run.add_argument("--remote", default="origin", help="with --result pr: the remote on the forge (default: origin)")
+    run.add_argument("--forge", choices=("gitea", "github"), default=None,
+                     help="with --result pr: the forge's API (default: told from the remote's host)")
+    run.add_argument("--draft", action="store_true", help="with --result pr: open it as a draft")
     run.set_defaults(func=cmd_run)
 
 
@@ -93,6 +100,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine = Engine(engine_settings_from(args))
     if len(specs) > 1 and not args.parallel:
         raise ConfigurationError("several tasks need --parallel")
+    forge = None
+    if args.result == "pr":  # checked before any task runs: a remote on a forge, a token
+        from reactor.cli.pull_request import remote_forge
+
+        forge = remote_forge(specs[0].repo, args.remote, args.forge)
 
     async def report(event) -> None:
         where = f" (port {event.cell.port})" if event.phase.value == "Executing" and event.cell.port else ""
@@ -106,12 +118,32 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"max agents {engine.settings.max_agents}, ports {engine.settings.port_range}; "
           f"{engine.confinement.status.message}", file=sys.stderr)
     results = asyncio.run(run_all())
+    pulls: dict[str, str] = {}
+    failed_prs = False
+    if forge is not None:
+        from reactor.cli.pull_request import open_pull_request
+        from reactor.errors import ReactorError
+
+        for spec, result in zip(specs, results, strict=True):
+            if not result.succeeded:
+                continue
+            try:
+                published = open_pull_request(spec, result, args.remote, *forge, draft=args.draft)
+            except ReactorError as exc:
+                print(f"reactor: {exc}", file=sys.stderr)
+                failed_prs = True
+                continue
+            pulls[spec.task_id] = published.pull_request.url
     for result in results:
         if args.json:
-            print(result.model_dump_json(), flush=True)
+            data = json.loads(result.model_dump_json())
+            if result.task_id in pulls:
+                data["pull_request"] = pulls[result.task_id]
+            print(json.dumps(data), flush=True)
         else:
-            print(_summary(result), flush=True)
-    return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
+            print(_summary(result) + (f"\n     pull request: {pulls[result.task_id]}" if result.task_id in pulls else ""),
+                  flush=True)
+    return EXIT_OK if all(r.succeeded for r in results) and not failed_prs else EXIT_FAILED
 
 
 def _summary(result) -> str:

@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote, urlsplit
 from reactor.errors import ReactorError
 
 SCHEMES = ("https", "ssh", "file")
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
 FILE_URL_FLAG = "--allow-file-urls"
 _SSH_USER = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -61,9 +62,10 @@ class RepositoryPolicy:
         """The URL git is given for ``url``; raises RepositoryRefused."""
         split = urlsplit(url)
         scheme = split.scheme
-        if scheme not in SCHEMES or not url.startswith(f"{scheme}://"):
+        local_http = scheme == "http" and split.hostname in LOCAL_HOSTS  # a forge on this machine (dev-forge)
+        if (scheme not in SCHEMES and not local_http) or not url.startswith(f"{scheme}://"):
             raise RepositoryRefused(f"spec.repository.url {redact_url(url)!r}: only https://, ssh:// and file:// "
-                                    "URLs are fetched")
+                                    "URLs are fetched (http:// only to 127.0.0.1 or localhost)")
         if "@" in split.netloc:
             user = split.netloc.rpartition("@")[0]
             if scheme != "ssh" or not _SSH_USER.fullmatch(user):

@@ -62,6 +62,22 @@ class BudgetSpec(_Spec):
                       max_tokens=self.max_tokens)
 
 
+class TokenSecretRef(_Spec):
+    name: str
+    key: str = "token"
+
+
+class ResultSpec(_Spec):
+    kind: str = "branch"  # branch | pullRequest
+    draft: bool = False
+    forge: str | None = None  # gitea | github; None: told from the repository URL
+    token_secret_ref: TokenSecretRef | None = Field(default=None, alias="tokenSecretRef")
+
+    @property
+    def pull_request(self) -> bool:
+        return self.kind == "pullRequest"
+
+
 class AgentTaskSpec(_Spec):
     prompt: str
     repository: RepositorySpec
@@ -72,6 +88,7 @@ class AgentTaskSpec(_Spec):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     timeout: str = "30m"
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    result: ResultSpec = Field(default_factory=ResultSpec)
 
     def to_task_spec(self, ref: TaskRef, repo: Path, env: dict[str, str] | None = None,
                      started_at: float | None = None) -> TaskSpec:
@@ -177,6 +194,15 @@ class Condition(_Status):
     message: str | None = None
 
 
+class PullRequestStatus(_Status):
+    """The task's pull request (kube/pullrequests.py)."""
+
+    url: str | None = None
+    number: int | None = None
+    head_commit: str | None = Field(default=None, alias="headCommit")
+    state: str = ""
+
+
 class AgentTaskStatus(_Status):
     """An AgentTask's status as read from the API server (written by kube/status.py)."""
 
@@ -191,6 +217,7 @@ class AgentTaskStatus(_Status):
     result: ResultStatus | None = None
     usage: UsageStatus | None = None
     progress: ProgressStatus | None = None
+    pull_request: PullRequestStatus | None = Field(default=None, alias="pullRequest")
 
     @classmethod
     def of(cls, body: Any) -> AgentTaskStatus:

@@ -96,6 +96,10 @@ def result_status(result: TaskResult) -> dict[str, Any]:
         "filesChanged": result.files_changed,
         "testExitCode": result.test_exit_code,
         "testOutputTail": result.test_output_tail[-2000:],
+        "testCommand": result.test_command,
+        "model": result.model,
+        "attempts": [attempt.model_dump() for attempt in result.attempts],
+        "confined": result.confined,
     }
 
 
@@ -299,6 +303,10 @@ class TaskStatus:
         self.waiting_reason: Reason | None = None
         self.observation: Any = None  # reactor.observe TaskObservation of the run, once it runs
         self.publisher: Any = None  # its ProgressPublisher
+        # The object's conditions as last written (a merge patch replaces the whole list, so a
+        # write of one condition carries the others): kept by every write, seeded on resume.
+        self.conditions: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None  # the verdict's status as written (the PR body reads it)
 
     def observe(self, observation: Any, publisher: Any) -> None:
         self.observation, self.publisher = observation, publisher
@@ -343,6 +351,7 @@ class TaskStatus:
             # Recorded before the push: an operator that dies now resumes at the push, with this commit.
             status["result"] = result_status(event.result)
         self.phase = event.phase
+        self.conditions = status["conditions"]
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, event.phase.value, event.message or event.phase.value)
 
@@ -360,9 +369,34 @@ class TaskStatus:
             self.observation.finish(result, phase)
             status["progress"] = final_progress(self.observation.progress.snapshot(), result)
         self.phase = phase
+        self.conditions = status["conditions"]
+        self.final = status
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, phase.value, f"{result.reason.value}: {result.message}",
                                 warning=not result.succeeded)
+
+    async def write_pull_request(self, pull_request: dict[str, Any] | None, opened: bool, reason: str,
+                                 message: str) -> None:
+        """The task's pull request (kube/pullrequests.py): ``status.pullRequest`` and the
+        condition PullRequestOpened, written after the verdict (the only writes after it).
+        An Event when the condition changes, not on every retry."""
+        previous = next((c for c in self.conditions if c.get("type") == "PullRequestOpened"), None)
+        status_text = "True" if opened else "False"
+        changed = previous is None or previous.get("status") != status_text or previous.get("reason") != reason
+        condition = {
+            "type": "PullRequestOpened", "status": status_text, "reason": reason, "message": message[:1024],
+            "observedGeneration": self.generation,
+            "lastTransitionTime": now() if previous is None or previous.get("status") != status_text
+            else previous.get("lastTransitionTime") or now(),
+        }
+        conditions = [c for c in self.conditions if c.get("type") not in ("PullRequestOpened", "Confined")]
+        self.conditions = [*conditions, condition]
+        status: dict[str, Any] = {"conditions": self.conditions, "observedGeneration": self.generation}
+        if pull_request is not None:
+            status["pullRequest"] = pull_request
+        await self.writer.patch(self.ref, status)
+        if changed:
+            await self.writer.event(self.ref, reason, message, warning=not opened)
 
     async def requeue(self, reason: Reason, message: str) -> None:
         """Back to Pending and unclaimed (the operator stops): the task runs again on the next

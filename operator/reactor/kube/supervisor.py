@@ -46,6 +46,7 @@ from reactor.infra.processes import find_marked_processes, is_marked_for, kill_p
 from reactor.kube.fleet import FleetSettings
 from reactor.kube.ownership import FleetOwnership, Ownership, Plan, SingleReplica
 from reactor.kube.progress import ProgressPublisher
+from reactor.kube.pullrequests import PullRequests, PullRequestSettings
 from reactor.kube.resource import AgentTaskSpec, AgentTaskStatus, ProgressStatus, TaskRef, parse_time
 from reactor.kube.secrets import SecretReader, TaskSecrets
 from reactor.kube.spendlimits import SpendLimits
@@ -105,7 +106,8 @@ class Supervisor:
     def __init__(self, engine: Engine, api_client: k8s.ApiClient, *, fleet: FleetSettings | None = None,
                  namespaces: list[str] | None = None, observatory: Observatory | None = None,
                  progress_interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 allow_file_urls: list[Path] | tuple[Path, ...] = ()):
+                 allow_file_urls: list[Path] | tuple[Path, ...] = (),
+                 pull_requests: PullRequestSettings | None = None):
         self.engine = engine
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
@@ -114,6 +116,7 @@ class Supervisor:
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors", RepositoryPolicy(engine.work_dir,
                                                                                        tuple(allow_file_urls)))
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
+        self.pull_requests = PullRequests(self.secrets, pull_requests, self.observatory)
         self.ownership: Ownership
         if fleet is None:
             self.ownership = SingleReplica(self.reap)
@@ -151,6 +154,7 @@ class Supervisor:
         ref, status = TaskRef.from_body(body), AgentTaskStatus.of(body)
         if status.finished:
             self._remember_finished(ref, status)
+            self._resume_pull_request(ref, body, status)
         elif ref.uid not in self._runs:
             self._take(body)
 
@@ -181,6 +185,7 @@ class Supervisor:
         the deletion must wait (a fleet: another replica still runs the cell), else None."""
         ref, status = TaskRef.from_body(body), AgentTaskStatus.of(body)
         run = self._runs.get(ref.uid)
+        self.pull_requests.forget(ref.uid)
         if run is not None:
             run.task.cancel()
             await asyncio.wait([run.task])  # the run tears its cell down before it ends
@@ -211,6 +216,7 @@ class Supervisor:
             run.cancel()
         if runs:
             await asyncio.wait(runs)
+        await self.pull_requests.stop()  # a PR not yet opened is opened on the next start
         await self.limits.stop()  # the last spend counts are written
         await self.ownership.stop()
 
@@ -383,6 +389,10 @@ class Supervisor:
                 except Exception:  # noqa: BLE001 - the verdict is written whatever happens here
                     log.exception("%s: after the push", ref)
             await status.report(event)
+            if event.phase.terminal and status.final is not None:
+                # The pull request (kube/pullrequests.py) is opened in the background once the
+                # verdict is written: no slot held, and the verdict stands whatever the forge says.
+                self.pull_requests.after_run(ref, spec, status, status.final)
 
         self._controls[ref.uid] = (ref, control)
         try:
@@ -424,6 +434,16 @@ class Supervisor:
         view.tokens = status.usage.total_tokens if status.usage else 0
         view.files = list(status.result.files_changed) if status.result else []
         view.commit = status.commit
+        if status.pull_request is not None:
+            view.pull_request, view.pull_request_state = status.pull_request.url, status.pull_request.state
+
+    def _resume_pull_request(self, ref: TaskRef, body: dict, status: AgentTaskStatus) -> None:
+        """One replica, at start-up: a finished task whose PR is not recorded at its pushed
+        commit (the operator died between the push and the PR) is published now; an open one
+        is followed. (A fleet does not: replicas would race to create it.)"""
+        finished = TaskStatus(self.status, ref, body["metadata"].get("generation"), status.attempts)
+        finished.phase, finished.conditions = status.phase, list((body.get("status") or {}).get("conditions") or [])
+        self.pull_requests.resume(ref, AgentTaskSpec.model_validate(body["spec"]), finished, body.get("status") or {})
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

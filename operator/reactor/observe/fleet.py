@@ -27,6 +27,8 @@ class TaskView:
     model: str = ""
     files: list[str] = field(default_factory=list)
     commit: str | None = None
+    pull_request: str | None = None  # its URL (spec.result.kind pullRequest)
+    pull_request_state: str = ""  # open | merged | closed
 
     @property
     def key(self) -> tuple[str, str]:

@@ -66,5 +66,9 @@ class Metrics:
                                   ["namespace"], registry=r)
         self.stops = Counter("reactor_task_stops_total", "Running tasks stopped by a budget or spend limit",
                              ["namespace", "reason"], registry=r)
+        self.forge_requests = Counter("reactor_forge_requests_total", "Forge API requests for pull requests",
+                                      ["namespace", "forge"], registry=r)
+        self.pull_requests = Counter("reactor_pull_requests_total", "Pull request outcomes (PullRequestOpened reasons)",
+                                     ["namespace", "reason"], registry=r)
         self.status_patches = Counter("reactor_status_patches_total", "Status writes to the API server",
                                       ["kind"], registry=r)

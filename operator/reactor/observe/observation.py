@@ -33,6 +33,12 @@ class Observatory:
                 on_milestone: Callable[[Milestone], None] | None = None) -> TaskObservation:
         return TaskObservation(self, namespace, name, control, Redactor(secrets or ()), on_milestone)
 
+    def pull_request(self, namespace: str, name: str, url: str, state: str) -> None:
+        """The task's pull request was opened, or changed state: on the page and in its transcript."""
+        view = self.fleet.view(namespace, name)
+        view.pull_request, view.pull_request_state = url, state
+        self.transcripts.append(namespace, name, {"kind": "pullRequest", "url": url, "state": state})
+
     def forget(self, namespace: str, name: str) -> None:
         """The task is gone (deleted): its view and its transcript go too."""
         self.views.remove(namespace, name)

@@ -115,6 +115,15 @@ class TranscriptStore:
         self._live: dict[tuple[str, str], Transcript] = {}
         self._signals: dict[tuple[str, str], asyncio.Event] = {}  # set on the next write
 
+    def append(self, namespace: str, name: str, record: dict[str, Any]) -> None:
+        """A record after the task's end (its pull request): added to an existing transcript only."""
+        path = self.path(namespace, name)
+        if not path.exists():
+            return
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"time": utc_now(), **record}, ensure_ascii=False) + "\n")
+        self._notify((namespace, name))
+
     def path(self, namespace: str, name: str) -> Path:
         return self.directory / _component(namespace) / f"{_component(name)}.jsonl"
 
@@ -206,6 +215,8 @@ def render(record: dict[str, Any]) -> str:
         return f"{when} {marker} {record.get('tool')}: {output}"
     if kind == "step":
         return f"{when} .. step: {record.get('tokens')} tokens, ${record.get('cost', 0):.4f} ({record.get('reason')})"
+    if kind == "pullRequest":
+        return f"{when} == pull request ({record.get('state')}): {record.get('url')}"
     if kind == "end":
         return f"{when} == end: {record.get('outcome')} ({record.get('reason')}): {record.get('message', '')}"
     return f"{when} -- {record.get('text', kind)}"

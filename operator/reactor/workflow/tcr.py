@@ -59,7 +59,7 @@ from reactor.workflow.engine import Engine
 from reactor.workflow.origin import FetchFailed, Origin, PushFailed
 from reactor.workflow.recovery import ignore_and_warn, retry_transient
 from reactor.workflow.testcmd import detect_test_command
-from reactor.workflow.types import Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec, Usage
+from reactor.workflow.types import Attempt, Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec, Usage
 from reactor.workflow.watch import AgentStalled, TurnWatch
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     started = time.monotonic()
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
                         message="", branch=spec.branch, base_branch=spec.base_branch, started_at=spec.started_at,
-                        confined=engine.confinement.enabled)
+                        confined=engine.confinement.enabled, model=spec.model)
     phases = _Phases(spec.task_id, on_phase, result)
     cell = Cell(spec, engine, cell_id)
     control = control or TaskControl()
@@ -191,6 +191,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
         result.boot_attempts = cell.boot_attempts
         result.phase_durations = phases.durations
         result.duration = round(time.monotonic() - started, 3)
+    _close_attempt(result)
     if not _holds_commit(result):
         result.commit = None
         result.branch = None  # deleted at teardown: there is nothing to point at
@@ -302,7 +303,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     while True:
         try:
             await retry_transient(f"{spec.task_id}: prompt", lambda: _prompt(cell, result), policy,
-                                  before_retry=lambda: _fresh_session(cell))
+                                  before_retry=lambda: _fresh_session(cell, result))
             break
         except AgentStalled as exc:
             raise TaskFailed(Reason.AGENT_STALLED, str(exc)) from exc
@@ -312,6 +313,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
                 await cell.restart_server()
             except ServerBootError as boot:
                 raise TaskFailed(Reason.AGENT_ERROR, f"the OpenCode server died: {exc}; {boot}") from exc
+            _close_attempt(result, "reverted", f"the OpenCode server was lost mid-turn ({exc}); restarted")
             await phases.update("server restarted", cell)
         except ModelError as exc:
             raise TaskFailed(Reason.AGENT_ERROR, f"the model failed: {exc}") from exc
@@ -393,15 +395,17 @@ async def _prompt(cell: Cell, result: TaskResult) -> None:
     assert cell.client is not None and cell.session_id is not None
     client, session_id = cell.client, cell.session_id
     result.prompt_attempts += 1
+    result.attempts.append(Attempt(number=result.prompt_attempts))
     watch = TurnWatch(client, cell.engine.settings.stall_timeout)
     await watch.run(cell.events, lambda: client.prompt(session_id, cell.spec.prompt, model=cell.spec.model))
 
 
-async def _fresh_session(cell: Cell) -> None:
+async def _fresh_session(cell: Cell, result: TaskResult) -> None:
     """Before an R3 retry of the prompt: a clean worktree and a new session, so the retry
     does not build on a half-finished turn."""
     assert cell.client is not None and cell.worktree is not None
     cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
+    _close_attempt(result, "reverted", "a transient model or server error; retried from a clean checkout")
     await asyncio.to_thread(cell.worktree.revert, cell.box_end)
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
 
@@ -441,6 +445,19 @@ async def _wind_down(cell: Cell, phases: _Phases, result: TaskResult) -> None:
     except Exception as exc:  # the verdict stands; what is left is named for the operator's log
         log.error("%s: teardown incomplete: %s", cell.cell_id, exc, exc_info=True)
         result.message += f" (teardown incomplete: {exc})"
+
+
+def _close_attempt(result: TaskResult, outcome: str | None = None, note: str = "") -> None:
+    """The running attempt ends: as given, or (at the verdict) as the task ended."""
+    if not result.attempts or result.attempts[-1].outcome != "tried":
+        return
+    attempt = result.attempts[-1]
+    if outcome is None:
+        outcome = ("committed" if result.outcome is Outcome.COMMITTED else
+                   "reverted" if result.outcome is Outcome.REVERTED or result.phase_durations.get("Reverting") is not None
+                   else "failed")
+        note = "tests passed" if outcome == "committed" else f"{result.reason.value}: {result.message}"
+    attempt.outcome, attempt.note = outcome, note[:300]
 
 
 def _holds_commit(result: TaskResult) -> bool:

@@ -130,6 +130,15 @@ class CellInfo(BaseModel):
     session_id: str | None = None
 
 
+class Attempt(BaseModel):
+    """One try of the agent within a run (R3 retries and server restarts start a new one from a
+    clean checkout): what became of it. The pull request's body lists them."""
+
+    number: int
+    outcome: str = "tried"  # tried (still running) | reverted | committed | failed
+    note: str = ""
+
+
 class TaskResult(BaseModel):
     task_id: str
     outcome: Outcome
@@ -149,6 +158,8 @@ class TaskResult(BaseModel):
     duration: float = 0.0
     boot_attempts: int = 0
     prompt_attempts: int = 0
+    attempts: list[Attempt] = Field(default_factory=list)  # each try of the agent and what became of it
+    model: str | None = None  # provider/model the agent ran with (None: OpenCode's default)
     confined: bool = False  # whether the cell ran under Landlock (see docs/security.md)
 
     @property

@@ -79,6 +79,13 @@ async function refreshDetail() {
     money(task.cost) + " · " + task.tokens + " tokens" + (task.model ? " · " + task.model : "");
   const files = document.getElementById("files");
   files.replaceChildren(...task.files.map((f) => el("li", f)));
+  const pr = document.getElementById("detail-pr"), link = document.getElementById("detail-pr-link");
+  pr.hidden = !task.pull_request;
+  if (task.pull_request) {
+    link.textContent = task.pull_request;
+    if (/^https?:\/\//.test(task.pull_request)) link.href = task.pull_request; else link.removeAttribute("href");
+    document.getElementById("detail-pr-state").textContent = task.pull_request_state ? "(" + task.pull_request_state + ")" : "";
+  }
   drawTimeline(data.timeline, data.now, task.phase === "Succeeded" || task.phase === "Failed");
 }
 

@@ -1,0 +1,58 @@
+"""The HTTP part the adapters share: one httpx client per forge, the token in a header only,
+answers mapped onto ForgeUnavailable / ForgeRefused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from reactor.forge.types import ForgeRefused, ForgeUnavailable
+
+TIMEOUT = httpx.Timeout(20.0, connect=5.0)
+
+
+class ForgeHTTP:
+    def __init__(self, api_url: str, headers: dict[str, str], client: httpx.AsyncClient | None = None):
+        self.api_url = api_url.rstrip("/")
+        # The token lives in these headers and nowhere else (never in a URL, argv or a message).
+        self._client = client or httpx.AsyncClient(timeout=TIMEOUT, headers=headers, follow_redirects=False)
+        if client is not None:
+            self._client.headers.update(headers)
+        self.calls = 0
+
+    async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+                      ok: tuple[int, ...] = (200, 201)) -> httpx.Response:
+        """One API call. Returns the response when its status is in ``ok`` (or 404, for the
+        caller to read as "none"); raises otherwise."""
+        self.calls += 1
+        try:
+            response = await self._client.request(method, f"{self.api_url}{path}", json=json, params=params)
+        except httpx.HTTPError as exc:  # connection refused, timeout, reset
+            raise ForgeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        if response.status_code in ok or response.status_code == 404 and method == "GET":
+            return response
+        message = f"{method} {path}: {response.status_code} {error_message(response)}"
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ForgeUnavailable(message)
+        raise ForgeRefused(message, response.status_code)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def error_message(response: httpx.Response) -> str:
+    """The forge's own explanation, short (Gitea and GitHub both answer {"message": ...})."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(data, dict):
+        parts = [str(data.get("message") or "")]
+        for error in data.get("errors") or []:  # GitHub's validation details
+            if isinstance(error, dict) and error.get("message"):
+                parts.append(str(error["message"]))
+            elif isinstance(error, str):
+                parts.append(error)
+        return "; ".join(p for p in parts if p)[:500]
+    return str(data)[:300]

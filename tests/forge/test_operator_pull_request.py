@@ -1,0 +1,151 @@
+"""The operator opens the pull request: a real kube-apiserver, `reactor operator` as a real
+process (killed and restarted), real opencode, real git, a real Gitea, the scripted model.
+
+One task, followed through every fault of the PR path (the suite's budget allows one full
+run): the operator SIGKILLed at each step between the push and the recorded PR, then the
+forge down when the PR is due; at the end exactly one PR, whose body holds the passing test
+output and whose head carries reactor/tcr = success; the forge token nowhere a cell or a
+reader of the cluster could see it; and a merge on the forge shows in the status."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from reactor.forge import STATUS_CONTEXT
+from reactor.kube.pullrequests import CRASH_HOOK
+from reactor_dev.testing.helpers import install_crds, wait_for
+from reactor_dev.testing.operator_process import operators
+from reactor_dev.testing.repos import make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text
+
+pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(900)]
+
+NAME = "fix-add"
+# The agent fixes the bug, then records what its cell can see: its environment and every
+# process's command line (committed with the fix, so the test reads them from the forge).
+SPY = bash("env > cell-env.txt; for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done > cell-ps.txt 2>/dev/null; true")
+STEPS = [edit("calc.py", "return a - b", "return a + b"), SPY, text("Fixed.")]
+# Crash points of the PR path (reactor.forge.publish), in order: before the lookup, before
+# the create, after the create (before the commit status), after everything but the status write.
+CRASHES = ["find", "create", "status", "done"]
+
+
+@pytest.fixture(scope="module")
+def cluster(control_plane):
+    install_crds(control_plane)
+    return control_plane
+
+
+def secret(cluster, namespace: str, name: str, data: dict[str, str]) -> None:
+    manifest = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+    out = cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    assert out.returncode == 0, out.stderr
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    return next((c for c in (obj or {}).get("status", {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def test_one_pull_request_through_crashes_and_an_outage(cluster, namespace, work_dir, gitea, tmp_path, monkeypatch):
+    repo = f"app-{namespace[-8:]}"
+    url = gitea.create_repository(repo, make_repo(tmp_path / "app"))
+    secret(cluster, namespace, "git-creds", {"username": "reactor", "password": gitea.password})
+    secret(cluster, namespace, "forge-token", {"token": gitea.token})
+    flags = ("--forge-token-secret", "forge-token", "--pr-check-interval", "1s")
+
+    with operators(cluster, namespace, work_dir) as start, ScriptedModel([Scenario(f"{NAME}:", STEPS)]) as model:
+        # 1. The task runs to a pushed commit; the operator dies before its first forge call.
+        monkeypatch.setenv(CRASH_HOOK, "pr:find")
+        op = start(*flags)
+        manifest = {"apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask", "metadata": {"name": NAME},
+                    "spec": {"description": "Fix add", "prompt": f"{NAME}: fix add() in calc.py so the tests pass",
+                             "repository": {"url": url, "branch": "main", "credentialsSecretRef": {"name": "git-creds"}},
+                             "test": {"command": "python3 -m pytest -q"}, "agent": {"config": model.opencode_config()},
+                             "timeout": "3m", "result": {"kind": "pullRequest", "forge": "gitea"}}}
+        out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: op.process.poll() is not None, 240, "the operator killed at pr:find", detail=op.log)
+        obj = op.get(NAME)
+        assert obj["status"]["phase"] == "Succeeded" and obj["status"]["result"]["pushed"], obj["status"]
+        assert "pullRequest" not in obj["status"] and gitea.pull_requests(repo) == []
+        commit = obj["status"]["result"]["commit"]
+
+        # 2. Restarted, killed again at each later step of the PR path: never a second PR.
+        for step in CRASHES[1:]:
+            monkeypatch.setenv(CRASH_HOOK, f"pr:{step}")
+            op = start(*flags)
+            wait_for(lambda: op.process.poll() is not None, 120, f"the operator killed at pr:{step}", detail=op.log)
+            assert len(gitea.pull_requests(repo)) == (0 if step == "create" else 1), step
+            assert "pullRequest" not in op.get(NAME)["status"]
+        monkeypatch.delenv(CRASH_HOOK)
+
+        # 3. The forge is down when the restarted operator gets to the PR: the task stays
+        # Succeeded and says so; the PR is recorded once the forge is back.
+        gitea.stop()
+        op = start(*flags)
+        obj = op.wait_for(NAME, lambda o: (condition(o, "PullRequestOpened") or {}).get("reason") == "ForgeUnavailable",
+                          120, "PullRequestOpened=False/ForgeUnavailable")
+        assert obj["status"]["phase"] == "Succeeded" and condition(obj, "Succeeded")["status"] == "True"
+        assert condition(obj, "PullRequestOpened")["status"] == "False"
+        gitea.start()
+        obj = op.wait_for(NAME, lambda o: (condition(o, "PullRequestOpened") or {}).get("status") == "True",
+                          120, "PullRequestOpened=True")
+
+        # Exactly one PR, the proof in its body, the status on its head.
+        pulls = gitea.pull_requests(repo)
+        assert len(pulls) == 1, [p["number"] for p in pulls]
+        pr = pulls[0]
+        status = obj["status"]
+        assert status["pullRequest"] == {"url": pr["html_url"], "number": pr["number"], "headCommit": commit,
+                                         "state": "open"}
+        assert condition(obj, "PullRequestOpened")["reason"] == "Created"
+        assert condition(obj, "Succeeded")["reason"] == "Committed" and condition(obj, "Confined") is not None
+        tail = status["result"]["testOutputTail"].strip().splitlines()[-1]
+        assert "passed" in tail and tail in pr["body"] and commit in pr["body"]
+        assert "python3 -m pytest -q" in pr["body"] and "1. committed" in pr["body"] and "`calc.py`" in pr["body"]
+        assert pr["head"]["ref"] == f"reactor/{NAME}" and pr["base"]["ref"] == "main"
+        # (set again by each try that reached that step: Gitea lists every one)
+        assert {(s["context"], s["status"]) for s in gitea.statuses(repo, commit)} == {(STATUS_CONTEXT, "success")}
+        wide = cluster.kubectl("get", "agenttasks", "-n", namespace, "-o", "wide").stdout
+        assert pr["html_url"] in wide
+        reasons = [e["reason"] for e in op.events(NAME)]
+        assert "ForgeUnavailable" in reasons and "Created" in reasons
+        transcript = (work_dir / "transcripts" / namespace / f"{NAME}.jsonl").read_text()
+        assert pr["html_url"] in transcript  # what `reactor logs` prints
+
+        # The token: not in the cell's environment or what it saw of every process's arguments
+        # (committed by the agent), not in any process's arguments or environment now, not in
+        # any file of the operator's work dir (cells, transcripts, mirrors), its log, status or Events.
+        token = gitea.token
+        for spied in ("cell-env.txt", "cell-ps.txt"):
+            raw = gitea.api("GET", f"/repos/reactor/{repo}/raw/{spied}", params={"ref": commit})
+            assert raw.status_code == 200 and raw.text.strip(), spied
+            assert token not in raw.text, spied
+        assert "OPENCODE_SERVER_PASSWORD" in gitea.api("GET", f"/repos/reactor/{repo}/raw/cell-env.txt",
+                                                       params={"ref": commit}).text  # the spy did see its env
+        for proc in psutil.process_iter():
+            try:
+                assert token not in " ".join(proc.cmdline()), proc
+                assert token not in json.dumps(proc.environ()), proc
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        for path in Path(work_dir).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert token.encode() not in path.read_bytes(), path
+        assert token not in json.dumps(obj) and token not in json.dumps(op.events(NAME))
+
+        # Merged on the forge: the status says so.
+        # (Gitea answers 405 "try again later" while it re-checks mergeability after a change.)
+        wait_for(lambda: gitea.api("POST", f"/repos/reactor/{repo}/pulls/{pr['number']}/merge",
+                                   json={"Do": "merge", "head_commit_id": commit}).status_code == 200,
+                 30, "the merge on the forge", interval=0.5)
+        obj = op.wait_for(NAME, lambda o: (o["status"].get("pullRequest") or {}).get("state") == "merged", 60,
+                          "pullRequest.state merged")
+        assert condition(obj, "PullRequestOpened")["status"] == "True"
+        assert len(gitea.pull_requests(repo)) == 1
