@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from reactor.mergequeue import EntryState, FileStore, LocalBranch, MemoryStore, MergeQueue, PushedBranch, QueueConfig
-from reactor.testing.mergequeue import (TEST_COMMAND, base_history, confined_tests, failing_commits, git,
+from reactor_dev.testing.mergequeue import (TEST_COMMAND, base_history, confined_tests, failing_commits, git,
                                         make_queue_repo, make_result, module)
 
 
@@ -103,7 +103,7 @@ async def test_a_driver_killed_around_the_base_advance_resumes_without_merging_t
     queue = new_queue(repo, work_dir, store=store, max_batch=1)
     for entry_id in ("x", "y", "z"):
         queue.enqueue(entry_id, *make_result(repo, entry_id, {f"{entry_id}.py": module(entry_id)}))
-    killed = subprocess.run([sys.executable, "-m", "reactor.testing.mergequeue", str(store.path), str(work_dir),
+    killed = subprocess.run([sys.executable, "-m", "reactor_dev.testing.mergequeue", str(store.path), str(work_dir),
                              crash_at], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert store.load().pending is not None  # it died with an advance in flight
