@@ -11,7 +11,7 @@ from reactor_dev.testing.helpers import install_crds  # noqa: F401  (used here a
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "agenttask.yaml"
-CRDS = [CRD, ROOT / "crds" / "spendlimit.yaml"]  # what the operator watches
+CRDS = [CRD, ROOT / "crds" / "spendlimit.yaml", ROOT / "crds" / "mergequeue.yaml"]  # what the operator watches
 
 
 @pytest.fixture(scope="session")

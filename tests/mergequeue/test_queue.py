@@ -115,6 +115,22 @@ async def test_a_driver_killed_around_the_base_advance_resumes_without_merging_t
     assert len(history) == 4 and failing_commits(repo, history) == []
 
 
+async def test_a_driver_that_lost_its_record_does_not_integrate_a_result_twice(tmp_path, work_dir):
+    # A replica that lost its Lease mid-advance: its record of the advance never reached the
+    # store, and the next driver sees the result as still queued.
+    repo = make_queue_repo(tmp_path / "repo", {"core.py": module("core")})
+    commit, base = make_result(repo, "x", {"x.py": module("x")})
+    first = new_queue(repo, work_dir)
+    first.enqueue("x", commit, base)
+    await first.drain()
+    tip = git(repo, "rev-parse", "main")
+    second = new_queue(repo, work_dir)
+    second.enqueue("x", commit, base)
+    await second.drain()
+    assert second.state.entries[0].integrated_as == tip and git(repo, "rev-parse", "main") == tip
+    assert second.state.stats.test_runs == 0
+
+
 async def test_the_test_command_runs_confined_to_its_own_checkout(tmp_path, work_dir):
     repo = make_queue_repo(tmp_path / "repo", {"core.py": module("core")})
     planted = tmp_path / "planted"

@@ -22,8 +22,9 @@ from pathlib import Path
 from reactor.infra.git import GitError, git, git_ok, git_status
 from reactor.infra.worktrees import committer_identity
 
-# Names the queue entry on each integrated commit, for people reading the history (the queue
-# itself decides from its record, never from a message a tenant could have written).
+# Names the queue entry on each integrated commit. Git reads trailers from a message's last
+# paragraph only, and Reactor writes that paragraph after the task's message: a task cannot
+# forge one for another entry.
 TRAILER = "Reactor-Queue-Entry"
 
 
@@ -73,6 +74,19 @@ def replay(repo: Path, entry_id: str, commit: str, base: str, onto: str) -> Repl
            "GIT_COMMITTER_NAME": identity["name"], "GIT_COMMITTER_EMAIL": identity["email"]}
     candidate = git(repo, "commit-tree", tree, "-p", onto, "-m", message, env=env)
     return Replayed(entry_id, candidate)
+
+
+def carried_since(repo: Path, since: str, tip: str) -> dict[str, str]:
+    """Entry ids carried onto the branch after ``since`` (by their trailers), with the commit:
+    what a driver whose record was not saved (or was refused: it lost its Lease) already
+    integrated, so it is never replayed again."""
+    out = git(repo, "log", f"--format=%H %(trailers:key={TRAILER},valueonly,separator=%x20)", f"{since}..{tip}")
+    carried = {}
+    for line in out.splitlines():
+        commit, _, ids = line.partition(" ")
+        for entry_id in ids.split():
+            carried.setdefault(entry_id, commit)
+    return carried
 
 
 def _merge_tree(repo: Path, onto: str, commit: str) -> subprocess.CompletedProcess:

@@ -37,11 +37,12 @@ from pathlib import Path
 from reactor.infra.git import git_ok
 from reactor.infra.worktrees import repository_key
 from reactor.mergequeue.base import BaseBranch
-from reactor.mergequeue.candidates import StaleBase, TextualConflict, check_result, replay
+from reactor.mergequeue.candidates import StaleBase, TextualConflict, carried_since, check_result, replay
 from reactor.mergequeue.state import Entry, EntryState, Pending, QueueConfig, QueueState, Reason, Store
 from reactor.mergequeue.tests import ConfinedTests, TestRun
 
 log = logging.getLogger(__name__)
+KEEP_FINISHED = 100  # finished entries kept in the record (a task's own status keeps its verdict)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,13 @@ class MergeQueue:
         chain: list[_Link] = []
         onto = tip
         for entry in window:
+            already = carried_since(self.repo, entry.base, tip).get(entry.id)
+            if already:  # integrated by a driver whose record of it was lost: never twice
+                entry.state, entry.integrated_as, entry.integrated_at = EntryState.INTEGRATED, already, time.time()
+                entry.finished_at = entry.integrated_at
+                self.state.stats.integrated += 1
+                self._emit("integrated", entry.id, already)
+                continue
             try:
                 onto = replay(self.repo, entry.id, entry.commit, entry.base, onto).commit
             except StaleBase as exc:
@@ -256,6 +264,7 @@ class MergeQueue:
         self._emit("ejected", entry.id, entry.commit, reason.value)
 
     def _save(self) -> None:
+        self.state.prune(KEEP_FINISHED)
         self.store.save(self.state)
 
     def _emit(self, kind: str, entry_id: str = "", commit: str = "", detail: str = "") -> None:

@@ -119,6 +119,13 @@ class QueueState:
                 return index
         return None
 
+    def prune(self, keep: int) -> None:
+        """Forget all but the last ``keep`` finished entries (the record stays small; the base
+        history's trailers still say what was integrated)."""
+        finished = [e for e in self.entries if e.state in (EntryState.INTEGRATED, EntryState.EJECTED)]
+        for entry in finished[:max(0, len(finished) - keep)]:
+            self.entries.remove(entry)
+
     @property
     def depth(self) -> int:
         return len(self.queued())
