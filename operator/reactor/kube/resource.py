@@ -18,6 +18,7 @@ from reactor.workflow.types import Budget, TaskSpec
 
 GROUP, VERSION, PLURAL = "reactor.dev", "v1alpha1", "agenttasks"
 SPENDLIMITS = "spendlimits"
+MERGEQUEUES = "mergequeues"
 FINALIZER = "reactor.dev/cleanup"
 
 
@@ -72,6 +73,7 @@ class AgentTaskSpec(_Spec):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     timeout: str = "30m"
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    integrate: str = "none"  # none | queue: the pushed result enters its branch's MergeQueue
 
     def to_task_spec(self, ref: TaskRef, repo: Path, env: dict[str, str] | None = None,
                      started_at: float | None = None) -> TaskSpec:
@@ -92,6 +94,30 @@ class SpendLimitSpec(_Spec):
     period: str = "Daily"  # Daily (UTC day) | Total (since creation)
     max_cost: str | None = Field(default=None, alias="maxCost")
     max_tokens: int | None = Field(default=None, alias="maxTokens")
+
+
+class QueueRepositorySpec(_Spec):
+    url: str
+    branch: str = "main"
+    credentials_secret_ref: SecretRef | None = Field(default=None, alias="credentialsSecretRef")
+
+
+class QueueTestSpec(_Spec):
+    command: str | None = None
+    timeout: str = "10m"
+
+
+class MergeQueueSpec(_Spec):
+    repository: QueueRepositorySpec
+    max_batch: int = Field(default=4, alias="maxBatch")
+    max_parallel: int = Field(default=1, alias="maxParallel")
+    merge_method: str = Field(default="rebase", alias="mergeMethod")
+    test: QueueTestSpec = Field(default_factory=QueueTestSpec)
+
+    def takes(self, task: AgentTaskSpec) -> bool:
+        """A task's pushed result enters this queue."""
+        return (task.integrate == "queue" and task.repository.url == self.repository.url
+                and task.repository.branch == self.repository.branch)
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,23 @@ def final_progress(snapshot: dict[str, Any], result: TaskResult) -> dict[str, An
                         totalTokens=usage.total_tokens, cost=round(usage.cost, 6), costDisplay=f"${usage.cost:.4f}")
     snapshot.update(activity="", tool=None)
     return snapshot
+
+
+class IntegrationStatus:
+    """The one writer of ``status.integration`` of AgentTasks whose result entered a merge
+    queue: the replica driving that queue (a finished task's run writes nothing more, and no
+    other field is touched). A merge patch of that one key."""
+
+    def __init__(self, api_client: k8s.ApiClient):
+        self.custom = k8s.CustomObjectsApi(api_client)
+
+    def write(self, namespace: str, name: str, integration: dict[str, Any]) -> bool:
+        """Blocking. False when the task is gone (deleted meanwhile)."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": {"integration": integration}})
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise

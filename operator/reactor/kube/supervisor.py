@@ -42,7 +42,7 @@ from reactor.workflow.control import Spend, TaskControl
 from reactor.workflow.engine import Engine
 from reactor.workflow.origin import MirrorOrigin
 from reactor.workflow.tcr import run_task
-from reactor.workflow.types import Outcome, Phase, Reason, TaskResult, TaskSpec
+from reactor.workflow.types import Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec
 
 WaitingCallback = Callable[[Reason, str], Awaitable[None]]
 
@@ -78,6 +78,7 @@ class TaskSupervisor:
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
         self._background: set[asyncio.Task] = set()
         self._stopping = False
+        self.merge_queues: Any = None  # kube.mergequeues.MergeQueues, set by the operator's command
 
     # -- what the handlers call --
 
@@ -193,7 +194,7 @@ class TaskSupervisor:
             confined, message = self.status.confinement  # said on every task: never a silent downgrade
             await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
             if not take_capacity or resume_commit is not None:  # (a resumed push needs no cell)
-                await self._execute(ref, task, secrets, status, origin, resume_commit)
+                await self._execute(ref, task, secrets, status, origin, resume_commit, spec)
                 return
             gate, priority = self.engine.capacity, (ref.creation, ref.namespace, ref.name)
             while True:
@@ -201,7 +202,7 @@ class TaskSupervisor:
                 async with gate.slot(priority, on_reason=status.waiting):
                     if self.limits.blocked(ref.namespace):
                         continue  # crossed while this task waited for a cell: hand the slot on
-                    await self._execute(ref, task, secrets, status, origin, None)
+                    await self._execute(ref, task, secrets, status, origin, None, spec)
                 return
         except asyncio.CancelledError:
             if self._stopping:
@@ -217,7 +218,7 @@ class TaskSupervisor:
                 log.exception("%s: cannot record the internal error", ref)
 
     async def _execute(self, ref: TaskRef, task: TaskSpec, secrets: TaskSecrets, status: TaskStatus,
-                       origin: MirrorOrigin, resume_commit: str | None) -> None:
+                       origin: MirrorOrigin, resume_commit: str | None, spec: AgentTaskSpec | None = None) -> None:
         """One observed run of the workflow (holding a slot, unless it only resumes a push)."""
         control = TaskControl(_spent_before(status.previous_progress))
         observation = self.observatory.observe(
@@ -239,7 +240,18 @@ class TaskSupervisor:
 
         self._controls[ref.uid] = (ref, control)
         try:
-            await run_task(task, self.engine, status.report, cell_id=ref.cell_id,
+            async def on_phase(event: PhaseEvent) -> None:
+                # The post-push point: a pushed result with spec.integrate: queue asks its
+                # merge queue for integration, before the verdict is written.
+                if (event.phase.terminal and event.result is not None and event.result.pushed
+                        and spec is not None and self.merge_queues is not None):
+                    try:
+                        await self.merge_queues.submit(ref, spec)
+                    except Exception:  # noqa: BLE001 - the verdict is written anyway
+                        log.exception("%s: cannot enter the merge queue", ref)
+                await status.report(event)
+
+            await run_task(task, self.engine, on_phase, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
                            resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch])
         finally:

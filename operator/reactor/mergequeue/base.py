@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from reactor.infra.git import GitError, git, git_ok
+from reactor.infra.mirrors import GitCredentials
 from reactor.infra.worktrees import repository_lock
 
 
@@ -47,24 +48,28 @@ class LocalBranch:
 
 
 class PushedBranch:
-    """``remote``: a URL or path; ``env``: credentials for git (askpass), never in argv."""
+    """``remote``: a remote name, URL or path; ``credentials``: for git (askpass or a key
+    file), never in argv."""
 
-    def __init__(self, repo: Path, remote: str, branch: str, env: dict[str, str] | None = None):
-        self.repo, self.remote, self.branch, self.env = Path(repo), remote, branch, dict(env or {})
+    def __init__(self, repo: Path, remote: str, branch: str, credentials: GitCredentials | None = None):
+        self.repo, self.remote, self.branch = Path(repo), remote, branch
+        self.credentials = credentials or GitCredentials()
+        # Outside refs/heads and refs/tags: a mirror's ref ledger vouches for those only.
         self.tracking = f"refs/reactor/queue-base/{branch}"
 
     def tip(self) -> str:
-        with repository_lock(self.repo):
+        with self.credentials.environment() as env, repository_lock(self.repo):
             git(self.repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self.remote,
-                f"+refs/heads/{self.branch}:{self.tracking}", env=self.env)
+                f"+refs/heads/{self.branch}:{self.tracking}", env=env)
         return git(self.repo, "rev-parse", "--verify", f"{self.tracking}^{{commit}}")
 
     def advance(self, old: str, new: str) -> bool:
         _check_fast_forward(self.repo, old, new)
         ref = f"refs/heads/{self.branch}"
         try:
-            git(self.repo, "push", "--quiet", "--no-verify", f"--force-with-lease={ref}:{old}", self.remote,
-                f"{new}:{ref}", env=self.env)
+            with self.credentials.environment() as env:
+                git(self.repo, "push", "--quiet", "--no-verify", f"--force-with-lease={ref}:{old}", self.remote,
+                    f"{new}:{ref}", env=env)
         except GitError as exc:
             if "stale info" in exc.stderr or "rejected" in exc.stderr:
                 return False

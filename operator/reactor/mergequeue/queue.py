@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from reactor.infra.git import git_ok
+from reactor.infra.git import git, git_ok
 from reactor.infra.worktrees import repository_key
 from reactor.mergequeue.base import BaseBranch
 from reactor.mergequeue.candidates import StaleBase, TextualConflict, carried_since, check_result, replay
@@ -64,9 +64,10 @@ class _Link:
 
 class MergeQueue:
     def __init__(self, store: Store, base: BaseBranch, tests: ConfinedTests, config: QueueConfig | None = None,
-                 on_event: Callable[[QueueEvent], None] | None = None):
+                 on_event: Callable[[QueueEvent], None] | None = None, repo: Path | None = None):
         """``config`` makes a new queue when the store holds none; a stored queue keeps its
-        own (the test command is locked with the queue)."""
+        own (the test command is locked with the queue). ``repo``: where this driver finds
+        the objects, when not where the record says (another replica's own mirror)."""
         self.store, self.base, self.tests, self.on_event = store, base, tests, on_event
         state = store.load()
         if state is None:
@@ -75,6 +76,8 @@ class MergeQueue:
             state = QueueState(config)
             store.save(state)
         self.state = state
+        if repo is not None:
+            state.config.repo = str(repo)
         self.repo = Path(state.config.repo)
         self.name = f"{repository_key(self.repo)}-{state.config.base_branch}"
         self._lock = asyncio.Lock()
@@ -105,6 +108,14 @@ class MergeQueue:
         self._save()
         self._emit("queued", entry.id, commit)
         return entry
+
+    def enqueue_result(self, entry_id: str, commit: str) -> Entry:
+        """``enqueue`` of a result that names no base: its only parent is the commit it was
+        tested on. Blocking (git). Raises ValueError for a merge or a root commit."""
+        parents = git(self.repo, "rev-list", "--parents", "-n", "1", commit).split()[1:]
+        if len(parents) != 1:
+            raise ValueError(f"result {commit[:12]} is not a single commit on a base commit")
+        return self.enqueue(entry_id, commit, parents[0])
 
     def withdraw(self, entry_id: str) -> None:
         """Its task was deleted: a queued entry leaves (an integrating one is already tested)."""
@@ -156,7 +167,7 @@ class MergeQueue:
             log.info("merge queue %s: %s breaks the tests on top of the %d entries ahead: ejected",
                      self.name, culprit.id, hi - 1)
             self._eject(culprit, Reason.SEMANTIC_CONFLICT, hi_run.output_tail)
-            self._save()
+            await asyncio.to_thread(self._save)
             if lo > green:
                 await self._advance(chain, green, lo, chain[green - 1].commit if green else tip)
             return True
@@ -221,7 +232,7 @@ class MergeQueue:
                 return run
 
         runs = await asyncio.gather(*(one(c) for c in commits))
-        self._save()
+        await asyncio.to_thread(self._save)
         return list(runs)
 
     async def _advance(self, chain: list[_Link], start: int, end: int, old: str) -> bool:
@@ -230,11 +241,11 @@ class MergeQueue:
         for link in chain[start:end]:
             link.entry.state = EntryState.INTEGRATING
         self.state.pending = pending
-        self._save()  # the record names the advance before it is made
+        await asyncio.to_thread(self._save)  # the record names the advance before it is made
         self._emit("advancing", commit=pending.new_tip)
         made = await asyncio.to_thread(self.base.advance, old, pending.new_tip)
         self._emit("advanced" if made else "advance-refused", commit=pending.new_tip)
-        self._settle(pending, made)
+        await asyncio.to_thread(self._settle, pending, made)
         return made
 
     def _settle(self, pending: Pending, made: bool) -> None:
@@ -264,6 +275,7 @@ class MergeQueue:
         self._emit("ejected", entry.id, entry.commit, reason.value)
 
     def _save(self) -> None:
+        """Blocking (a store may be the API server): called in a thread from the event loop."""
         self.state.prune(KEEP_FINISHED)
         self.store.save(self.state)
 
