@@ -99,18 +99,20 @@ class QueueLease:
             if time.monotonic() - self._seen_at < float(lease.spec.lease_duration_seconds or self.duration):
                 return False
             log.info("merge queue lease %s/%s: taken over from %s", self.namespace, self.name, holder)
-        transitions = (lease.spec.lease_transitions or 0) + (0 if holder == self.identity else 1)
-        self.coordination.replace_namespaced_lease(self.name, self.namespace,
-                                                   self._body(lease.metadata.resource_version, transitions))
+        renewing = holder == self.identity
+        transitions = (lease.spec.lease_transitions or 0) + (0 if renewing else 1)
+        self.coordination.replace_namespaced_lease(self.name, self.namespace, self._body(
+            lease.metadata.resource_version, transitions, lease.spec.acquire_time if renewing else None))
         return True
 
-    def _body(self, resource_version: str | None, transitions: int) -> dict[str, Any]:
+    def _body(self, resource_version: str | None, transitions: int, acquired: Any = None) -> dict[str, Any]:
         now = micro_time()
         metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
         if resource_version:
             metadata["resourceVersion"] = resource_version
         return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata,
-                "spec": {"holderIdentity": self.identity, "renewTime": now, "acquireTime": now,
+                "spec": {"holderIdentity": self.identity, "renewTime": now,
+                         "acquireTime": micro_time(acquired) if acquired else now,
                          "leaseDurationSeconds": int(round(self.duration)), "leaseTransitions": transitions}}
 
     def release(self) -> None:
@@ -250,10 +252,11 @@ class _Driver:
                 return
             raise
         spec = MergeQueueSpec.model_validate(body.get("spec") or {})
-        inbox = await self._inbox(custom, spec)
         state = await asyncio.to_thread(store.load)
-        if state is None and not inbox:
-            return
+        inbox = [(name, task, commit) for name, task, commit in await self._inbox(custom, spec)
+                 if state is None or state.get(name) is None or state.get(name).commit != commit]
+        if not inbox and (state is None or not (state.queued() or state.pending)):
+            return  # nothing to do: no fetch
         credentials = await self._credentials(spec)
         mirror = await asyncio.to_thread(queues.mirrors.sync, spec.repository.url, credentials)
         config = None
@@ -266,9 +269,6 @@ class _Driver:
                            config, repo=mirror)
         queue.config.max_batch, queue.config.max_parallel = spec.max_batch, spec.max_parallel
         for name, _, commit in inbox:
-            entry = queue.state.get(name)
-            if entry is not None and entry.commit == commit:
-                continue
             try:
                 await asyncio.to_thread(queue.enqueue_result, name, commit)
             except Exception as exc:  # noqa: BLE001 - a result that does not hold up is ejected, not retried
