@@ -106,6 +106,11 @@ class Worktree:
                       "commit", "--no-verify", "--quiet", "-m", message)
         return self.cell_git("rev-parse", "HEAD")
 
+    def lay_files(self, commit: str) -> None:
+        """Make the checkout's files those of ``commit`` (borrowed from the source's objects),
+        before the agent starts; what differs from the base commit is then the change."""
+        self.cell_git("read-tree", "-u", "--reset", commit)
+
     def revert(self) -> None:
         """Throw away every change since the base commit (the RB strategy's rollback)."""
         self._rebase_index()

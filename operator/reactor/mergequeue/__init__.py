@@ -11,7 +11,8 @@ compare-and-swap (``base.py``); ``queue.py`` drives batches, speculation and bis
 from reactor.mergequeue.base import BaseBranch, LocalBranch, PushedBranch
 from reactor.mergequeue.queue import MergeQueue, QueueEvent
 from reactor.mergequeue.state import Entry, EntryState, FileStore, MemoryStore, QueueConfig, QueueState, Reason
+from reactor.mergequeue.candidates import rebase_prompt
 from reactor.mergequeue.tests import ConfinedTests, TestRun
 
 __all__ = ["BaseBranch", "ConfinedTests", "Entry", "EntryState", "FileStore", "LocalBranch", "MemoryStore",
-           "MergeQueue", "PushedBranch", "QueueConfig", "QueueEvent", "QueueState", "Reason", "TestRun"]
+           "MergeQueue", "PushedBranch", "QueueConfig", "QueueEvent", "QueueState", "Reason", "TestRun", "rebase_prompt"]

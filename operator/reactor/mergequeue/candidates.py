@@ -29,9 +29,10 @@ TRAILER = "Reactor-Queue-Entry"
 
 
 class TextualConflict(Exception):
-    def __init__(self, paths: list[str], onto: str):
+    def __init__(self, paths: list[str], onto: str, tree: str = ""):
         super().__init__(f"conflicts with {onto[:12]} in {', '.join(paths) or 'the tree'}")
         self.paths, self.onto = paths, onto
+        self.tree = tree  # the merge, conflict markers in the conflicting files
 
 
 class StaleBase(Exception):
@@ -61,8 +62,9 @@ def replay(repo: Path, entry_id: str, commit: str, base: str, onto: str) -> Repl
         tree = git(repo, "rev-parse", f"{commit}^{{tree}}")
     else:
         merged = _merge_tree(repo, onto, commit)
-        if merged.returncode == 1:  # conflicts: the tree id, then the conflicting paths
-            raise TextualConflict(sorted({p for p in merged.stdout.splitlines()[1:] if p}), onto)
+        if merged.returncode == 1:  # conflicts: the tree id (markers in its files), then the paths
+            lines = merged.stdout.splitlines()
+            raise TextualConflict(sorted({p for p in lines[1:] if p}), onto, lines[0] if lines else "")
         if merged.returncode != 0:
             raise GitError(["merge-tree", onto, commit], merged.returncode, merged.stderr)
         tree = merged.stdout.splitlines()[0]
@@ -74,6 +76,23 @@ def replay(repo: Path, entry_id: str, commit: str, base: str, onto: str) -> Repl
            "GIT_COMMITTER_NAME": identity["name"], "GIT_COMMITTER_EMAIL": identity["email"]}
     candidate = git(repo, "commit-tree", tree, "-p", onto, "-m", message, env=env)
     return Replayed(entry_id, candidate)
+
+
+def conflicted_replay(repo: Path, entry_id: str, conflict: TextualConflict) -> str:
+    """A commit on the tip holding the conflicting merge, markers and all, for the task's
+    rebase round (``TaskSpec.start_from``); kept reachable by ``refs/reactor/conflicts/<id>``."""
+    commit = git(repo, "commit-tree", conflict.tree, "-p", conflict.onto, "-m",
+                 f"{entry_id}: replayed onto {conflict.onto[:12]}, conflicts in {', '.join(conflict.paths)}")
+    git(repo, "update-ref", f"refs/reactor/conflicts/{entry_id}", commit)
+    return commit
+
+
+def rebase_prompt(prompt: str, branch: str, onto: str, paths: list[str]) -> str:
+    """The prompt of a task's rebase round, in its own cell, on the base branch's new tip."""
+    return (f"Your earlier change for this task no longer applies to {branch}: rebase it onto {onto}. "
+            f"It has been replayed onto {onto} in this checkout, and {', '.join(paths)} now hold git "
+            "conflict markers (<<<<<<<, =======, >>>>>>>). Resolve every conflict so that the intent of "
+            f"both sides is kept, keep the tests green, and change nothing else.\n\nThe task was:\n{prompt}")
 
 
 def carried_since(repo: Path, since: str, tip: str) -> dict[str, str]:

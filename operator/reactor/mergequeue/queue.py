@@ -37,7 +37,8 @@ from pathlib import Path
 from reactor.infra.git import git, git_ok
 from reactor.infra.worktrees import repository_key
 from reactor.mergequeue.base import BaseBranch
-from reactor.mergequeue.candidates import StaleBase, TextualConflict, carried_since, check_result, replay
+from reactor.mergequeue.candidates import (StaleBase, TextualConflict, carried_since, check_result,
+                                           conflicted_replay, replay)
 from reactor.mergequeue.state import Entry, EntryState, Pending, QueueConfig, QueueState, Reason, Store
 from reactor.mergequeue.tests import ConfinedTests, TestRun
 
@@ -210,6 +211,8 @@ class MergeQueue:
                         continue  # only against an entry ahead, which may yet be ejected: next round
                     except TextualConflict as with_tip:
                         conflict = with_tip
+                entry.conflict_commit = conflicted_replay(self.repo, entry.id, conflict) if conflict.tree else ""
+                entry.conflict_paths = list(conflict.paths)
                 self._eject(entry, Reason.TEXTUAL_CONFLICT,
                             f"conflicts with base {tip} in: {', '.join(conflict.paths)}")
                 continue

@@ -68,6 +68,10 @@ class Entry:
     reason: str = ""  # Reason, when ejected
     detail: str = ""  # conflicting paths, or the failing test output's tail
     integrated_as: str = ""  # the commit on the base branch that carries it
+    # TextualConflict: the result replayed onto the tip with conflict markers, and the paths:
+    # what its task's rebase round starts from (TaskSpec.start_from).
+    conflict_commit: str = ""
+    conflict_paths: list[str] = field(default_factory=list)
     integrated_at: float = 0.0
     finished_at: float = 0.0
 
