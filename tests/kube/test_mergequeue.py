@@ -12,6 +12,8 @@ import kubernetes
 
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.kube.mergequeues import LEASE_PREFIX, MergeQueues
+from reactor.observe.fleet import Fleet
+from reactor.observe.metrics import Metrics
 from reactor.kube.resource import GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, TaskRef
 from reactor_dev.testing.helpers import until
 from reactor_dev.testing.mergequeue import TEST_COMMAND, base_history, confined_tests, failing_commits, git, \
@@ -44,8 +46,10 @@ async def test_a_merge_queue_integrates_tasks_and_another_replica_takes_it_over(
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, MERGEQUEUES, {
         "apiVersion": "reactor.dev/v1alpha1", "kind": "MergeQueue", "metadata": {"name": "main"},
         "spec": {"repository": {"url": f"file://{origin}", "branch": "main"}, "maxBatch": 2}})
+    metrics = [Metrics(Fleet()) for _ in range(2)]
     replicas = [MergeQueues(kube_api, confined_tests(work_dir), RepositoryMirrors(work_dir / f"r{i}" / "mirrors"),
-                            identity=f"r{i}", lease_duration=4.0, poll_interval=0.3) for i in range(2)]
+                            identity=f"r{i}", lease_duration=4.0, poll_interval=0.3, metrics=metrics[i])
+                for i in range(2)]
     body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, MERGEQUEUES, "main")
     try:
         for replica in replicas:
@@ -72,6 +76,15 @@ async def test_a_merge_queue_integrates_tasks_and_another_replica_takes_it_over(
         assert b["baseCommit"] == git(origin, "rev-parse", "main")
         # (in a thread: the drivers' heartbeats run in this event loop meanwhile)
         assert await asyncio.to_thread(failing_commits, origin, base_history(origin)) == []
+
+        sample = metrics[replicas.index(drivers[0])].registry.get_sample_value
+        labels = {"namespace": namespace, "queue": "main"}
+        assert sample("reactor_mergequeue_results_total", {**labels, "outcome": "integrated", "reason": ""}) == 2
+        assert sample("reactor_mergequeue_results_total", {**labels, "outcome": "ejected",
+                                                           "reason": "TextualConflict"}) == 1
+        assert sample("reactor_mergequeue_integration_seconds_count", labels) == 2
+        assert sample("reactor_mergequeue_test_runs_total", labels) >= 1
+        assert sample("reactor_mergequeue_depth", labels) == 0
 
         # The driver goes (its replica stops); the other takes the queue over from the record.
         await drivers[0].stop()

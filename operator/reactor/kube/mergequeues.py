@@ -35,6 +35,8 @@ from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from reactor.durations import parse_duration
 from reactor.infra.mirrors import GitCredentials, RepositoryMirrors
@@ -42,7 +44,8 @@ from reactor.kube.fleet import JSON_PATCH, json_patch_operations, micro_time
 from reactor.kube.resource import GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, MergeQueueSpec, TaskRef, format_time
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import IntegrationStatus
-from reactor.mergequeue import ConfinedTests, EntryState, MergeQueue, PushedBranch, QueueConfig, QueueState
+from reactor.mergequeue import ConfinedTests, EntryState, MergeQueue, PushedBranch, QueueConfig, QueueEvent, QueueState
+from reactor.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 LEASE_PREFIX = "reactor-mergequeue-"
@@ -190,6 +193,8 @@ def task_integration(state: QueueState, entry_id: str, queue: str) -> dict[str, 
         integration["message"] = f"integrated into {state.config.base_branch} as {entry.integrated_as[:12]}"
     else:
         integration["reason"], integration["message"] = entry.reason, entry.detail[-TAIL_CHARS:]
+        if entry.conflict_commit:  # where the task's rebase round starts from
+            integration["conflictCommit"] = entry.conflict_commit
     return integration
 
 
@@ -266,7 +271,7 @@ class _Driver:
                                  max_batch=spec.max_batch, max_parallel=spec.max_parallel,
                                  test_timeout=parse_duration(spec.test.timeout))
         queue = MergeQueue(store, PushedBranch(mirror, "origin", spec.repository.branch, credentials), queues.tests,
-                           config, repo=mirror)
+                           config, repo=mirror, on_event=lambda event: self._count(queue, event))
         queue.config.max_batch, queue.config.max_parallel = spec.max_batch, spec.max_parallel
         for name, _, commit in inbox:
             try:
@@ -275,7 +280,22 @@ class _Driver:
                 await asyncio.to_thread(store.integration.write, self.namespace, name, {
                     "state": "Ejected", "queue": self.name, "reason": "InvalidResult", "message": str(exc)[:1024]})
         while self.lease.holds(margin=self.lease.renew_interval) and await queue.run_round():
-            pass
+            self.queues.depths[(self.namespace, self.name)] = queue.state.depth
+        self.queues.depths[(self.namespace, self.name)] = queue.state.depth
+
+    def _count(self, queue: MergeQueue, event: QueueEvent) -> None:
+        metrics, labels = self.queues.metrics, (self.namespace, self.name)
+        if metrics is None:
+            return
+        if event.kind == "testing":
+            metrics.queue_test_runs.labels(*labels).inc()
+        elif event.kind == "integrated":
+            metrics.queue_results.labels(*labels, "integrated", "").inc()
+            entry = queue.state.get(event.entry_id)
+            if entry is not None and entry.integrated_at:
+                metrics.queue_integration.labels(*labels).observe(entry.integrated_at - entry.enqueued_at)
+        elif event.kind == "ejected":
+            metrics.queue_results.labels(*labels, "ejected", event.detail).inc()
 
     async def _inbox(self, custom: k8s.CustomObjectsApi, spec: MergeQueueSpec) -> list[tuple[str, AgentTaskSpec, str]]:
         """Tasks of the namespace waiting for this queue: (name, spec, result commit), in the
@@ -305,13 +325,31 @@ class _Driver:
                               ssh_private_key=data.get("ssh-privatekey"))
 
 
+class _DepthCollector(Collector):
+    """``reactor_mergequeue_depth``, read at scrape time from the queues this replica drives."""
+
+    def __init__(self, queues: MergeQueues) -> None:
+        self.queues = queues
+
+    def collect(self):
+        depth = GaugeMetricFamily("reactor_mergequeue_depth", "Results waiting in merge queues this replica drives",
+                                  labels=["namespace", "queue"])
+        for (namespace, name), value in sorted(self.queues.depths.items()):
+            depth.add_metric([namespace, name], value)
+        yield depth
+
+
 class MergeQueues:
     """Every MergeQueue this operator watches, each with a driver that drives it while this
     replica holds its Lease."""
 
     def __init__(self, api_client: k8s.ApiClient, tests: ConfinedTests, mirrors: RepositoryMirrors,
-                 identity: str | None = None, lease_duration: float = 15.0, poll_interval: float = 2.0):
-        self.api_client, self.tests, self.mirrors = api_client, tests, mirrors
+                 identity: str | None = None, lease_duration: float = 15.0, poll_interval: float = 2.0,
+                 metrics: Metrics | None = None):
+        self.api_client, self.tests, self.mirrors, self.metrics = api_client, tests, mirrors, metrics
+        self.depths: dict[tuple[str, str], int] = {}  # of the queues driven here
+        if metrics is not None:
+            metrics.registry.register(_DepthCollector(self))
         self.secrets = SecretReader(api_client)
         self.identity = identity or f"reactor.{token.token_hex(4)}"
         self.lease_duration, self.poll_interval = lease_duration, poll_interval
