@@ -31,8 +31,9 @@ async def test_ten_results_on_different_files_all_integrate_through_a_push_and_e
     origin = make_queue_repo(tmp_path / "origin", {"core.py": module("core")})
     mirror = tmp_path / "mirror.git"
     git(tmp_path, "clone", "--quiet", "--bare", str(origin), str(mirror))
+    git(mirror, "config", "remote.origin.fetch", "+refs/heads/*:refs/heads/*")  # as the operator's mirrors
     ids = [f"t{i}" for i in range(10)]
-    queue = new_queue(mirror, work_dir, base=PushedBranch(mirror, str(origin), "main"), max_batch=4, max_parallel=2)
+    queue = new_queue(mirror, work_dir, base=PushedBranch(mirror, "origin", "main"), max_batch=4, max_parallel=2)
     for entry_id in ids:
         queue.enqueue(entry_id, *make_result(mirror, entry_id, {f"{entry_id}.py": module(entry_id)}))
     await queue.drain()
@@ -42,6 +43,8 @@ async def test_ten_results_on_different_files_all_integrate_through_a_push_and_e
     assert failing_commits(origin, history) == []
     assert git(origin, "ls-tree", "--name-only", "main").split() == sorted(["core.py", "run_tests.py", *(f"{i}.py" for i in ids)])
     assert queue.state.stats.test_runs == 3  # batches of 4, 4, 2, all green
+    # No branch of the mirror moved (its ref ledger vouches for them; its own fetch updates them).
+    assert git(mirror, "rev-parse", "main") == history[0]
 
 
 async def test_semantic_conflict_ejects_only_the_culprit_and_the_base_never_goes_red(tmp_path, work_dir):

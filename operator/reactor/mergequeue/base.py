@@ -57,9 +57,16 @@ class PushedBranch:
         # Outside refs/heads and refs/tags: a mirror's ref ledger vouches for those only.
         self.tracking = f"refs/reactor/queue-base/{branch}"
 
+    def _url(self) -> str:
+        """The remote's URL: git given a remote's name updates the repository's own branches
+        from its fetch refspec after a push or fetch (a mirror maps refs/heads/* onto itself),
+        behind the mirror's ref ledger; given the URL it touches nothing but ``tracking``."""
+        url = git(self.repo, "config", "--get", f"remote.{self.remote}.url", check=False)
+        return url or self.remote
+
     def tip(self) -> str:
         with self.credentials.environment() as env, repository_lock(self.repo):
-            git(self.repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self.remote,
+            git(self.repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self._url(),
                 f"+refs/heads/{self.branch}:{self.tracking}", env=env)
         return git(self.repo, "rev-parse", "--verify", f"{self.tracking}^{{commit}}")
 
@@ -68,7 +75,7 @@ class PushedBranch:
         ref = f"refs/heads/{self.branch}"
         try:
             with self.credentials.environment() as env:
-                git(self.repo, "push", "--quiet", "--no-verify", f"--force-with-lease={ref}:{old}", self.remote,
+                git(self.repo, "push", "--quiet", "--no-verify", f"--force-with-lease={ref}:{old}", self._url(),
                     f"{new}:{ref}", env=env)
         except GitError as exc:
             if "stale info" in exc.stderr or "rejected" in exc.stderr:
