@@ -1,6 +1,6 @@
 """MergeQueues on a real kube-apiserver: the record in status, tasks' status.integration,
-the columns of `kubectl get mergequeues`, one driver per queue through its Lease, and a
-second replica taking the queue over from the record (real git, confined test runs; no
+the columns of `kubectl get mergequeues`, metrics, one driver per queue through its Lease,
+and a second replica taking the queue over from the record when the first dies (real git, confined test runs; no
 opencode: the tasks' runs are stood in for by their status)."""
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ async def test_a_merge_queue_integrates_tasks_and_another_replica_takes_it_over(
         assert sample("reactor_mergequeue_test_runs_total", labels) >= 1
         assert sample("reactor_mergequeue_depth", labels) == 0
 
-        # The driver goes (its replica stops); the other takes the queue over from the record.
-        await drivers[0].stop()
+        # The driver dies without giving its Lease up; once the Lease has expired the other
+        # replica takes the queue over, from the record.
+        await drivers[0].stop(release=False)
         other = next(r for r in replicas if r is not drivers[0])
         ref = finished_task(custom, namespace, "d", origin, {"d.py": module("d")})
         await other.submit(ref, AgentTaskSpec.model_validate(

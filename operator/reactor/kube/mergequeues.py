@@ -211,13 +211,14 @@ class _Driver:
     def start(self) -> None:
         self._task = asyncio.create_task(self._heartbeat(), name=f"merge queue {self.namespace}/{self.name}")
 
-    async def stop(self) -> None:
+    async def stop(self, release: bool = True) -> None:
         for task in (self._driving, self._task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await asyncio.to_thread(self.lease.release)
+        if release:
+            await asyncio.to_thread(self.lease.release)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -381,9 +382,11 @@ class MergeQueues:
             if namespace == ref.namespace:
                 driver.wake.set()
 
-    async def stop(self) -> None:
+    async def stop(self, release: bool = True) -> None:
+        """Stop every driver and give their Leases up (``release=False`` leaves them to expire,
+        as a replica that dies does)."""
         drivers, self._drivers = list(self._drivers.values()), {}
-        await asyncio.gather(*(d.stop() for d in drivers))
+        await asyncio.gather(*(d.stop(release) for d in drivers))
 
     def holding(self) -> list[tuple[str, str]]:
         """Queues this replica drives now (tests, observability)."""
