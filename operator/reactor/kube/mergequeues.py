@@ -161,15 +161,27 @@ class StatusStore:
         for entry in state.entries:
             integration = task_integration(state, entry.id, self.name)
             if self._written.get(entry.id) != integration:
-                self.integration.write(self.namespace, entry.id, integration)  # False: the task is gone
+                self.integration.write(self.namespace, *task_of(entry.id), integration)  # False: gone
                 self._written[entry.id] = integration
+
+
+def entry_id(body: dict) -> str:
+    """A task's entry in its queue: its name and uid (a task made again under the same name is
+    another entry)."""
+    return f"{body['metadata']['name']}.{body['metadata']['uid']}"
+
+
+def task_of(entry: str) -> tuple[str, str]:
+    """(name, uid) of an entry id (a uid has no dot; a name may)."""
+    name, _, uid = entry.rpartition(".")
+    return name, uid
 
 
 def summary(state: QueueState) -> dict[str, Any]:
     """The MergeQueue's columns and counters."""
     queued, stats = state.queued(), state.stats
     return {
-        "depth": len(queued), "head": queued[0].id if queued else "",
+        "depth": len(queued), "head": task_of(queued[0].id)[0] if queued else "",
         "lastIntegration": stats.last_integration, "shortLastIntegration": stats.last_integration[:7],
         "lastIntegrationTime": format_time(stats.last_integration_at) if stats.last_integration_at else None,
         "baseGreen": stats.base_green, "testRuns": stats.test_runs, "integrated": stats.integrated,
@@ -259,9 +271,11 @@ class _Driver:
             raise
         spec = MergeQueueSpec.model_validate(body.get("spec") or {})
         state = await asyncio.to_thread(store.load)
-        inbox = [(name, task, commit) for name, task, commit in await self._inbox(custom, spec)
-                 if state is None or state.get(name) is None or state.get(name).commit != commit]
-        if not inbox and (state is None or not (state.queued() or state.pending)):
+        waiting, present = await self._inbox(custom, spec)
+        inbox = [(entry, task, commit) for entry, task, commit in waiting
+                 if state is None or state.get(entry) is None or state.get(entry).commit != commit]
+        gone = [e.id for e in state.queued() if e.id not in present] if state is not None else []
+        if not inbox and not gone and (state is None or not (state.queued() or state.pending)):
             return  # nothing to do: no fetch
         credentials = await self._credentials(spec)
         mirror = await asyncio.to_thread(queues.mirrors.sync, spec.repository.url, credentials)
@@ -274,11 +288,13 @@ class _Driver:
         queue = MergeQueue(store, PushedBranch(mirror, "origin", spec.repository.branch, credentials), queues.tests,
                            config, repo=mirror, on_event=lambda event: self._count(queue, event))
         queue.config.max_batch, queue.config.max_parallel = spec.max_batch, spec.max_parallel
-        for name, _, commit in inbox:
+        for entry in gone:  # its task was deleted while it waited
+            await asyncio.to_thread(queue.withdraw, entry)
+        for entry, _, commit in inbox:
             try:
-                await asyncio.to_thread(queue.enqueue_result, name, commit)
+                await asyncio.to_thread(queue.enqueue_result, entry, commit)
             except Exception as exc:  # noqa: BLE001 - a result that does not hold up is ejected, not retried
-                await asyncio.to_thread(store.integration.write, self.namespace, name, {
+                await asyncio.to_thread(store.integration.write, self.namespace, *task_of(entry), {
                     "state": "Ejected", "queue": self.name, "reason": "InvalidResult", "message": str(exc)[:1024]})
         while self.lease.holds(margin=self.lease.renew_interval) and await queue.run_round():
             self.queues.depths[(self.namespace, self.name)] = queue.state.depth
@@ -298,24 +314,28 @@ class _Driver:
         elif event.kind == "ejected":
             metrics.queue_results.labels(*labels, "ejected", event.detail).inc()
 
-    async def _inbox(self, custom: k8s.CustomObjectsApi, spec: MergeQueueSpec) -> list[tuple[str, AgentTaskSpec, str]]:
-        """Tasks of the namespace waiting for this queue: (name, spec, result commit), in the
-        order they finished."""
+    async def _inbox(self, custom: k8s.CustomObjectsApi, spec: MergeQueueSpec
+                     ) -> tuple[list[tuple[str, AgentTaskSpec, str]], set[str]]:
+        """Tasks of the namespace waiting for this queue, (entry id, spec, result commit) in
+        the order they finished; and the entry ids of every task that exists."""
         listed = await asyncio.to_thread(custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL)
-        waiting = []
+        waiting, present = [], set()
         for body in listed.get("items", []):
+            present.add(entry_id(body))
             status = body.get("status") or {}
             result = status.get("result") or {}
             if (status.get("phase") != "Succeeded" or not result.get("pushed") or not result.get("commit")
-                    or (status.get("integration") or {}).get("state") != "Queued"):
+                    or (status.get("integration") or {}).get("state") != "Queued"
+                    or body["metadata"].get("deletionTimestamp")):
                 continue
             try:
                 task = AgentTaskSpec.model_validate(body.get("spec") or {})
             except ValueError:
                 continue
             if spec.takes(task):
-                waiting.append((status.get("completionTime") or "", body["metadata"]["name"], task, result["commit"]))
-        return [(name, task, commit) for _, name, task, commit in sorted(waiting, key=lambda w: (w[0], w[1]))]
+                waiting.append((status.get("completionTime") or "", entry_id(body), task, result["commit"]))
+        waiting.sort(key=lambda w: (w[0], w[1]))
+        return [(entry, task, commit) for _, entry, task, commit in waiting], present
 
     async def _credentials(self, spec: MergeQueueSpec) -> GitCredentials | None:
         ref = spec.repository.credentials_secret_ref
@@ -375,7 +395,7 @@ class MergeQueues:
         integrated (``spec.integrate: queue``). Its driver, here or on another replica, takes it."""
         if spec.integrate != "queue":
             return
-        await asyncio.to_thread(self.integration.write, ref.namespace, ref.name, {
+        await asyncio.to_thread(self.integration.write, ref.namespace, ref.name, ref.uid, {
             "state": "Queued", "message": f"waiting for the merge queue of {spec.repository.url} "
                                           f"{spec.repository.branch}"})
         for (namespace, _), driver in self._drivers.items():

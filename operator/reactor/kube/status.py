@@ -280,13 +280,17 @@ class IntegrationStatus:
     def __init__(self, api_client: k8s.ApiClient):
         self.custom = k8s.CustomObjectsApi(api_client)
 
-    def write(self, namespace: str, name: str, integration: dict[str, Any]) -> bool:
-        """Blocking. False when the task is gone (deleted meanwhile)."""
+    def write(self, namespace: str, name: str, uid: str, integration: dict[str, Any]) -> bool:
+        """Blocking. Only onto the object ``uid`` names (a JSON patch led by a `test` of it: a
+        task deleted and made again under its name is another task). False when it is gone."""
+        operations = [{"op": "test", "path": "/metadata/uid", "value": uid},
+                      {"op": "add", "path": "/status/integration",
+                       "value": {k: v for k, v in integration.items() if v is not None}}]
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": {"integration": integration}})
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, operations,
+                                                              _content_type="application/json-patch+json")
             return True
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status in (404, 422):  # gone, or another object under that name now
                 return False
             raise

@@ -22,7 +22,7 @@ from typing import Protocol
 from reactor.errors import ConfigurationError
 
 # An entry id goes into a commit trailer and a file name: keep it plain.
-_ENTRY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,252}$")
+_ENTRY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,299}$")  # a task name (253) and uid
 
 
 class EntryState(str, Enum):
