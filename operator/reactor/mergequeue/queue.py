@@ -143,7 +143,7 @@ class MergeQueue:
             window = queued[: self.config.max_batch * self.config.max_parallel]
             chain = await asyncio.to_thread(self._build, tip, window)
             if not chain:
-                return True  # every entry of the window was ejected or deferred... nothing to test
+                return True  # every entry of the window was ejected or found already carried
             ends = list(range(self.config.max_batch, len(chain), self.config.max_batch)) + [len(chain)]
             runs = await self._test([chain[end - 1].commit for end in ends])
             green, red, red_run = 0, 0, None
