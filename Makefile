@@ -21,7 +21,7 @@ help:
 	@echo "make demo    - offline demo: local control plane + operator + scripted model"
 	@echo "make test    - full test suite (does its own setup)"
 	@echo "make bench   - benchmarks: cell vs bare opencode, operator vs reactor run, memory per cell,"
-	@echo "               throughput of 1-3 replicas and failover (prints figures)"
+	@echo "               throughput of 1-3 replicas and failover, merge queue (prints figures)"
 	@echo "make image   - the operator image (docker, else podman with local stand-in bases)"
 	@echo "make node-up / node-load / deploy / node-down - the operator as a pod on a local one-node cluster (root)"
 
@@ -110,6 +110,7 @@ bench: setup forge
 	$(PY) bench/fleet_throughput.py
 	$(PY) bench/observe_overhead.py
 	$(PY) bench/pr_latency.py
+	$(PY) bench/merge_queue.py
 
 # The operator pod on the dev node against a local operator process, and the pod's memory (root).
 bench-node: setup node

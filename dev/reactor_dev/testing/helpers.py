@@ -49,9 +49,10 @@ async def until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "
 
 
 def install_crds(cluster) -> None:
-    """Every CRD the operator watches (AgentTask, SpendLimit), established."""
+    """Every CRD the operator watches (AgentTask, SpendLimit, MergeQueue), established."""
     out = cluster.kubectl("apply", "--server-side", "-k", str(CRDS))
     assert out.returncode == 0, out.stderr
     done = cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                           "crd/agenttasks.reactor.dev", "crd/spendlimits.reactor.dev")
+                           "crd/agenttasks.reactor.dev", "crd/spendlimits.reactor.dev",
+                           "crd/mergequeues.reactor.dev")
     assert done.returncode == 0, done.stderr

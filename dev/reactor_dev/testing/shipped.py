@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[3]  # the repository
 MANIFESTS = ROOT / "manifests"
 EXAMPLES = ROOT / "examples"
 CRD = ROOT / "crds" / "agenttask.yaml"
-CRDS = [CRD, ROOT / "crds" / "spendlimit.yaml"]  # what the operator watches
+CRDS = [CRD, ROOT / "crds" / "spendlimit.yaml", ROOT / "crds" / "mergequeue.yaml"]  # what the operator watches
 SA_USER = "system:serviceaccount:reactor-system:reactor"
 SA_GROUPS = ["system:serviceaccounts", "system:serviceaccounts:reactor-system", "system:authenticated"]
 

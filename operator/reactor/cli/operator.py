@@ -101,12 +101,22 @@ def cmd_operator(args: argparse.Namespace) -> int:
                                         check_interval=parse_duration(args.pr_check_interval))
     supervisor = Supervisor(engine, api_client, fleet=fleet, namespaces=watched, progress_interval=interval,
                             allow_file_urls=args.allow_file_urls, pull_requests=pull_requests)
+    # MergeQueues: driven here while this replica holds each queue's Lease; results reach them
+    # from the supervisor's post-push point (spec.integrate: queue).
+    from reactor.kube.mergequeues import MergeQueues
+    from reactor.mergequeue import ConfinedTests
+
+    merge_queues = MergeQueues(api_client, ConfinedTests(engine.confinement, engine.work_dir, engine.owner),
+                               supervisor.mirrors, identity=fleet.replica if fleet is not None else None,
+                               lease_duration=fleet.lease_duration if fleet is not None else 15.0,
+                               metrics=supervisor.observatory.metrics)
+    supervisor.merge_queues = merge_queues
     web = None
     if args.web != "none":
         web = WebServer(supervisor.observatory, *parse_address(args.web))
     kopf.run(
         registry=fleet_registry if fleet is not None else registry,
-        memo=kopf.Memo(supervisor=supervisor, web=web),
+        memo=kopf.Memo(supervisor=supervisor, web=web, merge_queues=merge_queues),
         # No kopf peering: one replica (Deployment strategy Recreate), or a fleet whose
         # replicas share the tasks through Leases and claims of their own.
         standalone=True,

@@ -128,3 +128,10 @@ def git_ok(cwd: Path | str, *args: str) -> bool:
         git_command(*args), cwd=cwd, env={**os.environ, **_GIT_ENV}, stdin=subprocess.DEVNULL, capture_output=True
     )
     return proc.returncode == 0
+
+
+def git_status(cwd: Path | str, *args: str) -> subprocess.CompletedProcess:
+    """Run git and return the finished process, for commands whose exit status is an answer
+    rather than a failure (`merge-tree`: 1 = conflicts)."""
+    return subprocess.run(git_command(*args), cwd=cwd, env={**os.environ, **_GIT_ENV}, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True)

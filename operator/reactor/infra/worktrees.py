@@ -120,6 +120,11 @@ class Worktree:
                       "commit", "--no-verify", "--quiet", "-m", message, deadline=_left(until))
         return self.cell_git("rev-parse", "HEAD", deadline=_left(until))
 
+    def lay_files(self, commit: str) -> None:
+        """Make the checkout's files those of ``commit`` (borrowed from the source's objects),
+        before the agent starts; what differs from the base commit is then the change."""
+        self.cell_git("read-tree", "-u", "--reset", commit)
+
     def revert(self, until: float | None = None) -> None:
         """Throw away every change since the base commit (the RB strategy's rollback)."""
         self._rebase_index(until)

@@ -9,6 +9,8 @@
 - event   -> (fleet only) every change of every task, for the replicas' shared scheduling
 
 SpendLimit (create/update/resume/delete) -> the supervisor's spend limits.
+MergeQueue (create/update/resume/delete; a fleet: every event) -> the queues' drivers
+(``kube/mergequeues.py``), each driving while this replica holds the queue's Lease.
 On startup the web page / metrics server starts (``--web``), and the SpendLimits of the
 watched namespaces are read before any task resumes (so none starts past a limit).
 """
@@ -23,11 +25,12 @@ from typing import Any
 import kopf
 
 from reactor.infra.cleanup import cleanup_leftovers
-from reactor.kube.resource import FINALIZER, GROUP, PLURAL, SPENDLIMITS, VERSION
+from reactor.kube.resource import FINALIZER, GROUP, MERGEQUEUES, PLURAL, SPENDLIMITS, VERSION
 
 registry = kopf.OperatorRegistry()
 RESOURCE = (GROUP, VERSION, PLURAL)
 SPENDLIMIT = (GROUP, VERSION, SPENDLIMITS)
+MERGEQUEUE = (GROUP, VERSION, MERGEQUEUES)
 
 
 @kopf.on.login(registry=registry)
@@ -77,6 +80,8 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.cleanup(registry=registry)
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("merge_queues") is not None:
+        await memo.merge_queues.stop()  # gives the queues' Leases up: another replica goes on at once
     await memo.supervisor.shutdown()
     if memo.get("web") is not None:
         await memo.web.stop()
@@ -92,6 +97,30 @@ async def spendlimit_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
 @kopf.on.delete(*SPENDLIMIT, registry=registry, optional=True)
 async def spendlimit_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.supervisor.limits.remove(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+@kopf.on.resume(*MERGEQUEUE, registry=registry)
+@kopf.on.create(*MERGEQUEUE, registry=registry)
+@kopf.on.update(*MERGEQUEUE, field="spec", registry=registry)
+async def mergequeue_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("merge_queues") is not None:
+        memo.merge_queues.upsert(body)
+
+
+@kopf.on.delete(*MERGEQUEUE, registry=registry, optional=True)
+async def mergequeue_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("merge_queues") is not None:
+        await memo.merge_queues.remove(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+async def mergequeue_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
+    """A fleet's view of MergeQueues: every replica runs a driver, the Lease picks the one that drives."""
+    if memo.get("merge_queues") is None:
+        return
+    if type == "DELETED":
+        await memo.merge_queues.remove(body["metadata"]["namespace"], body["metadata"]["name"])
+    else:
+        memo.merge_queues.upsert(body)
 
 
 async def spendlimit_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
@@ -117,3 +146,4 @@ kopf.on.event(*RESOURCE, registry=fleet_registry)(observed)
 kopf.on.delete(*RESOURCE, registry=fleet_registry)(deleted)
 kopf.on.cleanup(registry=fleet_registry)(shutdown)
 kopf.on.event(*SPENDLIMIT, registry=fleet_registry)(spendlimit_seen)
+kopf.on.event(*MERGEQUEUE, registry=fleet_registry)(mergequeue_seen)

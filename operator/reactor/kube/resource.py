@@ -18,6 +18,7 @@ from reactor.workflow.types import Budget, Phase, TaskSpec
 
 GROUP, VERSION, PLURAL = "reactor.dev", "v1alpha1", "agenttasks"
 SPENDLIMITS = "spendlimits"
+MERGEQUEUES = "mergequeues"
 FINALIZER = "reactor.dev/cleanup"
 
 
@@ -89,6 +90,7 @@ class AgentTaskSpec(_Spec):
     timeout: str = "30m"
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     result: ResultSpec = Field(default_factory=ResultSpec)
+    integrate: str = "none"  # none | queue: the pushed result enters its branch's MergeQueue
 
     def to_task_spec(self, ref: TaskRef, repo: Path, env: dict[str, str] | None = None,
                      started_at: float | None = None) -> TaskSpec:
@@ -263,6 +265,30 @@ class SpendLimitStatus(_Status):
         # An entry that is not an object (hand-edited) counts as nothing, not as an error.
         status["replicas"] = {k: v for k, v in (status.get("replicas") or {}).items() if isinstance(v, dict)}
         return cls.read(status)
+
+
+class QueueRepositorySpec(_Spec):
+    url: str
+    branch: str = "main"
+    credentials_secret_ref: SecretRef | None = Field(default=None, alias="credentialsSecretRef")
+
+
+class QueueTestSpec(_Spec):
+    command: str | None = None
+    timeout: str = "10m"
+
+
+class MergeQueueSpec(_Spec):
+    repository: QueueRepositorySpec
+    max_batch: int = Field(default=4, alias="maxBatch")
+    max_parallel: int = Field(default=1, alias="maxParallel")
+    merge_method: str = Field(default="rebase", alias="mergeMethod")
+    test: QueueTestSpec = Field(default_factory=QueueTestSpec)
+
+    def takes(self, task: AgentTaskSpec) -> bool:
+        """A task's pushed result enters this queue."""
+        return (task.integrate == "queue" and task.repository.url == self.repository.url
+                and task.repository.branch == self.repository.branch)
 
 
 @dataclass(frozen=True)

@@ -456,3 +456,27 @@ def final_progress(snapshot: dict[str, Any], result: TaskResult) -> dict[str, An
                         totalTokens=usage.total_tokens, cost=round(usage.cost, 6), costDisplay=f"${usage.cost:.4f}")
     snapshot.update(activity="", tool=None)
     return snapshot
+
+
+class IntegrationStatus:
+    """The one writer of ``status.integration`` of AgentTasks whose result entered a merge
+    queue: the replica driving that queue (a finished task's run writes nothing more, and no
+    other field is touched). A merge patch of that one key."""
+
+    def __init__(self, api_client: k8s.ApiClient):
+        self.custom = k8s.CustomObjectsApi(api_client)
+
+    def write(self, namespace: str, name: str, uid: str, integration: dict[str, Any]) -> bool:
+        """Blocking. Only onto the object ``uid`` names (a JSON patch led by a `test` of it: a
+        task deleted and made again under its name is another task). False when it is gone."""
+        operations = [{"op": "test", "path": "/metadata/uid", "value": uid},
+                      {"op": "add", "path": "/status/integration",
+                       "value": {k: v for k, v in integration.items() if v is not None}}]
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, operations,
+                                                              _content_type="application/json-patch+json")
+            return True
+        except ApiException as exc:
+            if exc.status in (404, 422):  # gone, or another object under that name now
+                return False
+            raise

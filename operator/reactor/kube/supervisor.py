@@ -133,6 +133,7 @@ class Supervisor:
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
         self._background: set[asyncio.Task] = set()
         self._stopping = False
+        self.merge_queues: Any = None  # kube.mergequeues.MergeQueues, set by the operator's command
 
     # -- what the handlers call --
 
@@ -409,7 +410,11 @@ class Supervisor:
         """The place after a successful push: the commit is on the task's origin
         (``result.pushed``), the cell is gone, and the verdict is not written yet, so what is
         recorded here (through a TaskStatus method) lands before it. Runs uncancellable, like
-        the push; an exception is logged and the verdict written anyway. Nothing yet."""
+        the push; an exception is logged and the verdict written anyway.
+
+        A result with ``spec.integrate: queue`` enters its branch's MergeQueue here."""
+        if spec.integrate == "queue" and self.merge_queues is not None:
+            await self.merge_queues.submit(ref, spec)
 
     def _observed(self, status: TaskStatus) -> None:
         """A verdict reached without a run (a missing Secret, a bug) is counted and shown too."""

@@ -70,5 +70,13 @@ class Metrics:
                                       ["namespace", "forge"], registry=r)
         self.pull_requests = Counter("reactor_pull_requests_total", "Pull request outcomes (PullRequestOpened reasons)",
                                      ["namespace", "reason"], registry=r)
+        self.queue_test_runs = Counter("reactor_mergequeue_test_runs_total", "Test runs on merge-queue candidates",
+                                       ["namespace", "queue"], registry=r)
+        self.queue_results = Counter("reactor_mergequeue_results_total",
+                                     "Results that left a merge queue: integrated, or ejected (by reason)",
+                                     ["namespace", "queue", "outcome", "reason"], registry=r)
+        self.queue_integration = Histogram("reactor_mergequeue_integration_seconds",
+                                           "A result's time from entering its merge queue to being on the base branch",
+                                           ["namespace", "queue"], buckets=TASK_BUCKETS, registry=r)
         self.status_patches = Counter("reactor_status_patches_total", "Status writes to the API server",
                                       ["kind"], registry=r)

@@ -295,7 +295,9 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     test_command = spec.test_command or await asyncio.to_thread(detect_test_command, repo)
     result.test_command = test_command
     protected = _protected_paths(spec.protect)  # a bad pattern fails here, before any work
-    await cell.create_worktree()
+    worktree = await cell.create_worktree()
+    if spec.start_from:  # a rebase round: the earlier result on the new base, conflicts marked
+        await asyncio.to_thread(worktree.lay_files, spec.start_from)
     await cell.start_server()
 
     # -- Executing: the agent edits the worktree --

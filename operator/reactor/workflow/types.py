@@ -109,6 +109,10 @@ class TaskSpec(BaseModel):
     # one fails the task with TestsModified and nothing is committed.
     protect: list[str] = Field(default_factory=list)
     budget: Budget = Field(default_factory=Budget)  # maxCost/maxTokens, enforced while it runs
+    # A commit whose files are laid into the checkout (on the base branch's tip) before the
+    # agent starts: a rebase round's earlier result replayed onto the new base, conflict
+    # markers and all (made by the merge queue). None: the checkout is the base as it is.
+    start_from: str | None = None
     # Environment of the opencode process only (API keys). Excluded from repr and dumps.
     env: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
 

@@ -1,0 +1,89 @@
+"""The base branch a queue advances, by compare-and-swap only.
+
+``LocalBranch``: the branch in the repository that holds the candidates (`reactor run`'s
+user repository, a test's origin): `git update-ref <ref> <new> <old>`, which git applies
+only while the ref still holds ``old``.
+``PushedBranch``: the branch in a remote (the operator's origin, the candidates built in
+its mirror): a push of a fast-forward whose lease is the old tip
+(`--force-with-lease=<ref>:<old>`), so the remote refuses it if anyone moved the branch;
+never a forced rewrite (the new tip always descends from the old one, checked before).
+A forge's merge guarded by the PR's head commit is the same operation through its API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from reactor.infra.git import GitError, git, git_ok
+from reactor.infra.mirrors import GitCredentials
+from reactor.infra.worktrees import repository_lock
+
+
+class BaseBranch(Protocol):
+    def tip(self) -> str:
+        """The branch's current commit, its objects present in the queue's repository."""
+
+    def advance(self, old: str, new: str) -> bool:
+        """Move the branch from ``old`` to ``new`` (a descendant) if it still holds ``old``."""
+
+
+class LocalBranch:
+    def __init__(self, repo: Path, branch: str):
+        self.repo, self.ref = Path(repo), f"refs/heads/{branch}"
+
+    def tip(self) -> str:
+        return git(self.repo, "rev-parse", "--verify", f"{self.ref}^{{commit}}")
+
+    def advance(self, old: str, new: str) -> bool:
+        _check_fast_forward(self.repo, old, new)
+        with repository_lock(self.repo):
+            try:
+                git(self.repo, "update-ref", "-m", "reactor merge queue", self.ref, new, old)
+            except GitError:
+                if self.tip() != old:
+                    return False  # someone moved the branch: the swap did not happen
+                raise
+        return True
+
+
+class PushedBranch:
+    """``remote``: a remote name, URL or path; ``credentials``: for git (askpass or a key
+    file), never in argv."""
+
+    def __init__(self, repo: Path, remote: str, branch: str, credentials: GitCredentials | None = None):
+        self.repo, self.remote, self.branch = Path(repo), remote, branch
+        self.credentials = credentials or GitCredentials()
+        # Outside refs/heads and refs/tags: a mirror's ref ledger vouches for those only.
+        self.tracking = f"refs/reactor/queue-base/{branch}"
+
+    def _url(self) -> str:
+        """The remote's URL: git given a remote's name updates the repository's own branches
+        from its fetch refspec after a push or fetch (a mirror maps refs/heads/* onto itself),
+        behind the mirror's ref ledger; given the URL it touches nothing but ``tracking``."""
+        url = git(self.repo, "config", "--get", f"remote.{self.remote}.url", check=False)
+        return url or self.remote
+
+    def tip(self) -> str:
+        with self.credentials.environment() as env, repository_lock(self.repo):
+            git(self.repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self._url(),
+                f"+refs/heads/{self.branch}:{self.tracking}", env=env)
+        return git(self.repo, "rev-parse", "--verify", f"{self.tracking}^{{commit}}")
+
+    def advance(self, old: str, new: str) -> bool:
+        _check_fast_forward(self.repo, old, new)
+        ref = f"refs/heads/{self.branch}"
+        try:
+            with self.credentials.environment() as env:
+                git(self.repo, "push", "--quiet", "--no-verify", f"--force-with-lease={ref}:{old}", self._url(),
+                    f"{new}:{ref}", env=env)
+        except GitError as exc:
+            if "stale info" in exc.stderr or "rejected" in exc.stderr:
+                return False
+            raise
+        return True
+
+
+def _check_fast_forward(repo: Path, old: str, new: str) -> None:
+    if not git_ok(repo, "merge-base", "--is-ancestor", old, new):
+        raise ValueError(f"{new[:12]} does not descend from {old[:12]}: the queue never rewrites a base branch")
