@@ -38,8 +38,22 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="a cell's peak memory until a larger one is measured (default: 600Mi)")
 
 
+def work_dir_from(args: argparse.Namespace) -> Path:
+    from reactor.workflow.engine import default_work_dir
+
+    return (args.work_dir or default_work_dir()).expanduser().resolve()
+
+
+def claim_private_dirs(args: argparse.Namespace) -> None:
+    """This process's temp dir and git HOME become private dirs under the work dir, before
+    anything writes a temp file (the kubernetes client puts a kubeconfig's client key there)."""
+    from reactor.infra.private import claim_process_dirs
+
+    claim_process_dirs(work_dir_from(args))
+
+
 def engine_settings_from(args: argparse.Namespace, **overrides):
-    from reactor.workflow.engine import EngineSettings, default_work_dir
+    from reactor.workflow.engine import EngineSettings
 
     from reactor.infra.confinement import ConfinementSettings
     from reactor.infra.memory import parse_quantity
@@ -58,7 +72,7 @@ def engine_settings_from(args: argparse.Namespace, **overrides):
     return EngineSettings(
         memory_limit=memory_limit,
         cell_memory=cell_memory,
-        work_dir=(args.work_dir or default_work_dir()).expanduser().resolve(),
+        work_dir=work_dir_from(args),
         port_range=PortRange.parse(args.port_range),
         opencode_bin=args.opencode_bin,
         max_agents=args.max_agents,

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from reactor.errors import ReactorError
+from reactor.infra import private
 
 # Never let git wait for a password on a terminal, nor read the user's global hooks or editor.
-_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
+# No global or system config either: a filter or alias in ~/.gitconfig (a file a cell may
+# once have reached) must never run with the operator's rights. HOME and XDG_CONFIG_HOME
+# point at the operator's own empty dir (``private.git_home()``), set per run.
+_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true",
+            "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1"}
 # Settings that run programs, neutralised on every command line (command-line -c wins over
 # any config file). Filter drivers (`filter.<name>.clean`, named from .gitattributes) cannot
 # be switched off wholesale this way: that is why git in a cell's checkout runs confined.
@@ -53,17 +58,35 @@ def git_command(*args: str) -> list[str]:
 _CELL_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
+def git_env(base: Mapping[str, str] | None = None, *, home: bool = True) -> dict[str, str]:
+    """The environment of an operator's git run: ``base`` (default: ours) without any
+    GIT_* variable (GIT_CONFIG_COUNT and friends are config too), plus the fixed settings
+    above. ``home``: HOME and XDG_CONFIG_HOME are the operator's empty private dir (a run
+    inside a cell gets neither: it has no business there)."""
+    base = os.environ if base is None else base
+    env = {k: v for k, v in base.items() if not k.startswith("GIT_") and k not in ("HOME", "XDG_CONFIG_HOME")}
+    env.update(_GIT_ENV)
+    if home:
+        git_home = str(private.git_home())
+        env.update(HOME=git_home, XDG_CONFIG_HOME=os.path.join(git_home, ".config"))
+    return env
+
+
 def git(cwd: Path | str, *args: str, check: bool = True, env: dict[str, str] | None = None, strip: bool = True,
-        wrap: Sequence[str] = (), inherit_env: bool = True) -> str:
+        wrap: Sequence[str] = (), inherit_env: bool = True, stdin: bytes | None = None) -> str:
     """Run git in ``cwd`` and return its stdout (stripped unless ``strip`` is False).
     ``wrap`` prefixes the command line (the cell's confinement launcher); such a run, or one
-    with ``inherit_env=False`` (it starts a program in a cell), gets a minimal environment."""
+    with ``inherit_env=False`` (it starts a program in a cell), gets a minimal environment.
+    ``stdin``: bytes fed to git (else it reads nothing)."""
     inherit = inherit_env and not wrap
     base = os.environ if inherit else {k: os.environ[k] for k in _CELL_PASSTHROUGH if k in os.environ}
-    full_env = {**base, **_GIT_ENV, **(env or {})}
-    proc = subprocess.run(
-        [*wrap, *git_command(*args)], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, capture_output=True, text=True
-    )
+    full_env = {**git_env(base, home=not wrap), **(env or {})}
+    command = [*wrap, *git_command(*args)]
+    if stdin is None:
+        proc = subprocess.run(command, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    else:
+        proc = subprocess.run(command, cwd=cwd, env=full_env, input=stdin, capture_output=True)
+        proc.stdout, proc.stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
     if check and proc.returncode != 0:
         raise GitError(list(args), proc.returncode, proc.stderr)
     return proc.stdout.strip() if strip else proc.stdout
@@ -71,7 +94,5 @@ def git(cwd: Path | str, *args: str, check: bool = True, env: dict[str, str] | N
 
 def git_ok(cwd: Path | str, *args: str) -> bool:
     """True when the git command exits 0 (for questions such as 'does this ref exist')."""
-    proc = subprocess.run(
-        git_command(*args), cwd=cwd, env={**os.environ, **_GIT_ENV}, stdin=subprocess.DEVNULL, capture_output=True
-    )
+    proc = subprocess.run(git_command(*args), cwd=cwd, env=git_env(), stdin=subprocess.DEVNULL, capture_output=True)
     return proc.returncode == 0

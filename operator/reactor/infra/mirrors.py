@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from reactor.infra import private
 from reactor.infra.git import GitError, git
 from reactor.infra.refledger import RefLedger
 from reactor.infra.worktrees import ResultRejected, file_lock, repository_lock
@@ -44,9 +45,10 @@ class GitCredentials:
 
     @contextmanager
     def environment(self) -> Iterator[dict[str, str]]:
-        """Environment variables that make git use these credentials; files removed afterwards."""
+        """Environment variables that make git use these credentials; files removed afterwards.
+        The files live in the operator's private temp dir, which no cell can read."""
         env: dict[str, str] = {}
-        with tempfile.TemporaryDirectory(prefix="reactor-git-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="reactor-git-", dir=private.temp_dir()) as tmp:
             if self.password is not None:
                 askpass = Path(tmp) / "askpass"
                 askpass.write_text(_ASKPASS)

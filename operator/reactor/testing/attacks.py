@@ -33,6 +33,9 @@ class Targets:
     operator_pid: int = 0
     secret: str = ""  # a value only another cell holds
     ports: list[int] = field(default_factory=list)  # the operator's listeners, another cell's server
+    # Directories to list and files to read (everything beneath a directory, one level deep):
+    # temp dirs, /run, home dirs, the operator's private dir, another cell, /etc/shadow.
+    snoop: list[str] = field(default_factory=list)
 
 
 _PROGRAM = r'''
@@ -120,6 +123,37 @@ for port in T["ports"]:
     attempt("connect-port %%d" %% port, lambda port=port: connect(port))
 for path in T["protected_files"]:
     attempt("read-protected " + os.path.basename(path), lambda path=path: "read %%d bytes" %% len(open(path, "rb").read()))
+def snoop(path):
+    seen = []
+    try:
+        names = os.listdir(path)
+        seen.append("listed %%d entries" %% len(names))
+    except NotADirectoryError:
+        return "read %%d bytes" %% len(open(path, "rb").read())
+    except OSError as exc:
+        names = []
+        denied = exc
+    files = [os.path.join(path, n) for n in names]
+    for sub in list(files):
+        try:
+            files += [os.path.join(sub, n) for n in os.listdir(sub)]
+        except OSError:
+            pass
+    read = 0
+    for f in files[:200]:
+        try:
+            with open(f, "rb") as handle:
+                handle.read(64)
+            read += 1
+        except OSError:
+            pass
+    if read:
+        seen.append("read %%d files" %% read)
+    if not seen:
+        raise denied
+    return ", ".join(seen)
+for path in T["snoop"]:
+    attempt("snoop " + path, lambda path=path: snoop(path))
 text = "\n".join(lines) + "\n"
 print(text, end="")
 with open(%(report)r, "w") as f:
