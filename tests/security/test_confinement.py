@@ -52,18 +52,30 @@ def targets_for(repo: Path, work_dir: Path, tmp_path: Path, secret_file: Path, o
     )
 
 
+def snoop_targets(work_dir: Path, tmp_path: Path, victim_slot: str, victim_checkout: Path) -> list[str]:
+    """What the operator and the other cells keep beside a cell: temp dirs, /run, the
+    operator's home and private dir (its temp files, the servers' logs), the victim cell's
+    state and checkout, root's secrets."""
+    work = work_dir.resolve()
+    return ["/tmp", "/var/tmp", str(tmp_path), "/run", os.path.expanduser("~"), str(work / "operator"),
+            str(work / "cells" / victim_slot), str(victim_checkout), "/etc/shadow"]
+
+
 def assert_every_attempt_blocked(report_text: str, protected: list[str] = ("operator-credentials",),
-                                 ports: list[int] = ()) -> None:
+                                 ports: list[int] = (), snooped: list[str] = ()) -> None:
     report = parse_report(report_text)
     expected = {"write-outside-worktree", "write-other-checkout", "write-source-hook", "write-source-config",
                 "move-base-branch-ref-file", "move-base-branch-git", "move-other-branch-git", "push-other-branch",
                 "read-foreign-environ", "signal-other-cell", "read-operator-environ", "signal-operator",
-                *(f"read-protected {name}" for name in protected), *(f"connect-port {port}" for port in ports)}
+                *(f"read-protected {name}" for name in protected), *(f"connect-port {port}" for port in ports),
+                *(f"snoop {path}" for path in snooped)}
     assert set(report) == expected, report_text
     succeeded = {name: outcome for name, outcome in report.items() if not outcome.startswith("blocked")}
     assert not succeeded, f"attacks that worked: {succeeded}"
     for port in ports:  # refused by Landlock, not merely by nothing listening there
         assert "PermissionError" in report[f"connect-port {port}"], report_text
+    for path in snooped:  # refused, not merely missing
+        assert "PermissionError" in report[f"snoop {path}"], report_text
     assert "for all 0 " not in report["signal-other-cell"], "the other cell was running and was tried"
 
 
@@ -92,6 +104,7 @@ async def test_an_agent_attacking_from_its_bash_tool_reaches_nothing(repo, work_
     before = fingerprint(repo / ".git")
     up, attacked = threading.Event(), threading.Event()
     targets = targets_for(repo, work_dir, tmp_path, secret_file, os.getpid())
+    targets.snoop = snoop_targets(work_dir, tmp_path, "VICTIM", checkout_path(work_dir.resolve(), repo, "VICTIM"))
     attacker = Scenario("ATTACKER", [wait_for(up), attack_step(targets), set_event(attacked), FIX,
                                      text("Fixed add().")])
     with ScriptedModel([attacker, victim_scenario(up, attacked)]) as model:
@@ -105,7 +118,7 @@ async def test_an_agent_attacking_from_its_bash_tool_reaches_nothing(repo, work_
     assert attacker_result.outcome is Outcome.COMMITTED and attacker_result.confined, attacker_result.message
     assert sorted(attacker_result.files_changed) == ["attack-report.txt", "calc.py"]
     assert git(repo, "show", "reactor/ATTACKER:calc.py") == FIXED_CALC.strip(), "the attacker's real fix is committed"
-    assert_every_attempt_blocked(git(repo, "show", f"reactor/ATTACKER:{REPORT}"))
+    assert_every_attempt_blocked(git(repo, "show", f"reactor/ATTACKER:{REPORT}"), snooped=targets.snoop)
     assert_victim_result(repo, victim_result)
     git(repo, "branch", "-D", "reactor/ATTACKER", "reactor/VICTIM")
     assert_shared_state_untouched(repo, before, tmp_path)
@@ -159,6 +172,8 @@ def test_reactor_run_parallel_with_an_attacker_beside_a_victim(repo, work_dir, t
             cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # The attacker learns the Reactor process's PID the way a cell could (its server's parent).
         targets = targets_for(repo, work_dir, tmp_path, secret_file, run.pid)
+        # The run's own temp dir is private: under the work dir, which no cell may read.
+        targets.snoop = snoop_targets(work_dir, tmp_path, "VICTIM", checkout_path(work_dir.resolve(), repo, "VICTIM"))
         model.script.add(Scenario("ATTACKER", [wait_for(up), attack_step(targets), set_event(attacked), FIX,
                                                text("Fixed add().")]))
         try:
@@ -169,7 +184,7 @@ def test_reactor_run_parallel_with_an_attacker_beside_a_victim(repo, work_dir, t
     assert "cells confined: Landlock ABI" in err
     results = {r["task_id"]: r for r in map(json.loads, out.splitlines())}
     assert results["ATTACKER"]["outcome"] == "committed" and results["ATTACKER"]["confined"] is True
-    assert_every_attempt_blocked(git(repo, "show", f"reactor/ATTACKER:{REPORT}"))
+    assert_every_attempt_blocked(git(repo, "show", f"reactor/ATTACKER:{REPORT}"), snooped=targets.snoop)
     assert git(repo, "show", "reactor/ATTACKER:calc.py") == FIXED_CALC.strip()
     assert results["VICTIM"]["outcome"] == "committed"
     assert sorted(git(repo, "diff", "--name-only", "main", "reactor/VICTIM").split()) == ["calc.py", "victim.py"]
