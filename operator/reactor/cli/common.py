@@ -21,10 +21,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="run cells even where the kernel cannot confine them (Landlock); every task can then "
                              "read and write all the operator can. Also turns confinement off where it works.")
     parser.add_argument("--protected-path", action="append", default=[], metavar="PATH",
-                        help="a path no cell may read, in addition to the defaults (service-account token, "
-                             "kubeconfig, $HOME, credential files; see docs/security.md). Repeatable.")
+                        help="a path no cell may read even inside an allowed tree, in addition to the defaults "
+                             "(service-account token, kubeconfig, credential files, the OS's secrets; see "
+                             "docs/security.md). Repeatable.")
     parser.add_argument("--readable-path", action="append", default=[], metavar="PATH",
-                        help="a toolchain directory under a protected path (e.g. $HOME) that cells may read. Repeatable.")
+                        help="a directory cells may read besides the allowlist (the OS, the toolchains on PATH, "
+                             "opencode, Reactor, their own cell), minus the protected paths. Repeatable.")
     parser.add_argument("--health-timeout", default=None,
                         help="how long a starting opencode server may take to become healthy "
                              "(default: $REACTOR_HEALTH_TIMEOUT, else 30s)")
