@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.worktrees import repository_key
-from reactor.testing.attacks import REPORT, Targets, attack_program, attack_step, parse_report
+from reactor.testing.attacks import REPORT, Targets, attack_program, attack_step, parse_report, snoop_targets
 from reactor.testing.repos import BUGGY_CALC, TEST_CALC, make_repo
 from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
 from reactor.workflow.tcr import run_task
@@ -50,15 +50,6 @@ def targets_for(repo: Path, work_dir: Path, tmp_path: Path, secret_file: Path, o
         protected_files=[str(secret_file)],
         operator_pid=operator_pid,
     )
-
-
-def snoop_targets(work_dir: Path, tmp_path: Path, victim_slot: str, victim_checkout: Path) -> list[str]:
-    """What the operator and the other cells keep beside a cell: temp dirs, /run, the
-    operator's home and private dir (its temp files, the servers' logs), the victim cell's
-    state and checkout, root's secrets."""
-    work = work_dir.resolve()
-    return ["/tmp", "/var/tmp", str(tmp_path), "/run", os.path.expanduser("~"), str(work / "operator"),
-            str(work / "cells" / victim_slot), str(victim_checkout), "/etc/shadow"]
 
 
 def assert_every_attempt_blocked(report_text: str, protected: list[str] = ("operator-credentials",),

@@ -15,7 +15,9 @@ same program from a file (``attack_file``).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from reactor.testing.scripted_model import Step, bash
 
@@ -159,6 +161,15 @@ print(text, end="")
 with open(%(report)r, "w") as f:
     f.write(text)
 '''
+
+
+def snoop_targets(work_dir: Path, tmp_path: Path, victim_slot: str, victim_checkout: Path) -> list[str]:
+    """What the operator and the other cells keep beside a cell: temp dirs, /run, the
+    operator's home and private dir (its temp files, the servers' logs), the victim cell's
+    state and checkout, root's secrets."""
+    work = Path(work_dir).resolve()
+    return ["/tmp", "/var/tmp", str(tmp_path), "/run", os.path.expanduser("~"), str(work / "operator"),
+            str(work / "cells" / victim_slot), str(victim_checkout), "/etc/shadow"]
 
 
 def attack_program(targets: Targets) -> str:
