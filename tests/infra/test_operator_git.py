@@ -8,8 +8,8 @@ from pathlib import Path
 
 from reactor.infra.git import git
 from reactor.infra.worktrees import WorktreeManager, committer_identity
-from reactor.testing.hostile import hostile_git_config
-from reactor.testing.repos import make_repo
+from reactor_dev.testing.hostile import hostile_git_config
+from reactor_dev.testing.repos import make_repo
 
 
 def test_a_hostile_global_config_never_runs_in_the_operators_git(tmp_path, monkeypatch):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from reactor.testing.hostile import hostile_git_config, plant_links_step
-from reactor.testing.repos import BUGGY_CALC, git
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.testing.hostile import hostile_git_config, plant_links_step
+from reactor_dev.testing.repos import BUGGY_CALC, git
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, TaskSpec
 

@@ -91,7 +91,7 @@ def plant_links_step(links: dict[str, str], elsewhere: dict[str, str] | None = N
     path: blocked (...)``) and whether each is still a link (``NOW rel is no link``): the
     model sees it in the next request. Paths hidden in hex from OpenCode's command-text
     checks."""
-    from reactor.testing.scripted_model import bash
+    from reactor_dev.testing.scripted_model import bash
 
     code = (_PLANT % {"links": json.dumps(links), "elsewhere": json.dumps(elsewhere or {})}).encode().hex()
     return bash(f'python3 -c "exec(bytes.fromhex(\'{code}\'))"')
