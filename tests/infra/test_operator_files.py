@@ -166,3 +166,20 @@ def test_a_private_dir_that_is_a_link_is_refused(tmp_path):
     (tmp_path / "work" / "operator").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(safefs.PlantedPath):
         OperatorFiles(tmp_path / "work").prepare()
+
+
+async def test_the_servers_output_reaches_its_log_through_pipes_whatever_its_lines(tmp_path):
+    """stdout and stderr are copied into the operator's log (a 200 KB line included: longer
+    than a stream reader's line limit) and the listening line is noticed."""
+    import asyncio
+
+    server = server_for(tmp_path)
+    script = "head -c 200000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'opencode server listening on http://x'"
+    server._process = await asyncio.create_subprocess_exec(
+        "sh", "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    await server._pump_output()
+    await server._process.wait()
+    assert server._listening.is_set()
+    log = server.log_path.read_bytes()
+    assert log.count(b"x") >= 200000 and b"listening on" in log
+    assert os.stat(server.log_path).st_mode & 0o777 == 0o600

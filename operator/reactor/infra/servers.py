@@ -233,15 +233,22 @@ class OpenCodeServer:
         written = 0
 
         async def copy(stream: asyncio.StreamReader, watch: bool) -> None:
+            # Chunks, not lines: a line longer than the reader's limit must not stop the copy
+            # (the server would then block on a full pipe).
             nonlocal written
-            async for line in stream:
+            recent = b""
+            while chunk := await stream.read(1 << 16):
                 if written < LOG_LIMIT:
-                    written += os.write(fd, line[:LOG_LIMIT - written])
-                if watch and not self._listening.is_set() and LISTENING_LINE.encode() in line:
-                    self._listening.set()
+                    written += os.write(fd, chunk[:LOG_LIMIT - written])
+                if watch and not self._listening.is_set():
+                    recent = (recent + chunk)[-4096:]
+                    if LISTENING_LINE.encode() in recent:
+                        self._listening.set()
 
         try:
-            await asyncio.gather(copy(process.stdout, True), copy(process.stderr, False))
+            # Both copies end before the file is closed (return_exceptions: one failing must
+            # not leave the other writing to a closed, maybe reused, descriptor).
+            await asyncio.gather(copy(process.stdout, True), copy(process.stderr, False), return_exceptions=True)
         finally:
             os.close(fd)
 
