@@ -49,13 +49,11 @@ def test_reads_are_the_os_and_toolchains_not_temp_run_home_or_secrets(confinemen
 
 
 def test_a_path_entry_in_home_grants_that_entry_not_the_home(tmp_path):
-    home_bin = HOME / ".reactor-test-bin"
-    assert toolchain_roots(f"{tmp_path}/bin:{HOME}/bin") == [], "missing dirs are not granted"
+    assert toolchain_roots(f"{tmp_path}/missing/bin") == [], "missing dirs are not granted"
     (tmp_path / "bin").mkdir()
-    roots = toolchain_roots(f"{tmp_path / 'bin'}:{HOME}")
+    roots = toolchain_roots(f"{tmp_path / 'bin'}:{HOME}:/bin")
     assert tmp_path in roots, "an install prefix in a temp dir, named on PATH"
-    assert HOME not in roots and Path("/") not in roots
-    assert home_bin not in roots
+    assert HOME not in roots and HOME.parent not in roots and Path("/") not in roots, "PATH=~:/bin grants neither ~ nor /"
 
 
 def test_readable_and_protected_paths_add_and_subtract(tmp_path):
