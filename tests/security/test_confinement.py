@@ -17,7 +17,7 @@ import pytest
 
 from reactor.infra.worktrees import repository_key
 from reactor_dev.testing.attacks import (REPORT, Targets, assert_every_attempt_blocked, attack_program, attack_step,
-                                        fingerprint)
+                                        fingerprint, snoop_targets)
 from reactor_dev.testing.repos import BUGGY_CALC, TEST_CALC, make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
 from reactor.workflow.tcr import run_task
@@ -71,6 +71,7 @@ async def test_an_agent_attacking_from_its_bash_tool_reaches_nothing(repo, work_
     before = fingerprint(repo / ".git")
     up, attacked = threading.Event(), threading.Event()
     targets = targets_for(repo, work_dir, tmp_path, secret_file, os.getpid())
+    targets.snoop = snoop_targets(work_dir, tmp_path, "VICTIM", checkout_path(work_dir.resolve(), repo, "VICTIM"))
     attacker = Scenario("ATTACKER", [wait_for(up), attack_step(targets), set_event(attacked), FIX,
                                      text("Fixed add().")])
     with ScriptedModel([attacker, victim_scenario(up, attacked)]) as model:
@@ -84,7 +85,7 @@ async def test_an_agent_attacking_from_its_bash_tool_reaches_nothing(repo, work_
     assert attacker_result.outcome is Outcome.COMMITTED and attacker_result.confined, attacker_result.message
     assert sorted(attacker_result.files_changed) == ["attack-report.txt", "calc.py"]
     assert git(repo, "show", "reactor/ATTACKER:calc.py") == FIXED_CALC.strip(), "the attacker's real fix is committed"
-    assert_every_attempt_blocked(git(repo, "show", f"reactor/ATTACKER:{REPORT}"))
+    assert_every_attempt_blocked(git(repo, "show", f"reactor/ATTACKER:{REPORT}"), snooped=targets.snoop)
     assert_victim_result(repo, victim_result)
     git(repo, "branch", "-D", "reactor/ATTACKER", "reactor/VICTIM")
     assert_shared_state_untouched(repo, before, tmp_path)
@@ -140,6 +141,8 @@ def test_reactor_run_parallel_with_an_attacker_beside_a_victim(repo, work_dir, t
             cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # The attacker learns the Reactor process's PID the way a cell could (its server's parent).
         targets = targets_for(repo, work_dir, tmp_path, secret_file, run.pid)
+        # The run's own temp dir is private: under the work dir, which no cell may read.
+        targets.snoop = snoop_targets(work_dir, tmp_path, "VICTIM", checkout_path(work_dir.resolve(), repo, "VICTIM"))
         model.script.add(Scenario("ATTACKER", [wait_for(up), attack_step(targets), set_event(attacked), FIX,
                                                text("Fixed add().")]))
         try:
@@ -150,7 +153,7 @@ def test_reactor_run_parallel_with_an_attacker_beside_a_victim(repo, work_dir, t
     assert "cells confined: Landlock ABI" in err
     results = {r["task_id"]: r for r in map(json.loads, out.splitlines())}
     assert results["ATTACKER"]["outcome"] == "committed" and results["ATTACKER"]["confined"] is True
-    assert_every_attempt_blocked(git(repo, "show", f"reactor/ATTACKER:{REPORT}"))
+    assert_every_attempt_blocked(git(repo, "show", f"reactor/ATTACKER:{REPORT}"), snooped=targets.snoop)
     assert git(repo, "show", "reactor/ATTACKER:calc.py") == FIXED_CALC.strip()
     assert results["VICTIM"]["outcome"] == "committed"
     assert sorted(git(repo, "diff", "--name-only", "main", "reactor/VICTIM").split()) == ["calc.py", "victim.py"]

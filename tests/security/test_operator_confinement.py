@@ -4,16 +4,18 @@ real opencode, real git. And the operator's word when cells run unconfined."""
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from reactor.infra.mirrors import mirror_path
 from reactor.infra.worktrees import repository_key
-from reactor_dev.testing.attacks import REPORT, Targets, assert_every_attempt_blocked, attack_step, fingerprint
+from reactor_dev.testing.attacks import REPORT, Targets, assert_every_attempt_blocked, attack_step, fingerprint, snoop_targets
 from reactor_dev.testing.helpers import free_port
 from reactor_dev.testing.operator_process import operators
 from reactor_dev.testing.repos import BUGGY_CALC, make_repo
@@ -35,6 +37,17 @@ def operator(crd_installed, namespace, work_dir):
 
 def manifest(name: str, origin: Path, model: ScriptedModel, **spec) -> dict:
     return agent_task(name, origin, model, timeout="5m", **spec)
+
+
+def operator_key_files(work_dir: Path, kubeconfig: Path) -> list[Path]:
+    """The kubernetes client's copies of the kubeconfig's embedded client key: in the
+    operator's private temp dir (the dev cluster's kubeconfig embeds its keys)."""
+    users = yaml.safe_load(Path(kubeconfig).read_text())["users"]
+    keys = {base64.b64decode(u["user"]["client-key-data"]) for u in users if "client-key-data" in u["user"]}
+    assert keys, "the operator's kubeconfig embeds a client key"
+    found = [f for f in (work_dir.resolve() / "operator" / "tmp").glob("*/*") if f.is_file() and f.read_bytes() in keys]
+    assert found, "the operator's client key is in its private temp dir"
+    return found
 
 
 @pytest.mark.needs("landlock")
@@ -60,13 +73,16 @@ def test_a_hostile_task_reaches_neither_its_neighbour_nor_the_operator(operator,
         victim_status = op.get("victim")
         uid = victim_status["metadata"]["uid"]
         mirror = mirror_path(work_dir.resolve() / "mirrors", namespace, f"file://{origin}")
+        victim_slot = f"{namespace}.victim.{uid[:8]}"
+        victim_checkout = work_dir.resolve() / "worktrees" / repository_key(mirror) / victim_slot
         targets = Targets(
             outside_file=str(tmp_path / "outside.txt"),
-            other_checkout_file=str(work_dir.resolve() / "worktrees" / repository_key(mirror) /
-                                    f"{namespace}.victim.{uid[:8]}" / "calc.py"),
+            other_checkout_file=str(victim_checkout / "calc.py"),
             source_git_dir=str(mirror),
             other_branch="refs/heads/reactor/OLD",
             protected_files=[str(op.kubeconfig)],
+            snoop=[*snoop_targets(work_dir, tmp_path, victim_slot, victim_checkout),
+                   *(str(p) for p in operator_key_files(work_dir, op.kubeconfig))],
             operator_pid=op.process.pid,
             secret=VICTIM_KEY,
             # Nothing a cell needs listens on these: the page (transcripts of every task), the
@@ -85,7 +101,7 @@ def test_a_hostile_task_reaches_neither_its_neighbour_nor_the_operator(operator,
     assert attacker_obj["status"]["phase"] == "Succeeded", attacker_obj["status"]
     assert condition(attacker_obj, "Confined")["status"] == "True"
     assert_every_attempt_blocked(git(origin, "show", f"reactor/attacker:{REPORT}"),
-                                 protected=[Path(op.kubeconfig).name], ports=targets.ports)
+                                 protected=[Path(op.kubeconfig).name], ports=targets.ports, snooped=targets.snoop)
     assert httpx.get(f"http://127.0.0.1:{web_port}/api/v1/tasks", timeout=10).status_code == 200, \
         "the page answers anyone but a cell"
     assert git(origin, "show", "reactor/attacker:calc.py") == BUGGY_CALC.replace("a - b", "a + b").strip()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class Targets:
     operator_pid: int = 0
     secret: str = ""  # a value only another cell holds
     ports: list[int] = field(default_factory=list)  # the operator's listeners, another cell's server
+    # Directories to list and files to read (everything beneath a directory, one level deep):
+    # temp dirs, /run, home dirs, the operator's private dir, another cell, /etc/shadow.
+    snoop: list[str] = field(default_factory=list)
 
 
 _PROGRAM = r'''
@@ -123,11 +127,51 @@ for port in T["ports"]:
     attempt("connect-port %%d" %% port, lambda port=port: connect(port))
 for path in T["protected_files"]:
     attempt("read-protected " + os.path.basename(path), lambda path=path: "read %%d bytes" %% len(open(path, "rb").read()))
+def snoop(path):
+    seen = []
+    try:
+        names = os.listdir(path)
+        seen.append("listed %%d entries" %% len(names))
+    except NotADirectoryError:
+        return "read %%d bytes" %% len(open(path, "rb").read())
+    except OSError as exc:
+        names = []
+        denied = exc
+    files = [os.path.join(path, n) for n in names]
+    for sub in list(files):
+        try:
+            files += [os.path.join(sub, n) for n in os.listdir(sub)]
+        except OSError:
+            pass
+    read = 0
+    for f in files[:200]:
+        try:
+            with open(f, "rb") as handle:
+                handle.read(64)
+            read += 1
+        except OSError:
+            pass
+    if read:
+        seen.append("read %%d files" %% read)
+    if not seen:
+        raise denied
+    return ", ".join(seen)
+for path in T["snoop"]:
+    attempt("snoop " + path, lambda path=path: snoop(path))
 text = "\n".join(lines) + "\n"
 print(text, end="")
 with open(%(report)r, "w") as f:
     f.write(text)
 '''
+
+
+def snoop_targets(work_dir: Path, tmp_path: Path, victim_slot: str, victim_checkout: Path) -> list[str]:
+    """What the operator and the other cells keep beside a cell: temp dirs, /run, the
+    operator's home and private dir (its temp files, the servers' logs), the victim cell's
+    state and checkout, root's secrets."""
+    work = Path(work_dir).resolve()
+    return ["/tmp", "/var/tmp", str(tmp_path), "/run", os.path.expanduser("~"), str(work / "operator"),
+            str(work / "cells" / victim_slot), str(victim_checkout), "/etc/shadow"]
 
 
 def attack_program(targets: Targets) -> str:
@@ -151,18 +195,21 @@ def parse_report(text: str) -> dict[str, str]:
 
 
 def assert_every_attempt_blocked(report_text: str, protected: list[str] = ("operator-credentials",),
-                                 ports: list[int] = ()) -> None:
+                                 ports: list[int] = (), snooped: list[str] = ()) -> None:
     """Every attempt of the program was made (the protected files and ports named) and blocked."""
     report = parse_report(report_text)
     expected = {"write-outside-worktree", "write-other-checkout", "write-source-hook", "write-source-config",
                 "move-base-branch-ref-file", "move-base-branch-git", "move-other-branch-git", "push-other-branch",
                 "read-foreign-environ", "signal-other-cell", "read-operator-environ", "signal-operator",
-                *(f"read-protected {name}" for name in protected), *(f"connect-port {port}" for port in ports)}
+                *(f"read-protected {name}" for name in protected), *(f"connect-port {port}" for port in ports),
+                *(f"snoop {path}" for path in snooped)}
     assert set(report) == expected, report_text
     succeeded = {name: outcome for name, outcome in report.items() if not outcome.startswith("blocked")}
     assert not succeeded, f"attacks that worked: {succeeded}"
     for port in ports:  # refused by Landlock, not merely by nothing listening there
         assert "PermissionError" in report[f"connect-port {port}"], report_text
+    for path in snooped:  # refused, not merely missing
+        assert "PermissionError" in report[f"snoop {path}"], report_text
     assert "for all 0 " not in report["signal-other-cell"], "the other cell was running and was tried"
 
 

@@ -21,10 +21,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="run cells even where the kernel cannot confine them (Landlock); every task can then "
                              "read and write all the operator can. Also turns confinement off where it works.")
     parser.add_argument("--protected-path", action="append", default=[], metavar="PATH",
-                        help="a path no cell may read, in addition to the defaults (service-account token, "
-                             "kubeconfig, $HOME, credential files; see docs/security.md). Repeatable.")
+                        help="a path no cell may read even inside an allowed tree, in addition to the defaults "
+                             "(service-account token, kubeconfig, credential files, the OS's secrets; see "
+                             "docs/security.md). Repeatable.")
     parser.add_argument("--readable-path", action="append", default=[], metavar="PATH",
-                        help="a toolchain directory under a protected path (e.g. $HOME) that cells may read. Repeatable.")
+                        help="a directory cells may read besides the allowlist (the OS, the toolchains on PATH, "
+                             "opencode, Reactor, their own cell), minus the protected paths. Repeatable.")
     parser.add_argument("--health-timeout", default=None,
                         help="how long a starting opencode server may take to become healthy "
                              "(default: $REACTOR_HEALTH_TIMEOUT, else 30s)")
@@ -38,8 +40,22 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="a cell's peak memory until a larger one is measured (default: 600Mi)")
 
 
+def work_dir_from(args: argparse.Namespace) -> Path:
+    from reactor.workflow.engine import default_work_dir
+
+    return (args.work_dir or default_work_dir()).expanduser().resolve()
+
+
+def claim_private_dirs(args: argparse.Namespace) -> None:
+    """This process's temp dir and git HOME become private dirs under the work dir, before
+    anything writes a temp file (the kubernetes client puts a kubeconfig's client key there)."""
+    from reactor.infra.private import claim_process_dirs
+
+    claim_process_dirs(work_dir_from(args))
+
+
 def engine_settings_from(args: argparse.Namespace, **overrides):
-    from reactor.workflow.engine import EngineSettings, default_work_dir
+    from reactor.workflow.engine import EngineSettings
 
     from reactor.infra.confinement import ConfinementSettings
     from reactor.infra.memory import parse_quantity
@@ -58,7 +74,7 @@ def engine_settings_from(args: argparse.Namespace, **overrides):
     return EngineSettings(
         memory_limit=memory_limit,
         cell_memory=cell_memory,
-        work_dir=(args.work_dir or default_work_dir()).expanduser().resolve(),
+        work_dir=work_dir_from(args),
         port_range=PortRange.parse(args.port_range),
         opencode_bin=args.opencode_bin,
         max_agents=args.max_agents,

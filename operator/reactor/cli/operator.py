@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from reactor.cli.common import add_engine_flags, engine_settings_from
+from reactor.cli.common import add_engine_flags, claim_private_dirs, engine_settings_from
 
 
 def add_subparser(sub: Any) -> None:
@@ -72,6 +72,7 @@ def fleet_settings_from(args: argparse.Namespace, namespaces: list[str]):
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
+    claim_private_dirs(args)  # first: the kubeconfig's client key goes to a temp file
     import kopf
     import kubernetes
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from reactor import __version__
-from reactor.cli.common import EXIT_FAILED, EXIT_OK, add_engine_flags, engine_settings_from
+from reactor.cli.common import EXIT_FAILED, EXIT_OK, add_engine_flags, claim_private_dirs, engine_settings_from
 from reactor.durations import parse_duration
 from reactor.errors import ConfigurationError
 
@@ -97,6 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reactor.workflow.engine import Engine
 
     specs = tasks_from(args)
+    claim_private_dirs(args)
     engine = Engine(engine_settings_from(args))
     if len(specs) > 1 and not args.parallel:
         raise ConfigurationError("several tasks need --parallel")

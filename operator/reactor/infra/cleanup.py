@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from reactor.infra.private import OperatorFiles
 from reactor.infra.processes import find_marked_processes, kill_process_group
 from reactor.infra.worktrees import WorktreeManager, safe_component
 
@@ -36,6 +37,13 @@ def cleanup_leftovers(work_dir: Path, repo: Path | None = None) -> list[str]:
     cells_dir = work_dir / "cells"
     for cell_dir in sorted(cells_dir.iterdir()) if cells_dir.is_dir() else []:
         if cell_dir.name not in live_cells:
+            # shutil.rmtree is fd-based here: it removes links the cell planted, never their targets.
             shutil.rmtree(cell_dir, ignore_errors=True)
             report.append(f"removed cell state {cell_dir}")
+    for stale in OperatorFiles(work_dir).remove_stale_temp():
+        report.append(f"removed the temp dir of a gone Reactor process {stale}")
+    logs_dir = OperatorFiles(work_dir).logs
+    for log in sorted(logs_dir.glob("*.log")) if logs_dir.is_dir() else []:
+        if log.stem not in live_cells:
+            log.unlink(missing_ok=True)
     return report

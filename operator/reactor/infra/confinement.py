@@ -6,26 +6,30 @@ untrusted. Each cell gets a Landlock domain of its own, applied in a small launc
 (`landlock.py`) right before exec:
 
 - write: only its checkout and its state directory (XDG data/state/config, HOME, TMPDIR);
-- read: the operating system and toolchains, the opencode install, Reactor's package,
-  the shared caches (read-only), the objects of the repository it was cloned from, and its
-  own cell; not the operator's work dir beyond the cell (other checkouts, other cells'
-  state, mirrors), not the protected paths (service-account token, kubeconfig, ...);
+- read, an allowlist: the OS directories (``SYSTEM_READ``, minus ``SYSTEM_SECRETS`` such as
+  /etc/shadow), the toolchains on PATH, the opencode install and its plugin seed, Reactor's
+  package, the objects of the repository it was cloned from, and its own cell. Nothing
+  else: not temp dirs, /run, home directories, the operator's work dir beyond the cell
+  (other checkouts, other cells' state, mirrors, the operator's private dir), and never the
+  protected paths (service-account token, kubeconfig, ...), even inside a granted tree;
 - processes: Landlock forbids ptrace and /proc/PID/environ|mem of processes outside the
   domain (for a process without capabilities: every capability is dropped), and on ABI 6
   (Linux 6.12) signals and abstract unix sockets are scoped to the domain.
 
-Landlock rules only grant, so a protected path is hidden by granting its siblings (and
-those of each ancestor) instead of its parent: `readable_roots()`.
+Landlock rules only grant, so a protected path inside a granted tree is hidden by granting
+its siblings (and those of each ancestor) instead of its parent: `readable_roots()`.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +47,29 @@ SCOPE_ABI = 6  # signal and abstract-socket scoping (Linux 6.12)
 # ~930 here) and an unprivileged process cannot go below it, so 800 would silently not apply.
 CELL_OOM_SCORE_ADJ = 1000
 
-# Credentials a cell must never read. `~` is the operator's home: in the pod nothing a
-# cell needs lives there; on a developer's machine toolchains under it are granted back
-# through PATH (see toolchain_roots), while these credential paths stay hidden.
+# Credentials a cell must never read, even where a grant covers them: the operator's home
+# is not granted, but on a developer's machine toolchains under it are (through PATH, see
+# toolchain_roots, or --readable-path), while these credential paths stay hidden.
 DEFAULT_PROTECTED_PATHS = (
-    "/var/run/secrets", "/run/secrets", "~", "~/.kube", "~/.ssh", "~/.gnupg", "~/.aws", "~/.azure",
+    "/var/run/secrets", "/run/secrets", "~/.kube", "~/.ssh", "~/.gnupg", "~/.aws", "~/.azure",
     "~/.config/gcloud", "~/.docker", "~/.git-credentials", "~/.netrc", "~/.npmrc", "~/.pypirc",
     "~/.config/gh", "~/.cargo/credentials", "~/.cargo/credentials.toml", "~/.local/share/opencode",
-    "~/.config/opencode",
+    "~/.config/opencode", "~/.local/share/keyrings",
 )
+# What every cell may read: the operating system. Everything else is granted by name
+# (toolchains, opencode, Reactor, the cell's own paths) or not at all.
+SYSTEM_READ = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sys", "/dev")
+# Secrets inside those. A root cell with every capability dropped still owns root's 0600
+# files, so the policy itself must leave them out. Globs allowed. /dev/shm and /dev/mqueue
+# are temp dirs of every process on the machine.
+SYSTEM_SECRETS = (
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers", "/etc/sudoers.d",
+    "/etc/ssh/*_key", "/etc/ssl/private", "/etc/security/opasswd", "/etc/krb5.keytab", "/etc/kubernetes",
+    "/etc/rancher", "/dev/shm", "/dev/mqueue",
+)
+# Never granted as a whole, even as a toolchain's install prefix (a PATH entry such as ~/bin
+# grants ~/bin, not the home dir): temp dirs, runtime state, home directories.
+NEVER_WHOLE = ("/", "/tmp", "/var/tmp", "/run", "/var/run", "/var", "/home", "/root", "/dev/shm", "~")
 # Devices any program expects to write.
 _WRITABLE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty")
 
@@ -141,12 +159,31 @@ def expand(path: str) -> Path | None:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
+def _expand_all(patterns: tuple[str, ...] | list[str]) -> list[Path]:
+    """Paths and globs, `~` expanded, links resolved (each glob match once)."""
+    found = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        for match in (glob.glob(pattern) if glob.has_magic(pattern) else [pattern]):
+            path = expand(match)
+            if path is not None:
+                found.append(path)
+    return found
+
+
 def protected_paths(settings: ConfinementSettings, work_dir: Path) -> list[Path]:
-    paths = [expand(p) for p in settings.protected_paths]
+    """What no grant may include: the secrets of the OS directories, the credential paths,
+    --protected-path, the kubeconfig, and the work dir (other cells, mirrors, the
+    operator's private dir: a cell gets back only its own checkout and state dir)."""
+    paths = _expand_all([*SYSTEM_SECRETS, *settings.protected_paths])
     kubeconfig = os.environ.get("KUBECONFIG", "")
     paths += [expand(p) for p in kubeconfig.split(os.pathsep)]
-    paths.append(expand(str(work_dir)))  # other cells, mirrors: a cell gets back only its own
+    paths.append(expand(str(work_dir)))
     return sorted({p for p in paths if p is not None and str(p) != "/"})
+
+
+def _never_whole() -> set[Path]:
+    return {p for p in (expand(n) for n in (*NEVER_WHOLE, tempfile.gettempdir())) if p is not None}
 
 
 def readable_roots(root: Path, protected: list[Path]) -> list[str]:
@@ -174,16 +211,53 @@ def readable_roots(root: Path, protected: list[Path]) -> list[str]:
 
 def toolchain_roots(path_env: str) -> list[Path]:
     """Install prefixes of the programs on PATH (e.g. ~/.pyenv for ~/.pyenv/shims, the
-    interpreter behind a virtualenv's python): a cell needs them to run the tests."""
+    interpreter behind a virtualenv's python): a cell needs them to run the tests. A prefix
+    that is a temp dir, a home dir or / (PATH=~/bin:...) is not granted whole: the PATH
+    entry itself is, or nothing."""
+    never = _never_whole()
     roots: set[Path] = set()
+
+    def add(prefix: Path, entry: Path) -> None:
+        for candidate in (prefix, entry):
+            if candidate not in never:
+                roots.add(candidate)
+                return
+
     for entry in path_env.split(os.pathsep):
-        if entry and os.path.isdir(entry):
-            roots.add(Path(os.path.realpath(entry)).parent)
+        if entry and os.path.isabs(entry) and os.path.isdir(entry):
+            real = Path(os.path.realpath(entry))
+            add(real.parent, real)
     for program in ("python3", "python", "node", "go", "git", "make", "npm", "bash", "sh"):
         found = shutil.which(program, path=path_env)
         if found:
-            roots.add(Path(os.path.realpath(found)).parent.parent)
+            real = Path(os.path.realpath(found))
+            add(real.parent.parent, real.parent)
     return sorted(roots)
+
+
+def _link_targets(directory: Path, granted: list[Path], never: set[Path]) -> list[Path]:
+    """Where the links directly in ``directory`` point, when outside every granted tree
+    (/etc/resolv.conf -> /run/systemd/resolve/stub-resolv.conf): the target's directory
+    (a resolver rewrites its file by rename), or the file alone when that is a temp or
+    runtime root."""
+    found = []
+    for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if not entry.is_symlink():
+            continue
+        target = Path(os.path.realpath(entry))
+        if not target.exists() or any(target == g or g in target.parents for g in granted):
+            continue
+        found.append(target if target.parent in never else target.parent)
+    return found
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """The paths without those inside another of them (one rule each is enough)."""
+    kept: list[str] = []
+    for path in sorted(set(paths)):
+        if not any(path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept
 
 
 @dataclass
@@ -247,19 +321,23 @@ class Confinement:
         return list(self._protected)
 
     def system_read(self, path_env: str) -> list[str]:
-        """Read grants every cell shares (computed once: it walks the file system)."""
+        """Read grants every cell shares, an allowlist (computed once: it walks the file
+        system): the OS directories, the toolchains on PATH, --readable-path, the opencode
+        install, its plugin seed and Reactor's package; none of the protected paths."""
         if self._system_read is None:
-            home = expand("~")
-            grants = readable_roots(Path("/"), self._protected)
-            # Toolchains and extra paths may lie under $HOME: walk them with $HOME itself
-            # no longer protected, every credential path and the work dir still are.
-            inner = [p for p in self._protected if p != home]
+            protected = self._protected
+            system = [Path(p) for p in SYSTEM_READ if os.path.exists(p)]
+            grants = []
+            for root in system:
+                grants += readable_roots(Path(os.path.realpath(root)), protected)
+            grants += [str(p) for p in _link_targets(Path("/etc"), system, _never_whole())
+                       if not any(p == q or q in p.parents for q in protected)]
             for root in [*toolchain_roots(path_env), *(expand(p) for p in self.settings.readable_paths)]:
-                if root is not None and root != Path("/") and not any(root == p or p in root.parents for p in inner):
-                    grants += readable_roots(root, inner)
+                if root is not None and root != Path("/") and not any(root == p or p in root.parents for p in protected):
+                    grants += readable_roots(root, protected)
             for shared in self._shared_read:
-                grants += readable_roots(shared, [p for p in inner if p != self.work_dir])
-            self._system_read = sorted(set(grants))
+                grants += readable_roots(shared, [p for p in protected if p != self.work_dir])
+            self._system_read = _outermost(grants)
         return self._system_read
 
     def cell_policy(self, *, writable: list[Path], readable: list[Path], path_env: str) -> CellPolicy:

@@ -13,15 +13,20 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
 
 from reactor.errors import ReactorError
+from reactor.infra import private
 
 # Never let git wait for a password on a terminal, nor read the user's global hooks or editor.
-_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
+# No global or system config either: a filter or alias in ~/.gitconfig (a file a cell may
+# once have reached) must never run with the operator's rights. HOME and XDG_CONFIG_HOME
+# point at the operator's own empty dir (``private.git_home()``), set per run.
+_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true",
+            "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1"}
 # Settings that run programs, neutralised on every command line (command-line -c wins over
 # any config file). Filter drivers (`filter.<name>.clean`, named from .gitattributes) cannot
 # be switched off wholesale this way: that is why git in a cell's checkout runs confined.
@@ -75,25 +80,40 @@ class GitTimeout(GitError):
         return "?"
 
 
+def git_env(base: Mapping[str, str] | None = None, *, home: bool = True) -> dict[str, str]:
+    """The environment of an operator's git run: ``base`` (default: ours) without any
+    GIT_* variable (GIT_CONFIG_COUNT and friends are config too), plus the fixed settings
+    above. ``home``: HOME and XDG_CONFIG_HOME are the operator's empty private dir (a run
+    inside a cell gets neither: it has no business there)."""
+    base = os.environ if base is None else base
+    env = {k: v for k, v in base.items() if not k.startswith("GIT_") and k not in ("HOME", "XDG_CONFIG_HOME")}
+    env.update(_GIT_ENV)
+    if home:
+        git_home = str(private.git_home())
+        env.update(HOME=git_home, XDG_CONFIG_HOME=os.path.join(git_home, ".config"))
+    return env
+
+
 def git(cwd: Path | str, *args: str, check: bool = True, env: dict[str, str] | None = None, strip: bool = True,
         wrap: Sequence[str] = (), inherit_env: bool = True, pass_fds: Sequence[int] = (),
-        timeout: float | None = None, track: set[subprocess.Popen] | None = None) -> str:
+        timeout: float | None = None, track: set[subprocess.Popen] | None = None, stdin: bytes | None = None) -> str:
     """Run git in ``cwd`` and return its stdout (stripped unless ``strip`` is False).
     ``wrap`` prefixes the command line (the cell's confinement launcher); such a run, or one
     with ``inherit_env=False`` (it starts a program in a cell), gets a minimal environment.
     ``pass_fds``: descriptors git inherits (an ssh key in memory). ``timeout`` (seconds):
     past it git and every process it started are killed and GitTimeout is raised. ``track``:
-    the running process is in this set meanwhile (so its owner can kill it: ``kill_tree``)."""
+    the running process is in this set meanwhile (so its owner can kill it: ``kill_tree``).
+    ``stdin``: bytes fed to git (else it reads nothing)."""
     inherit = inherit_env and not wrap
     base = os.environ if inherit else {k: os.environ[k] for k in _CELL_PASSTHROUGH if k in os.environ}
-    full_env = {**base, **_GIT_ENV, **(env or {})}
+    full_env = {**git_env(base, home=not wrap), **(env or {})}
     argv = [*wrap, *git_command(*args)]
-    with subprocess.Popen(argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, pass_fds=tuple(pass_fds)) as proc:
+    with subprocess.Popen(argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds)) as proc:
         if track is not None:
             track.add(proc)
         try:
-            stdout, stderr = proc.communicate(timeout=None if timeout is None else max(timeout, 0.0))
+            out, err = proc.communicate(input=stdin, timeout=None if timeout is None else max(timeout, 0.0))
         except subprocess.TimeoutExpired:
             kill_tree(proc)
             raise GitTimeout(list(args), timeout or 0.0) from None
@@ -103,6 +123,7 @@ def git(cwd: Path | str, *args: str, check: bool = True, env: dict[str, str] | N
         finally:
             if track is not None:
                 track.discard(proc)
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     if check and proc.returncode != 0:
         raise GitError(list(args), proc.returncode, stderr)
     return stdout.strip() if strip else stdout
@@ -124,14 +145,12 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def git_ok(cwd: Path | str, *args: str) -> bool:
     """True when the git command exits 0 (for questions such as 'does this ref exist')."""
-    proc = subprocess.run(
-        git_command(*args), cwd=cwd, env={**os.environ, **_GIT_ENV}, stdin=subprocess.DEVNULL, capture_output=True
-    )
+    proc = subprocess.run(git_command(*args), cwd=cwd, env=git_env(), stdin=subprocess.DEVNULL, capture_output=True)
     return proc.returncode == 0
 
 
 def git_status(cwd: Path | str, *args: str) -> subprocess.CompletedProcess:
     """Run git and return the finished process, for commands whose exit status is an answer
     rather than a failure (`merge-tree`: 1 = conflicts)."""
-    return subprocess.run(git_command(*args), cwd=cwd, env={**os.environ, **_GIT_ENV}, stdin=subprocess.DEVNULL,
+    return subprocess.run(git_command(*args), cwd=cwd, env=git_env(), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True)

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reactor.infra import private
 from reactor.infra.git import GitError, git
 from reactor.infra.refledger import RefLedger
 from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused, redact_url  # noqa: F401 (re-exported)
@@ -56,7 +57,8 @@ class GitCredentials:
         auth = GitAuth()
         with contextlib.ExitStack() as stack:
             if self.password is not None:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="reactor-git-"))
+                # In the operator's private temp dir, which no cell can read.
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="reactor-git-", dir=private.temp_dir()))
                 askpass = Path(tmp) / "askpass"  # a script reading the environment: no secret in it
                 askpass.write_text(_ASKPASS)
                 askpass.chmod(stat.S_IRWXU)

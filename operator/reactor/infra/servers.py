@@ -6,6 +6,11 @@ written into the worktree, where it would be committed), a random per-cell passw
 state directory of its own: XDG data/state/config/cache, HOME and TMPDIR all live there, so a
 confined cell has somewhere to write and nothing of another cell's to read.
 
+The state dir is the cell's: the operator writes there only through ``safefs`` (no link a
+cell planted is followed, no existing file is written through) and keeps nothing of its own
+there. The server's output reaches the operator through pipes and goes to a log in the
+operator's private dir (``ServerSpec.log_path``), never to a file in the state dir.
+
 Its config dir is pre-seeded with OpenCode's plugin package (package.json, lockfile and a
 symlink to one shared, read-only node_modules): otherwise each cell's first session starts a
 background `npm install` (~64 MB per cell, a network fetch), and npm swallows SIGTERM while it
@@ -31,12 +36,14 @@ import httpx
 
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
+from reactor.infra import safefs
 from reactor.infra.confinement import CellPolicy
 from reactor.infra.processes import Owner, find_marked_processes, kill_process_group, marker_env
 
 log = logging.getLogger(__name__)
 
 LISTENING_LINE = "opencode server listening on"
+LOG_LIMIT = 4 << 20  # bytes of a server's output kept in its log (the rest is read and dropped)
 HEALTH_PATH = "/global/health"
 
 # What a server inherits from our environment when it must not see the rest of it (the
@@ -74,8 +81,10 @@ class ServerSpec:
     cwd: Path  # the worktree: the agent works in its own checkout
     port: int
     cell_id: str
-    state_dir: Path  # per cell: XDG data/state/config/cache, HOME, TMPDIR, logs
+    state_dir: Path  # per cell, cell-writable: XDG data/state/config/cache, HOME, TMPDIR
     work_dir: Path
+    # The server's output, operator-private (default: beside the state dir, not in it).
+    log_path: Path | None = None
     config: dict = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # the task's secrets (API keys); never logged
     inherit_env: bool = True  # False in the operator: the server sees only _PASSTHROUGH_ENV + env
@@ -102,7 +111,8 @@ class OpenCodeServer:
 
     @property
     def log_path(self) -> Path:
-        return self.spec.state_dir / "server.log"
+        spec = self.spec
+        return spec.log_path or spec.state_dir.with_name(spec.state_dir.name + ".server.log")
 
     def environment(self) -> dict[str, str]:
         spec = self.spec
@@ -144,13 +154,12 @@ class OpenCodeServer:
             argv = spec.confinement.wrap(argv)
             env.update(spec.confinement.launcher_env(network=True))
             pass_fds = spec.confinement.pass_fds
-        with open(self.log_path, "ab") as log_file:
-            self._process = await asyncio.create_subprocess_exec(
-                *argv, cwd=spec.cwd, env=env, pass_fds=pass_fds,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                start_new_session=True,  # its own process group, so stop() ends its children too
-            )
-        self._pump = asyncio.create_task(self._pump_stdout(), name=f"opencode-stdout-{spec.cell_id}")
+        self._process = await asyncio.create_subprocess_exec(
+            *argv, cwd=spec.cwd, env=env, pass_fds=pass_fds,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, so stop() ends its children too
+        )
+        self._pump = asyncio.create_task(self._pump_output(), name=f"opencode-output-{spec.cell_id}")
         try:
             await self._wait_healthy(started + timeout)
         except BaseException:
@@ -160,23 +169,24 @@ class OpenCodeServer:
                   spec.cell_id, self.pid, spec.port, time.monotonic() - started)
 
     def _prepare_state_dir(self) -> None:
+        """Lay out the state dir. On a restart the cell had it to itself: every entry written
+        here is replaced, not written through (see safefs), and the state dir itself is made
+        by the operator, in a directory the cell cannot write."""
         state = self.spec.state_dir
-        for name in ("home", "tmp", "data", "state", "cache"):
-            (state / name).mkdir(parents=True, exist_ok=True)
+        state.mkdir(parents=True, exist_ok=True)
+        safefs.make_dirs(state, "home", "tmp", "data", "state", "cache", "config/opencode")
         # OpenCode's shells take their environment from a login shell, whose /etc/profile
         # resets PATH: the cell's own profile puts back the PATH the server was given (the
         # toolchains), as the user's own profile did when HOME was theirs.
         path = self.environment().get("PATH", os.defpath)
-        profile = f"PATH={shlex.quote(path)}\nexport PATH\n"
+        profile = f"PATH={shlex.quote(path)}\nexport PATH\n".encode()
         for name in (".profile", ".bash_profile"):
-            (state / "home" / name).write_text(profile)
-        config = state / "config" / "opencode"
-        config.mkdir(parents=True, exist_ok=True)
+            safefs.replace_file(state, f"home/{name}", profile)
         seed = self.spec.seed_dir
-        if seed is not None and not (config / "node_modules").exists():
+        if seed is not None:
             for name in ("package.json", "package-lock.json"):
-                shutil.copyfile(seed / name, config / name)
-            (config / "node_modules").symlink_to(seed / "node_modules")
+                safefs.replace_file(state, f"config/opencode/{name}", (seed / name).read_bytes())
+            safefs.replace_symlink(state, "config/opencode/node_modules", seed / "node_modules")
 
     async def _wait_healthy(self, deadline: float) -> None:
         assert self._process is not None
@@ -191,6 +201,8 @@ class OpenCodeServer:
             if exited not in done:
                 exited.cancel()
         if exited in done:
+            if self._pump is not None:  # its last words, before quoting them
+                await asyncio.wait({self._pump}, timeout=1.0)
             raise ServerBootError(
                 f"opencode serve exited with code {self._process.returncode} before listening on port "
                 f"{self.spec.port}:\n{self.log_tail()}"
@@ -211,15 +223,34 @@ class OpenCodeServer:
                     raise ServerBootError(f"health check of port {self.spec.port} failed: {failure}")
                 await asyncio.sleep(0.02)
 
-    async def _pump_stdout(self) -> None:
-        """Copy the server's stdout to its log file, noticing the listening line."""
-        assert self._process is not None and self._process.stdout is not None
-        with open(self.log_path, "ab") as log_file:
-            async for line in self._process.stdout:
-                log_file.write(line)
-                log_file.flush()
-                if not self._listening.is_set() and LISTENING_LINE.encode() in line:
-                    self._listening.set()
+    async def _pump_output(self) -> None:
+        """Copy the server's stdout and stderr to its log (the operator's file, opened without
+        following links, at most LOG_LIMIT bytes per server), noticing the listening line."""
+        process = self._process
+        assert process is not None and process.stdout is not None and process.stderr is not None
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        written = 0
+
+        async def copy(stream: asyncio.StreamReader, watch: bool) -> None:
+            # Chunks, not lines: a line longer than the reader's limit must not stop the copy
+            # (the server would then block on a full pipe).
+            nonlocal written
+            recent = b""
+            while chunk := await stream.read(1 << 16):
+                if written < LOG_LIMIT:
+                    written += os.write(fd, chunk[:LOG_LIMIT - written])
+                if watch and not self._listening.is_set():
+                    recent = (recent + chunk)[-4096:]
+                    if LISTENING_LINE.encode() in recent:
+                        self._listening.set()
+
+        try:
+            # Both copies end before the file is closed (return_exceptions: one failing must
+            # not leave the other writing to a closed, maybe reused, descriptor).
+            await asyncio.gather(copy(process.stdout, True), copy(process.stderr, False), return_exceptions=True)
+        finally:
+            os.close(fd)
 
     def alive(self) -> bool:
         return self._process is not None and self._process.returncode is None
@@ -258,8 +289,11 @@ class OpenCodeServer:
                 kill_process_group(leftover.pid, grace=1.0)
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last lines the server printed (from the operator's own log file)."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            fd = os.open(self.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as log_file:
+                text = log_file.read().decode(errors="replace")
         except OSError:
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"

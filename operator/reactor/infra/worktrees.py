@@ -37,6 +37,7 @@ from reactor.errors import ConfigurationError, ReactorError
 from reactor.infra.git import GitError, git, git_command, git_ok, kill_tree
 from reactor.infra.processes import Owner
 from reactor.infra.refledger import RefLedger
+from reactor.infra.safefs import read_regular
 
 DEFAULT_COMMITTER = {"name": "Reactor", "email": "reactor@localhost"}
 # Git inside a cell reads no global or system configuration.
@@ -225,8 +226,9 @@ class WorktreeManager:
             if path not in tested_paths:
                 untested.append(path)
             elif status != "D":
-                on_disk = worktree.path / path
-                actual = git(top, "hash-object", "--no-filters", str(on_disk)) if on_disk.is_file() and not on_disk.is_symlink() else None
+                # Read without following links: the checkout is the cell's.
+                content = read_regular(worktree.path, path)
+                actual = git(top, "hash-object", "--no-filters", "--stdin", stdin=content) if content is not None else None
                 if actual is not None and actual != blob:
                     untested.append(f"{path} (committed content differs from the tested file)")
         if untested:
@@ -355,10 +357,23 @@ def git_common_dir(top: Path) -> Path:
 
 
 def committer_identity(top: Path) -> dict[str, str]:
-    """The user's identity as the source repository sees it (a trusted read), else Reactor's."""
-    name = git(top, "config", "user.name", check=False)
-    email = git(top, "config", "user.email", check=False)
-    return {"name": name, "email": email} if name and email else dict(DEFAULT_COMMITTER)
+    """The user's identity as the source repository sees it, else as the user's global git
+    config says (values only: the operator's git runs never load that file), else Reactor's."""
+    for source in ((), *(("--file", str(f)) for f in user_global_configs())):
+        name = git(top, "config", *source, "user.name", check=False)
+        email = git(top, "config", *source, "user.email", check=False)
+        if name and email:
+            return {"name": name, "email": email}
+    return dict(DEFAULT_COMMITTER)
+
+
+def user_global_configs() -> list[Path]:
+    """The files git would read as the user's global config."""
+    explicit = os.environ.get("GIT_CONFIG_GLOBAL")
+    if explicit:
+        return [Path(explicit)] if explicit != os.devnull else []
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return [p for p in (Path(xdg) / "git" / "config", Path(os.path.expanduser("~/.gitconfig"))) if p.is_file()]
 
 
 @contextmanager

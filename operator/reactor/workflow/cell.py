@@ -122,6 +122,7 @@ class Cell:
             port=self.port,
             cell_id=self.cell_id,
             state_dir=self.state_dir,
+            log_path=self.engine.files.cell_log(self.cell_id),
             work_dir=self.engine.work_dir,
             seed_dir=self.engine.seed_dir,
             confinement=self.policy,
@@ -190,4 +191,5 @@ class Cell:
                     await asyncio.to_thread(self.engine.worktrees.remove, self.worktree, keep_branch=keep_branch)
             finally:
                 self._release_port()
-                shutil.rmtree(self.state_dir, ignore_errors=True)
+                shutil.rmtree(self.state_dir, ignore_errors=True)  # fd-based: follows no link the cell planted
+                self.engine.files.cell_log(self.cell_id).unlink(missing_ok=True)

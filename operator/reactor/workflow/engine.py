@@ -12,6 +12,7 @@ from pathlib import Path
 import reactor
 from reactor.infra.confinement import Confinement, ConfinementSettings
 from reactor.infra.ports import DEFAULT_PORT_RANGE, PortAllocator, PortRange
+from reactor.infra.private import OperatorFiles
 from reactor.infra.processes import Owner
 from reactor.infra.servers import find_opencode_binary
 from reactor.infra.worktrees import WorktreeManager
@@ -111,6 +112,8 @@ class Engine:
         self.settings.work_dir = Path(self.settings.work_dir).resolve()
         self.opencode_bin = find_opencode_binary(self.settings.opencode_bin)
         self.seed_dir = _usable_seed(self.settings.opencode_seed)
+        # What the engine keeps for itself (servers' logs), where no cell reaches.
+        self.files = OperatorFiles(self.work_dir).prepare()
         # Raises ConfinementUnavailable when cells cannot be confined and that was not allowed.
         self.confinement = Confinement(self.settings.confinement, self.work_dir,
                                        shared_read=[p for p in (_install_root(self.opencode_bin),
