@@ -18,14 +18,13 @@ from reactor.kube.resource import GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTask
 from reactor_dev.testing.helpers import until
 from reactor_dev.testing.mergequeue import TEST_COMMAND, base_history, confined_tests, failing_commits, git, \
     make_queue_repo, make_result, module
-from tests.kube.conftest import agenttask
+from reactor_dev.testing.tasks import agent_task
 
 
 def finished_task(custom, namespace: str, name: str, origin, changes: dict) -> TaskRef:
     """An AgentTask whose run succeeded and pushed its result (as the supervisor leaves it)."""
-    body = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, agenttask(
-        name, repository={"url": f"file://{origin}", "branch": "main"}, test={"command": TEST_COMMAND},
-        integrate="queue"))
+    body = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, agent_task(
+        name, origin, test={"command": TEST_COMMAND}, integrate="queue"))
     commit, _ = make_result(origin, name, changes)
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": {

@@ -12,7 +12,7 @@ import pytest
 from reactor_dev.testing.operator_process import operators
 from reactor_dev.testing.repos import git, make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, text, write
-from tests.kube.conftest import kubectl_apply
+from reactor_dev.testing.tasks import kubectl_apply
 
 pytestmark = pytest.mark.opencode
 
