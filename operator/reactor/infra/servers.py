@@ -31,6 +31,7 @@ import httpx
 
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
+from reactor.infra import launcher
 from reactor.infra.confinement import CellPolicy
 from reactor.infra.processes import Owner, find_marked_processes, kill_process_group, marker_env
 
@@ -45,6 +46,10 @@ _PASSTHROUGH_ENV = ("PATH", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SS
                     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
                     "NPM_CONFIG_REGISTRY", "npm_config_registry", "NODE_EXTRA_CA_CERTS")
 # Never handed down even when inheriting: they belong to Reactor, not to the agent.
+# How long the server has to end on SIGTERM before the launcher kills every process of the cell.
+STOP_TERM_GRACE = 0.2
+# How long the launcher may then take to kill and reap the rest before the operator does it.
+_REAPER_SLACK = 2.0
 _WITHHELD_ENV = ("KUBECONFIG", "OPENCODE_SERVER_PASSWORD", "OPENCODE_SERVER_USERNAME", "OPENCODE_CONFIG_CONTENT")
 
 
@@ -138,18 +143,16 @@ class OpenCodeServer:
         self._prepare_state_dir()
         started = time.monotonic()
         argv = [spec.binary, "serve", "--port", str(spec.port), "--hostname", "127.0.0.1"]
-        env = self.environment()
-        pass_fds: tuple[int, ...] = ()
-        if spec.confinement is not None:
-            argv = spec.confinement.wrap(argv)
-            env.update(spec.confinement.launcher_env(network=True))
-            pass_fds = spec.confinement.pass_fds
-        with open(self.log_path, "ab") as log_file:
-            self._process = await asyncio.create_subprocess_exec(
-                *argv, cwd=spec.cwd, env=env, pass_fds=pass_fds,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                start_new_session=True,  # its own process group, so stop() ends its children too
-            )
+        launch = self._launch(argv)
+        try:
+            with open(self.log_path, "ab") as log_file:
+                self._process = await asyncio.create_subprocess_exec(
+                    *launch.argv, cwd=spec.cwd, env=launch.env, pass_fds=launch.pass_fds,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                    start_new_session=True,  # its own process group: the fallback of stop()
+                )
+        finally:
+            launch.close()
         self._pump = asyncio.create_task(self._pump_stdout(), name=f"opencode-stdout-{spec.cell_id}")
         try:
             await self._wait_healthy(started + timeout)
@@ -158,6 +161,19 @@ class OpenCodeServer:
             raise
         log.debug("cell %s: server pid %s healthy on port %s in %.2fs",
                   spec.cell_id, self.pid, spec.port, time.monotonic() - started)
+
+    def _launch(self, argv: list[str]) -> launcher.Launch:
+        """The server runs under the cell launcher: its subreaper, outside the cell, and in
+        it the server confined (when a policy is set). The launcher's own environment is
+        fixed (the markers, so a crashed run's cells are found); the server's (the task's
+        secrets) reaches only the confined exec."""
+        spec, policy, fds = self.spec, None, ()
+        if spec.confinement is not None:
+            net = spec.confinement.net.take(spec.port) if spec.confinement.net is not None else None
+            fds = () if net is None else (net,)
+            policy = spec.confinement.launch_policy(net_ruleset_fd=net)
+        return launcher.prepare(argv, self.environment(), policy, term_grace=STOP_TERM_GRACE,
+                                launcher_env=marker_env(spec.cell_id, spec.owner, str(spec.work_dir)), extra_fds=fds)
 
     def _prepare_state_dir(self) -> None:
         state = self.spec.state_dir
@@ -225,23 +241,29 @@ class OpenCodeServer:
         return self._process is not None and self._process.returncode is None
 
     async def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process group, SIGKILL after ``grace`` seconds (INV-005). Idempotent."""
+        """SIGTERM the cell's launcher: it ends the server, then kills every process of the
+        cell, escaped or not, and exits. If it has not after the server's grace and ``grace``
+        more seconds (at least _REAPER_SLACK), SIGKILL the group and sweep by markers
+        (INV-005). Idempotent."""
         process = self._process
         if process is None:
             return
         pgid = process.pid  # leader of its own session: pgid == pid
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
+                os.kill(process.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), grace)
+                await asyncio.wait_for(process.wait(), STOP_TERM_GRACE + max(grace, _REAPER_SLACK))
             except asyncio.TimeoutError:
-                log.debug("cell %s: server pid %s still running %.1fs after SIGTERM; killing", self.spec.cell_id, pgid, grace)
-        # Whatever is left of the group (children that outlived the leader) goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        await process.wait()
-        await asyncio.to_thread(self._kill_escaped)
+                log.warning("cell %s: launcher pid %s still running %.1fs after SIGTERM; killing its group",
+                            self.spec.cell_id, pgid, STOP_TERM_GRACE + max(grace, _REAPER_SLACK))
+        if process.returncode is None or process.returncode < 0:
+            # The launcher hung or was killed (a cell can signal it where the kernel does not
+            # scope signals, ABI < 6): its cell's processes may be left; end them the old way.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            await process.wait()
+            await asyncio.to_thread(self._kill_escaped)
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._pump, 1.0)

@@ -20,6 +20,7 @@ repository's git directory, which also serialises against another Reactor proces
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -33,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reactor.errors import ConfigurationError, ReactorError
-from reactor.infra.git import GitError, git, git_command, git_ok
+from reactor.infra import launcher
+from reactor.infra.git import DEFAULT_CELL_GIT_DEADLINE, GitError, cell_git_env, git, git_command, git_ok, git_in_cell
 from reactor.infra.processes import Owner
 from reactor.infra.refledger import RefLedger
 
@@ -60,18 +62,26 @@ class Worktree:
     slot: str  # the checkout directory's name (the task id, or namespace.name.uid in the operator)
     owner: str  # the Owner token of the Reactor process that created it
     identity: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COMMITTER))
-    # The confinement launcher prefix and its environment; set once the cell is confined.
-    wrap: list[str] = field(default_factory=list, repr=False, compare=False)
-    wrap_env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # The launcher policy git in the checkout runs under (None: unconfined); set by confine().
+    policy: dict | None = field(default=None, repr=False, compare=False)
+    in_cell: bool = field(default=False, repr=False, compare=False)
+    # Each git step in the checkout is killed, with all it started, after this many seconds.
+    git_deadline: float = field(default=DEFAULT_CELL_GIT_DEADLINE, repr=False, compare=False)
 
-    def confine(self, wrap: list[str], wrap_env: dict[str, str]) -> None:
-        """From now on git in the checkout runs in the cell's Landlock domain: the checkout's
-        config, attributes and hooks were written by the cell."""
-        self.wrap, self.wrap_env = list(wrap), dict(wrap_env)
+    def confine(self, policy: dict | None, git_deadline: float | None = None) -> None:
+        """From now on git in the checkout runs in the cell, under the cell launcher: the
+        checkout's config, attributes and hooks were written by the cell. ``policy``: the
+        cell's (with no TCP at all: git here needs none), None when cells run unconfined."""
+        self.policy, self.in_cell = policy, True
+        if git_deadline is not None:
+            self.git_deadline = git_deadline
 
-    def cell_git(self, *args: str, check: bool = True, strip: bool = True) -> str:
-        return git(self.path, *args, check=check, strip=strip, wrap=self.wrap,
-                   env={**_CELL_GIT_ENV, **self.wrap_env})
+    def cell_git(self, *args: str, check: bool = True, strip: bool = True, deadline: float | None = None) -> str:
+        """``deadline``: this step's, instead of ``git_deadline`` (GitTimeout when it expires)."""
+        if not self.in_cell:  # the checkout Reactor just made, before any cell has written to it
+            return git(self.path, *args, check=check, strip=strip, env=_CELL_GIT_ENV)
+        return git_in_cell(self.path, *args, policy=self.policy, env=_CELL_GIT_ENV, check=check, strip=strip,
+                           deadline=self.git_deadline if deadline is None else deadline)
 
     # -- operations on the checkout; none of these touch the source repository --
 
@@ -173,15 +183,20 @@ class WorktreeManager:
         checkout. Refs moved behind Reactor's back are restored first. Raises ResultRejected."""
         top = worktree.repo
         incoming = f"refs/reactor/incoming/{safe_component(worktree.slot)}"
-        upload_pack = shlex.join([*worktree.wrap, *git_command("-c", "uploadpack.allowAnySHA1InWant=true", "upload-pack")])
-        with repository_lock(top):
+        # git runs upload-pack through a shell, with the checkout's path appended: the
+        # launcher's config descriptor is inherited through git and that shell.
+        launch = launcher.prepare(git_command("-c", "uploadpack.allowAnySHA1InWant=true", "upload-pack"),
+                                  cell_git_env(_CELL_GIT_ENV), worktree.policy, deadline=worktree.git_deadline,
+                                  term_grace=0.0, pass_env=("GIT_PROTOCOL",))
+        upload_pack = shlex.join(launch.argv)
+        with contextlib.closing(launch), repository_lock(top):
             ledger = RefLedger(git_common_dir(top))
             tampered = ledger.restore_tampered(ignore={incoming})
             if tampered:
                 raise ResultRejected("refs changed outside the task's branch; restored: " + "; ".join(tampered))
             git(top, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
                 f"--upload-pack={upload_pack}", str(worktree.path), f"+{commit}:{incoming}",
-                env={**_CELL_GIT_ENV, **worktree.wrap_env}, inherit_env=False)
+                env=_CELL_GIT_ENV, inherit_env=False, pass_fds=launch.pass_fds)
             try:
                 self._check_result(worktree, commit, tested_paths)
                 git(top, "update-ref", f"refs/heads/{worktree.branch}", commit, "")
@@ -268,7 +283,7 @@ class WorktreeManager:
         meta = self._meta_path(worktree)
         meta.parent.mkdir(parents=True, exist_ok=True)
         record = {k: v if isinstance(v, dict) else str(v) for k, v in asdict(worktree).items()
-                  if k not in ("wrap", "wrap_env")}
+                  if k not in ("policy", "in_cell", "git_deadline")}
         tmp = meta.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, meta)

@@ -69,12 +69,16 @@ class Cell:
 
     async def create_worktree(self) -> Worktree:
         spec = self.spec
+        if self.engine.confinement.port_rulesets is not None:
+            self.engine.confinement.port_rulesets.prepare()  # the server's TCP ruleset, built meanwhile
         self.worktree = await asyncio.to_thread(
             self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id
         )
         self.policy = await asyncio.to_thread(self._confinement_policy)
-        if self.policy is not None:
-            self.worktree.confine(self.policy.wrap([]), self.policy.launcher_env())
+        # Git in the checkout from now on: under the cell's launcher, with a deadline per step,
+        # and with no TCP at all (it needs none).
+        self.worktree.confine(self.policy.launch_policy(no_tcp=True) if self.policy is not None else None,
+                              git_deadline=self.engine.settings.git_step_timeout)
         return self.worktree
 
     def _confinement_policy(self) -> CellPolicy | None:

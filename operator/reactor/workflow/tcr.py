@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import pathspec
 
 from reactor.errors import ConfigurationError
+from reactor.infra.git import GitTimeout
 from reactor.infra.ports import PortsExhausted
 from reactor.infra.servers import ServerBootError
 from reactor.infra.worktrees import ResultRejected, resolve_repository
@@ -200,6 +201,9 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
             await _revert(cell)
         result.outcome, result.reason, result.message = verdict.outcome, verdict.reason, verdict.message
         return
+    except GitTimeout as exc:  # killed with all it started; a revert would run the same filter again
+        result.reason, result.message = Reason.GIT_TIMED_OUT, str(exc)
+        return
     except ConfigurationError as exc:
         result.reason, result.message = Reason.INVALID_INPUT, str(exc)
         return
@@ -218,7 +222,11 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     # otherwise change a file between the test run and the commit.
     cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
     await cell.stop_server()
-    commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files)
+    try:
+        commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files)
+    except GitTimeout as exc:
+        result.reason, result.message = Reason.GIT_TIMED_OUT, str(exc)
+        return
     try:  # into the source repository as the result branch, once it holds up
         await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files)
     except ResultRejected as exc:
