@@ -5,7 +5,6 @@ cell gets, and the deadline of Reactor's git steps in a checkout."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from reactor.infra import landlock, launcher
 from reactor.infra.confinement import PortRulesets, readable_roots
 from reactor.infra.git import GitTimeout
 from reactor.infra.worktrees import WorktreeManager
+from reactor.testing.attacks import build_preload_object
 from reactor.testing.repos import git
 
 ABI = landlock.abi_version()
@@ -67,39 +67,9 @@ def cell(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def preload(tmp_path: Path) -> Path:
-    """A shared object whose constructor reports where it ran: it appends to $MARK_INSIDE
-    (in the cell) and $MARK_OUTSIDE (outside every cell), each line saying whether it could
-    read $PROTECTED."""
-    cc = shutil.which("cc")
-    if cc is None:
+    shared = build_preload_object(tmp_path)
+    if shared is None:
         pytest.skip("no C compiler to build the preloaded object")
-    source = tmp_path / "mark.c"
-    source.write_text(r'''
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <unistd.h>
-static void mark(const char *var, const char *what) {
-    const char *path = getenv(var);
-    if (!path) return;
-    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT, 0644);
-    if (fd < 0) return;
-    char line[256];
-    int n = snprintf(line, sizeof line, "pid %d %s\n", (int)getpid(), what);
-    write(fd, line, n);
-    close(fd);
-}
-__attribute__((constructor)) static void ran(void) {
-    const char *secret = getenv("PROTECTED");
-    int fd = secret ? open(secret, O_RDONLY) : -1;
-    const char *what = fd >= 0 ? "read-the-secret" : "no-secret";
-    if (fd >= 0) close(fd);
-    mark("MARK_INSIDE", what);
-    mark("MARK_OUTSIDE", what);
-}
-''')
-    shared = tmp_path / "repo-mark.so"
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(shared), str(source)], check=True, capture_output=True)
     return shared
 
 

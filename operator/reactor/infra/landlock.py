@@ -355,7 +355,7 @@ def _exec_child(argv: list[str], env: dict[str, str], policy: dict | None, mask:
     """In the forked child: confine, then exec. Never returns."""
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for signum in (signal.SIGPIPE, signal.SIGXFSZ, *_STOP_SIGNALS, signal.SIGCHLD):
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ, *_STOP_SIGNALS, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_DFL)  # Python's own dispositions are not the command's
         # Resolved before confining (the PATH's directories may be unreadable after) and with
         # the command's PATH, not the launcher's.
@@ -406,15 +406,86 @@ def kill_descendants() -> int:
             return len(killed)
 
 
+SWEPT_LINE = "reactor-confine: swept"
+
+
+def _descendants(root: int) -> list[int]:
+    """Live (not zombie) descendants of ``root``, from every thread's children list."""
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as children:
+                    kids = [int(p) for p in children.read().split()]
+            except OSError:
+                continue
+            for kid in kids:
+                try:
+                    with open(f"/proc/{kid}/stat") as stat:
+                        if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            continue
+                except OSError:
+                    continue
+                found.append(kid)
+                stack.append(kid)
+    return found
+
+
+class _Reaper:
+    """The launcher's parent side: reaps every child, remembers the main child's status."""
+
+    def __init__(self, main: int):
+        self.main, self.status = main, None
+
+    def reap(self, block: bool = False) -> bool:
+        """Reap what has exited; False once there is no child left."""
+        while True:
+            try:
+                pid, wstatus = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if pid == 0:
+                return True
+            if pid == self.main:
+                self.status = wstatus
+            if block:
+                return True
+
+    def sweep(self) -> int:
+        """Kill every process of the cell but the main child (the agent's turn is over: no
+        process of it may run on while its result is tested and committed). Repeats until
+        none is left (orphans of killed processes come to us)."""
+        killed: set[int] = set()
+        for _ in range(200):
+            victims = [p for p in _children() if p != self.main] + _descendants(self.main)
+            if not victims:
+                break
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.002)
+            self.reap()
+        return len(killed)
+
+
 def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadline: float | None = None,
               term_grace: float = 1.0) -> int:
     """Run ``argv`` in a confined child and stay outside it as its subreaper. Returns the
     exit code to leave with: the child's (128+N for a signal), EXIT_DEADLINE when
-    ``deadline`` (seconds) expired. Every descendant is gone when this returns."""
+    ``deadline`` (seconds) expired. Every descendant is gone when this returns.
+    SIGUSR1: kill every process of the cell but the main child, then say so on stdout."""
     parent = os.getppid()
     _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)")
     _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl(PDEATHSIG)")
-    watched = {signal.SIGCHLD, *_STOP_SIGNALS}
+    watched = {signal.SIGCHLD, signal.SIGUSR1, *_STOP_SIGNALS}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     if os.getppid() != parent:  # the operator died before PDEATHSIG was set
         return 128 + signal.SIGTERM
@@ -422,25 +493,23 @@ def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadlin
     if main == 0:
         _exec_child(argv, env, policy, mask)
     env.clear()  # the reaper keeps no secret it does not need
-    now = time.monotonic
+    reaper, now = _Reaper(main), time.monotonic
     until = None if deadline is None else now() + deadline
-    status, expired, stopping = None, False, False
-    while status is None:
+    expired, stopping = False, False
+    while reaper.status is None:
         timeout = None if until is None else max(0.0, until - now())
         info = signal.sigtimedwait(watched, timeout) if timeout is not None else signal.sigwaitinfo(watched)
         if info is None:  # deadline (or the grace after a stop) is over
             expired = not stopping
             break
         if info.si_signo == signal.SIGCHLD:
-            while True:  # reap whatever exited: the main child, or an orphan that came to us
-                try:
-                    pid, wstatus = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                if pid == main:
-                    status = wstatus
+            reaper.reap()  # the main child, or an orphan that came to us
+        elif info.si_signo == signal.SIGUSR1:
+            swept = reaper.sweep()
+            try:
+                os.write(1, f"\n{SWEPT_LINE} {swept} processes\n".encode())
+            except OSError:
+                pass
         elif not stopping:  # stop: the main child may end in its own way, briefly; then everything goes
             stopping = True
             try:
@@ -453,9 +522,9 @@ def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadlin
         os.write(2, f"reactor-confine: deadline of {deadline:g}s expired: killed {argv[0]!r} and everything it "
                     f"started ({killed} processes)\n".encode())
         return EXIT_DEADLINE
-    if status is None:
+    if reaper.status is None:
         return 128 + signal.SIGTERM
-    code = os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(reaper.status)
     return code if code >= 0 else 128 - code
 
 

@@ -31,7 +31,7 @@ import httpx
 
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
-from reactor.infra import launcher
+from reactor.infra import landlock, launcher
 from reactor.infra.confinement import CellPolicy
 from reactor.infra.processes import Owner, find_marked_processes, kill_process_group, marker_env
 
@@ -96,6 +96,7 @@ class OpenCodeServer:
         self._process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task | None = None
         self._listening = asyncio.Event()
+        self._swept = asyncio.Event()
 
     @property
     def base_url(self) -> str:
@@ -236,6 +237,23 @@ class OpenCodeServer:
                 log_file.flush()
                 if not self._listening.is_set() and LISTENING_LINE.encode() in line:
                     self._listening.set()
+                if landlock.SWEPT_LINE.encode() in line:
+                    self._swept.set()
+
+    async def sweep(self, timeout: float = 10.0) -> None:
+        """Kill every process of the cell but the server itself (shells, daemons the agent
+        started, escaped or not): the launcher does it and says so on the server's stdout."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        self._swept.clear()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGUSR1)
+        try:
+            await asyncio.wait_for(self._swept.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise ReactorError(f"the launcher of cell {self.spec.cell_id} did not end the cell's other "
+                                  f"processes within {timeout:g}s") from None
 
     def alive(self) -> bool:
         return self._process is not None and self._process.returncode is None

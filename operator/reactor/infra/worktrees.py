@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -121,6 +122,37 @@ class Worktree:
         self._rebase_index()
         self.cell_git("reset", "--hard", "--quiet", self.base_commit)
         self.cell_git("clean", "-fdx", "--quiet")
+
+    def snapshot(self, paths: list[str]) -> dict[str, str | None]:
+        """What each path holds now (a content hash, a link's target, or None when absent),
+        read without following links: to prove later that nothing changed it."""
+        found: dict[str, str | None] = {}
+        for path in paths:
+            full = self.path / path
+            try:
+                if full.is_symlink():
+                    found[path] = "link:" + os.readlink(full)
+                    continue
+                fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                found[path] = None
+                continue
+            digest = hashlib.sha256()
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    found[path] = "not-a-file"
+                    continue
+                while chunk := os.read(fd, 1 << 20):
+                    digest.update(chunk)
+            finally:
+                os.close(fd)
+            found[path] = digest.hexdigest()
+        return found
+
+    def changed_since(self, snapshot: dict[str, str | None]) -> list[str]:
+        """Paths of ``snapshot`` that no longer hold what they held then."""
+        now = self.snapshot(list(snapshot))
+        return [path for path in snapshot if now[path] != snapshot[path]]
 
     @property
     def source_objects(self) -> Path:

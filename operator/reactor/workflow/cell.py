@@ -50,6 +50,7 @@ class Cell:
         self.spent = Usage()  # usage of sessions already left behind (R3 retries)
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
         self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
+        self.tested: dict[str, str | None] = {}  # the changed files as they were when tested
 
     def info(self) -> CellInfo:
         return CellInfo(
@@ -159,6 +160,11 @@ class Cell:
         if self.worktree is not None:
             await asyncio.to_thread(self.worktree.revert)
         await self.start_server()
+
+    async def sweep(self) -> None:
+        """End every process of the cell but its server (what the agent left running)."""
+        if self.server is not None:
+            await self.server.sweep()
 
     # -- teardown --
 

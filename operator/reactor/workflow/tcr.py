@@ -222,6 +222,11 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     # otherwise change a file between the test run and the commit.
     cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
     await cell.stop_server()
+    rewritten = await asyncio.to_thread(worktree.changed_since, cell.tested)
+    if rewritten:  # by the test run itself, or something it started: not what was tested
+        result.reason = Reason.REFS_TAMPERED
+        result.message = f"{', '.join(rewritten)} changed after the tests ran; nothing committed"
+        return
     try:
         commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files)
     except GitTimeout as exc:
@@ -278,6 +283,9 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
         except OpenCodeError as exc:
             raise TaskFailed(Reason.AGENT_ERROR, f"the OpenCode server failed: {exc}") from exc
 
+    # The agent's turn is over: nothing it started may run on (a daemon could change a file
+    # once it has been tested). Only the server stays, to run the tests.
+    await cell.sweep()
     files = await _changed_files(cell)
     result.files_changed = files
     if not files:
@@ -289,6 +297,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
 
     # -- Testing: through the server (INV-006), never a subprocess of ours --
     await phases.enter(Phase.TESTING, test_command, cell)
+    cell.tested = await asyncio.to_thread(cell.worktree.snapshot, files)
     client = cell.client
     assert client is not None
     try:
