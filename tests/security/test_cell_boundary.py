@@ -42,7 +42,7 @@ FIXED_CALC = BUGGY_CALC.replace("a - b", "a + b")
 
 def spec(task_id: str, repo: Path, model: ScriptedModel, **kw) -> TaskSpec:
     return TaskSpec(task_id=task_id, prompt=f"{task_id}: fix add() in calc.py", repo=repo,
-                    test_command="python3 -m pytest -q", opencode_config=model.opencode_config(), timeout=240, **kw)
+                    test_command="python3 -m pytest -q", opencode_config=model.opencode_config(), timeout=600, **kw)
 
 
 def alive(pid: int) -> bool:
@@ -114,7 +114,7 @@ async def test_squatters_sockets_and_daemons_stay_in_their_cell(tmp_path, repo, 
         result = await first
 
     assert later.outcome is Outcome.COMMITTED, f"another task still gets a port: {later.message}"
-    assert result.outcome is Outcome.COMMITTED, result.message
+    assert result.outcome is Outcome.COMMITTED, (result.message, result.phase_durations)
     report_text = git(repo, "show", f"reactor/ATTACKER:{REPORT}")
     report = parse_report(report_text)
     assert report["squat-cell-ports"].startswith("blocked (bound 0 of"), report_text
