@@ -493,6 +493,11 @@ def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadlin
     if main == 0:
         _exec_child(argv, env, policy, mask)
     env.clear()  # the reaper keeps no secret it does not need
+    if policy is not None and policy.get("net_ruleset_fd") is not None:
+        try:  # the child has applied (or will apply) its own copy; ours would pin its memory
+            os.close(int(policy["net_ruleset_fd"]))
+        except OSError:
+            pass
     reaper, now = _Reaper(main), time.monotonic
     until = None if deadline is None else now() + deadline
     expired, stopping = False, False

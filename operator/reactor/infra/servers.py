@@ -144,7 +144,7 @@ class OpenCodeServer:
         self._prepare_state_dir()
         started = time.monotonic()
         argv = [spec.binary, "serve", "--port", str(spec.port), "--hostname", "127.0.0.1"]
-        launch = self._launch(argv)
+        launch = await asyncio.to_thread(self._launch, argv)  # may wait for the cell's TCP ruleset
         try:
             with open(self.log_path, "ab") as log_file:
                 self._process = await asyncio.create_subprocess_exec(
