@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from reactor.testing.scripted_model import Step, bash
+from reactor_dev.testing.scripted_model import Step, bash
 
 REPORT = "attack-report.txt"
 
