@@ -19,8 +19,8 @@ from reactor.infra import landlock, launcher
 from reactor.infra.confinement import PortRulesets, readable_roots
 from reactor.infra.git import GitTimeout
 from reactor.infra.worktrees import WorktreeManager
-from reactor.testing.attacks import build_preload_object
-from reactor.testing.repos import git
+from reactor_dev.testing.attacks import build_preload_object
+from reactor_dev.testing.repos import git
 
 ABI = landlock.abi_version()
 needs_landlock = pytest.mark.skipif(ABI < 1, reason="Landlock unavailable in this kernel")

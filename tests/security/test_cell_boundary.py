@@ -25,10 +25,10 @@ import pytest
 
 from reactor.infra import landlock
 from reactor.infra.worktrees import repository_key
-from reactor.testing.attacks import (REPORT, BoundaryTargets, boundary_attack_step, build_preload_object,
+from reactor_dev.testing.attacks import (REPORT, BoundaryTargets, boundary_attack_step, build_preload_object,
                                      daemon_pids, parse_report)
-from reactor.testing.repos import BUGGY_CALC, TEST_CALC, git, make_repo, worktrees_of
-from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, edit, set_event, text, wait_for
+from reactor_dev.testing.repos import BUGGY_CALC, TEST_CALC, git, make_repo, worktrees_of
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, set_event, text, wait_for
 from reactor.workflow.engine import Engine
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, Reason, TaskSpec
