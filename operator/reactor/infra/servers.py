@@ -247,10 +247,12 @@ class OpenCodeServer:
         if process is None or process.returncode is not None:
             return
         self._swept.clear()
+        began = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGUSR1)
         try:
             await asyncio.wait_for(self._swept.wait(), timeout)
+            log.debug("cell %s: swept in %.3fs", self.spec.cell_id, time.monotonic() - began)
         except asyncio.TimeoutError:
             raise ReactorError(f"the launcher of cell {self.spec.cell_id} did not end the cell's other "
                                   f"processes within {timeout:g}s") from None
