@@ -111,6 +111,13 @@ def test_delete_mid_run_stops_everything_within_seconds(operator, namespace, app
     print(f"\ndelete -> gone: {took:.2f}s")
 
 
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_operator_killed_mid_run_recovers_on_restart(operator, namespace, app_repo, work_dir):
     op = operator()
     with ScriptedModel([Scenario("survivor:", [hang(times=1), FIX, text("Fixed.")])]) as model:
@@ -122,8 +129,7 @@ def test_operator_killed_mid_run_recovers_on_restart(operator, namespace, app_re
         op.wait_for("survivor", lambda o: any(r["kind"] == "hang" for r in model.requests), what="agent mid-turn")
         op.stop(signal.SIGKILL)
         # Its launcher gets SIGTERM when the operator dies (PR_SET_PDEATHSIG) and ends the cell.
-        wait_for(lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE,
-                 30, "the cell ended with the killed operator")
+        wait_for(lambda: gone(orphan), 30, "the cell ended with the killed operator")
 
         restarted = operator()
         obj = restarted.wait_terminal("survivor")
