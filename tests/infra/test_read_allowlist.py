@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from reactor.infra import launcher
+
 from reactor.infra.confinement import Confinement, ConfinementSettings, kernel_support, toolchain_roots
 
 HOME = Path(os.path.expanduser("~")).resolve()
@@ -105,9 +107,13 @@ def test_a_confined_process_reads_what_is_allowed_and_nothing_else(confinement, 
     denied = ["/tmp", str(tmp_path / "in-tmp.txt"), str(private_tmp / "tmpkey"), str(work / "operator"), "/run",
               str(HOME), str(other / "theirs.txt"), "/etc/shadow", "/var/tmp"]
     allowed = [str(cell / "own.txt"), "/etc/passwd", "/usr/bin", "/proc/self/status"]
-    probe = subprocess.run(policy.wrap([shutil.which("python3"), "-I", "-c", _PROBE, json.dumps(denied + allowed)]),
-                           env={"PATH": os.environ["PATH"], **policy.launcher_env()}, cwd=cell,
-                           capture_output=True, text=True, timeout=60)
+    launch = launcher.prepare([shutil.which("python3"), "-I", "-c", _PROBE, json.dumps(denied + allowed)],
+                              {"PATH": os.environ["PATH"]}, policy.launch_policy(no_tcp=True))
+    try:
+        probe = subprocess.run(launch.argv, env=launch.env, pass_fds=launch.pass_fds, cwd=cell,
+                               capture_output=True, text=True, timeout=60)
+    finally:
+        launch.close()
     assert probe.returncode == 0, probe.stderr
     results = json.loads(probe.stdout)
     for path in denied:

@@ -101,3 +101,17 @@ def test_commit_takes_only_the_given_paths_including_deletions(repo, work_dir):
     manager.accept(wt, sha, change)
     assert git(repo, "show", "--name-status", "--format=", sha).split() == ["M", "calc.py", "D", "test_calc.py"]
     manager.remove(wt, keep_branch=True)
+
+
+def test_a_snapshot_tells_whether_a_tested_file_changed_since(repo, work_dir, tmp_path):
+    manager = WorktreeManager(work_dir / "worktrees")
+    wt = manager.create(repo, "SNAP", "main")
+    (wt.path / "calc.py").write_text("tested\n")
+    (wt.path / "new.txt").write_text("new\n")
+    tested = wt.snapshot(["calc.py", "new.txt", "gone.txt"])
+    assert wt.changed_since(tested) == []
+    (wt.path / "calc.py").write_text("rewritten after the tests\n")
+    (wt.path / "new.txt").unlink()
+    (wt.path / "new.txt").symlink_to(tmp_path / "elsewhere")  # never followed
+    assert wt.changed_since(tested) == ["calc.py", "new.txt"]
+    manager.remove(wt, keep_branch=False)

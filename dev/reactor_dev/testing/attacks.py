@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -238,3 +240,120 @@ def hanging_filters() -> list[int]:
 
     return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
             if (p.info["cmdline"] or [])[-1:] == [HANGING_FILTER_SECONDS] and "sleep" in (p.info["cmdline"] or [""])[0]]
+
+
+# -- the cell's process boundary: squatting ports, unix sockets outside, processes that stay --
+
+_BOUNDARY = r'''
+import os, socket, sys, time
+T = %(targets)r
+lines = []
+held = []
+for port in range(T["cell_ports"][0], T["cell_ports"][1]):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port)); s.listen(); held.append(s)
+    except OSError:
+        s.close()
+lines.append("ATTACK squat-cell-ports: %%s (bound %%d of %%d)" %% ("SUCCEEDED" if held else "blocked", len(held),
+             T["cell_ports"][1] - T["cell_ports"][0]))
+for port in T["operator_ports"]:
+    s = socket.socket()
+    try:
+        s.bind(("0.0.0.0", port)); lines.append("ATTACK bind-operator-port %%d: SUCCEEDED" %% port)
+    except OSError as e:
+        lines.append("ATTACK bind-operator-port %%d: blocked (%%s)" %% (port, e))
+    s.close()
+try:
+    u = socket.socket(socket.AF_UNIX); u.connect(T["unix_socket"]); lines.append("ATTACK unix-socket: SUCCEEDED (connected)")
+except OSError as e:
+    lines.append("ATTACK unix-socket: blocked (%%s)" %% e)
+def daemon(clear_env):
+    r, w = os.pipe()
+    if os.fork():
+        os.close(w)
+        pid = int(os.read(r, 32)); os.close(r)
+        return pid
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.write(w, str(os.getpid()).encode())
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)  # as daemons do: nothing waits on this one's output
+    if clear_env:
+        os.environ.clear()  # Reactor's markers with it
+    # Waits for the tests to have run, then changes the tested file (the commit must not take it).
+    while not os.path.exists(".pytest_cache"):
+        time.sleep(0.005)
+    with open("calc.py", "a") as f:
+        f.write("\ndef add(a, b):\n    return 'rewritten after the tests'\n")
+    time.sleep(3600)
+lines.append("DAEMON %%d" %% daemon(False))
+lines.append("UNMARKED %%d" %% daemon(True))
+text = "\n".join(lines) + "\n"
+print(text, end="")
+with open(%(report)r, "w") as f:
+    f.write(text)
+'''
+
+
+@dataclass
+class BoundaryTargets:
+    cell_ports: tuple[int, int]  # the cell port range [start, end)
+    operator_ports: list[int]  # the operator's own listeners
+    unix_socket: str  # a listening unix socket outside every cell (an ssh-agent's, say)
+
+
+def boundary_attack_step(targets: BoundaryTargets) -> Step:
+    """The agent squats ports, dials a unix socket outside its cell, and leaves two daemons
+    behind (one without Reactor's markers) that rewrite calc.py once the tests have run.
+    Reports ``ATTACK`` lines and the daemons' ``DAEMON``/``UNMARKED`` PIDs in REPORT."""
+    code = (_BOUNDARY % {"targets": asdict(targets), "report": REPORT}).encode().hex()
+    return bash(f'python3 -c "exec(bytes.fromhex(\'{code}\'))"')
+
+
+def daemon_pids(report_text: str) -> list[int]:
+    return [int(line.split()[1]) for line in report_text.splitlines() if line.startswith(("DAEMON ", "UNMARKED "))]
+
+
+# -- environment injection: a shared object a task's LD_PRELOAD points at --
+
+_PRELOAD_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+static void mark(const char *var, const char *what) {
+    const char *path = getenv(var);
+    if (!path) return;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT, 0644);
+    if (fd < 0) return;
+    char line[256];
+    int n = snprintf(line, sizeof line, "pid %d %s\n", (int)getpid(), what);
+    write(fd, line, n);
+    close(fd);
+}
+__attribute__((constructor)) static void ran(void) {
+    const char *secret = getenv("PROTECTED");
+    int fd = secret ? open(secret, O_RDONLY) : -1;
+    const char *what = fd >= 0 ? "read-the-secret" : "no-secret";
+    if (fd >= 0) close(fd);
+    mark("MARK_INSIDE", what);
+    mark("MARK_OUTSIDE", what);
+}
+"""
+
+
+def build_preload_object(directory: Path) -> Path | None:
+    """A shared object whose constructor, in every process that loads it, appends a line to
+    $MARK_INSIDE and to $MARK_OUTSIDE saying whether it could open $PROTECTED
+    (``read-the-secret`` / ``no-secret``). None when there is no C compiler."""
+    cc = shutil.which("cc")
+    if cc is None:
+        return None
+    source, shared = directory / "mark.c", directory / "mark.so"
+    source.write_text(_PRELOAD_C)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(shared), str(source)], check=True, capture_output=True)
+    source.unlink()
+    return shared

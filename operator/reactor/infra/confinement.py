@@ -22,6 +22,7 @@ its siblings (and those of each ancestor) instead of its parent: `readable_roots
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -31,15 +32,15 @@ import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reactor.errors import ConfigurationError
-from reactor.infra import landlock
+from reactor.infra import landlock, launcher
 
 log = logging.getLogger(__name__)
 
-LAUNCHER = Path(landlock.__file__).resolve()
 MIN_ABI = 1  # filesystem rules and the ptrace restriction (Linux 5.13)
 SCOPE_ABI = 6  # signal and abstract-socket scoping (Linux 6.12)
 # Cells are the first the kernel's OOM killer picks, never the operator (raising needs no privilege).
@@ -266,26 +267,101 @@ class CellPolicy:
 
     read: list[str]
     write: list[str]
-    # The engine's connect ruleset (an fd inherited by the launcher): the cell's server, its
-    # agent and its tests cannot open TCP connections to the operator's or other cells' ports.
-    net_ruleset_fd: int | None = None
+    # The engine's per-cell TCP rulesets (ABI >= 4; None: the kernel has no network rules or
+    # no port needs protecting): the cell cannot connect to or bind the operator's ports and
+    # the cell port range, except binding its own server's port.
+    net: PortRulesets | None = None
 
-    @property
-    def pass_fds(self) -> tuple[int, ...]:
-        return () if self.net_ruleset_fd is None else (self.net_ruleset_fd,)
-
-    def launcher_env(self, network: bool = False) -> dict[str, str]:
-        """``network``: apply the connect ruleset too (the spawn must pass ``pass_fds``)."""
+    def launch_policy(self, *, net_ruleset_fd: int | None = None, no_tcp: bool = False) -> dict:
+        """The policy for the launcher. ``net_ruleset_fd``: the server's ruleset (from
+        ``net.take(port)``, passed to the launcher); ``no_tcp``: no TCP at all (git runs)."""
         policy: dict = {"read": self.read, "write": self.write, "abi": kernel_support().abi,
-                        "oom_score_adj": CELL_OOM_SCORE_ADJ}
-        if network and self.net_ruleset_fd is not None:
-            policy["net_ruleset_fd"] = self.net_ruleset_fd
-        return {landlock.POLICY_ENV: json.dumps(policy)}
+                        "oom_score_adj": CELL_OOM_SCORE_ADJ,
+                        "refuse_socket_families": list(launcher.REFUSED_SOCKET_FAMILIES)}
+        if net_ruleset_fd is not None:
+            policy["net_ruleset_fd"] = net_ruleset_fd
+        if no_tcp:
+            policy["no_tcp"] = True
+        return policy
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """The command line that runs ``argv`` confined (-I -S: no site-packages, no
-        PYTHON* variables, nothing from the cwd)."""
-        return [sys.executable, "-I", "-S", str(LAUNCHER), "--", *argv]
+
+class PortRulesets:
+    """Per-cell TCP rulesets: connect and bind allowed on every port but the operator's and
+    the cell range, each made a cell's by one more rule (bind on its server's port).
+
+    Landlock layers intersect, so a cell's own port cannot be allowed through a shared
+    layer; building a ruleset takes ~65k rules (0.2-0.3 s), so a background thread keeps
+    ``spare`` of them ready and a cell's start costs one rule (~30 µs). ctypes releases the
+    GIL in each syscall, so the event loop gets it back between rules."""
+
+    def __init__(self, denied_ports: set[int], spare: int = 1):
+        self.denied = frozenset(denied_ports)
+        self.spare = spare
+        self._ready: list[int] = []
+        self._cond = threading.Condition()
+        self._builder: threading.Thread | None = None
+        self._error: BaseException | None = None
+        # Spare rulesets hold kernel memory (~4 MiB each): closed when the engine goes.
+        weakref.finalize(self, _close_all, self._ready)
+
+    def prepare(self) -> None:
+        """Start filling the pool (a cell is about to start)."""
+        with self._cond:
+            if self._builder is None or not self._builder.is_alive():
+                if len(self._ready) < self.spare:
+                    self._builder = threading.Thread(target=self._fill, name="reactor-port-rulesets", daemon=True)
+                    self._builder.start()
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                if len(self._ready) >= self.spare:
+                    return
+            try:
+                ruleset = landlock.port_ruleset(set(self.denied))
+            except BaseException as exc:  # said to the next take()
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._ready.append(ruleset)
+                self._cond.notify_all()
+
+    def take(self, own_port: int) -> int:
+        """A ruleset fd for the cell serving on ``own_port``; the caller closes it once the
+        launcher has it."""
+        self.prepare()
+        with self._cond:
+            while not self._ready:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                if self._builder is None or not self._builder.is_alive():
+                    self._cond.release()
+                    try:
+                        self.prepare()
+                    finally:
+                        self._cond.acquire()
+                self._cond.wait(0.5)
+            ruleset = self._ready.pop()
+        try:
+            landlock.allow_bind(ruleset, own_port)
+        except BaseException:
+            os.close(ruleset)
+            raise
+        self.prepare()
+        return ruleset
+
+    def close(self) -> None:
+        with self._cond:
+            _close_all(self._ready)
+
+
+def _close_all(rulesets: list[int]) -> None:
+    while rulesets:
+        with contextlib.suppress(OSError):
+            os.close(rulesets.pop())
 
 
 class Confinement:
@@ -300,17 +376,8 @@ class Confinement:
         self._shared_read = [Path(os.path.realpath(p)) for p in shared_read]
         self._system_read: list[str] | None = None
         self.denied_ports = {*settings.protected_ports, *cell_ports}
-        self._net_ruleset: int | None = None
-        self._net_lock = threading.Lock()
-
-    def net_ruleset(self) -> int | None:
-        """The connect ruleset every cell's server is started under (built on first use)."""
-        if not (self.enabled and kernel_support().network and self.denied_ports):
-            return None
-        with self._net_lock:
-            if self._net_ruleset is None:
-                self._net_ruleset = landlock.connect_ruleset(self.denied_ports)
-            return self._net_ruleset
+        self.port_rulesets = (PortRulesets(self.denied_ports)
+                              if self.enabled and kernel_support().network and self.denied_ports else None)
 
     @property
     def enabled(self) -> bool:
@@ -345,4 +412,6 @@ class Confinement:
         alone may read (the objects of the repository its checkout borrows from)."""
         read = [*self.system_read(path_env), *(str(Path(os.path.realpath(p))) for p in readable)]
         write = [str(Path(os.path.realpath(p))) for p in writable] + [d for d in _WRITABLE_DEVICES if os.path.exists(d)]
-        return CellPolicy(read=read, write=write, net_ruleset_fd=self.net_ruleset())
+        if self.port_rulesets is not None:
+            self.port_rulesets.prepare()  # built while the checkout and server start
+        return CellPolicy(read=read, write=write, net=self.port_rulesets)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from reactor.errors import ReactorError
-from reactor.infra import private
+from reactor.infra import launcher, private
 
 # Never let git wait for a password on a terminal, nor read the user's global hooks or editor.
 # No global or system config either: a filter or alias in ~/.gitconfig (a file a cell may
@@ -62,22 +63,24 @@ _CELL_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
 class GitTimeout(GitError):
-    """A git command ran past its deadline and was killed with what it started."""
+    """A git step ran past its deadline (a planted filter that hangs) and was killed with
+    everything it started."""
 
-    def __init__(self, args: list[str], timeout: float):
-        self.timeout = timeout
-        super().__init__(args, -9, f"killed after {timeout:.1f}s (deadline)")
-
-    @property
-    def step(self) -> str:
-        """The git subcommand that ran past its deadline (``add``), for messages."""
-        words = iter(self.args_)
-        for word in words:
+    def __init__(self, args: list[str], deadline: float, stderr: str = ""):
+        super().__init__(args, 124, stderr)
+        self.deadline = self.timeout = deadline
+        words, self.step = iter(args), "?"
+        for word in words:  # the subcommand (`add`), for messages
             if word == "-c":
                 next(words, None)
             elif not word.startswith("-"):
-                return word
-        return "?"
+                self.step = word
+                break
+        self.message = (f"git {self.step} did not finish within {deadline:g}s and was killed, with everything "
+                        "it started (a filter or hook of the checkout that hangs?)")
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def git_env(base: Mapping[str, str] | None = None, *, home: bool = True) -> dict[str, str]:
@@ -154,3 +157,55 @@ def git_status(cwd: Path | str, *args: str) -> subprocess.CompletedProcess:
     rather than a failure (`merge-tree`: 1 = conflicts)."""
     return subprocess.run(git_command(*args), cwd=cwd, env=git_env(), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True)
+
+
+# A git step's deadline when the caller gives none.
+DEFAULT_CELL_GIT_DEADLINE = 60.0
+# The operator's own deadline for the launcher beyond the step's (it is outside the cell and
+# kills what is left within milliseconds; this only catches a launcher that cannot).
+_LAUNCHER_SLACK = 5.0
+
+
+def cell_git_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of git run in a cell's checkout (nothing else of ours)."""
+    base = {k: os.environ[k] for k in _CELL_PASSTHROUGH if k in os.environ}
+    return {**base, **_GIT_ENV, **(env or {})}
+
+
+def git_in_cell(cwd: Path | str, *args: str, policy: dict | None, deadline: float | None = None,
+                env: dict[str, str] | None = None, check: bool = True, strip: bool = True,
+                track: set[subprocess.Popen] | None = None) -> str:
+    """Run git in a cell's checkout through the cell launcher: confined by ``policy`` (None:
+    unconfined, still reaped), killed with everything it started after ``deadline`` seconds
+    (GitTimeout, which names the step). ``track``: the launcher is in this set while it runs
+    (it has a session of its own, so Ctrl-C does not reach it: its owner kills it)."""
+    deadline = DEFAULT_CELL_GIT_DEADLINE if deadline is None else deadline
+    launch = launcher.prepare(git_command(*args), cell_git_env(env), policy, deadline=deadline, term_grace=0.0)
+    try:
+        proc = subprocess.Popen(launch.argv, cwd=cwd, env=launch.env, pass_fds=launch.pass_fds,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    finally:
+        launch.close()
+    if track is not None:
+        track.add(proc)
+    try:
+        out, err = proc.communicate(timeout=max(deadline, 0.0) + _LAUNCHER_SLACK)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise GitTimeout(list(args), deadline, err) from None
+    except BaseException:  # e.g. KeyboardInterrupt: leave nothing running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        if track is not None:
+            track.discard(proc)
+    if proc.returncode == launcher.EXIT_DEADLINE and "reactor-confine: deadline" in err:
+        raise GitTimeout(list(args), deadline, err)
+    if check and proc.returncode != 0:
+        raise GitError(list(args), proc.returncode, err)
+    return out.strip() if strip else out

@@ -1,24 +1,42 @@
-"""Landlock and capability calls (ctypes), and the launcher that confines a command.
+"""Landlock, seccomp and capability calls (ctypes), and the launcher that runs a cell.
 
-This file is also a script: ``python -I -S landlock.py -- COMMAND...`` reads a policy from
-the environment variable REACTOR_LANDLOCK_POLICY (JSON, removed before exec), confines
-itself and execs COMMAND. It uses only the standard library and imports nothing of
-``reactor``, so it starts in ~20 ms and cannot be influenced by the process's sys.path.
-A wrapper that execs, rather than a ``preexec_fn``, because the operator has threads and
-forking a threaded Python to run Python code before exec is unsafe.
+This file is also a script, started by the operator with a fixed environment of its own
+choosing (nothing of the task's):
 
-What a policy does, in order (all irreversible, inherited by every descendant):
-1. ``PR_SET_NO_NEW_PRIVS`` (required by Landlock; setuid binaries gain nothing).
+    python -I -S landlock.py --config-fd N -- COMMAND [ARGS...]
+
+Descriptor N (a memfd) holds the launch configuration as JSON: the command's environment
+(the task's secrets included), the confinement policy, a deadline. Neither argv (readable by
+every process of the user) nor the launcher's own environment (which would act on the
+dynamic loader and on Python before any confinement: LD_PRELOAD, GCONV_PATH, PYTHON*)
+carries any of it; -I -S: no PYTHON* variables, no site-packages, nothing from the cwd. It
+uses only the standard library and imports nothing of ``reactor``, so it starts in ~20 ms.
+A script rather than a ``preexec_fn``, because the operator has threads and forking a
+threaded Python to run Python code before exec is unsafe.
+
+The launcher stays outside the cell as its **subreaper** (PR_SET_CHILD_SUBREAPER): it
+forks, confines the child and execs COMMAND with the configured environment there. Every
+orphan of the cell (a daemon that forked, called setsid and forked again) is reparented to
+it. When the command exits, when the launcher gets SIGTERM (the operator's stop) or its
+parent dies (PR_SET_PDEATHSIG), or when the deadline expires, it kills every descendant
+(kill the children, reap, repeat until none is left) and exits with the command's status
+(EXIT_DEADLINE on expiry). Not being in the cell's Landlock domain, it cannot be signalled
+by the cell (ABI >= 6 signal scoping).
+
+What a policy does to the child, in order (all irreversible, inherited by every descendant):
+1. ``PR_SET_NO_NEW_PRIVS`` (required by Landlock and seccomp; setuid binaries gain nothing).
 2. When running with capabilities (root on a dev machine): lock the securebits, empty the
    bounding, ambient, permitted, effective and inheritable sets. Root *with* capabilities
    could still read other processes' /proc/PID/environ under Landlock.
-3. With ``net_ruleset_fd`` (ABI >= 4): a first Landlock layer that refuses TCP connections
-   to the operator's own ports (its web page, its liveness endpoint, the cells' servers).
-   Landlock's network rules only allow, so that ruleset allows every other port: ~65k
-   rules, built once by the operator and passed to each launcher as an inherited fd.
+3. ABI >= 4: a Landlock layer over TCP: with ``net_ruleset_fd`` the cell's own ruleset
+   (connect and bind refused on the operator's ports and the cell port range, bind allowed
+   on the cell's own server port); with ``no_tcp`` (Reactor's git runs) no TCP at all.
 4. A Landlock ruleset: read/execute beneath ``read`` paths, everything beneath ``write``
    paths, nothing else; on ABI >= 6 also scoping of signals and abstract unix sockets to
    the domain.
+5. A seccomp filter: ``socket()`` of the ``refuse_socket_families`` (AF_UNIX) fails with
+   EACCES (Landlock does not mediate connecting to a pathname unix socket); socketpair()
+   still works.
 """
 
 from __future__ import annotations
@@ -27,14 +45,15 @@ import ctypes
 import json
 import os
 import platform
+import signal
 import sys
-
-POLICY_ENV = "REACTOR_LANDLOCK_POLICY"
+import time
 
 # Syscall numbers: the same on every architecture with the unified table (x86_64, arm64).
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH, _RULE_NET_PORT = 1, 2
+ACCESS_NET_BIND_TCP = 1 << 0  # ABI 4
 ACCESS_NET_CONNECT_TCP = 1 << 1  # ABI 4
 NET_ABI = 4
 
@@ -185,23 +204,42 @@ def restrict(read: list[str], write: list[str], abi: int | None = None, scope: b
     return applied
 
 
-def connect_ruleset(denied_ports: set[int]) -> int:
-    """A ruleset (fd) that handles TCP connect and allows it to every port but ``denied_ports``
-    (ABI >= 4). Built once: ~65k rules take 0.2-0.3 s; applying it is a kernel-side copy."""
-    attr = _RulesetAttr(handled_access_fs=0, handled_access_net=ACCESS_NET_CONNECT_TCP, scoped=0)
+def port_ruleset(denied_ports: set[int]) -> int:
+    """A ruleset (fd, ABI >= 4) that handles TCP connect and bind and allows both on every
+    port but ``denied_ports``. One per cell: Landlock layers intersect, so a cell's own
+    server port can only be allowed in a ruleset of its own (``allow_bind``, added last).
+    ~65k rules take 0.2-0.3 s to build, so the operator builds them ahead (a spare pool);
+    applying one is a kernel-side copy."""
+    handled = ACCESS_NET_BIND_TCP | ACCESS_NET_CONNECT_TCP
+    attr = _RulesetAttr(handled_access_fs=0, handled_access_net=handled, scoped=0)
     ruleset = _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(16), ctypes.c_uint32(0)),
                      "landlock_create_ruleset (net)")
     try:
-        rule, add = _NetPortAttr(ACCESS_NET_CONNECT_TCP, 0), _libc.syscall
+        rule, add, ref = _NetPortAttr(handled, 0), _libc.syscall, ctypes.byref
         for port in range(1 << 16):
             if port not in denied_ports:
                 rule.port = port
-                if add(_SYS_ADD_RULE, ruleset, _RULE_NET_PORT, ctypes.byref(rule), 0) < 0:
+                if add(_SYS_ADD_RULE, ruleset, _RULE_NET_PORT, ref(rule), 0) < 0:
                     _check(-1, f"landlock_add_rule port {port}")
     except BaseException:
         os.close(ruleset)
         raise
     return ruleset
+
+
+def allow_bind(ruleset: int, port: int) -> None:
+    """Let the cell bind ``port`` (its server's) in a ruleset from ``port_ruleset``."""
+    rule = _NetPortAttr(ACCESS_NET_BIND_TCP, port)
+    _check(_libc.syscall(_SYS_ADD_RULE, ruleset, ctypes.c_int(_RULE_NET_PORT), ctypes.byref(rule), ctypes.c_uint32(0)),
+           f"landlock_add_rule bind port {port}")
+
+
+def no_tcp_ruleset() -> int:
+    """A ruleset that allows no TCP connect or bind at all (ABI >= 4): Reactor's own git runs
+    in a checkout need no network, so a filter planted there gets none."""
+    attr = _RulesetAttr(handled_access_fs=0, handled_access_net=ACCESS_NET_BIND_TCP | ACCESS_NET_CONNECT_TCP, scoped=0)
+    return _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(16), ctypes.c_uint32(0)),
+                  "landlock_create_ruleset (no tcp)")
 
 
 def restrict_with(ruleset: int) -> None:
@@ -210,8 +248,84 @@ def restrict_with(ruleset: int) -> None:
     _check(_libc.syscall(_SYS_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)), "landlock_restrict_self (net)")
 
 
-def confine_and_exec(argv: list[str]) -> None:
-    policy = json.loads(os.environ.pop(POLICY_ENV))
+# -- seccomp: refuse socket(AF_UNIX, ...) (Landlock up to ABI 7 does not mediate connect()
+# to pathname unix sockets); socketpair() is another syscall and keeps working.
+
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+_EACCES = 13
+_AUDIT_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # (arch, __NR_socket)
+_AUDIT_ARCH_I386, _I386_SOCKET, _I386_SOCKETCALL = 0x40000003, 359, 102
+_X32_BIT = 0x40000000
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def socket_filter(families: list[int]) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program for seccomp: socket(family, ...) fails with EACCES for each of
+    ``families``; on x86_64 the x32 ABI and the i386 socketcall() multiplexer (whose
+    arguments a filter cannot read) fail too. Every other syscall is allowed."""
+    arch, nr_socket = _AUDIT_ARCH.get(platform.machine(), (None, None))
+    if arch is None:
+        raise LandlockError(95, f"no seccomp socket filter for {platform.machine()}")
+    # (op, k, jump-if-true label, jump-if-false label); None = next instruction.
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    arch_off, nr_off, arg0_off = 4, 0, 16
+    by_family = [(jeq, family, "deny", None) for family in families]
+    code: list = [(load, arch_off, None, None), (jeq, arch, None, "compat"),
+                  (load, nr_off, None, None)]
+    if arch == 0xC000003E:
+        code.append((jge, _X32_BIT, "deny", None))
+    code += [(jeq, nr_socket, None, "allow"), (load, arg0_off, None, None), *by_family, (ret, _SECCOMP_RET_ALLOW, None, None)]
+    code.append("compat")
+    if arch == 0xC000003E:  # i386 programs: socket() by family, socketcall() refused
+        code += [(jeq, _AUDIT_ARCH_I386, None, "allow"), (load, nr_off, None, None),
+                 (jeq, _I386_SOCKETCALL, "deny", None), (jeq, _I386_SOCKET, None, "allow"),
+                 (load, arg0_off, None, None), *by_family]
+    code += ["allow", (ret, _SECCOMP_RET_ALLOW, None, None), "deny", (ret, _SECCOMP_RET_ERRNO | _EACCES, None, None)]
+    labels, index = {}, 0
+    for item in code:
+        if isinstance(item, str):
+            labels[item] = index
+        else:
+            index += 1
+    program, index = [], 0
+    for item in code:
+        if isinstance(item, str):
+            continue
+        op, k, true, false = item
+        offset = (lambda label: 0 if label is None else labels[label] - index - 1)
+        program.append((op, offset(true), offset(false), k))
+        index += 1
+    return program
+
+
+def refuse_sockets(families: list[int]) -> None:
+    """Install the filter from ``socket_filter`` (needs NO_NEW_PRIVS, set before)."""
+    program = socket_filter(families)
+    filters = (_SockFilter * len(program))(*(_SockFilter(*insn) for insn in program))
+    prog = _SockFprog(len(program), filters)
+    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+    _check(_libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "prctl(SECCOMP)")
+
+
+# -- the launcher: a per-cell subreaper outside the cell, its one child confined --
+
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+EXIT_REFUSED = 126  # the command was not run (never unconfined)
+EXIT_DEADLINE = 124  # the deadline expired: the command and everything it started were killed
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def confine(policy: dict) -> None:
+    """Apply ``policy`` to this process (the launcher's child, right before exec)."""
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
     if policy.get("oom_score_adj") is not None:
         try:  # raising it needs no privilege: under memory pressure the kernel kills a cell first
@@ -219,35 +333,255 @@ def confine_and_exec(argv: list[str]) -> None:
                 adj.write(str(policy["oom_score_adj"]))
         except OSError:
             pass
-    program = _which(argv[0])  # before confining: this interpreter's own files may be hidden after
     drop_capabilities()
+    abi = policy.get("abi")
     net = policy.get("net_ruleset_fd")
     if net is not None:
         restrict_with(int(net))
         os.close(int(net))
-    restrict(policy["read"], policy["write"], abi=policy.get("abi"))
-    os.execv(program, argv)
+    elif policy.get("no_tcp") and (abi or 0) >= NET_ABI:
+        ruleset = no_tcp_ruleset()
+        try:
+            restrict_with(ruleset)
+        finally:
+            os.close(ruleset)
+    restrict(policy["read"], policy["write"], abi=abi)
+    families = policy.get("refuse_socket_families")
+    if families:
+        refuse_sockets(families)
 
 
-def _which(name: str) -> str:
+def _exec_child(argv: list[str], env: dict[str, str], policy: dict | None, mask: set) -> None:
+    """In the forked child: confine, then exec. Never returns."""
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ, *_STOP_SIGNALS, signal.SIGCHLD, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_DFL)  # Python's own dispositions are not the command's
+        # Resolved before confining (the PATH's directories may be unreadable after) and with
+        # the command's PATH, not the launcher's.
+        program = _which(argv[0], env.get("PATH", os.defpath))
+        if policy is not None:
+            confine(policy)
+        os.execve(program, argv, env)
+    except BaseException as exc:  # noqa: BLE001 - whatever it is, the command must not run
+        try:
+            os.write(2, f"reactor-confine: refusing to run {argv[0]!r}: {exc}\n".encode())
+        finally:
+            os._exit(EXIT_REFUSED)
+
+
+def _children() -> list[int]:
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(p) for p in children.read().split()]
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: scan every process's parent
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            found.append(int(entry))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return found
+
+
+def kill_descendants() -> int:
+    """SIGKILL every descendant and reap it; returns how many were killed. As a subreaper,
+    the orphans of each killed process become our children: kill the children, reap, repeat
+    until none is left (a process forking meanwhile only adds a round)."""
+    killed: set[int] = set()
+    while True:
+        for pid in _children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return len(killed)
+
+
+SWEPT_LINE = "reactor-confine: swept"
+
+
+def _descendants(root: int) -> list[int]:
+    """Live (not zombie) descendants of ``root``, from every thread's children list."""
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as children:
+                    kids = [int(p) for p in children.read().split()]
+            except OSError:
+                continue
+            for kid in kids:
+                try:
+                    with open(f"/proc/{kid}/stat") as stat:
+                        if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            continue
+                except OSError:
+                    continue
+                found.append(kid)
+                stack.append(kid)
+    return found
+
+
+class _Reaper:
+    """The launcher's parent side: reaps every child, remembers the main child's status."""
+
+    def __init__(self, main: int):
+        self.main, self.status = main, None
+
+    def reap(self, block: bool = False) -> bool:
+        """Reap what has exited; False once there is no child left."""
+        while True:
+            try:
+                pid, wstatus = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if pid == 0:
+                return True
+            if pid == self.main:
+                self.status = wstatus
+            if block:
+                return True
+
+    def sweep(self) -> int:
+        """Kill every process of the cell but the main child (the agent's turn is over: no
+        process of it may run on while its result is tested and committed). Repeats until
+        none is left (orphans of killed processes come to us)."""
+        killed: set[int] = set()
+        for _ in range(200):
+            victims = [p for p in _children() if p != self.main] + _descendants(self.main)
+            if not victims:
+                break
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.002)
+            self.reap()
+        return len(killed)
+
+
+def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadline: float | None = None,
+              term_grace: float = 1.0) -> int:
+    """Run ``argv`` in a confined child and stay outside it as its subreaper. Returns the
+    exit code to leave with: the child's (128+N for a signal), EXIT_DEADLINE when
+    ``deadline`` (seconds) expired. Every descendant is gone when this returns.
+    SIGUSR1: kill every process of the cell but the main child, then say so on stdout."""
+    parent = os.getppid()
+    _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)")
+    _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl(PDEATHSIG)")
+    watched = {signal.SIGCHLD, signal.SIGUSR1, *_STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    if os.getppid() != parent:  # the operator died before PDEATHSIG was set
+        return 128 + signal.SIGTERM
+    main = os.fork()
+    if main == 0:
+        _exec_child(argv, env, policy, mask)
+    env.clear()  # the reaper keeps no secret it does not need
+    if policy is not None and policy.get("net_ruleset_fd") is not None:
+        try:  # the child has applied (or will apply) its own copy; ours would pin its memory
+            os.close(int(policy["net_ruleset_fd"]))
+        except OSError:
+            pass
+    reaper, now = _Reaper(main), time.monotonic
+    until = None if deadline is None else now() + deadline
+    expired, stopping = False, False
+    while reaper.status is None:
+        timeout = None if until is None else max(0.0, until - now())
+        info = signal.sigtimedwait(watched, timeout) if timeout is not None else signal.sigwaitinfo(watched)
+        if info is None:  # deadline (or the grace after a stop) is over
+            expired = not stopping
+            break
+        if info.si_signo == signal.SIGCHLD:
+            reaper.reap()  # the main child, or an orphan that came to us
+        elif info.si_signo == signal.SIGUSR1:
+            swept = reaper.sweep()
+            try:
+                os.write(1, f"\n{SWEPT_LINE} {swept} processes\n".encode())
+            except OSError:
+                pass
+        elif not stopping:  # stop: the main child may end in its own way, briefly; then everything goes
+            stopping = True
+            try:
+                os.kill(main, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            until = now() + term_grace if until is None else min(until, now() + term_grace)
+    killed = kill_descendants()
+    if expired:
+        os.write(2, f"reactor-confine: deadline of {deadline:g}s expired: killed {argv[0]!r} and everything it "
+                    f"started ({killed} processes)\n".encode())
+        return EXIT_DEADLINE
+    if reaper.status is None:
+        return 128 + signal.SIGTERM
+    code = os.waitstatus_to_exitcode(reaper.status)
+    return code if code >= 0 else 128 - code
+
+
+def read_config(fd: int) -> dict:
+    """The launch configuration from an inherited descriptor (a memfd or pipe), then closed."""
+    chunks = []
+    try:
+        offset = 0
+        while True:
+            try:
+                chunk = os.pread(fd, 1 << 16, offset)
+            except OSError:  # a pipe: no positional reads
+                chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return json.loads(b"".join(chunks))
+
+
+def launch(config_fd: int, argv: list[str]) -> int:
+    config = read_config(config_fd)
+    env = dict(config.get("env") or {})
+    for name in config.get("pass_env", ()):  # e.g. GIT_PROTOCOL, set by a git that runs us
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return supervise(argv, env, config.get("policy"), config.get("deadline"), config.get("term_grace", 1.0))
+
+
+def _which(name: str, path: str) -> str:
     if "/" in name:
         return name
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+    for directory in path.split(os.pathsep):
         candidate = os.path.join(directory or ".", name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     raise FileNotFoundError(2, f"{name}: command not found on PATH")
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["--"]:
-        args = args[1:]
-    if not args:
-        sys.exit("usage: landlock.py -- COMMAND [ARGS...]  (policy in $%s)" % POLICY_ENV)
+def main(args: list[str]) -> int:
+    if len(args) < 4 or args[0] != "--config-fd" or args[2] != "--":
+        print("usage: landlock.py --config-fd N -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
     try:
-        confine_and_exec(args)
+        return launch(int(args[1]), args[3:])
     except (OSError, ValueError, KeyError) as exc:
         # Never run the command unconfined: fail, loudly.
-        print(f"reactor-confine: refusing to run {args[0]!r} unconfined: {exc}", file=sys.stderr)
-        sys.exit(126)
+        print(f"reactor-confine: refusing to run {args[3]!r}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

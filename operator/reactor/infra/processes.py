@@ -1,8 +1,9 @@
 """Process ownership and orphan finding.
 
-Every server Reactor starts carries marker variables in its environment (never in argv,
-which other users can read): which cell it serves, which Reactor process started it, and
-under which work dir. After a crash, a later run finds orphans by these markers with psutil
+Every server Reactor starts, and the cell launcher it runs under, carries marker variables
+in its environment (never in argv, which other users can read): which cell it serves, which
+Reactor process started it, and under which work dir. The launcher ends its cell's
+processes itself (it is their subreaper); the markers are the fallback. After a crash, a later run finds orphans by these markers with psutil
 and kills their process groups. A process without the markers is never touched.
 """
 

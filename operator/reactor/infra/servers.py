@@ -36,7 +36,7 @@ import httpx
 
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
-from reactor.infra import safefs
+from reactor.infra import landlock, launcher, safefs
 from reactor.infra.confinement import CellPolicy
 from reactor.infra.processes import Owner, find_marked_processes, kill_process_group, marker_env
 
@@ -52,6 +52,10 @@ _PASSTHROUGH_ENV = ("PATH", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SS
                     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
                     "NPM_CONFIG_REGISTRY", "npm_config_registry", "NODE_EXTRA_CA_CERTS")
 # Never handed down even when inheriting: they belong to Reactor, not to the agent.
+# How long the server has to end on SIGTERM before the launcher kills every process of the cell.
+STOP_TERM_GRACE = 0.2
+# How long the launcher may then take to kill and reap the rest before the operator does it.
+_REAPER_SLACK = 2.0
 _WITHHELD_ENV = ("KUBECONFIG", "OPENCODE_SERVER_PASSWORD", "OPENCODE_SERVER_USERNAME", "OPENCODE_CONFIG_CONTENT")
 
 
@@ -100,6 +104,7 @@ class OpenCodeServer:
         self._process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task | None = None
         self._listening = asyncio.Event()
+        self._swept = asyncio.Event()
 
     @property
     def base_url(self) -> str:
@@ -148,17 +153,15 @@ class OpenCodeServer:
         self._prepare_state_dir()
         started = time.monotonic()
         argv = [spec.binary, "serve", "--port", str(spec.port), "--hostname", "127.0.0.1"]
-        env = self.environment()
-        pass_fds: tuple[int, ...] = ()
-        if spec.confinement is not None:
-            argv = spec.confinement.wrap(argv)
-            env.update(spec.confinement.launcher_env(network=True))
-            pass_fds = spec.confinement.pass_fds
-        self._process = await asyncio.create_subprocess_exec(
-            *argv, cwd=spec.cwd, env=env, pass_fds=pass_fds,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # its own process group, so stop() ends its children too
-        )
+        launch = await asyncio.to_thread(self._launch, argv)  # may wait for the cell's TCP ruleset
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *launch.argv, cwd=spec.cwd, env=launch.env, pass_fds=launch.pass_fds,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group: the fallback of stop()
+            )
+        finally:
+            launch.close()
         self._pump = asyncio.create_task(self._pump_output(), name=f"opencode-output-{spec.cell_id}")
         try:
             await self._wait_healthy(started + timeout)
@@ -167,6 +170,19 @@ class OpenCodeServer:
             raise
         log.debug("cell %s: server pid %s healthy on port %s in %.2fs",
                   spec.cell_id, self.pid, spec.port, time.monotonic() - started)
+
+    def _launch(self, argv: list[str]) -> launcher.Launch:
+        """The server runs under the cell launcher: its subreaper, outside the cell, and in
+        it the server confined (when a policy is set). The launcher's own environment is
+        fixed (the markers, so a crashed run's cells are found); the server's (the task's
+        secrets) reaches only the confined exec."""
+        spec, policy, fds = self.spec, None, ()
+        if spec.confinement is not None:
+            net = spec.confinement.net.take(spec.port) if spec.confinement.net is not None else None
+            fds = () if net is None else (net,)
+            policy = spec.confinement.launch_policy(net_ruleset_fd=net)
+        return launcher.prepare(argv, self.environment(), policy, term_grace=STOP_TERM_GRACE,
+                                launcher_env=marker_env(spec.cell_id, spec.owner, str(spec.work_dir)), extra_fds=fds)
 
     def _prepare_state_dir(self) -> None:
         """Lay out the state dir. On a restart the cell had it to itself: every entry written
@@ -225,7 +241,8 @@ class OpenCodeServer:
 
     async def _pump_output(self) -> None:
         """Copy the server's stdout and stderr to its log (the operator's file, opened without
-        following links, at most LOG_LIMIT bytes per server), noticing the listening line."""
+        following links, at most LOG_LIMIT bytes per server), noticing the listening line and
+        the launcher's word that it swept the cell."""
         process = self._process
         assert process is not None and process.stdout is not None and process.stderr is not None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,10 +257,13 @@ class OpenCodeServer:
             while chunk := await stream.read(1 << 16):
                 if written < LOG_LIMIT:
                     written += os.write(fd, chunk[:LOG_LIMIT - written])
-                if watch and not self._listening.is_set():
+                if watch:
                     recent = (recent + chunk)[-4096:]
-                    if LISTENING_LINE.encode() in recent:
+                    if not self._listening.is_set() and LISTENING_LINE.encode() in recent:
                         self._listening.set()
+                    if landlock.SWEPT_LINE.encode() in recent:
+                        self._swept.set()
+                        recent = b""
 
         try:
             # Both copies end before the file is closed (return_exceptions: one failing must
@@ -252,28 +272,50 @@ class OpenCodeServer:
         finally:
             os.close(fd)
 
+    async def sweep(self, timeout: float = 10.0) -> None:
+        """Kill every process of the cell but the server itself (shells, daemons the agent
+        started, escaped or not): the launcher does it and says so on the server's stdout."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        self._swept.clear()
+        began = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGUSR1)
+        try:
+            await asyncio.wait_for(self._swept.wait(), timeout)
+            log.debug("cell %s: swept in %.3fs", self.spec.cell_id, time.monotonic() - began)
+        except asyncio.TimeoutError:
+            raise ReactorError(f"the launcher of cell {self.spec.cell_id} did not end the cell's other "
+                                  f"processes within {timeout:g}s") from None
+
     def alive(self) -> bool:
         return self._process is not None and self._process.returncode is None
 
     async def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process group, SIGKILL after ``grace`` seconds: no process of the cell
-        outlives it. Idempotent."""
+        """SIGTERM the cell's launcher: it ends the server, then kills every process of the
+        cell, escaped or not, and exits. If it has not after the server's grace and ``grace``
+        more seconds (at least _REAPER_SLACK), SIGKILL the group and sweep by markers
+        (no process of the cell outlives it). Idempotent."""
         process = self._process
         if process is None:
             return
         pgid = process.pid  # leader of its own session: pgid == pid
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
+                os.kill(process.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), grace)
+                await asyncio.wait_for(process.wait(), STOP_TERM_GRACE + max(grace, _REAPER_SLACK))
             except asyncio.TimeoutError:
-                log.debug("cell %s: server pid %s still running %.1fs after SIGTERM; killing", self.spec.cell_id, pgid, grace)
-        # Whatever is left of the group (children that outlived the leader) goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        await process.wait()
-        await asyncio.to_thread(self._kill_escaped)
+                log.warning("cell %s: launcher pid %s still running %.1fs after SIGTERM; killing its group",
+                            self.spec.cell_id, pgid, STOP_TERM_GRACE + max(grace, _REAPER_SLACK))
+        if process.returncode is None or process.returncode < 0:
+            # The launcher hung or was killed (a cell can signal it where the kernel does not
+            # scope signals, ABI < 6): its cell's processes may be left; end them the old way.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            await process.wait()
+            await asyncio.to_thread(self._kill_escaped)
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._pump, 1.0)

@@ -20,12 +20,14 @@ repository's git directory, which also serialises against another Reactor proces
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shlex
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +36,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from reactor.errors import ConfigurationError, ReactorError
-from reactor.infra.git import GitError, git, git_command, git_ok, kill_tree
+from reactor.infra import launcher
+from reactor.infra.git import (DEFAULT_CELL_GIT_DEADLINE, GitError, cell_git_env, git, git_command, git_in_cell, git_ok,
+                               kill_tree)
 from reactor.infra.processes import Owner
 from reactor.infra.refledger import RefLedger
 from reactor.infra.safefs import read_regular
@@ -62,22 +66,33 @@ class Worktree:
     slot: str  # the checkout directory's name (the task id, or namespace.name.uid in the operator)
     owner: str  # the Owner token of the Reactor process that created it
     identity: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COMMITTER))
-    # The confinement launcher prefix and its environment; set once the cell is confined.
-    wrap: list[str] = field(default_factory=list, repr=False, compare=False)
-    wrap_env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # The launcher policy git in the checkout runs under (None: unconfined); set by confine().
+    policy: dict | None = field(default=None, repr=False, compare=False)
+    in_cell: bool = field(default=False, repr=False, compare=False)
+    # Each git step in the checkout is killed, with all it started, after this many seconds.
+    git_deadline: float = field(default=DEFAULT_CELL_GIT_DEADLINE, repr=False, compare=False)
     # Git commands running in the checkout now (threads run them): killed with the cell.
     running: set = field(default_factory=set, repr=False, compare=False)
 
-    def confine(self, wrap: list[str], wrap_env: dict[str, str]) -> None:
-        """From now on git in the checkout runs in the cell's Landlock domain: the checkout's
-        config, attributes and hooks were written by the cell."""
-        self.wrap, self.wrap_env = list(wrap), dict(wrap_env)
+    def confine(self, policy: dict | None, git_deadline: float | None = None) -> None:
+        """From now on git in the checkout runs in the cell, under the cell launcher: the
+        checkout's config, attributes and hooks were written by the cell. ``policy``: the
+        cell's (with no TCP at all: git here needs none), None when cells run unconfined."""
+        self.policy, self.in_cell = policy, True
+        if git_deadline is not None:
+            self.git_deadline = git_deadline
 
     def cell_git(self, *args: str, check: bool = True, strip: bool = True, deadline: float | None = None) -> str:
-        """Git in the checkout, confined once the cell is. ``deadline`` (seconds): past it the
-        step and what it started (a filter the cell planted) are killed: GitTimeout."""
-        return git(self.path, *args, check=check, strip=strip, wrap=self.wrap,
-                   env={**_CELL_GIT_ENV, **self.wrap_env}, timeout=deadline, track=self.running)
+        """Git in the checkout, in the cell once it is confined. ``deadline`` (seconds): this
+        step's, instead of ``git_deadline``; past it the step and what it started (a filter
+        the cell planted) are killed: GitTimeout."""
+        if not self.in_cell:  # the checkout Reactor just made, before any cell has written to it
+            return git(self.path, *args, check=check, strip=strip, env=_CELL_GIT_ENV, timeout=deadline,
+                       track=self.running)
+        # A deadline already past still runs the step, killed at once (GitTimeout), never unbounded.
+        step = self.git_deadline if deadline is None else max(min(deadline, self.git_deadline), 0.001)
+        return git_in_cell(self.path, *args, policy=self.policy, env=_CELL_GIT_ENV, check=check, strip=strip,
+                           deadline=step, track=self.running)
 
     def kill_running(self) -> None:
         """Kill the git commands running in the checkout and what they started (the task is
@@ -131,6 +146,37 @@ class Worktree:
         self._rebase_index(until)
         self.cell_git("reset", "--hard", "--quiet", self.base_commit, deadline=_left(until))
         self.cell_git("clean", "-fdx", "--quiet", deadline=_left(until))
+
+    def snapshot(self, paths: list[str]) -> dict[str, str | None]:
+        """What each path holds now (a content hash, a link's target, or None when absent),
+        read without following links: to prove later that nothing changed it."""
+        found: dict[str, str | None] = {}
+        for path in paths:
+            full = self.path / path
+            try:
+                if full.is_symlink():
+                    found[path] = "link:" + os.readlink(full)
+                    continue
+                fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                found[path] = None
+                continue
+            digest = hashlib.sha256()
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    found[path] = "not-a-file"
+                    continue
+                while chunk := os.read(fd, 1 << 20):
+                    digest.update(chunk)
+            finally:
+                os.close(fd)
+            found[path] = digest.hexdigest()
+        return found
+
+    def changed_since(self, snapshot: dict[str, str | None]) -> list[str]:
+        """Paths of ``snapshot`` that no longer hold what they held then."""
+        now = self.snapshot(list(snapshot))
+        return [path for path in snapshot if now[path] != snapshot[path]]
 
     @property
     def source_objects(self) -> Path:
@@ -194,15 +240,21 @@ class WorktreeManager:
         ``until`` (time.monotonic()) bounds the fetch, the one step that runs the cell's git."""
         top = worktree.repo
         incoming = f"refs/reactor/incoming/{safe_component(worktree.slot)}"
-        upload_pack = shlex.join([*worktree.wrap, *git_command("-c", "uploadpack.allowAnySHA1InWant=true", "upload-pack")])
-        with repository_lock(top):
+        # git runs upload-pack through a shell, with the checkout's path appended: the
+        # launcher's config descriptor is inherited through git and that shell.
+        launch = launcher.prepare(git_command("-c", "uploadpack.allowAnySHA1InWant=true", "upload-pack"),
+                                  cell_git_env(_CELL_GIT_ENV), worktree.policy,
+                                  deadline=max(min(worktree.git_deadline, _left(until) or worktree.git_deadline), 0.001),
+                                  term_grace=0.0, pass_env=("GIT_PROTOCOL",))
+        upload_pack = shlex.join(launch.argv)
+        with contextlib.closing(launch), repository_lock(top):
             ledger = RefLedger(git_common_dir(top))
             tampered = ledger.restore_tampered(ignore={incoming})
             if tampered:
                 raise ResultRejected("refs changed outside the task's branch; restored: " + "; ".join(tampered))
             git(top, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
                 f"--upload-pack={upload_pack}", str(worktree.path), f"+{commit}:{incoming}",
-                env={**_CELL_GIT_ENV, **worktree.wrap_env}, inherit_env=False,
+                env=_CELL_GIT_ENV, inherit_env=False, pass_fds=launch.pass_fds,
                 timeout=_left(until), track=worktree.running)
             try:
                 self._check_result(worktree, commit, tested_paths)
@@ -291,7 +343,7 @@ class WorktreeManager:
         meta = self._meta_path(worktree)
         meta.parent.mkdir(parents=True, exist_ok=True)
         record = {f.name: dict(v) if isinstance(v := getattr(worktree, f.name), dict) else str(v)
-                  for f in fields(worktree) if f.name not in ("wrap", "wrap_env", "running")}
+                  for f in fields(worktree) if f.name not in ("policy", "in_cell", "git_deadline", "running")}
         tmp = meta.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, meta)

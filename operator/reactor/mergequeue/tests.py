@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from reactor.infra import launcher
 from reactor.infra.confinement import Confinement
 from reactor.infra.git import git
 from reactor.infra.processes import Owner, find_marked_processes, marker_env
@@ -86,18 +87,28 @@ class ConfinedTests:
         env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
         env.update(HOME=str(state / "home"), TMPDIR=str(state / "tmp"), XDG_CACHE_HOME=str(state / "cache"),
                    GOCACHE=str(state / "cache" / "go-build"), CI="true")
-        env.update(marker_env(cell, self.owner, str(self.work_dir)))
-        argv = ["bash", "-c", command]
-        pass_fds: tuple[int, ...] = ()
+        markers = marker_env(cell, self.owner, str(self.work_dir))
+        env.update(markers)
+        policy, fds = None, ()
         if self.confinement.enabled:
-            policy = await asyncio.to_thread(
+            cell_policy = await asyncio.to_thread(
                 self.confinement.cell_policy, writable=[checkout, state], readable=[git_common_dir(repo) / "objects"],
                 path_env=env.get("PATH", os.defpath))
-            argv, pass_fds = policy.wrap(argv), policy.pass_fds
-            env.update(policy.launcher_env(network=True))
-        process = await asyncio.create_subprocess_exec(
-            *argv, cwd=checkout, env=env, pass_fds=pass_fds, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            # No server of its own: port 0 (ephemeral) is allowed anyway; the operator's ports
+            # and the cell range stay refused.
+            net = await asyncio.to_thread(cell_policy.net.take, 0) if cell_policy.net is not None else None
+            fds = () if net is None else (net,)
+            policy = cell_policy.launch_policy(net_ruleset_fd=net)
+        # Under the cell launcher: a fixed environment until the confined exec, a subreaper
+        # that kills every process of the run when it ends or at the deadline.
+        launch = launcher.prepare(["bash", "-c", command], env, policy, deadline=timeout, term_grace=0.0,
+                                  launcher_env=markers, extra_fds=fds)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *launch.argv, cwd=checkout, env=launch.env, pass_fds=launch.pass_fds, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        finally:
+            launch.close()
         tail = bytearray()
 
         async def pump() -> None:
@@ -109,7 +120,9 @@ class ConfinedTests:
         reader = asyncio.create_task(pump())
         timed_out = False
         try:
-            await asyncio.wait_for(process.wait(), timeout)
+            # The launcher ends the run at the deadline; a little more for it to say so.
+            await asyncio.wait_for(process.wait(), timeout + 5.0)
+            timed_out = process.returncode == launcher.EXIT_DEADLINE
         except asyncio.TimeoutError:
             timed_out = True
         finally:

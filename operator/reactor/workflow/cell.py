@@ -52,6 +52,7 @@ class Cell:
         self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
         # When the task's time box ends (time.monotonic()): git in the checkout is killed then.
         self.box_end: float | None = None
+        self.tested: dict[str, str | None] = {}  # the changed files as they were when tested
 
     def info(self) -> CellInfo:
         return CellInfo(
@@ -71,12 +72,16 @@ class Cell:
 
     async def create_worktree(self) -> Worktree:
         spec = self.spec
+        if self.engine.confinement.port_rulesets is not None:
+            self.engine.confinement.port_rulesets.prepare()  # the server's TCP ruleset, built meanwhile
         self.worktree = await asyncio.to_thread(
             self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id
         )
         self.policy = await asyncio.to_thread(self._confinement_policy)
-        if self.policy is not None:
-            self.worktree.confine(self.policy.wrap([]), self.policy.launcher_env())
+        # Git in the checkout from now on: under the cell's launcher, with a deadline per step,
+        # and with no TCP at all (it needs none).
+        self.worktree.confine(self.policy.launch_policy(no_tcp=True) if self.policy is not None else None,
+                              git_deadline=self.engine.settings.git_step_timeout)
         return self.worktree
 
     def _confinement_policy(self) -> CellPolicy | None:
@@ -159,6 +164,11 @@ class Cell:
         if self.worktree is not None:
             await asyncio.to_thread(self.worktree.revert, self.box_end)
         await self.start_server()
+
+    async def sweep(self) -> None:
+        """End every process of the cell but its server (what the agent left running)."""
+        if self.server is not None:
+            await self.server.sweep()
 
     # -- teardown --
 

@@ -76,6 +76,9 @@ class EngineSettings:
     # OpenCode has no graceful shutdown to wait for (it dies by SIGTERM's default action, or
     # ignores it while npm unpacks): a short grace, then SIGKILL.
     stop_grace: float = 0.2
+    # Each of Reactor's git steps in a cell's checkout (status, add, commit, reset, clean,
+    # upload-pack) is killed, with everything it started, after this many seconds.
+    git_step_timeout: float = 60.0
     # No progress (no new message part, tool call or token) for this long ends a turn with
     # AgentStalled, instead of a stuck agent burning CPU until the time box.
     stall_timeout: float = 300.0

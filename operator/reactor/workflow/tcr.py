@@ -225,7 +225,10 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
             if not time_box.expired():
                 raise
             raise TaskFailed(Reason.TIMEOUT, f"{box.describe()} expired") from None
-        except GitTimeout as exc:  # a git step killed at the box's end, just before the box said so
+        except GitTimeout as exc:
+            if box.left(clock()) > 1.0:
+                raise  # its own step deadline, not the box's end: GitTimedOut below
+            # a git step killed at the box's end, just before the box said so
             raise TaskFailed(Reason.TIMEOUT, f"{box.describe()} expired (git {exc.step} was killed)") from None
         except TaskStopped as stopped:  # the agent's turn was cancelled, which aborts it
             raise TaskFailed(stopped.request.reason, stopped.request.message) from None
@@ -235,6 +238,9 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
             await phases.enter(Phase.REVERTING, verdict.message, cell)
             await _revert(cell, time.monotonic() + grace)
         result.outcome, result.reason, result.message = verdict.outcome, verdict.reason, verdict.message
+        return
+    except GitTimeout as exc:  # killed with all it started; a revert would run the same filter again
+        result.reason, result.message = Reason.GIT_TIMED_OUT, str(exc)
         return
     except ConfigurationError as exc:
         result.reason, result.message = Reason.INVALID_INPUT, str(exc)
@@ -257,6 +263,11 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     # otherwise change a file between the test run and the commit.
     cell.spent = _add(cell.spent, await _usage(cell))  # the server goes now; its usage is read first
     await cell.stop_server()
+    rewritten = await asyncio.to_thread(worktree.changed_since, cell.tested)
+    if rewritten:  # by the test run itself, or something it started: not what was tested
+        result.reason = Reason.REFS_TAMPERED
+        result.message = f"{', '.join(rewritten)} changed after the tests ran; nothing committed"
+        return
     until = time.monotonic() + grace
     try:
         commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files, until)
@@ -322,6 +333,9 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
         except OpenCodeError as exc:
             raise TaskFailed(Reason.AGENT_ERROR, f"the OpenCode server failed: {exc}") from exc
 
+    # The agent's turn is over: nothing it started may run on (a daemon could change a file
+    # once it has been tested). Only the server stays, to run the tests.
+    await cell.sweep()
     files = await _changed_files(cell)
     result.files_changed = files
     if not files:
@@ -333,6 +347,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
 
     # -- Testing: through the server, never a subprocess of ours --
     await phases.enter(Phase.TESTING, test_command, cell)
+    cell.tested = await asyncio.to_thread(cell.worktree.snapshot, files)
     client = cell.client
     assert client is not None
     try:

@@ -69,6 +69,7 @@ class Reason(str, enum.Enum):
     INVALID_INPUT = "InvalidInput"  # a bad spec, flag, secret reference or base branch
     OPERATOR_RESTARTED = "OperatorRestarted"  # interrupted by operator restarts, no attempts left
     CANCELLED = "Cancelled"
+    GIT_TIMED_OUT = "GitTimedOut"  # a git step in the checkout ran past its deadline (a filter that hangs?)
     REFS_TAMPERED = "RefsTampered"  # refs outside the task's branch moved, or the result is not the tested change
     BUDGET_EXCEEDED = "BudgetExceeded"  # the task's own maxCost/maxTokens
     SPEND_LIMIT_EXCEEDED = "SpendLimitExceeded"  # a limit over many tasks (the operator's SpendLimit)
