@@ -12,7 +12,7 @@ import kubernetes
 
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.kube.mergequeues import LEASE_PREFIX, MergeQueues
-from reactor.observe.fleet import Fleet
+from reactor.observe.fleet import TaskViews
 from reactor.observe.metrics import Metrics
 from reactor.kube.resource import GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, TaskRef
 from reactor_dev.testing.helpers import until
@@ -45,7 +45,7 @@ async def test_a_merge_queue_integrates_tasks_and_another_replica_takes_it_over(
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, MERGEQUEUES, {
         "apiVersion": "reactor.dev/v1alpha1", "kind": "MergeQueue", "metadata": {"name": "main"},
         "spec": {"repository": {"url": f"file://{origin}", "branch": "main"}, "maxBatch": 2}})
-    metrics = [Metrics(Fleet()) for _ in range(2)]
+    metrics = [Metrics(TaskViews()) for _ in range(2)]
     replicas = [MergeQueues(kube_api, confined_tests(work_dir), RepositoryMirrors(work_dir / f"r{i}" / "mirrors"),
                             identity=f"r{i}", lease_duration=4.0, poll_interval=0.3, metrics=metrics[i])
                 for i in range(2)]

@@ -32,7 +32,7 @@ from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, ed
 from reactor.workflow.engine import Engine
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, Reason, TaskSpec
-from tests.workflow.conftest import engine_settings
+from reactor_dev.testing.engine import engine_settings
 
 pytestmark = pytest.mark.opencode
 

@@ -11,9 +11,11 @@ import signal
 
 import pytest
 
+from reactor_dev.testing.engine import engine_settings
 from reactor_dev.testing.attacks import TESTED_MARK, hanging_filters, plant_hanging_filter
 from reactor_dev.testing.helpers import until
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, fail, hang, text
+from reactor.workflow.engine import Engine
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, Phase, Reason, TaskSpec
 from reactor_dev.testing.repos import git, worktrees_of

@@ -25,11 +25,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import weakref
