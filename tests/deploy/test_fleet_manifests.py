@@ -71,6 +71,7 @@ def test_lease_rules_are_namespaced_and_minimal():
 
 
 @pytest.mark.opencode
+@pytest.mark.timeout(600)  # its own wait for the tasks is 300 s, plus two replicas' starts and stops
 def test_two_replicas_as_the_serviceaccount_share_tasks_with_the_shipped_rbac(reactor_system, namespace, tmp_path):
     """The replicas' Leases live in reactor-system (the Role there), the tasks in a tenant
     namespace bound with examples/tenant/rbac.yaml and rbac-fleet.yaml."""
