@@ -49,6 +49,7 @@ class Cell:
         self.restarts_left = engine.settings.recovery.boot_restarts
         self.spent = Usage()  # usage of sessions already left behind (R3 retries)
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
+        self.start_commit: str | None = None  # None: the base branch's tip
         self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
 
     def info(self) -> CellInfo:
@@ -70,7 +71,8 @@ class Cell:
     async def create_worktree(self) -> Worktree:
         spec = self.spec
         self.worktree = await asyncio.to_thread(
-            self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id
+            self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id,
+            self.start_commit,
         )
         self.policy = await asyncio.to_thread(self._confinement_policy)
         if self.policy is not None:

@@ -39,7 +39,7 @@ import pathspec
 from reactor.errors import ConfigurationError
 from reactor.infra.ports import PortsExhausted
 from reactor.infra.servers import ServerBootError
-from reactor.infra.worktrees import ResultRejected, resolve_repository
+from reactor.infra.worktrees import ParentsConflict, ResultRejected, integrate, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
 from reactor.opencode.events import Consumer
 from reactor.workflow.cell import Cell
@@ -209,6 +209,9 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     except (ServerBootError, PortsExhausted) as exc:
         result.reason, result.message = Reason.BOOT_FAILED, str(exc)
         return
+    except ParentsConflict as exc:  # found before any worktree or server: nothing was spent
+        result.reason, result.message = Reason.PARENTS_CONFLICT, f"{exc}; no agent was started"
+        return
 
     # -- Committing: the agent's change as it stood when tested (files the test run wrote are not part of it) --
     await phases.enter(Phase.COMMITTING, cell=cell)
@@ -246,7 +249,12 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     test_command = spec.test_command or await asyncio.to_thread(detect_test_command, repo)
     result.test_command = test_command
     protected = _protected_paths(spec.protect)  # a bad pattern fails here, before any work
+    if spec.start_from:  # built on other tasks' results: their commit, or Reactor's merge of them
+        cell.start_commit = await asyncio.to_thread(integrate, repo, spec.start_from,
+                                                    f"Integration of the tasks {spec.task_id} builds on")
     await cell.create_worktree()
+    assert cell.worktree is not None
+    result.start_commit = cell.worktree.base_commit
     await cell.start_server()
 
     # -- Executing: the agent edits the worktree --
