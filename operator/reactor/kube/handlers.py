@@ -6,7 +6,8 @@
              does kopf remove the finalizer
 - startup -> kill servers and remove worktrees that a previous operator process left
 - cleanup -> operator shutdown: stop every cell
-- event   -> (fleet only) every change of every task, for the replicas' shared scheduling
+- event   -> every change of every task: wakes the tasks that depend on it (spec.dependsOn);
+             in a fleet also the replicas' shared scheduling
 
 SpendLimit (create/update/resume/delete) -> the supervisor's spend limits.
 On startup the web page / metrics server starts (``--web``), and the SpendLimits of the
@@ -75,6 +76,12 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         raise kopf.TemporaryError(waiting, delay=1)
 
 
+@kopf.on.event(*RESOURCE, registry=registry)
+async def task_seen(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Any change of any task (stateless): wakes the tasks that depend on it."""
+    memo.supervisor.task_changed(body)
+
+
 @kopf.on.cleanup(registry=registry)
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     await memo.supervisor.shutdown()
@@ -104,6 +111,7 @@ async def spendlimit_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **
 
 async def observed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002 - kopf's name
     memo.supervisor.observe(type, copy.deepcopy(dict(body)))
+    memo.supervisor.task_changed(body)
 
 
 # Many replicas (`reactor operator --fleet`): every replica sees every event of every task

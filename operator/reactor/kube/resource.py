@@ -72,19 +72,21 @@ class AgentTaskSpec(_Spec):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     timeout: str = "30m"
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    depends_on: list[str] = Field(default_factory=list, alias="dependsOn")
 
     def to_task_spec(self, ref: TaskRef, repo: Path, env: dict[str, str] | None = None,
-                     started_at: float | None = None) -> TaskSpec:
+                     started_at: float | None = None, start_from: list[str] | None = None) -> TaskSpec:
         """The engine's task: ``repo`` is the local repository (the operator's mirror of
         spec.repository.url), ``env`` the secrets for the cell, ``started_at`` the first
-        start of an earlier attempt (the time box is the task's)."""
+        start of an earlier attempt (the time box is the task's), ``start_from`` the result
+        commits of the tasks it depends on."""
         return TaskSpec(
             task_id=self.task_id or ref.name, description=self.description, prompt=self.prompt, repo=repo,
             base_branch=self.repository.branch, result_branch=self.result_branch or f"reactor/{ref.name}",
             test_command=self.test.command, test_timeout=parse_duration(self.test.timeout),
             protect=self.test.protect, model=self.agent.model, opencode_config=self.agent.config,
             timeout=parse_duration(self.timeout), started_at=started_at, env=env or {},
-            budget=self.budget.to_budget(),
+            budget=self.budget.to_budget(), start_from=list(start_from or []),
         )
 
 

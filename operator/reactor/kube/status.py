@@ -51,6 +51,7 @@ def result_status(result: TaskResult) -> dict[str, Any]:
     return {
         "outcome": result.outcome.value,
         "branch": result.branch,
+        "startCommit": result.start_commit,
         "commit": result.commit,
         "shortCommit": result.commit[:7] if result.commit else None,
         "pushed": result.pushed,
@@ -180,6 +181,9 @@ class TaskStatus:
         self.previous_progress: dict[str, Any] | None = None  # an earlier attempt's spend
         self.phase: Phase | None = None
         self.waiting_reason: Reason | None = None
+        self.waiting_detail: dict[str, Any] = {}
+        # The parents (spec.dependsOn) this task saw, name -> uid, as its status recorded them.
+        self.seen_parents: dict[str, str] = {}
         self.observation: Any = None  # reactor.observe TaskObservation of the run, once it runs
         self.publisher: Any = None  # its ProgressPublisher
 
@@ -225,7 +229,7 @@ class TaskStatus:
         if self.previous_result:  # keep what the first run recorded (files, test exit code)
             outcome = {**self.previous_result, **{k: v for k, v in outcome.items() if v not in (None, [], "")}}
         status = phase_status(phase, result.message, self.generation, result.reason.value)
-        status.update(cell=None, completionTime=now(), result=outcome, usage=usage_status(result),
+        status.update(cell=None, waitingOn=None, completionTime=now(), result=outcome, usage=usage_status(result),
                       phaseDurations=result.phase_durations)
         if self.observation is not None:
             self.observation.finish(result, phase)
@@ -245,14 +249,24 @@ class TaskStatus:
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, reason.value, message, warning=True)
 
-    async def waiting(self, reason: Reason, message: str) -> None:
-        """Held in Pending, and why (capacity, memory, a SpendLimit): written when the reason changes."""
-        if self.finished or (self.phase is Phase.PENDING and self.waiting_reason is reason):
+    async def waiting(self, reason: Reason, message: str, **detail: Any) -> None:
+        """Held in Pending, and why (capacity, memory, a SpendLimit, its dependencies): written
+        when the reason (or its ``detail``, fields of status such as waitingOn) changes."""
+        if self.finished or (self.phase is Phase.PENDING and self.waiting_reason is reason
+                             and self.waiting_detail == detail):
             return
         status = phase_status(Phase.PENDING, message, self.generation, reason.value)
-        self.phase, self.waiting_reason = Phase.PENDING, reason
+        status.update(detail)
+        self.phase, self.waiting_reason, self.waiting_detail = Phase.PENDING, reason, detail
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, reason.value, message, warning=reason is Reason.SPEND_LIMIT_EXCEEDED)
+
+    async def dependencies_met(self, dependencies: list[dict[str, Any]], message: str) -> None:
+        """Its dependencies succeeded: nothing to wait on; which results it starts from."""
+        if self.finished:
+            return
+        await self.writer.patch(self.ref, {"waitingOn": None, "dependencies": dependencies})
+        await self.writer.event(self.ref, "DependenciesMet", message)
 
     async def write_progress(self, status: dict[str, Any]) -> None:
         """A live progress update, ``{"progress": ...}`` (never after the verdict: the final

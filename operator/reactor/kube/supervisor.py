@@ -18,6 +18,7 @@ SpendLimit stop it. A SpendLimit that is crossed holds new tasks in Pending.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from reactor.errors import ConfigurationError
 from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.processes import is_marked_for, kill_process_group
+from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.progress import ProgressPublisher
-from reactor.kube.resource import AgentTaskSpec, TaskRef, parse_time
+from reactor.kube.resource import GROUP, PLURAL, VERSION, AgentTaskSpec, TaskRef, parse_time
 from reactor.kube.secrets import SecretReader, TaskSecrets
 from reactor.kube.spendlimits import SpendLimits
 from reactor.kube.status import StatusWriter, TaskStatus
@@ -54,6 +56,9 @@ MAX_ATTEMPTS = 2
 TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 # Phases in which the tests have passed: a commit found on the result branch is the result.
 COMMITTED_PHASES = (Phase.COMMITTING.value, Phase.PUSHING.value)
+# A task waiting on its dependencies is woken by their events (task_changed); it also looks
+# again this often, in case an event was missed (a watch reconnecting).
+DEPENDENCY_RECHECK = 30.0
 
 
 @dataclass
@@ -78,6 +83,10 @@ class TaskSupervisor:
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
         self._background: set[asyncio.Task] = set()
         self._stopping = False
+        self.custom = k8s.CustomObjectsApi(api_client)
+        # Tasks waiting on their dependencies, by the (namespace, name) of each parent: woken
+        # when that parent changes.
+        self._dependents: dict[tuple[str, str], set[asyncio.Event]] = {}
 
     # -- what the handlers call --
 
@@ -123,6 +132,12 @@ class TaskSupervisor:
             await verdict.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED,
                                             reason=Reason.OPERATOR_RESTARTED, message=message))
 
+    def task_changed(self, body: Any) -> None:
+        """Any AgentTask changed (or went away): wake the tasks that depend on it."""
+        meta = body["metadata"]
+        for event in self._dependents.get((meta["namespace"], meta["name"]), ()):
+            event.set()
+
     async def start(self) -> None:
         """After the startup sweep, before the first task: the SpendLimits are read (no task
         starts past one), then a fleet replica joins here."""
@@ -166,6 +181,8 @@ class TaskSupervisor:
                previous_result: dict | None = None) -> None:
         ref = TaskRef.from_body(body)
         status = TaskStatus(self.status, ref, body["metadata"].get("generation"), attempt, previous_result)
+        status.seen_parents = {d["name"]: d.get("uid") or "" for d in (body.get("status") or {}).get("dependencies") or []
+                               if isinstance(d, dict) and d.get("name")}
         if attempt > 1 or resume_commit is not None:  # the task's budget covers all its attempts
             status.previous_progress = (body.get("status") or {}).get("progress")
         started_at = parse_time((body.get("status") or {}).get("startTime"))
@@ -188,8 +205,17 @@ class TaskSupervisor:
                 await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
                                                reason=Reason.INVALID_INPUT, message=str(exc)))
                 return
+            start_from: list[str] = []
+            if spec.depends_on and resume_commit is None:
+                decision = await self.wait_for_dependencies(ref, spec, status)
+                if decision.verdict is Verdict.FAIL:
+                    self._observed(status)
+                    await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
+                                                   reason=Reason.DEPENDENCY_FAILED, message=decision.message))
+                    return
+                start_from = list(decision.start_from)
             origin = self._origin(ref, spec, secrets)
-            task = spec.to_task_spec(ref, origin.path, secrets.env, started_at)
+            task = spec.to_task_spec(ref, origin.path, secrets.env, started_at, start_from)
             confined, message = self.status.confinement  # said on every task: never a silent downgrade
             await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
             if not take_capacity or resume_commit is not None:  # (a resumed push needs no cell)
@@ -251,6 +277,50 @@ class TaskSupervisor:
         """A verdict reached without a run (a missing Secret, a bug) is counted and shown too."""
         if status.observation is None:
             status.observation = self.observatory.observe(status.ref.namespace, status.ref.name, TaskControl())
+
+    # -- dependencies (spec.dependsOn) --
+
+    async def wait_for_dependencies(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus) -> Decision:
+        """Hold the task in Pending (DependenciesPending, status.waitingOn) until its parents
+        succeed (START: their result commits) or one cannot be built on (FAIL). The rules are
+        kube/dependencies.py's; here only the reading and the writing."""
+        me = TaskView(name=ref.name, uid=ref.uid, phase=None, reason="", commit=None, url=spec.repository.url,
+                      depends_on=tuple(spec.depends_on))
+        wake = asyncio.Event()
+        keys = [(ref.namespace, name) for name in spec.depends_on]
+        for key in keys:
+            self._dependents.setdefault(key, set()).add(wake)
+        try:
+            seen = dict(status.seen_parents)
+            while True:
+                wake.clear()  # before reading: a change made meanwhile wakes the next wait
+                tasks = await self._namespace_tasks(ref.namespace)
+                decision = decide(me, tasks, seen)
+                seen = decision.seen
+                parents = [{"name": name, "uid": uid, "commit": tasks[name].commit if name in tasks else None}
+                           for name, uid in sorted(seen.items())]
+                if decision.verdict is Verdict.START:
+                    await status.dependencies_met(parents, decision.message)
+                    return decision
+                if decision.verdict is Verdict.FAIL:
+                    return decision
+                assert decision.reason is not None
+                await status.waiting(decision.reason, decision.message, waitingOn=", ".join(decision.waiting_on),
+                                     dependencies=parents)
+                self.observatory.fleet.view(ref.namespace, ref.name).message = decision.message
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), DEPENDENCY_RECHECK)
+        finally:
+            for key in keys:
+                waiters = self._dependents.get(key)
+                if waiters is not None:
+                    waiters.discard(wake)
+                    if not waiters:
+                        del self._dependents[key]
+
+    async def _namespace_tasks(self, namespace: str) -> dict[str, TaskView]:
+        listed = await asyncio.to_thread(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+        return {item["metadata"]["name"]: TaskView.from_body(item) for item in listed.get("items") or []}
 
     # -- spend limits --
 
