@@ -155,9 +155,10 @@ class Matrix:
 
     # -- tasks --
 
-    def row(self, name: str, **spec) -> Row:
-        """A task on a fresh origin; ``spec`` overrides the defaults (dicts are merged one level)."""
-        origin = Origin(self.root / "origins", name)
+    def row(self, name: str, origin: Origin | None = None, **spec) -> Row:
+        """A task on a fresh origin (or ``origin``, shared with other rows); ``spec`` overrides
+        the defaults (dicts are merged one level)."""
+        origin = origin or Origin(self.root / "origins", name)
         body = {
             "description": f"fault row {name}",
             "prompt": f"{name}: fix add() in calc.py so the tests pass",
