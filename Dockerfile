@@ -46,7 +46,8 @@ ARG OPENCODE_VERSION
 LABEL org.opencontainers.image.title="reactor" \
       org.opencontainers.image.description="Kubernetes operator running AI coding agents (OpenCode cells) with Test-Commit-Revert" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      dev.reactor.opencode-version="${OPENCODE_VERSION}"
+      dev.reactor.opencode-version="${OPENCODE_VERSION}" \
+      dev.reactor.contents="reactor operator wheel (no dev tools), opencode ${OPENCODE_VERSION} + plugin seed, git, openssh-client, ripgrep, tini"
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # git (worktrees, commits, pushes), ssh (ssh:// repositories), ripgrep (OpenCode's search
 # tool; otherwise each cell would download it), tini (PID 1: forwards SIGTERM, reaps

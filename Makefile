@@ -28,10 +28,12 @@ help:
 # A stamp of its own: $(PY) is a symlink, and touching it would touch the interpreter it
 # points to (shared with every other venv), hiding a changed pyproject.toml from make.
 VENV_STAMP := $(VENV)/.installed
-$(VENV_STAMP): pyproject.toml
+# The development tools (dev/: the local cluster, the test helpers, the demo) are a package of
+# their own, installed here beside reactor and never into the operator image.
+$(VENV_STAMP): pyproject.toml dev/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test]' -e dev/
 	@touch $@
 
 venv: $(VENV_STAMP)
@@ -85,7 +87,7 @@ test: setup node observe-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m reactor.demo
+	$(PY) -m reactor_dev.demo
 
 # Speed and memory figures, as ratios against baselines measured in the same run.
 bench: setup

@@ -38,9 +38,9 @@ import logging
 from reactor.infra.confinement import ConfinementSettings
 from reactor.infra.processes import find_marked_processes
 from reactor.infra.servers import LISTENING_LINE, find_opencode_binary
-from reactor.testing.operator_process import free_port
-from reactor.testing.repos import make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text
+from reactor_dev.testing.operator_process import free_port
+from reactor_dev.testing.repos import make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text
 from reactor.workflow.cell import Cell
 from reactor.workflow.engine import Engine, EngineSettings
 from reactor.workflow.tcr import run_task

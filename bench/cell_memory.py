@@ -31,8 +31,8 @@ from pathlib import Path
 import psutil
 
 from reactor.infra.memory import cell_memory
-from reactor.testing.repos import make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, edit, hang, text, write
+from reactor_dev.testing.repos import make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, hang, text, write
 from reactor.workflow.engine import Engine, EngineSettings, light_cell_env
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import TaskSpec

@@ -23,12 +23,12 @@ import time
 import uuid
 from pathlib import Path
 
-from reactor.devcluster.controlplane import ControlPlane
-from reactor.testing.fleet import all_terminal, apply_all, fix_task, fleet_args, kill_pod, tasks, wait_until
-from reactor.testing.operator_process import operators
-from reactor.testing.helpers import install_crds
-from reactor.testing.repos import make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.devcluster.controlplane import ControlPlane
+from reactor_dev.testing.fleet import all_terminal, apply_all, fix_task, fleet_args, kill_pod, tasks, wait_until
+from reactor_dev.testing.operator_process import operators
+from reactor_dev.testing.helpers import install_crds
+from reactor_dev.testing.repos import make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = edit("calc.py", "return a - b", "return a + b")

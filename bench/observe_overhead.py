@@ -27,11 +27,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from reactor.devcluster.controlplane import ControlPlane  # noqa: E402
-from reactor.testing.operator_process import OperatorProcess, free_port  # noqa: E402
-from reactor.testing.helpers import install_crds  # noqa: E402
-from reactor.testing.repos import make_repo  # noqa: E402
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text, write  # noqa: E402
+from reactor_dev.devcluster.controlplane import ControlPlane  # noqa: E402
+from reactor_dev.testing.operator_process import OperatorProcess, free_port  # noqa: E402
+from reactor_dev.testing.helpers import install_crds  # noqa: E402
+from reactor_dev.testing.repos import make_repo  # noqa: E402
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text, write  # noqa: E402
 
 os.environ.setdefault("REACTOR_OPENCODE_CACHE", str(Path.home() / ".cache" / "reactor-tests" / "opencode"))
 # Ten servers starting at once on 2 cores can take longer than the default 10 s.

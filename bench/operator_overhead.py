@@ -28,11 +28,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from reactor.devcluster.controlplane import ControlPlane  # noqa: E402
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text  # noqa: E402
-from reactor.testing.operator_process import OperatorProcess  # noqa: E402
-from reactor.testing.helpers import install_crds  # noqa: E402
-from reactor.testing.repos import make_repo  # noqa: E402
+from reactor_dev.devcluster.controlplane import ControlPlane  # noqa: E402
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text  # noqa: E402
+from reactor_dev.testing.operator_process import OperatorProcess  # noqa: E402
+from reactor_dev.testing.helpers import install_crds  # noqa: E402
+from reactor_dev.testing.repos import make_repo  # noqa: E402
 
 
 FIX = edit("calc.py", "return a - b", "return a + b")

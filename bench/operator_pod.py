@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reactor import OPENCODE_VERSION  # noqa: E402
-from reactor.devcluster.node import NodeCluster  # noqa: E402
-from reactor.testing.operator_process import OperatorProcess  # noqa: E402
-from reactor.testing.repos import make_repo  # noqa: E402
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text  # noqa: E402
+from reactor_dev.devcluster.node import NodeCluster  # noqa: E402
+from reactor_dev.testing.operator_process import OperatorProcess  # noqa: E402
+from reactor_dev.testing.repos import make_repo  # noqa: E402
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text  # noqa: E402
 
 NAMESPACE, LOCAL_NAMESPACE = "reactor-system", "bench-local"
 TEST_COMMAND = "python3 -c 'from calc import add; assert add(2, 3) == 5'"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.repos import make_repo
+from reactor_dev.testing.repos import make_repo
 
-pytest_plugins = ["reactor.testing.kube_fixtures"]
+pytest_plugins = ["reactor_dev.testing.kube_fixtures"]
 
 # Servers of `reactor` subprocesses (CLI, operator) start on a machine this suite keeps busy.
 os.environ.setdefault("REACTOR_HEALTH_TIMEOUT", "60")

@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 
-from reactor.devcluster.controlplane import ControlPlane
+from reactor_dev.devcluster.controlplane import ControlPlane
 
 
 def main(runs: int) -> None:

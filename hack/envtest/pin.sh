@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-pins the control plane: rewrites kubernetes/go.mod and etcd/go.mod (+ go.sum) for
 #   hack/envtest/pin.sh v1.37.2 v3.6.16
-# then update KUBERNETES_VERSION/ETCD_VERSION in operator/reactor/devcluster/assets.py
+# then update KUBERNETES_VERSION/ETCD_VERSION in dev/reactor_dev/devcluster/assets.py
 # (tests/devcluster/test_envtest_assets.py checks they agree) and run hack/envtest/build.sh.
 #
 # k8s.io/kubernetes requires its staging modules (k8s.io/api, k8s.io/client-go, ...) at

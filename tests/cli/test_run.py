@@ -13,8 +13,8 @@ import time
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
-from reactor.testing.repos import git, worktrees_of
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
+from reactor_dev.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from reactor.testing.fleet import all_terminal, apply_all, fix_task, fleet_args, wait_until
-from reactor.testing.operator_process import operators
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
-from reactor.testing.repos import git, make_repo
+from reactor_dev.testing.fleet import all_terminal, apply_all, fix_task, fleet_args, wait_until
+from reactor_dev.testing.operator_process import operators
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.testing.repos import git, make_repo
 from tests.deploy.conftest import EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all, ok
 
 FLEET = MANIFESTS.parent / "manifests-fleet"

@@ -12,12 +12,12 @@ import time
 import pytest
 import yaml
 
-from reactor.devcluster.controlplane import ControlPlane
-from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, text
-from reactor.testing.repos import git, make_repo
+from reactor_dev.devcluster.controlplane import ControlPlane
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, text
+from reactor_dev.testing.repos import git, make_repo
 from tests.deploy.conftest import EXAMPLES, MANIFESTS, SA_GROUPS, SA_USER, load_all, ok
 from tests.kube.conftest import install_crds
-from reactor.testing.operator_process import OperatorProcess, operators
+from reactor_dev.testing.operator_process import OperatorProcess, operators
 from tests.kube.test_operator import task_manifest
 
 TENANT_RBAC = EXAMPLES / "tenant" / "rbac.yaml"

@@ -13,9 +13,9 @@ import kubernetes
 import psutil
 import pytest
 from kubernetes.client import ApiException
-from reactor.devcluster import cli
-from reactor.devcluster.assets import ETCD_VERSION, KUBERNETES_VERSION, Assets
-from reactor.devcluster.controlplane import ControlPlane, ControlPlaneError, use_existing_cluster
+from reactor_dev.devcluster import cli
+from reactor_dev.devcluster.assets import ETCD_VERSION, KUBERNETES_VERSION, Assets
+from reactor_dev.devcluster.controlplane import ControlPlane, ControlPlaneError, use_existing_cluster
 
 pytestmark = [
     pytest.mark.kube,

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from reactor.devcluster import assets
-from reactor.devcluster.assets import AssetsNotFound, find_assets, find_kubectl, store_dir
+from reactor_dev.devcluster import assets
+from reactor_dev.devcluster.assets import AssetsNotFound, find_assets, find_kubectl, store_dir
 
 REPO = Path(__file__).resolve().parents[2]
 

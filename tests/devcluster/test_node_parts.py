@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
-from reactor.devcluster import node
-from reactor.devcluster.hostnode import HostRecord, NodeHostError
+from reactor_dev.devcluster import node
+from reactor_dev.devcluster.hostnode import HostRecord, NodeHostError
 
 
 def test_pause_image_archive_is_a_docker_archive_with_one_layer(tmp_path):

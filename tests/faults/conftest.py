@@ -26,11 +26,11 @@ import pytest
 from reactor.infra.ports import port_is_free
 from reactor.infra.processes import find_marked_processes
 from reactor.infra.worktrees import safe_component
-from reactor.testing.helpers import wait_for
-from reactor.testing.kube_fixtures import temporary_namespace
-from reactor.testing.operator_process import OperatorProcess
-from reactor.testing.repos import BUGGY_CALC, TEST_CALC, git, make_repo
-from reactor.testing.scripted_model import Script, ScriptedModel
+from reactor_dev.testing.helpers import wait_for
+from reactor_dev.testing.kube_fixtures import temporary_namespace
+from reactor_dev.testing.operator_process import OperatorProcess
+from reactor_dev.testing.repos import BUGGY_CALC, TEST_CALC, git, make_repo
+from reactor_dev.testing.scripted_model import Script, ScriptedModel
 from tests.kube.conftest import crd_installed  # noqa: F401 - the fixture, for this directory
 
 TERMINAL = ("Succeeded", "Failed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from reactor.testing.scripted_model import Scenario, edit, text
+from reactor_dev.testing.scripted_model import Scenario, edit, text
 from tests.faults.conftest import Matrix, condition
 
 # The module's rows run in its fixture, which the first test pays for.

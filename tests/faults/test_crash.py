@@ -12,8 +12,8 @@ import pytest
 
 from reactor.infra.processes import find_marked_processes
 from reactor.kube.resource import parse_time
-from reactor.testing.helpers import wait_for
-from reactor.testing.scripted_model import Scenario, edit, hang, text
+from reactor_dev.testing.helpers import wait_for
+from reactor_dev.testing.scripted_model import Scenario, edit, hang, text
 from tests.faults.conftest import Matrix, Row, condition, held_boot_binary, process_alive
 
 # The module's rows run in its fixture, which the first test pays for.

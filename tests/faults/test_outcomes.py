@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from reactor.testing.scripted_model import Scenario, bash, edit, fail, text
+from reactor_dev.testing.scripted_model import Scenario, bash, edit, fail, text
 from tests.faults.conftest import Matrix, Row, condition
 
 # The module's rows run in its fixture, which the first test pays for.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from reactor.testing.scripted_model import Scenario, empty, hang, write
+from reactor_dev.testing.scripted_model import Scenario, empty, hang, write
 from tests.faults.conftest import Matrix, Row, condition
 
 # The module's rows run in its fixture, which the first test pays for.

@@ -6,7 +6,7 @@ import pytest
 from reactor.errors import ConfigurationError
 from reactor.infra.processes import Owner
 from reactor.infra.worktrees import WorktreeManager
-from reactor.testing.repos import git, worktrees_of
+from reactor_dev.testing.repos import git, worktrees_of
 
 
 def test_worktree_on_a_fresh_branch_leaves_base_and_checkout_alone(repo, work_dir):

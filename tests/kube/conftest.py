@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reactor.testing.helpers import install_crds  # noqa: F401  (used here and by other modules)
+from reactor_dev.testing.helpers import install_crds  # noqa: F401  (used here and by other modules)
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "agenttask.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from reactor.testing.helpers import wait_for
+from reactor_dev.testing.helpers import wait_for
 from tests.kube.conftest import CRDS
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.fleet import (
+from reactor_dev.testing.fleet import (
     all_terminal,
     apply_all,
     conversations,
@@ -32,9 +32,9 @@ from reactor.testing.fleet import (
     tasks,
     wait_until,
 )
-from reactor.testing.operator_process import operators
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
-from reactor.testing.repos import git, make_repo
+from reactor_dev.testing.operator_process import operators
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.testing.repos import git, make_repo
 
 # Several replicas and up to six cells at once on a small machine: more than the default 5 minutes.
 pytestmark = [pytest.mark.opencode, pytest.mark.timeout(900)]

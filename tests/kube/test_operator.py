@@ -10,10 +10,10 @@ import psutil
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text
-from reactor.testing.repos import git, make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text
+from reactor_dev.testing.repos import git, make_repo
 from tests.kube.conftest import kubectl_apply
-from reactor.testing.operator_process import operators
+from reactor_dev.testing.operator_process import operators
 
 pytestmark = pytest.mark.opencode
 

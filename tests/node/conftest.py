@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from reactor import OPENCODE_VERSION
-from reactor.devcluster.node import NodeCluster
+from reactor_dev.devcluster.node import NodeCluster
 from reactor.errors import ReactorError
 
 ROOT = Path(__file__).resolve().parents[2]

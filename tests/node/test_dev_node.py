@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 
-from reactor.devcluster.assets import find_kubectl
-from reactor.devcluster.hostnode import HostRecord, leftovers
+from reactor_dev.devcluster.assets import find_kubectl
+from reactor_dev.devcluster.hostnode import HostRecord, leftovers
 
 ROOT = Path(__file__).resolve().parents[2]
 

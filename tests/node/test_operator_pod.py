@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reactor.devcluster.node import NodeCluster
+from reactor_dev.devcluster.node import NodeCluster
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.worktrees import repository_key
-from reactor.testing.attacks import REPORT, Targets, attack_step
-from reactor.testing.repos import make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, hang, set_event, text, write
-from reactor.testing.scripted_model import wait_for as wait_for_event
+from reactor_dev.testing.attacks import REPORT, Targets, attack_step
+from reactor_dev.testing.repos import make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, set_event, text, write
+from reactor_dev.testing.scripted_model import wait_for as wait_for_event
 from tests.security.test_confinement import assert_every_attempt_blocked
 from tests.node.conftest import (
     NAMESPACE,

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from reactor.testing.scripted_model import Scenario, ScriptedModel, text, write
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, text, write
 from reactor.workflow.control import TaskControl
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Budget, Outcome, Reason, TaskSpec
-from reactor.testing.repos import git, worktrees_of
+from reactor_dev.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 

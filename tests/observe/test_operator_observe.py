@@ -25,11 +25,11 @@ import psutil
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.helpers import wait_for
-from reactor.testing.kube_fixtures import temporary_namespace
-from reactor.testing.operator_process import free_port, operators
-from reactor.testing.repos import git, make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text, write
+from reactor_dev.testing.helpers import wait_for
+from reactor_dev.testing.kube_fixtures import temporary_namespace
+from reactor_dev.testing.operator_process import free_port, operators
+from reactor_dev.testing.repos import git, make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text, write
 from tests.kube.test_operator import task_manifest
 
 pytestmark = pytest.mark.opencode

@@ -12,7 +12,7 @@ import pytest
 from reactor.opencode.events import Event
 from reactor.observe.observation import Observatory
 from reactor.observe.transcript import render
-from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, text, write
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, text, write
 from reactor.workflow.control import TaskControl
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, Phase, TaskSpec

@@ -25,9 +25,9 @@ import pytest
 from reactor.errors import ConfigurationError
 from reactor.infra.servers import OpenCodeServer, ServerSpec, find_opencode_binary
 from reactor.opencode.client import OpenCodeClient
-from reactor.testing.helpers import free_port
-from reactor.testing.repos import make_repo
-from reactor.testing.scripted_model import Script, ScriptedModel
+from reactor_dev.testing.helpers import free_port
+from reactor_dev.testing.repos import make_repo
+from reactor_dev.testing.scripted_model import Script, ScriptedModel
 
 # CPU may be busy (other builds): a start normally takes 2-3 s.
 START_TIMEOUT = 90.0

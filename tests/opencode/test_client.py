@@ -20,8 +20,8 @@ from reactor.opencode.errors import (
     OpenCodeUnavailable,
     TransientModelError,
 )
-from reactor.testing.helpers import free_port, until
-from reactor.testing.scripted_model import Scenario, bash, edit, fail, hang, text, write
+from reactor_dev.testing.helpers import free_port, until
+from reactor_dev.testing.scripted_model import Scenario, bash, edit, fail, hang, text, write
 
 pytestmark = pytest.mark.opencode
 

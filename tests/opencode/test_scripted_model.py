@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from reactor.testing.scripted_model import (
+from reactor_dev.testing.scripted_model import (
     AUXILIARY_ANSWER,
     UNMATCHED_ANSWER,
     Scenario,

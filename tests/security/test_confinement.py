@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from reactor.infra.worktrees import repository_key
-from reactor.testing.attacks import REPORT, Targets, attack_program, attack_step, parse_report
-from reactor.testing.repos import BUGGY_CALC, TEST_CALC, make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
+from reactor_dev.testing.attacks import REPORT, Targets, attack_program, attack_step, parse_report
+from reactor_dev.testing.repos import BUGGY_CALC, TEST_CALC, make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, TaskSpec
-from reactor.testing.repos import git, worktrees_of
+from reactor_dev.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 

@@ -13,12 +13,12 @@ import pytest
 
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.worktrees import repository_key
-from reactor.testing.attacks import REPORT, Targets, attack_step, parse_report
-from reactor.testing.helpers import free_port
-from reactor.testing.operator_process import operators
-from reactor.testing.repos import BUGGY_CALC, make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
-from reactor.testing.repos import git
+from reactor_dev.testing.attacks import REPORT, Targets, attack_step, parse_report
+from reactor_dev.testing.helpers import free_port
+from reactor_dev.testing.operator_process import operators
+from reactor_dev.testing.repos import BUGGY_CALC, make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
+from reactor_dev.testing.repos import git
 from tests.kube.conftest import kubectl_apply
 from tests.security.test_confinement import assert_every_attempt_blocked, fingerprint
 

@@ -4,7 +4,7 @@ is a real process here (a binary that exits at once); nothing of the cell is lef
 
 from __future__ import annotations
 
-from reactor.testing.repos import git, worktrees_of
+from reactor_dev.testing.repos import git, worktrees_of
 from reactor.workflow.engine import Engine
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Reason, TaskSpec

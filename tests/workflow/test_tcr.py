@@ -8,13 +8,13 @@ import signal
 
 import pytest
 
-from reactor.testing.helpers import until
-from reactor.testing.scripted_model import Scenario, ScriptedModel, bash, edit, empty, fail, hang, text
+from reactor_dev.testing.helpers import until
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, empty, fail, hang, text
 from reactor.workflow.engine import Engine
 from tests.workflow.conftest import engine_settings
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, Phase, Reason, TaskSpec
-from reactor.testing.repos import git, worktrees_of
+from reactor_dev.testing.repos import git, worktrees_of
 
 pytestmark = pytest.mark.opencode
 

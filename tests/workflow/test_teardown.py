@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.helpers import until
-from reactor.testing.repos import git, worktrees_of
-from reactor.testing.scripted_model import Scenario, ScriptedModel, hang
+from reactor_dev.testing.helpers import until
+from reactor_dev.testing.repos import git, worktrees_of
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, hang
 from reactor.workflow import tcr
 from reactor.workflow.types import Phase, TaskSpec
 

@@ -1,12 +1,16 @@
 """`reactor`: run tasks from the command line, clean up after crashes, run the operator,
-manage a local dev cluster. One module per command; each adds its own subparser and
-imports its heavy dependencies (kopf, the engine, the control plane) only when it runs."""
+read transcripts. One module per command; each adds its own subparser and imports its heavy
+dependencies (kopf, the engine) only when it runs. Development tools (`dev-cluster`, the
+dev forge) are not part of this package: the `reactor-dev` distribution under `dev/` adds
+them through the `reactor.commands` entry point group, so they exist in the virtualenv that
+`make setup` builds and not in the operator image."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 
 from reactor import __version__
 from reactor.cli import cleanup, logs, operator, run
@@ -34,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reactor.devcluster import cli as devcluster
-
     parser = argparse.ArgumentParser(prog="reactor", description="Run AI coding agents in isolated cells with Test-Commit-Revert.")
     parser.add_argument("--version", action="version", version=f"reactor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_subparser(sub)
     operator.add_subparser(sub)
     logs.add_subparser(sub)
-    devcluster.add_subparser(sub)
+    for command in entry_points(group="reactor.commands"):
+        command.load()(sub)  # each adds its own subparser
     return parser
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reactor.infra.processes import find_marked_processes
-from reactor.testing.helpers import wait_for
+from reactor_dev.testing.helpers import wait_for
 
 
 def fleet_args(index: int, namespace: str, lease_duration: float, *extra: str) -> tuple[str, ...]:
@@ -28,7 +28,7 @@ def fleet_args(index: int, namespace: str, lease_duration: float, *extra: str) -
 
 
 def fix_task(name: str, origin: Path, model_config: dict, timeout: str = "5m") -> dict:
-    """An AgentTask fixing calc.py of reactor.testing.repos' default repository."""
+    """An AgentTask fixing calc.py of reactor_dev.testing.repos' default repository."""
     return {"apiVersion": "reactor.dev/v1alpha1", "kind": "AgentTask", "metadata": {"name": name},
             "spec": {"description": "Fix add", "prompt": f"{name}: fix add() in calc.py so the tests pass",
                      "repository": {"url": f"file://{origin}", "branch": "main"},

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from reactor.testing.scripted_model import Step, bash
+from reactor_dev.testing.scripted_model import Step, bash
 
 REPORT = "attack-report.txt"
 

@@ -1,7 +1,7 @@
 """pytest plugin: a real kube-apiserver for the tests that need one.
 
-Register it in the root ``conftest.py`` with ``pytest_plugins = ["reactor.testing.kube_fixtures"]``
-(or ``pytest -p reactor.testing.kube_fixtures``).
+Register it in the root ``conftest.py`` with ``pytest_plugins = ["reactor_dev.testing.kube_fixtures"]``
+(or ``pytest -p reactor_dev.testing.kube_fixtures``).
 
 Fixtures:
   ``kube_assets``   (session) the etcd/kube-apiserver/kubectl binaries
@@ -27,8 +27,8 @@ from typing import NoReturn
 import kubernetes
 import pytest
 
-from reactor.devcluster.assets import Assets, AssetsNotFound, find_assets
-from reactor.devcluster.controlplane import (
+from reactor_dev.devcluster.assets import Assets, AssetsNotFound, find_assets
+from reactor_dev.devcluster.controlplane import (
     Cluster,
     ControlPlane,
     ControlPlaneError,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from reactor.testing.helpers import free_port, wait_for
+from reactor_dev.testing.helpers import free_port, wait_for
 
 START_TIMEOUT = 180.0
 

@@ -1,4 +1,4 @@
-"""The offline demo (`make demo` / `python -m reactor.demo`): the whole product on one
+"""The offline demo (`make demo` / `python -m reactor_dev.demo`): the whole product on one
 machine, with no cluster and no API key.
 
 It starts a local control plane (etcd + kube-apiserver), installs the CRD, runs the
@@ -20,17 +20,17 @@ from contextlib import ExitStack
 from pathlib import Path
 
 
-from reactor.devcluster.controlplane import ControlPlane
-from reactor.testing.operator_process import OperatorProcess
-from reactor.testing.repos import git, make_repo
-from reactor.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.devcluster.controlplane import ControlPlane
+from reactor_dev.testing.operator_process import OperatorProcess
+from reactor_dev.testing.repos import git, make_repo
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
 
 def say(message: str) -> None:
     print(f"\n==> {message}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reactor.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reactor_dev.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--crd", type=Path, default=Path("crds"), help="the CRD directory (AgentTask, SpendLimit)")
     parser.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
     args = parser.parse_args(argv)

@@ -30,8 +30,8 @@ from typing import Protocol
 import httpx
 import yaml
 
-from reactor.devcluster import pki
-from reactor.devcluster.assets import Assets, find_assets, find_kubectl
+from reactor_dev.devcluster import pki
+from reactor_dev.devcluster.assets import Assets, find_assets, find_kubectl
 from reactor.errors import ReactorError
 
 HOST = "127.0.0.1"

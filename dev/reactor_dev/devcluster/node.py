@@ -22,7 +22,7 @@ packages from ``hack/node/install-packages.sh``. Needs root (namespaces, mounts,
         cluster.kubectl("apply", "-k", "manifests/")
 
 :meth:`stop` leaves no process, mount, device, cgroup, sysctl change or file behind; see
-:mod:`reactor.devcluster.hostnode` for the teardown and what the kubelet and containerd
+:mod:`reactor_dev.devcluster.hostnode` for the teardown and what the kubelet and containerd
 write outside their configured directories.
 """
 
@@ -48,10 +48,10 @@ from typing import TypeVar
 import httpx
 import yaml
 
-from reactor.devcluster import hostnode, pki
-from reactor.devcluster.assets import KUBERNETES_VERSION, Assets, find_assets
-from reactor.devcluster.controlplane import ControlPlaneError, _run_kubectl, kubeconfig_yaml
-from reactor.devcluster.hostnode import HostRecord, NodeHostError
+from reactor_dev.devcluster import hostnode, pki
+from reactor_dev.devcluster.assets import KUBERNETES_VERSION, Assets, find_assets
+from reactor_dev.devcluster.controlplane import ControlPlaneError, _run_kubectl, kubeconfig_yaml
+from reactor_dev.devcluster.hostnode import HostRecord, NodeHostError
 
 T = TypeVar("T")
 

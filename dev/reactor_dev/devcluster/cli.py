@@ -5,7 +5,7 @@ a one-node cluster that runs pods (controller-manager, scheduler, containerd, ku
 kube-proxy, in a network namespace of its own; needs root; see docs/node.md). ``load``
 imports an image archive into the node's containerd, as ``kind load image-archive`` does.
 
-``up`` starts ``python -m reactor.devcluster.daemon`` detached (its own session), waits
+``up`` starts ``python -m reactor_dev.devcluster.daemon`` detached (its own session), waits
 until it reports ready and prints ``export KUBECONFIG=...`` on stdout (so
 ``eval "$(reactor dev-cluster up)"`` works); everything else goes to stderr. State lives
 in ``.reactor/dev-cluster/`` under the current directory: ``daemon.pid``, ``daemon.log``,
@@ -32,14 +32,14 @@ import httpx
 import psutil
 import yaml
 
-from reactor.devcluster.assets import find_assets
-from reactor.devcluster.daemon import KUBECONFIG_FILE, NODE_RECORD_FILE, STATE_FILE
+from reactor_dev.devcluster.assets import find_assets
+from reactor_dev.devcluster.daemon import KUBECONFIG_FILE, NODE_RECORD_FILE, STATE_FILE
 from reactor.errors import ReactorError
 
 DEFAULT_STATE_DIR = Path(".reactor") / "dev-cluster"
 PID_FILE = "daemon.pid"
 LOG_FILE = "daemon.log"
-DAEMON_MODULE = "reactor.devcluster.daemon"
+DAEMON_MODULE = "reactor_dev.devcluster.daemon"
 # The daemon's own stop() takes up to 10 s per process before SIGKILL (a node: a few groups).
 _DOWN_GRACE = 60.0
 
@@ -113,7 +113,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         find_assets()  # fail here, in the foreground, with the actionable message
         if args.node:
-            from reactor.devcluster.node import check_host, find_node_assets
+            from reactor_dev.devcluster.node import check_host, find_node_assets
 
             check_host()
             find_node_assets()
@@ -172,7 +172,7 @@ def _stop(state_dir: Path) -> bool:
             pass
     record_file = state_dir / NODE_RECORD_FILE
     if record_file.exists():  # a node whose daemon did not undo it (crashed, killed)
-        from reactor.devcluster.hostnode import HostRecord, teardown
+        from reactor_dev.devcluster.hostnode import HostRecord, teardown
 
         left = teardown(HostRecord.load(record_file))
         if left:
@@ -235,8 +235,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     if not args.archive.is_file():
         _err(f"error: no image archive at {args.archive} (`make image` prints where it saved one)")
         return 1
-    from reactor.devcluster.hostnode import HostRecord
-    from reactor.devcluster.node import import_image
+    from reactor_dev.devcluster.hostnode import HostRecord
+    from reactor_dev.devcluster.node import import_image
 
     record = HostRecord.load(state_dir / NODE_RECORD_FILE)
     started = time.monotonic()
@@ -250,8 +250,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m reactor.devcluster.cli dev-cluster up`` (until ``reactor`` wires it in)."""
-    parser = argparse.ArgumentParser(prog="python -m reactor.devcluster.cli")
+    """``python -m reactor_dev.devcluster.cli dev-cluster up`` (until ``reactor`` wires it in)."""
+    parser = argparse.ArgumentParser(prog="python -m reactor_dev.devcluster.cli")
     add_subparser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -44,11 +44,11 @@ def run(state_dir: Path, node: bool = False) -> int:
     signal.signal(signal.SIGINT, _raise_exit)
     # Imported here: the CLI imports this module for its file names on every `reactor` call.
     if node:
-        from reactor.devcluster.node import NodeCluster
+        from reactor_dev.devcluster.node import NodeCluster
 
         control_plane = NodeCluster(record_copy=state_dir / NODE_RECORD_FILE)
     else:
-        from reactor.devcluster.controlplane import ControlPlane
+        from reactor_dev.devcluster.controlplane import ControlPlane
 
         control_plane = ControlPlane()
     state, kubeconfig = state_dir / STATE_FILE, state_dir / KUBECONFIG_FILE
@@ -87,7 +87,7 @@ def run(state_dir: Path, node: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reactor.devcluster.daemon")
+    parser = argparse.ArgumentParser(prog="python -m reactor_dev.devcluster.daemon")
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--node", action="store_true", help="a NodeCluster (control plane + kubelet) instead")
     args = parser.parse_args(argv)
