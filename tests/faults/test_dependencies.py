@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from reactor.testing.scripted_model import Scenario, edit, text, wait_for, write
-from reactor.testing.repos import git
+from reactor_dev.testing.scripted_model import Scenario, edit, text, wait_for, write
+from reactor_dev.testing.repos import git
 from tests.faults.conftest import Matrix, Origin, Row, condition
 
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]

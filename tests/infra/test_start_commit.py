@@ -5,7 +5,7 @@ import pytest
 
 from reactor.errors import ConfigurationError
 from reactor.infra.worktrees import ParentsConflict, ResultRejected, WorktreeManager, integrate
-from reactor.testing.repos import git
+from reactor_dev.testing.repos import git
 
 
 def result_of(manager: WorktreeManager, repo, task: str, files: dict[str, str], start: str | None = None) -> str:
