@@ -54,6 +54,33 @@ class FencedStatusWriter(StatusWriter):
             await super().event(ref, reason, message, warning)
 
 
+class _UnclaimedDependencies:
+    """How a task nobody holds says it waits for its dependencies (the TaskStatus calls that
+    TaskSupervisor.wait_for_dependencies makes): written onto the version read, so a claim
+    made meanwhile is never overwritten (Fleet.write_unclaimed)."""
+
+    def __init__(self, supervisor: FleetTaskSupervisor, ref: TaskRef):
+        self.supervisor, self.ref = supervisor, ref
+        status = (supervisor.known.get(ref.uid) or {}).get("status") or {}
+        self.seen_parents = {d["name"]: d.get("uid") or "" for d in status.get("dependencies") or []
+                             if isinstance(d, dict) and d.get("name")}
+
+    async def waiting(self, reason: Reason, message: str, **detail: Any) -> None:
+        body = self.supervisor.known.get(self.ref.uid)
+        if body is None:
+            return
+        status = body.get("status") or {}
+        current = next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == "Succeeded"), None)
+        if status.get("phase") not in (None, Phase.PENDING.value) or (
+                current == reason.value and status.get("waitingOn") == detail.get("waitingOn")):
+            return
+        pending = phase_status(Phase.PENDING, message, body["metadata"].get("generation"), reason.value)
+        await self.supervisor.fleet.write_unclaimed(self.ref, body, {**pending, **detail})
+
+    async def dependencies_met(self, dependencies: list[dict[str, Any]], message: str) -> None:
+        """Written by the claim holder's run, which decides again."""
+
+
 class FleetTaskStatus(TaskStatus):
     async def requeue(self, reason: Reason, message: str) -> None:
         """Back to Pending *and unclaimed* (the replica stops): another replica takes it now."""
@@ -154,6 +181,12 @@ class FleetSupervisor(TaskSupervisor):
         """Wait for a slot here, claim, run. Only a holder writes (through the fenced writer)."""
         gate = self.engine.capacity
         try:
+            body = self.known.get(ref.uid)
+            spec = AgentTaskSpec.model_validate(body["spec"]) if body is not None else None
+            if spec is not None and spec.depends_on:
+                # Before the slot and the claim: a task waiting on others holds neither (the run
+                # decides again once claimed, and writes a failure or the commits it starts at).
+                await self.wait_for_dependencies(ref, spec, _UnclaimedDependencies(self, ref))
             while True:
                 await self.wait_for_spend_limit(ref, lambda *reason: self._waiting(ref, *reason))
                 async with gate.slot((ref.creation, ref.namespace, ref.name), on_reason=lambda *r: self._waiting(ref, *r)):
@@ -168,6 +201,7 @@ class FleetSupervisor(TaskSupervisor):
                     status = FleetTaskStatus(self.status, ref, body["metadata"].get("generation"),
                                              int(first.get("attempts") or previous.get("attempts") or 0))
                     self._runs[ref.uid].status = status
+                    status.seen_parents = _UnclaimedDependencies(self, ref).seen_parents
                     if first["phase"] == Phase.FAILED.value:  # interrupted twice: the claim wrote the verdict
                         status.phase = Phase.FAILED
                         await self.status.event(ref, "Failed", first["message"], warning=True)
