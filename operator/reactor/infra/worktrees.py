@@ -251,6 +251,23 @@ class WorktreeManager:
         )
         self.remove(worktree, keep_branch=has_own_commits)
 
+    def adopt(self, slot: str) -> Worktree | None:
+        """Take over the checkout recorded under ``slot`` that a process now dead left (an
+        operator killed mid-task): it becomes this process's, as it is. None when there is
+        none. Only Reactor's own record is read; the checkout itself (cell-written) is not
+        touched here: git in it runs confined once the cell is (Worktree.confine)."""
+        for repo in self.recorded_repositories():
+            for worktree in self._recorded(repo):
+                if worktree.slot != slot or (Owner.is_alive_token(worktree.owner) and worktree.owner != self.owner.token):
+                    continue
+                if not worktree.path.is_dir() or worktree.path.is_symlink():
+                    continue
+                with repository_lock(worktree.repo):
+                    worktree.owner = self.owner.token
+                    self._write_meta(worktree)
+                return worktree
+        return None
+
     def remove_slot(self, slot: str) -> list[Worktree]:
         """Discard the worktrees recorded under ``slot`` in any repository (a deleted task's)."""
         found = [w for repo in self.recorded_repositories() for w in self._recorded(repo) if w.slot == slot]

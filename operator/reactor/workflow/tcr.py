@@ -55,6 +55,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PhaseCallback = Callable[[PhaseEvent], Awaitable[None]]
+# The one message a reopened session gets (the conversation so far is in the session).
+CONTINUATION = ("Reactor was restarted while you worked on this task and your last step was cut off (a tool "
+                "call in flight may not have completed). The checkout is as you left it; files changed so far: "
+                "{files}. Continue the task from where you stopped; do not redo finished steps.")
+# Appended to the prompt when the session could not be reopened (a fresh one on the checkout).
+RESTARTED = ("An earlier attempt at this task was interrupted; the checkout holds its changes to: {files}. "
+             "Check them and finish the task.")
 OUTPUT_TAIL_CHARS = 4000
 EXIT_COMMAND_NOT_FOUND = 127
 
@@ -107,7 +114,8 @@ class _Phases:
 async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | None = None,
                    cell_id: str | None = None, priority: object = 0, take_capacity: bool = True,
                    origin: Origin | None = None, resume_commit: str | None = None,
-                   control: TaskControl | None = None, watchers: Sequence[Consumer] = ()) -> TaskResult:
+                   control: TaskControl | None = None, watchers: Sequence[Consumer] = (),
+                   reopen_session: str | None = None) -> TaskResult:
     """Run one task to a verdict and report it (the terminal phase carries the result).
     Never raises for task failures (they are results); a cancellation tears the cell down
     and propagates, unless the push had begun (then the verdict is reported first).
@@ -118,7 +126,12 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     repository is fetched from and the result pushed to; ``resume_commit``: the task was
     committed by an earlier run that stopped before its push ended: push that commit only;
     ``control`` lets the caller stop the run with a verdict and read its running spend;
-    ``watchers`` receive the cell's OpenCode events (live progress, transcripts)."""
+    ``watchers`` receive the cell's OpenCode events (live progress, transcripts);
+    ``reopen_session``: an earlier run of this cell was killed mid-turn (the operator died):
+    take over its checkout as it is and reopen this OpenCode session from the cell's state
+    dir with one continuation message, or, when the session cannot be reopened, a fresh
+    session on the checkout with the prompt and what was done (no checkout left: a normal
+    start)."""
     gate = engine.capacity if take_capacity else None
     started = time.monotonic()
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
@@ -144,6 +157,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
             async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
                 if result.started_at is None:
                     result.started_at = time.time()
+                cell.reopen_session = reopen_session
                 try:
                     await _in_cell(spec, cell, phases, result, origin, control)
                 finally:
@@ -249,13 +263,21 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     test_command = spec.test_command or await asyncio.to_thread(detect_test_command, repo)
     result.test_command = test_command
     protected = _protected_paths(spec.protect)  # a bad pattern fails here, before any work
-    if spec.start_from:  # built on other tasks' results: their commit, or Reactor's merge of them
-        cell.start_commit = await asyncio.to_thread(integrate, repo, spec.start_from,
-                                                    f"Integration of the tasks {spec.task_id} builds on")
-    await cell.create_worktree()
+    adopted = await cell.adopt_worktree() if cell.reopen_session is not None else None
+    if adopted is None:
+        cell.reopen_session = None
+        if spec.start_from:  # built on other tasks' results: their commit, or Reactor's merge of them
+            cell.start_commit = await asyncio.to_thread(integrate, repo, spec.start_from,
+                                                        f"Integration of the tasks {spec.task_id} builds on")
+        await cell.create_worktree()
     assert cell.worktree is not None
     result.start_commit = cell.worktree.base_commit
     await cell.start_server()
+    if adopted is not None:
+        result.resumed = cell.resumed or "restarted"
+        done = ", ".join(await _changed_files(cell)) or "none"
+        cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
+                            else f"{spec.prompt}\n\n{RESTARTED.format(files=done)}")
 
     # -- Executing: the agent edits the worktree --
     await phases.enter(Phase.EXECUTING, cell=cell)
@@ -358,8 +380,9 @@ async def _prompt(cell: Cell, result: TaskResult) -> None:
     assert cell.client is not None and cell.session_id is not None
     client, session_id = cell.client, cell.session_id
     result.prompt_attempts += 1
+    text = cell.next_prompt or cell.spec.prompt
     watch = TurnWatch(client, cell.engine.settings.stall_timeout)
-    await watch.run(cell.events, lambda: client.prompt(session_id, cell.spec.prompt, model=cell.spec.model))
+    await watch.run(cell.events, lambda: client.prompt(session_id, text, model=cell.spec.model))
 
 
 async def _fresh_session(cell: Cell) -> None:
@@ -368,6 +391,7 @@ async def _fresh_session(cell: Cell) -> None:
     assert cell.client is not None and cell.worktree is not None
     cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
     await asyncio.to_thread(cell.worktree.revert)
+    cell.next_prompt = None  # the retry starts over: the task's own prompt
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
 
 

@@ -157,6 +157,9 @@ class TaskResult(BaseModel):
     boot_attempts: int = 0
     prompt_attempts: int = 0
     confined: bool = False  # whether the cell ran under Landlock (see docs/security.md)
+    # Taken over from a run an operator killed mid-turn: "reopened" (its session, one
+    # continuation message) or "restarted" (a fresh session on its checkout); None otherwise.
+    resumed: str | None = None
 
     @property
     def succeeded(self) -> bool:
