@@ -234,11 +234,12 @@ class WorktreeManager:
                 RefLedger(git_common_dir(worktree.repo)).record(ref, None)
             self._meta_path(worktree).unlink(missing_ok=True)
 
-    def cleanup(self, repo: Path) -> list[Worktree]:
+    def cleanup(self, repo: Path, keep: frozenset[str] = frozenset()) -> list[Worktree]:
         """Remove what crashed runs left: their worktrees, and their branches when those hold
-        no commit of their own (a branch with a commit is a result and is kept)."""
+        no commit of their own (a branch with a commit is a result and is kept). Checkouts of
+        the slots in ``keep`` stay (cells to be resumed)."""
         top = resolve_repository(repo)
-        removed = [w for w in self._recorded(top) if not Owner.is_alive_token(w.owner)]
+        removed = [w for w in self._recorded(top) if not Owner.is_alive_token(w.owner) and w.slot not in keep]
         for worktree in removed:
             self.discard(worktree)
         return removed

@@ -120,6 +120,11 @@ class FleetSupervisor(TaskSupervisor):
         await super().start()
         await self.fleet.start()
 
+    async def resumable_cells(self) -> frozenset[str]:
+        """A replica keeps no cell for reopening: an adopter runs the task again (see the
+        module doc), and a cell kept here might never be claimed here again."""
+        return frozenset()
+
     # -- what every replica sees --
 
     async def admit(self, body: Any) -> None:

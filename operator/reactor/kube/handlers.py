@@ -52,7 +52,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.scanning.disabled = True
     confinement = memo.supervisor.engine.confinement.status
     (logger.info if confinement.confined else logger.warning)("%s", confinement.message)
-    for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir):
+    # Cells of tasks that will be reopened in their sessions keep their checkout and state dir.
+    keep = await memo.supervisor.resumable_cells()
+    for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir, None, keep):
         logger.warning("startup cleanup: %s", line)
     await memo.supervisor.start()  # reads the SpendLimits first: no task starts past one
     if memo.get("web") is not None:

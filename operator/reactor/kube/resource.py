@@ -73,6 +73,7 @@ class AgentTaskSpec(_Spec):
     timeout: str = "30m"
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     depends_on: list[str] = Field(default_factory=list, alias="dependsOn")
+    resume: str = "reattach"  # after an operator crash mid-turn: reopen the agent's session, or "restart"
 
     def to_task_spec(self, ref: TaskRef, repo: Path, env: dict[str, str] | None = None,
                      started_at: float | None = None, start_from: list[str] | None = None) -> TaskSpec:

@@ -58,6 +58,7 @@ def result_status(result: TaskResult) -> dict[str, Any]:
         "filesChanged": result.files_changed,
         "testExitCode": result.test_exit_code,
         "testOutputTail": result.test_output_tail[-2000:],
+        "resumed": result.resumed,
     }
 
 
@@ -184,6 +185,7 @@ class TaskStatus:
         self.waiting_detail: dict[str, Any] = {}
         # The parents (spec.dependsOn) this task saw, name -> uid, as its status recorded them.
         self.seen_parents: dict[str, str] = {}
+        self.reopen_session: str | None = None  # an interrupted run's OpenCode session, to reopen
         self.observation: Any = None  # reactor.observe TaskObservation of the run, once it runs
         self.publisher: Any = None  # its ProgressPublisher
 

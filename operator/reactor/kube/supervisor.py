@@ -29,7 +29,7 @@ from kubernetes import client as k8s
 from reactor.errors import ConfigurationError
 from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
-from reactor.infra.processes import is_marked_for, kill_process_group
+from reactor.infra.processes import find_marked_processes, is_marked_for, kill_process_group
 from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.progress import ProgressPublisher
 from reactor.kube.resource import GROUP, PLURAL, VERSION, AgentTaskSpec, TaskRef, parse_time
@@ -112,6 +112,15 @@ class TaskSupervisor:
             self._start(body, attempt=max(attempts, 1))  # a clean shutdown costs no attempt
             return
         previous = status.get("result") or {}
+        session = _resumable_session(body)
+        if session is not None and attempts < MAX_ATTEMPTS:
+            # spec.resume reattach: the agent's checkout and session stay; only its server goes.
+            await self.reap(ref, status, keep_results=False, keep_cell=True)
+            message = (f"operator restarted during {phase}; reopening the agent's session {session} "
+                       "on its checkout as it was")
+            await self.status.event(ref, "Retrying", message, warning=True)
+            self._start(body, attempt=attempts + 1, reopen_session=session)
+            return
         # Only a commit made after the tests passed is a result; any other (the agent's own)
         # goes with the reaped worktree, so the retry starts from a fresh branch.
         committed = bool(previous.get("commit")) or phase in COMMITTED_PHASES
@@ -131,6 +140,19 @@ class TaskSupervisor:
             self._observed(verdict)
             await verdict.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED,
                                             reason=Reason.OPERATOR_RESTARTED, message=message))
+
+    async def resumable_cells(self) -> frozenset[str]:
+        """Before the startup sweep: the cells of the watched tasks that will be reopened."""
+        spaces = self.namespaces or [None]
+        bodies: list[Any] = []
+        for namespace in spaces:
+            if namespace is None:
+                listed = await asyncio.to_thread(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+            else:
+                listed = await asyncio.to_thread(self.custom.list_namespaced_custom_object, GROUP, VERSION,
+                                                 namespace, PLURAL)
+            bodies += listed.get("items") or []
+        return resumable_cells(bodies)
 
     def task_changed(self, body: Any) -> None:
         """Any AgentTask changed (or went away): wake the tasks that depend on it."""
@@ -178,7 +200,7 @@ class TaskSupervisor:
     # -- running --
 
     def _start(self, body: Any, attempt: int, resume_commit: str | None = None,
-               previous_result: dict | None = None) -> None:
+               previous_result: dict | None = None, reopen_session: str | None = None) -> None:
         ref = TaskRef.from_body(body)
         status = TaskStatus(self.status, ref, body["metadata"].get("generation"), attempt, previous_result)
         status.seen_parents = {d["name"]: d.get("uid") or "" for d in (body.get("status") or {}).get("dependencies") or []
@@ -186,6 +208,7 @@ class TaskSupervisor:
         if attempt > 1 or resume_commit is not None:  # the task's budget covers all its attempts
             status.previous_progress = (body.get("status") or {}).get("progress")
         started_at = parse_time((body.get("status") or {}).get("startTime"))
+        status.reopen_session = reopen_session
         task = asyncio.create_task(self._run(ref, body["spec"], status, started_at, resume_commit),
                                    name=f"agenttask {ref}")
         run = self._runs[ref.uid] = _Run(task, status)
@@ -267,7 +290,8 @@ class TaskSupervisor:
         try:
             await run_task(task, self.engine, status.report, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
-                           resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch])
+                           resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch],
+                           reopen_session=status.reopen_session)
         finally:
             self._controls.pop(ref.uid, None)
             if publisher is not None:
@@ -366,16 +390,21 @@ class TaskSupervisor:
 
     # -- orphans --
 
-    async def reap(self, ref: TaskRef, status: dict, *, keep_results: bool) -> list[str]:
+    async def reap(self, ref: TaskRef, status: dict, *, keep_results: bool, keep_cell: bool = False) -> list[str]:
         """Kill a cell's server recorded in status (only if it still carries this cell's
         marker: the PID may have been reused) and remove its worktree. A result branch that
-        holds a commit is kept when ``keep_results`` (its head is returned), else deleted."""
+        holds a commit is kept when ``keep_results`` (its head is returned), else deleted.
+        ``keep_cell``: only the server goes (its checkout and state dir are resumed)."""
         cell = status.get("cell") or {}
         cell_id = cell.get("cellId") or ref.cell_id
         pid = cell.get("serverPid")
         if pid and is_marked_for(int(pid), cell_id):
             log.warning("%s: killing orphaned server pid %s", ref, pid)
             await asyncio.to_thread(kill_process_group, int(pid))
+        if keep_cell:
+            for leftover in await asyncio.to_thread(find_marked_processes, str(self.engine.work_dir), cell_id):
+                await asyncio.to_thread(kill_process_group, leftover.pid)
+            return []
         removed = await asyncio.to_thread(self.engine.worktrees.remove_slot, cell_id)
         kept = []
         for worktree in removed:
@@ -401,6 +430,30 @@ class TaskSupervisor:
     async def _head(repo: Any, branch: str) -> str:
         return await asyncio.to_thread(git, repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}",
                                        check=False)
+
+
+# Phases in which the agent's session holds its work: an interrupted one is reopened there.
+RESUMABLE_PHASES = (Phase.EXECUTING.value, Phase.TESTING.value)
+
+
+def _resumable_session(body: Any) -> str | None:
+    """The OpenCode session to reopen after an operator crash: the task was interrupted in
+    its agent's turn or its tests, recorded a session, and spec.resume is not restart."""
+    status = body.get("status") or {}
+    if (body.get("spec") or {}).get("resume", "reattach") == "restart" or status.get("phase") not in RESUMABLE_PHASES:
+        return None
+    return (status.get("cell") or {}).get("sessionId") or None
+
+
+def resumable_cells(bodies: list[Any]) -> frozenset[str]:
+    """Cells the startup sweep must leave (checkout and state dir): those of tasks that will
+    be reopened in their sessions."""
+    cells = set()
+    for body in bodies:
+        if _resumable_session(body) is not None and not body["metadata"].get("deletionTimestamp"):
+            cell = ((body.get("status") or {}).get("cell") or {}).get("cellId")
+            cells.add(cell or TaskRef.from_body(body).cell_id)
+    return frozenset(cells)
 
 
 def _spent_before(progress: dict | None) -> Spend | None:
