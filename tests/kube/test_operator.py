@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
 from reactor_dev.testing.repos import git, make_repo
 from tests.kube.conftest import kubectl_apply
 from reactor_dev.testing.operator_process import operators
@@ -110,24 +110,43 @@ def test_delete_mid_run_stops_everything_within_seconds(operator, namespace, app
     print(f"\ndelete -> gone: {took:.2f}s")
 
 
-def test_operator_killed_mid_run_recovers_on_restart(operator, namespace, app_repo, work_dir):
+@pytest.mark.timeout(900)  # two boots and an operator restart, on a loaded machine
+def test_operator_killed_mid_run_reopens_the_agents_session_on_restart(operator, namespace, app_repo, work_dir):
     op = operator()
-    with ScriptedModel([Scenario("survivor:", [hang(times=1), FIX, text("Fixed.")])]) as model:
-        kubectl_apply(op.cluster, namespace, task_manifest("survivor", app_repo, model))
+    # The agent writes notes.txt, then its next model call hangs: the operator dies mid-turn.
+    steps = [write("notes.txt", "step one\n"), hang(times=1), FIX, text("Fixed.")]
+    with ScriptedModel([Scenario("survivor:", steps)]) as model:
+        # A time box with room for two boots and a restart on a loaded machine.
+        kubectl_apply(op.cluster, namespace, task_manifest("survivor", app_repo, model, timeout="10m"))
         obj = op.wait_for("survivor", lambda o: o and o.get("status", {}).get("phase") == "Executing"
                           and (o["status"].get("cell") or {}).get("serverPid"), what="Executing")
         orphan = obj["status"]["cell"]["serverPid"]
-        # Kill the operator while its agent is mid-turn: the model holds the first request.
         op.wait_for("survivor", lambda o: any(r["kind"] == "hang" for r in model.requests), what="agent mid-turn")
+        session = op.get("survivor")["status"]["cell"]["sessionId"]
         op.stop(signal.SIGKILL)
         assert psutil.pid_exists(orphan), "the server outlived the killed operator (the orphan to reap)"
+        crashed = len(model.requests)
 
+        restarted_at = time.time()
         restarted = operator()
-        obj = restarted.wait_terminal("survivor")
+        obj = restarted.wait_terminal("survivor", timeout=600)
         assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
-    assert obj["status"]["phase"] in ("Succeeded", "Failed")
-    assert obj["status"]["attempts"] == 2
-    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+        after = [r for r in model.requests[crashed:] if r.get("scenario") == "survivor:"]
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["attempts"] == 2 and status["result"]["resumed"] == "reopened"
+    assert status["result"]["filesChanged"] == ["calc.py", "notes.txt"], "the work before the crash is kept"
+    retried = [e["message"] for e in restarted.events("survivor") if e["reason"] == "Retrying"]
+    assert retried and f"reopening the agent's session {session}" in retried[0], retried
+    # The same conversation, continued: the reopened session's first model call carries the
+    # call made before the crash and exactly one new message; that call is not made again.
+    first = after[0]["body"]["messages"]
+    users = [m for m in first if m["role"] == "user"]
+    assert len(users) == 2 and "Reactor was restarted while you worked" in str(users[1]["content"]), users
+    assert any(call["function"]["name"] == "write" for m in first for call in m.get("tool_calls") or [])
+    assert [r.get("answer") for r in model.requests if r.get("scenario") == "survivor:"].count("tool write") == 1
+    print(f"\nrestart to agent busy (reopen): {after[0]['time'] - restarted_at:.1f}s; "
+          f"model calls after recovery: {len(after)} (from scratch: 3)")
     restarted.cluster.kubectl("delete", "-n", namespace, "agenttask", "survivor", "--timeout=15s")
     assert restarted.get("survivor") is None, "no finalizer stuck"
 
