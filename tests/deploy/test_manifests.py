@@ -15,7 +15,7 @@ import yaml
 from reactor import OPENCODE_VERSION
 from tests.deploy.conftest import EXAMPLES, MANIFESTS, ROOT, load_all, ok
 
-EXAMPLE_FILES = ["task.yaml", "parallel.yaml", "secrets.yaml", "spendlimit.yaml", "monitoring/logs-reader-rbac.yaml"]
+EXAMPLE_FILES = ["task.yaml", "parallel.yaml", "stacked.yaml", "secrets.yaml", "spendlimit.yaml", "monitoring/logs-reader-rbac.yaml"]
 
 
 def dry_run(cluster, *args: str, input: str | None = None):
