@@ -7,18 +7,21 @@ from reactor.infra.servers import keep_session_store
 from reactor.kube.supervisor import resumable_cells
 
 
-def body(name: str, phase: str, *, session: str | None = "ses_1", resume: str = "reattach", deleting: bool = False):
+def body(name: str, phase: str, *, session: str | None = "ses_1", resume: str = "reattach", deleting: bool = False,
+         attempts: int = 1):
     meta = {"name": name, "namespace": "ns", "uid": f"{name}-uid-0000", "creationTimestamp": ""}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": meta, "spec": {"resume": resume},
-            "status": {"phase": phase, "cell": {"sessionId": session, "cellId": f"ns.{name}.cell"}}}
+            "status": {"phase": phase, "attempts": attempts,
+                       "cell": {"sessionId": session, "cellId": f"ns.{name}.cell"}}}
 
 
 def test_tasks_interrupted_in_their_agents_work_keep_their_cells_unless_they_ask_to_restart():
     bodies = [body("exec", "Executing"), body("test", "Testing"), body("boot", "Bootstrapping"),
               body("push", "Pushing"), body("done", "Succeeded"), body("nosession", "Executing", session=None),
-              body("restart", "Executing", resume="restart"), body("gone", "Executing", deleting=True)]
+              body("restart", "Executing", resume="restart"), body("gone", "Executing", deleting=True),
+              body("twice", "Executing", attempts=2)]  # no attempt left: it fails, nothing to keep
     assert resumable_cells(bodies) == {"ns.exec.cell", "ns.test.cell"}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from reactor.errors import ConfigurationError
 from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.processes import find_marked_processes, is_marked_for, kill_process_group
+from reactor.infra.worktrees import safe_component
 from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.progress import ProgressPublisher
 from reactor.kube.resource import GROUP, PLURAL, VERSION, AgentTaskSpec, TaskRef, parse_time
@@ -113,7 +115,7 @@ class TaskSupervisor:
             return
         previous = status.get("result") or {}
         session = _resumable_session(body)
-        if session is not None and attempts < MAX_ATTEMPTS:
+        if session is not None:
             # spec.resume reattach: the agent's checkout and session stay; only its server goes.
             await self.reap(ref, status, keep_results=False, keep_cell=True)
             message = (f"operator restarted during {phase}; reopening the agent's session {session} "
@@ -406,6 +408,8 @@ class TaskSupervisor:
                 await asyncio.to_thread(kill_process_group, leftover.pid)
             return []
         removed = await asyncio.to_thread(self.engine.worktrees.remove_slot, cell_id)
+        # A cell kept for reopening by the startup sweep has its state dir still.
+        await asyncio.to_thread(shutil.rmtree, self.engine.cells_dir / safe_component(cell_id), True)
         kept = []
         for worktree in removed:
             head = await self._head(worktree.repo, worktree.branch)
@@ -441,6 +445,8 @@ def _resumable_session(body: Any) -> str | None:
     its agent's turn or its tests, recorded a session, and spec.resume is not restart."""
     status = body.get("status") or {}
     if (body.get("spec") or {}).get("resume", "reattach") == "restart" or status.get("phase") not in RESUMABLE_PHASES:
+        return None
+    if int(status.get("attempts") or 0) >= MAX_ATTEMPTS:  # it fails instead (OperatorRestarted)
         return None
     return (status.get("cell") or {}).get("sessionId") or None
 
