@@ -41,6 +41,7 @@ async def test_a_run_killed_mid_turn_is_reopened_in_its_session(repo, work_dir):
     with ScriptedModel([Scenario("T-REOPEN", steps)]) as model:
         spec = TaskSpec(task_id="T-REOPEN", prompt="T-REOPEN: fix add() in calc.py", repo=repo,
                         test_command="python3 -m pytest -q", opencode_config=model.opencode_config(), timeout=300)
+        first_start = time.time()
         killed = KillableRun(spec, work_dir, "T-REOPEN").start()
         try:
             await until(reached.is_set, 240, "the agent's second model call")
@@ -72,5 +73,6 @@ async def test_a_run_killed_mid_turn_is_reopened_in_its_session(repo, work_dir):
     assert "notes.txt" in continuations[0], "the agent is told what is done"
     assert git(repo, "show", "--name-only", "--format=", result.commit).split() == ["calc.py", "notes.txt"]
     assert worktrees_of(repo, work_dir) == [] and engine.ports.held() == {}
-    print(f"\nrestart to agent busy: {after[0]['time'] - resumed_at:.2f}s; model calls after recovery: "
+    print(f"\nstart to agent busy, first run: {ours[0]['time'] - first_start:.1f}s; "
+          f"restart to agent busy (reopen): {after[0]['time'] - resumed_at:.1f}s; model calls after recovery: "
           f"{len(after)} (from scratch: {len(steps) - 2})")
