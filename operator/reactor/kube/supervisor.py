@@ -147,13 +147,17 @@ class TaskSupervisor:
         """Before the startup sweep: the cells of the watched tasks that will be reopened."""
         spaces = self.namespaces or [None]
         bodies: list[Any] = []
-        for namespace in spaces:
-            if namespace is None:
-                listed = await asyncio.to_thread(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-            else:
-                listed = await asyncio.to_thread(self.custom.list_namespaced_custom_object, GROUP, VERSION,
-                                                 namespace, PLURAL)
-            bodies += listed.get("items") or []
+        try:
+            for namespace in spaces:
+                if namespace is None:
+                    listed = await asyncio.to_thread(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+                else:
+                    listed = await asyncio.to_thread(self.custom.list_namespaced_custom_object, GROUP, VERSION,
+                                                     namespace, PLURAL)
+                bodies += listed.get("items") or []
+        except Exception as exc:  # IG: then nothing is kept, and interrupted tasks run again from the start
+            log.warning("cannot list the tasks to resume (%s): interrupted tasks will run again from the start", exc)
+            return frozenset()
         return resumable_cells(bodies)
 
     def task_changed(self, body: Any) -> None:
