@@ -52,11 +52,11 @@ def test_invalid_specs_are_rejected_naming_the_field(crd_installed, namespace, o
 def test_a_url_carrying_credentials_is_refused_pointing_at_the_secret_ref(crd_installed, namespace):
     for url in ("https://ci-bot:ghp_S3cr3tT0ken@github.com/example/app.git", "https://ghp_S3cr3tT0ken@github.com/e/a.git",
                 "ssh://git:ghp_S3cr3tT0ken@github.com/example/app.git"):
-        out = kubectl_apply(crd_installed, namespace, agenttask("creds", repository={"url": url}))
+        out = kubectl_apply(crd_installed, namespace, agent_task("creds", url))
         assert out.returncode != 0, url
         assert "spec.repository.url" in out.stderr and "spec.repository.credentialsSecretRef" in out.stderr, out.stderr
         assert "S3cr3t" not in out.stderr, "the refusal repeats the token"
-    ssh_user = kubectl_apply(crd_installed, namespace, agenttask("ssh-user", repository={"url": "ssh://git@github.com/e/a.git"}))
+    ssh_user = kubectl_apply(crd_installed, namespace, agent_task("ssh-user", "ssh://git@github.com/e/a.git"))
     assert ssh_user.returncode == 0, ssh_user.stderr
 
 
