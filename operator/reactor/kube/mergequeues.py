@@ -40,7 +40,8 @@ from prometheus_client.registry import Collector
 
 from reactor.durations import parse_duration
 from reactor.infra.mirrors import GitCredentials, RepositoryMirrors
-from reactor.kube.fleet import JSON_PATCH, json_patch_operations, micro_time
+from reactor.kube.fleet import micro_time
+from reactor.kube.status import JSON_PATCH, json_patch_operations
 from reactor.kube.resource import GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, MergeQueueSpec, TaskRef, format_time
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import IntegrationStatus
