@@ -1,6 +1,10 @@
 """The rules of spec.dependsOn (kube/dependencies.py): start, wait or fail."""
 
+import asyncio
+
 from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
+from reactor.kube.resource import TaskRef
+from reactor.kube.supervisor import DependencyCheck
 from reactor.workflow.types import Reason
 
 URL = "file:///srv/repos/app.git"
@@ -69,3 +73,27 @@ def test_view_from_an_object():
                                       {"type": "Succeeded", "reason": "DependencyFailed"}]}}
     assert TaskView.from_body(body) == task("a", "Failed", uid="u1", reason="DependencyFailed", depends_on=("z",),
                                            deleting=True)
+
+
+def body(name: str, phase: str | None = None, *, commit: str | None = None, depends_on: list[str] | None = None) -> dict:
+    status = {"phase": phase, "result": {"commit": commit}} if phase else {}
+    return {"metadata": {"namespace": "team", "name": name, "uid": f"uid-{name}"},
+            "spec": {"repository": {"url": URL}, **({"dependsOn": depends_on} if depends_on else {})}, "status": status}
+
+
+async def test_the_admission_check_holds_a_dependent_until_its_parent_changes_then_lets_it_be_taken():
+    """The supervisor's admission hook: waiting (with waitingOn) holds the task before any slot
+    or claim; a start or a fail lets it be taken (the holder then starts it or fails it)."""
+    check, child = DependencyCheck(), body("b", depends_on=["a"])
+    ref = TaskRef.from_body(child)
+    check.saw(None, body("a", "Executing"))
+    reason, message, fields = check.blocked(ref, child)
+    assert reason is Reason.DEPENDENCIES_PENDING and fields["waitingOn"] == "a"
+    assert fields["dependencies"] == [{"name": "a", "uid": "uid-a", "commit": None}]
+    check.saw(None, body("a", "Succeeded", commit="a" * 40))
+    await asyncio.wait_for(check.changed(ref), 5)  # woken by the parent's change, not the re-check
+    assert check.blocked(ref, child) is None
+    assert check.decision(ref, child).start_commits == ("a" * 40,)
+    check.saw("DELETED", body("a"))
+    assert check.blocked(ref, child) is None and check.decision(ref, child).verdict is Verdict.FAIL
+    assert check.blocked(TaskRef.from_body(body("c")), body("c")) is None, "no dependsOn: never held"
