@@ -29,7 +29,7 @@ def hanging(matrix: Matrix, row: Row) -> bool:
 
 @pytest.fixture(scope="module")
 def crash(matrix: Matrix) -> dict:
-    args = ("--port-range", "23300-23400", "--max-agents", "6",
+    args = ("--port-range", "23300-23400", "--max-agents", "5",
             "--opencode-bin", str(held_boot_binary(matrix.root, BOOT_HOLD)))
     op = matrix.start_operator(*args)
     script = matrix.model.script
