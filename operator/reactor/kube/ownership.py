@@ -181,7 +181,7 @@ class ClaimedOrigin(MirrorOrigin):
     """Pushes only while the task is still ours: re-read right before the push."""
 
     def __init__(self, origin: MirrorOrigin, confirm: Callable[[], Awaitable[bool]]):
-        super().__init__(origin.mirrors, origin.url, origin.credentials, pushes=origin.pushes)
+        super().__init__(origin.mirrors, origin.namespace, origin.url, origin.credentials, pushes=origin.pushes)
         self.confirm = confirm
 
     async def push(self, branch: str, commit: str) -> None:
