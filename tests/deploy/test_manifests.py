@@ -16,7 +16,7 @@ from reactor import OPENCODE_VERSION
 from reactor_dev.testing.shipped import EXAMPLES, MANIFESTS, ROOT, load_all
 from reactor_dev.testing.tasks import ok
 
-EXAMPLE_FILES = ["task.yaml", "parallel.yaml", "secrets.yaml", "spendlimit.yaml", "monitoring/logs-reader-rbac.yaml"]
+EXAMPLE_FILES = ["task.yaml", "parallel.yaml", "stacked.yaml", "secrets.yaml", "spendlimit.yaml", "monitoring/logs-reader-rbac.yaml"]
 
 
 def dry_run(cluster, *args: str, input: str | None = None):
@@ -280,11 +280,12 @@ def test_get_agenttasks_shows_the_printer_columns(crd_installed, namespace):
                              "--type=merge", "-p", json.dumps(status)))
 
     table = ok(crd_installed.kubectl("get", "-n", namespace, "agenttasks")).splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE"]
+    assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "WAITING-ON", "AGE"]
     assert table[1].split()[:5] == ["fix-add", "Succeeded", "committed", "0123456", "$0.0123"]
 
     wide = ok(crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide")).splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON", "REPLICA", "CLAIMED", "PR"]
+    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "WAITING-ON", "AGE", "ACTIVITY", "TOKENS", "PORT",
+                               "REASON", "REPLICA", "CLAIMED", "PR"]
     row = wide[1].split()
     assert row[:5] == ["fix-add", "Succeeded", "committed", "0123456", "$0.0123"]
     assert row[-4:] == ["idle", "4100", "20001", "Committed"]

@@ -37,6 +37,9 @@ def test_a_valid_task_is_accepted_with_defaults(crd_installed, namespace):
         ({"repository": {"url": "https://example.com/a/b.git"}, "result": {"kind": "branch", "draft": True}},
          "spec.result.draft", "apply only to spec.result.kind pullRequest"),
         ({"result": {"kind": "pr"}}, "spec.result.kind", "Unsupported value"),
+        ({"dependsOn": ["Add_API"]}, "spec.dependsOn[0]", "must be the name of an AgentTask"),
+        ({"dependsOn": ["a", "a"]}, "spec.dependsOn[1]", "Duplicate value"),
+        ({"dependsOn": ["bad"]}, "spec.dependsOn", "must not name the task itself"),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(crd_installed, namespace, overrides, field, why):
@@ -77,13 +80,14 @@ def test_printer_columns(crd_installed, namespace):
     status = {"status": {"phase": "Succeeded", "result": {"outcome": "committed", "shortCommit": "abc1234"},
                          "usage": {"cost": 0.0123, "costDisplay": "$0.0123"}, "cell": {"port": 8001},
                          "progress": {"costDisplay": "$0.0123", "activity": "idle", "totalTokens": 900},
+                         "waitingOn": "add-api",
                          "conditions": [{"type": "Succeeded", "status": "True", "reason": "Committed"}]}}
     patched = crd_installed.kubectl("patch", "-n", namespace, "at", "cols", "--subresource=status", "--type=merge",
                                     "-p", json.dumps(status))
     assert patched.returncode == 0, patched.stderr
     table = crd_installed.kubectl("get", "-n", namespace, "agenttasks").stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE"]
-    assert table[1].split()[:5] == ["cols", "Succeeded", "committed", "abc1234", "$0.0123"]
+    assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "WAITING-ON", "AGE"]
+    assert table[1].split()[:6] == ["cols", "Succeeded", "committed", "abc1234", "$0.0123", "add-api"]
     wide = crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON", "REPLICA", "CLAIMED", "PR"]
+    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "WAITING-ON", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON", "REPLICA", "CLAIMED", "PR"]
     assert wide[1].split()[-4:] == ["idle", "900", "8001", "Committed"]

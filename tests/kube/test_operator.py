@@ -8,12 +8,13 @@ SIGKILL then retry: test_crash; --max-agents: test_capacity)."""
 from __future__ import annotations
 
 import signal
+import time
 
 import psutil
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
 from reactor_dev.testing.operator_process import operators
 from reactor_dev.testing.repos import make_repo
 from reactor_dev.testing.tasks import agent_task, condition, kubectl_apply
@@ -38,6 +39,67 @@ def task_manifest(name: str, repo, model: ScriptedModel, **spec) -> dict:
     # The default time box (30m): no test here is about it, and on a loaded machine a run
     # across an operator restart takes minutes.
     return agent_task(name, repo, model, **spec)
+
+
+@pytest.mark.timeout(900)  # two boots and an operator restart, on a loaded machine
+def test_operator_killed_mid_run_reopens_the_agents_session_on_restart(operator, namespace, app_repo, work_dir):
+    op = operator()
+    # The agent writes notes.txt, then its next model call hangs: the operator dies mid-turn.
+    steps = [write("notes.txt", "step one\n"), hang(times=1), FIX, text("Fixed.")]
+    with ScriptedModel([Scenario("survivor:", steps)]) as model:
+        # A time box with room for two boots and a restart on a loaded machine.
+        kubectl_apply(op.cluster, namespace, task_manifest("survivor", app_repo, model, timeout="10m"))
+        obj = op.wait_for("survivor", lambda o: o and o.get("status", {}).get("phase") == "Executing"
+                          and (o["status"].get("cell") or {}).get("serverPid"), what="Executing")
+        orphan = obj["status"]["cell"]["serverPid"]
+        op.wait_for("survivor", lambda o: any(r["kind"] == "hang" for r in model.requests), what="agent mid-turn")
+        session = op.get("survivor")["status"]["cell"]["sessionId"]
+        op.stop(signal.SIGKILL)
+        assert psutil.pid_exists(orphan), "the server outlived the killed operator (the orphan to reap)"
+        crashed = len(model.requests)
+
+        restarted_at = time.time()
+        restarted = operator()
+        obj = restarted.wait_terminal("survivor", timeout=600)
+        assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
+        after = [r for r in model.requests[crashed:] if r.get("scenario") == "survivor:"]
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["attempts"] == 2 and status["result"]["resumed"] == "reopened"
+    assert status["result"]["filesChanged"] == ["calc.py", "notes.txt"], "the work before the crash is kept"
+    retried = [e["message"] for e in restarted.events("survivor") if e["reason"] == "Retrying"]
+    assert retried and f"reopening the agent's session {session}" in retried[0], retried
+    # The same conversation, continued: the reopened session's first model call carries the
+    # call made before the crash and exactly one new message; that call is not made again.
+    first = after[0]["body"]["messages"]
+    users = [m for m in first if m["role"] == "user"]
+    assert len(users) == 2 and "Reactor was restarted while you worked" in str(users[1]["content"]), users
+    assert any(call["function"]["name"] == "write" for m in first for call in m.get("tool_calls") or [])
+    assert [r.get("answer") for r in model.requests if r.get("scenario") == "survivor:"].count("tool write") == 1
+    print(f"\nrestart to agent busy (reopen): {after[0]['time'] - restarted_at:.1f}s; "
+          f"model calls after recovery: {len(after)} (from scratch: 3)")
+    restarted.cluster.kubectl("delete", "-n", namespace, "agenttask", "survivor", "--timeout=15s")
+    assert restarted.get("survivor") is None, "no finalizer stuck"
+
+
+def test_capacity_bounds_concurrent_cells(operator, namespace, app_repo, work_dir):
+    op = operator("--max-agents", "2")
+    names = [f"cap-{i}" for i in range(6)]
+    # Each cell's first answer waits until two cells have a request open at once: the peak,
+    # counted by the model as requests start and end, must reach the limit and never pass it.
+    scenarios = [Scenario(f"{n}:", [edit("calc.py", "return a - b", "return a + b", together=2), text("Fixed.")])
+                 for n in names]
+    with ScriptedModel(scenarios) as model:
+        for name in names:
+            kubectl_apply(op.cluster, namespace, task_manifest(name, app_repo, model, resultBranch=f"reactor/{name}"))
+        waited = op.wait_for(names[-1], lambda o: o and any(c["reason"] == "WaitingForCapacity"
+                                                            for c in (o.get("status") or {}).get("conditions", [])),
+                             what="the last task waiting for capacity")
+        objs = [op.wait_terminal(n, timeout=300) for n in names]
+        peak = model.peak_in_flight
+    assert waited["status"]["phase"] == "Pending"
+    assert {o["status"]["phase"] for o in objs} == {"Succeeded"}, [o["status"]["message"] for o in objs]
+    assert peak == 2, f"at most 2 cells at once, and the limit was used: peak {peak}"
 
 
 def test_reapplying_a_finished_task_does_not_run_it_again(operator, namespace, app_repo):

@@ -66,10 +66,12 @@ class Reaper:
 
     def __init__(self, kept: list[str] | None = None):
         self.calls: list[bool] = []
+        self.cells_kept: list[bool] = []
         self.kept = kept or []
 
-    async def __call__(self, ref: TaskRef, found: AgentTaskStatus, keep_results: bool) -> list[str]:
+    async def __call__(self, ref: TaskRef, found: AgentTaskStatus, keep_results: bool, keep_cell: bool = False) -> list[str]:
         self.calls.append(keep_results)
+        self.cells_kept.append(keep_cell)
         return self.kept if keep_results else []
 
 
@@ -98,6 +100,22 @@ async def test_one_replica_runs_an_interrupted_task_again_from_a_fresh_branch():
     assert reaper.calls == [False], "the agent's own commits go with the worktree"
     assert plan.resume_commit is None and plan.attempt == 2
     assert plan.retrying == "operator restarted during Executing; orphaned cell cleaned up; running again"
+
+
+async def test_one_replica_reopens_the_session_of_a_task_cut_off_in_its_agents_work_unless_told_to_restart():
+    cell = {"sessionId": "ses_1", "cellId": "team.t1.uid-1"}
+    reaper = Reaper()
+    plan = await SingleReplica(reaper).plan(REF, status(phase="Testing", attempts=1, cell=cell))
+    assert reaper.cells_kept == [True], "only the server goes: the checkout and state dir stay"
+    assert plan.reopen_session == "ses_1" and plan.attempt == 2 and plan.resume_commit is None
+    assert plan.retrying == ("operator restarted during Testing; reopening the agent's session ses_1 "
+                             "on its checkout as it was")
+    reaper = Reaper()
+    restart = await SingleReplica(reaper).plan(REF, status(phase="Testing", attempts=1, cell=cell), "restart")
+    assert restart.reopen_session is None and reaper.cells_kept == [False]
+    assert restart.retrying == "operator restarted during Testing; orphaned cell cleaned up; running again"
+    adopted = await fleet().plan(REF, status(phase="Executing", attempts=1, cell=cell, **claimed_by("r0.a")))
+    assert adopted.reopen_session is None, "a fleet runs a lost replica's task again from the start"
 
 
 # ------------------------------------------------------------------ a fleet: claims and Leases

@@ -138,9 +138,10 @@ class Matrix:
 
     # -- tasks --
 
-    def row(self, name: str, **spec) -> Row:
-        """A task on a fresh origin; ``spec`` overrides the defaults (dicts are merged one level)."""
-        origin = Origin(self.root / "origins", name)
+    def row(self, name: str, origin: Origin | None = None, **spec) -> Row:
+        """A task on a fresh origin (or ``origin``, shared with other rows); ``spec`` overrides
+        the defaults (dicts are merged one level)."""
+        origin = origin or Origin(self.root / "origins", name)
         # No row is about the time box but test_crash's k-box; on a loaded machine a
         # crash-and-retry row takes minutes.
         body = agent_task(name, origin.url, self.model, description=f"fault row {name}", timeout="30m")["spec"]

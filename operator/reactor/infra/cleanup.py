@@ -15,7 +15,9 @@ from reactor.infra.processes import find_marked_processes, kill_process_group
 from reactor.infra.worktrees import WorktreeManager, safe_component
 
 
-def cleanup_leftovers(work_dir: Path, repo: Path | None = None) -> list[str]:
+def cleanup_leftovers(work_dir: Path, repo: Path | None = None, keep: frozenset[str] = frozenset()) -> list[str]:
+    """``keep``: cell ids whose checkout and state dir stay (the operator resumes them in
+    their sessions); their orphaned servers are killed all the same."""
     work_dir = Path(work_dir).resolve()
     report = []
     live_cells = set()
@@ -31,12 +33,12 @@ def cleanup_leftovers(work_dir: Path, repo: Path | None = None) -> list[str]:
     for repository in sorted(repos):
         if not repository.exists():
             continue
-        for worktree in manager.cleanup(repository):
+        for worktree in manager.cleanup(repository, keep):
             report.append(f"removed worktree {worktree.path} (branch {worktree.branch}) of {repository}")
 
     cells_dir = work_dir / "cells"
     for cell_dir in sorted(cells_dir.iterdir()) if cells_dir.is_dir() else []:
-        if cell_dir.name not in live_cells:
+        if cell_dir.name not in live_cells and cell_dir.name not in {safe_component(c) for c in keep}:
             # shutil.rmtree is fd-based here: it removes links the cell planted, never their targets.
             shutil.rmtree(cell_dir, ignore_errors=True)
             report.append(f"removed cell state {cell_dir}")

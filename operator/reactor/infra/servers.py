@@ -28,6 +28,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,46 @@ STOP_TERM_GRACE = 0.2
 # How long the launcher may then take to kill and reap the rest before the operator does it.
 _REAPER_SLACK = 2.0
 _WITHHELD_ENV = ("KUBECONFIG", "OPENCODE_SERVER_PASSWORD", "OPENCODE_SERVER_USERNAME", "OPENCODE_CONFIG_CONTENT")
+
+
+def keep_session_store(state_dir: Path) -> bool:
+    """Before a cell's server is started again on a state dir an earlier server wrote (an
+    operator killed mid-task): keep OpenCode's data (``data/opencode``: its sessions, which
+    the new server loads, confined) and make everything else anew. True when there was a
+    store to keep.
+
+    The old state dir is the cell's writing: nothing in it is read or followed by us. It is
+    renamed aside (its parent is Reactor's), the one directory entry moved by name relative to
+    directory descriptors opened with O_NOFOLLOW (a symlink planted for ``data`` or
+    ``data/opencode`` is refused, not followed), and the rest removed (rmtree does not follow
+    links). No process of the cell runs meanwhile (the caller killed them by marker)."""
+    old = state_dir.with_name(state_dir.name + ".previous")
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(state_dir, old)
+    except FileNotFoundError:
+        return False
+    state_dir.mkdir(mode=0o700)
+    kept = False
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        source = os.open(old / "data", flags)
+        try:
+            if stat.S_ISDIR(os.stat("opencode", dir_fd=source, follow_symlinks=False).st_mode):
+                (state_dir / "data").mkdir(mode=0o700)
+                target = os.open(state_dir / "data", flags)
+                try:
+                    os.rename("opencode", "opencode", src_dir_fd=source, dst_dir_fd=target)
+                    kept = True
+                finally:
+                    os.close(target)
+        finally:
+            os.close(source)
+    except OSError as exc:  # absent, or a symlink (ELOOP/ENOTDIR): nothing kept
+        log.warning("state dir %s: OpenCode's data not kept: %s", state_dir, exc)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return kept
 
 
 class ServerBootError(ReactorError):

@@ -1,4 +1,6 @@
-"""Checkouts for cells: one fresh branch per task, cut from the base branch.
+"""Checkouts for cells: one fresh branch per task, cut from the base branch (or from a given
+start commit: a task that builds on other tasks' results starts at their result commit, or
+at Reactor's merge of several, see ``integrate``).
 
 A cell's checkout is a clone of the source repository (the user's repository in
 `reactor run`, the operator's mirror) that borrows its objects read-only through
@@ -10,7 +12,7 @@ config and every branch. In a clone every git write stays inside the cell.
 The base branch and the user's checkout are never modified. The agent's change comes back
 as exactly one commit, made by Reactor (confined, in the cell), fetched by its SHA into the
 source repository through a confined `git upload-pack`, checked (its only parent is the
-base commit, it changes exactly the tested paths) and only then named by the result branch.
+commit the cell started from, it changes exactly the tested paths) and only then named by the result branch.
 
 Git serialises ref bookkeeping with lock files and fails, rather than waits, when two
 commands collide. So every operation that changes a source repository's refs holds a
@@ -28,6 +30,7 @@ import os
 import shlex
 import shutil
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -53,7 +56,11 @@ _thread_locks_guard = threading.Lock()
 
 class ResultRejected(ReactorError):
     """The cell's result does not hold up (refs moved behind Reactor's back, or the commit
-    is not the single tested change on the base commit)."""
+    is not the single tested change on the commit the cell started from)."""
+
+
+class ParentsConflict(ReactorError):
+    """The results a task builds on cannot be merged without a conflict."""
 
 
 @dataclass
@@ -62,6 +69,8 @@ class Worktree:
     path: Path  # the cell's checkout (a clone with alternates)
     branch: str
     base_branch: str
+    # The commit the cell started from: the base branch's tip when the cell was created, or
+    # the start commit it was given. The result must be exactly one commit on it.
     base_commit: str
     slot: str  # the checkout directory's name (the task id, or namespace.name.uid in the operator)
     owner: str  # the Owner token of the Reactor process that created it
@@ -198,15 +207,18 @@ class WorktreeManager:
     # -- public API --
 
     def create(self, repo: Path, task_id: str, base_branch: str = "main", branch: str | None = None,
-               slot: str | None = None) -> Worktree:
+               slot: str | None = None, start_commit: str | None = None) -> Worktree:
         """``slot`` names the checkout's directory (default: the task id); the operator uses
-        namespace.name.uid, since task ids need only be unique per repository and namespace."""
+        namespace.name.uid, since task ids need only be unique per repository and namespace.
+        ``start_commit``: start there instead of at the base branch's tip (a commit the
+        repository holds: another task's result)."""
         top = resolve_repository(repo)
         branch = branch or f"reactor/{task_id}"
         validate_branch_name(branch)
         path = self._repo_dir(top) / safe_component(slot or task_id)
         with repository_lock(top):
-            base_commit = resolve_base_branch(top, base_branch)
+            base_commit = (resolve_commit(top, start_commit) if start_commit is not None
+                           else resolve_base_branch(top, base_branch))
             if git_ok(top, "show-ref", "--verify", "--quiet", f"refs/heads/{branch}"):
                 raise ConfigurationError(
                     f"branch {branch!r} already exists in {top}: a task with this id ran before. "
@@ -234,8 +246,8 @@ class WorktreeManager:
         """Bring the cell's result commit into the source repository as the result branch.
 
         The commit is fetched by SHA through `git upload-pack` run confined in the cell (it
-        reads the cell's config), objects checked (fsck); it must have the base commit as its
-        only parent, change only tested paths, and hold the files as they are in the
+        reads the cell's config), objects checked (fsck); it must have the commit the cell started
+        from as its only parent, change only tested paths, and hold the files as they are in the
         checkout. Refs moved behind Reactor's back are restored first. Raises ResultRejected.
         ``until`` (time.monotonic()) bounds the fetch, the one step that runs the cell's git."""
         top = worktree.repo
@@ -268,8 +280,8 @@ class WorktreeManager:
         top = worktree.repo
         parents = git(top, "rev-list", "--parents", "-n", "1", commit).split()[1:]
         if parents != [worktree.base_commit]:
-            raise ResultRejected(f"result commit {commit[:12]} is not a single commit on the base commit "
-                                 f"{worktree.base_commit[:12]} (parents: {', '.join(p[:12] for p in parents) or 'none'})")
+            raise ResultRejected(f"result commit {commit[:12]} is not a single commit on the commit the cell "
+                                 f"started from, {worktree.base_commit[:12]} (parents: {', '.join(p[:12] for p in parents) or 'none'})")
         out = git(top, "diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", worktree.base_commit, commit, strip=False)
         fields = [f for f in out.split("\0") if f]
         untested = []
@@ -297,11 +309,12 @@ class WorktreeManager:
                 RefLedger(git_common_dir(worktree.repo)).record(ref, None)
             self._meta_path(worktree).unlink(missing_ok=True)
 
-    def cleanup(self, repo: Path) -> list[Worktree]:
+    def cleanup(self, repo: Path, keep: frozenset[str] = frozenset()) -> list[Worktree]:
         """Remove what crashed runs left: their worktrees, and their branches when those hold
-        no commit of their own (a branch with a commit is a result and is kept)."""
+        no commit of their own (a branch with a commit is a result and is kept). Checkouts of
+        the slots in ``keep`` stay (cells to be resumed)."""
         top = resolve_repository(repo)
-        removed = [w for w in self._recorded(top) if not Owner.is_alive_token(w.owner)]
+        removed = [w for w in self._recorded(top) if not Owner.is_alive_token(w.owner) and w.slot not in keep]
         for worktree in removed:
             self.discard(worktree)
         return removed
@@ -313,6 +326,23 @@ class WorktreeManager:
             and git(worktree.repo, "rev-parse", worktree.branch, check=False) != worktree.base_commit
         )
         self.remove(worktree, keep_branch=has_own_commits)
+
+    def adopt(self, slot: str) -> Worktree | None:
+        """Take over the checkout recorded under ``slot`` that a process now dead left (an
+        operator killed mid-task): it becomes this process's, as it is. None when there is
+        none. Only Reactor's own record is read; the checkout itself (cell-written) is not
+        touched here: git in it runs confined once the cell is (Worktree.confine)."""
+        for repo in self.recorded_repositories():
+            for worktree in self._recorded(repo):
+                if worktree.slot != slot or (Owner.is_alive_token(worktree.owner) and worktree.owner != self.owner.token):
+                    continue
+                if not worktree.path.is_dir() or worktree.path.is_symlink():
+                    continue
+                with repository_lock(worktree.repo):
+                    worktree.owner = self.owner.token
+                    self._write_meta(worktree)
+                return worktree
+        return None
 
     def remove_slot(self, slot: str) -> list[Worktree]:
         """Discard the worktrees recorded under ``slot`` in any repository (a deleted task's)."""
@@ -391,6 +421,62 @@ def resolve_base_branch(top: Path, base_branch: str) -> str:
         known = ", ".join(branches) if branches else "none: the repository has no commits"
         raise ConfigurationError(f"base branch {base_branch!r} does not exist in {top} (branches: {known})")
     return sha
+
+
+def resolve_commit(top: Path, commit: str) -> str:
+    """The full SHA of ``commit`` (a hex object name, nothing git would resolve otherwise),
+    which must be a commit the repository holds."""
+    if not (4 <= len(commit) <= 64) or any(c not in "0123456789abcdefABCDEF" for c in commit):
+        raise ConfigurationError(f"start commit {commit!r} is not a commit SHA")
+    sha = git(top, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}", check=False)
+    if not sha:
+        raise ConfigurationError(f"start commit {commit[:12]} is not in {top}: was its branch deleted "
+                                 "before it was fetched?")
+    return sha
+
+
+INTEGRATION_IDENTITY = {"name": "Reactor", "email": "reactor@localhost"}
+
+
+def integrate(repo: Path, commits: list[str], message: str) -> str:
+    """The commit a task with several parents starts from: one merge commit of ``commits``
+    (their result commits, in order) made by Reactor, never by an agent. One commit is its
+    own integration. Raises ParentsConflict when they do not merge cleanly.
+
+    No checkout is needed: `git merge-tree --write-tree` merges in the object store of the
+    source repository (the operator's mirror), writing objects but no ref, index or file. A
+    bare repository reads no `.gitattributes` from the merged trees (so no merge driver or
+    filter named by a cell's file runs), its config is Reactor's, and git runs hardened."""
+    top = resolve_repository(repo)
+    shas = [resolve_commit(top, c) for c in commits]
+    if not shas:
+        raise ValueError("integrate: no commits")
+    unique = list(dict.fromkeys(shas))
+    if len(unique) == 1:
+        return unique[0]
+    env = {"GIT_AUTHOR_NAME": INTEGRATION_IDENTITY["name"], "GIT_AUTHOR_EMAIL": INTEGRATION_IDENTITY["email"],
+           "GIT_COMMITTER_NAME": INTEGRATION_IDENTITY["name"], "GIT_COMMITTER_EMAIL": INTEGRATION_IDENTITY["email"]}
+    with repository_lock(top):
+        merged = unique[0]
+        tree = git(top, "rev-parse", f"{merged}^{{tree}}")
+        for other in unique[1:]:
+            proc = subprocess.run(git_command("merge-tree", "--write-tree", "--name-only", "--no-messages",
+                                              merged, other),
+                                  cwd=top, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True)
+            if proc.returncode == 1:  # conflicts: the tree OID, then the conflicted paths
+                paths = [line for line in proc.stdout.splitlines()[1:] if line]
+                raise ParentsConflict(f"the results of {', '.join(c[:12] for c in unique)} conflict in "
+                                      f"{', '.join(sorted(set(paths))[:10]) or 'their histories'}")
+            if proc.returncode != 0:
+                raise GitError(["merge-tree", merged, other], proc.returncode, proc.stderr)
+            tree = proc.stdout.splitlines()[0].strip()
+            # An intermediate commit only to merge the next parent into (left unreferenced).
+            merged = git(top, "commit-tree", tree, "-p", merged, "-p", other, "-m", message, env=env)
+        if len(unique) == 2:
+            return merged
+        parents = [arg for sha in unique for arg in ("-p", sha)]
+        return git(top, "commit-tree", tree, *parents, "-m", message, env=env)
 
 
 def validate_branch_name(branch: str) -> None:

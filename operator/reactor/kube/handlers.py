@@ -6,7 +6,8 @@
              does kopf remove the finalizer
 - startup -> kill servers and remove worktrees that a previous operator process left
 - cleanup -> operator shutdown: stop every cell
-- event   -> (fleet only) every change of every task, for the replicas' shared scheduling
+- event   -> every change of every task: wakes the tasks that depend on it (spec.dependsOn);
+             in a fleet also the replicas' shared scheduling
 
 SpendLimit (create/update/resume/delete) -> the supervisor's spend limits.
 MergeQueue (create/update/resume/delete; a fleet: every event) -> the queues' drivers
@@ -54,7 +55,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.scanning.disabled = True
     confinement = memo.supervisor.engine.confinement.status
     (logger.info if confinement.confined else logger.warning)("%s", confinement.message)
-    for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir):
+    # Cells of tasks that will be reopened in their sessions keep their checkout and state dir.
+    keep = await memo.supervisor.cells_to_keep()
+    for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir, None, keep):
         logger.warning("startup cleanup: %s", line)
     await memo.supervisor.start()  # reads the SpendLimits first: no task starts past one
     if memo.get("web") is not None:
@@ -76,6 +79,12 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     waiting = await memo.supervisor.stop(body)
     if waiting:
         raise kopf.TemporaryError(waiting, delay=1)
+
+
+@kopf.on.event(*RESOURCE, registry=registry)
+async def task_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002 - kopf's name
+    """Any change of any task (stateless): wakes the tasks that depend on it."""
+    memo.supervisor.task_changed(type, copy.deepcopy(dict(body)))
 
 
 @kopf.on.cleanup(registry=registry)

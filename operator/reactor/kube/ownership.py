@@ -12,7 +12,10 @@ restarted, or the replica that ran it was lost) runs once more from the start (i
 still counted from its first start) or fails with OperatorRestarted after
 ``MAX_ATTEMPTS``; one that had committed is resumed at its push where its commit is still
 at hand (one replica: the commit is in this machine's mirror; a fleet's lost replica kept
-it in its own volume, so there the task runs again).
+it in its own volume, so there the task runs again). One replica only: a task interrupted in
+Executing or Testing that recorded its agent's session, with spec.resume not restart, is
+reopened in that session on its checkout as it was (``reopen_session``); the startup sweep
+keeps those cells.
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ from reactor.workflow.types import Phase, Reason
 MAX_ATTEMPTS = 2
 # Phases in which the tests have passed: a commit found on the result branch is the result.
 COMMITTED_PHASES = (Phase.COMMITTING, Phase.PUSHING)
+# Phases in which the agent's session is worth reopening (its turn, or the tests of its edits).
+REOPENED_PHASES = (Phase.EXECUTING, Phase.TESTING)
 
-Reap = Callable[[TaskRef, AgentTaskStatus, bool], Awaitable[list[str]]]
+# reap(ref, status, keep_results, keep_cell=False): the interrupted run's cell (see Supervisor.reap)
+Reap = Callable[..., Awaitable[list[str]]]
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,16 @@ class Plan:
     resume_commit: str | None = None  # committed before the interruption: push this commit only
     retrying: str | None = None  # why it runs again (the Retrying Event); None: a first start
     give_up: str | None = None  # no attempts left: the verdict's message (reason OperatorRestarted)
+    reopen_session: str | None = None  # reopen this OpenCode session on the cell's checkout as it was
+
+
+def reopen_session(status: AgentTaskStatus, resume: str) -> str | None:
+    """The OpenCode session to reopen after an operator crash: the task was interrupted in its
+    agent's turn or its tests, recorded a session, has an attempt left, and ``resume``
+    (spec.resume) is not restart."""
+    if resume == "restart" or status.phase not in REOPENED_PHASES or status.attempts >= MAX_ATTEMPTS:
+        return None
+    return (status.cell.session_id if status.cell is not None else None) or None
 
 
 def restart_plan(status: AgentTaskStatus, commit: str | None, lost: str, again: str = "running again") -> Plan:
@@ -89,8 +105,9 @@ class Ownership(Protocol):
     async def claim(self, ref: TaskRef, write: Callable[[dict, dict[str, Any]], Awaitable[bool]]) -> dict | None:
         """Make the task ours (``write``: TaskStatus.claim); the body read, or None: not ours."""
 
-    async def plan(self, ref: TaskRef, status: AgentTaskStatus) -> Plan:
-        """Clean up what this replica can reach of an interrupted run, then the restart rules."""
+    async def plan(self, ref: TaskRef, status: AgentTaskStatus, resume: str = "reattach") -> Plan:
+        """Clean up what this replica can reach of an interrupted run, then the restart rules
+        (``resume``: the task's spec.resume)."""
 
     def held_elsewhere(self, status: AgentTaskStatus) -> tuple[str, bool] | None:
         """Another replica named by the task's claim, and whether its claim is live."""
@@ -131,7 +148,15 @@ class SingleReplica:
     async def claim(self, ref: TaskRef, write: Callable[[dict, dict[str, Any]], Awaitable[bool]]) -> dict | None:
         raise AssertionError("one replica claims nothing")
 
-    async def plan(self, ref: TaskRef, status: AgentTaskStatus) -> Plan:
+    async def plan(self, ref: TaskRef, status: AgentTaskStatus, resume: str = "reattach") -> Plan:
+        session = reopen_session(status, resume)
+        if session is not None:
+            # spec.resume reattach: the agent's checkout and session stay; only its server goes.
+            await self.reap(ref, status, False, keep_cell=True)
+            phase = status.phase.value if status.phase else "Pending"
+            return Plan(attempt=status.attempts + 1, reopen_session=session,
+                        retrying=f"operator restarted during {phase}; reopening the agent's session {session} "
+                                 "on its checkout as it was")
         commit = None
         if not status.waiting:
             # Only a commit made after the tests passed is a result; any other (the agent's own)
@@ -227,7 +252,8 @@ class FleetOwnership:
         claimed = await self.leases.claim(ref, self.first_status, write)
         return None if claimed is None else claimed[0]
 
-    async def plan(self, ref: TaskRef, status: AgentTaskStatus) -> Plan:
+    async def plan(self, ref: TaskRef, status: AgentTaskStatus, resume: str = "reattach") -> Plan:
+        # (No reopening: a lost replica's cell lived in its own pod.)
         if not status.waiting and status.claim is not None and status.claim.replica == self.replica:
             await self.reap(ref, status, False)  # our own earlier incarnation's cell
         # An adopted task runs from the start: a commit the lost replica had not pushed lived

@@ -91,19 +91,22 @@ class AgentTaskSpec(_Spec):
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     result: ResultSpec = Field(default_factory=ResultSpec)
     integrate: str = "none"  # none | queue: the pushed result enters its branch's MergeQueue
+    depends_on: list[str] = Field(default_factory=list, alias="dependsOn")
+    resume: str = "reattach"  # after an operator crash mid-turn: reopen the agent's session, or "restart"
 
     def to_task_spec(self, ref: TaskRef, repo: Path, env: dict[str, str] | None = None,
-                     started_at: float | None = None) -> TaskSpec:
+                     started_at: float | None = None, start_commits: list[str] | None = None) -> TaskSpec:
         """The engine's task: ``repo`` is the local repository (the operator's mirror of
         spec.repository.url), ``env`` the secrets for the cell, ``started_at`` the first
-        start of an earlier attempt (the time box is the task's)."""
+        start of an earlier attempt (the time box is the task's), ``start_commits`` the result
+        commits of the tasks it depends on (spec.dependsOn)."""
         return TaskSpec(
             task_id=self.task_id or ref.name, description=self.description, prompt=self.prompt, repo=repo,
             base_branch=self.repository.branch, result_branch=self.result_branch or f"reactor/{ref.name}",
             test_command=self.test.command, test_timeout=parse_duration(self.test.timeout),
             protect=self.test.protect, model=self.agent.model, opencode_config=self.agent.config,
             timeout=parse_duration(self.timeout), started_at=started_at, env=env or {},
-            budget=self.budget.to_budget(),
+            budget=self.budget.to_budget(), start_commits=list(start_commits or []),
         )
 
 
@@ -158,6 +161,8 @@ class ResultStatus(_Status):
     files_changed: list[str] = Field(default_factory=list, alias="filesChanged")
     test_exit_code: int | None = Field(default=None, alias="testExitCode")
     test_output_tail: str | None = Field(default=None, alias="testOutputTail")
+    start_commit: str | None = Field(default=None, alias="startCommit")  # the commit the cell started from
+    resumed: str | None = None  # reopened | restarted: taken over from a run an operator crash cut off
 
     def as_written(self) -> dict[str, Any]:
         """The fields as the status holds them (to carry a first run's result into a resumed one)."""
@@ -205,6 +210,15 @@ class PullRequestStatus(_Status):
     state: str = ""
 
 
+class DependencyStatus(_Status):
+    """One parent (spec.dependsOn) as the dependent saw it: its uid (a parent created again
+    under the same name is another task) and, once it succeeded, its result commit."""
+
+    name: str
+    uid: str = ""
+    commit: str | None = None
+
+
 class AgentTaskStatus(_Status):
     """An AgentTask's status as read from the API server (written by kube/status.py)."""
 
@@ -220,6 +234,8 @@ class AgentTaskStatus(_Status):
     usage: UsageStatus | None = None
     progress: ProgressStatus | None = None
     pull_request: PullRequestStatus | None = Field(default=None, alias="pullRequest")
+    waiting_on: str | None = Field(default=None, alias="waitingOn")  # parents not done yet (DependenciesPending)
+    dependencies: list[DependencyStatus] = Field(default_factory=list)
 
     @classmethod
     def of(cls, body: Any) -> AgentTaskStatus:

@@ -90,6 +90,7 @@ def result_status(result: TaskResult) -> dict[str, Any]:
     return {
         "outcome": result.outcome.value,
         "branch": result.branch,
+        "startCommit": result.start_commit,
         "commit": result.commit,
         "shortCommit": result.commit[:7] if result.commit else None,
         "pushed": result.pushed,
@@ -100,6 +101,7 @@ def result_status(result: TaskResult) -> dict[str, Any]:
         "model": result.model,
         "attempts": [attempt.model_dump() for attempt in result.attempts],
         "confined": result.confined,
+        "resumed": result.resumed,
     }
 
 
@@ -301,6 +303,10 @@ class TaskStatus:
         self.previous_progress: ProgressStatus | None = None  # an earlier attempt's spend
         self.phase: Phase | None = None
         self.waiting_reason: Reason | None = None
+        self.waiting_detail: dict[str, Any] = {}
+        # The parents (spec.dependsOn) this task saw, name -> uid, as its status recorded them.
+        self.seen_parents: dict[str, str] = {}
+        self.reopen_session: str | None = None  # an interrupted run's OpenCode session, to reopen
         self.observation: Any = None  # reactor.observe TaskObservation of the run, once it runs
         self.publisher: Any = None  # its ProgressPublisher
         # The object's conditions as last written (a merge patch replaces the whole list, so a
@@ -363,7 +369,7 @@ class TaskStatus:
         if self.previous_result:  # keep what the first run recorded (files, test exit code)
             outcome = {**self.previous_result, **{k: v for k, v in outcome.items() if v not in (None, [], "")}}
         status = phase_status(phase, result.message, self.generation, result.reason.value)
-        status.update(cell=None, completionTime=now(), result=outcome, usage=usage_status(result),
+        status.update(cell=None, waitingOn=None, completionTime=now(), result=outcome, usage=usage_status(result),
                       phaseDurations=result.phase_durations)
         if self.observation is not None:
             self.observation.finish(result, phase)
@@ -409,25 +415,29 @@ class TaskStatus:
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, reason.value, message, warning=True)
 
+
     async def release(self) -> None:
         """A fleet's task being deleted: its cell is gone, the claim is given up, so whichever
         replica's delete handler runs next may let the object go."""
         if self.claimed:
             await self.writer.patch(self.ref, {"cell": None, "claim": None})
 
-    async def waiting(self, reason: Reason, message: str) -> None:
-        """Held in Pending, and why (capacity, memory, a SpendLimit): written when the reason changes."""
-        if self.finished or (self.phase is Phase.PENDING and self.waiting_reason is reason):
+    async def waiting(self, reason: Reason, message: str, **detail: Any) -> None:
+        """Held in Pending, and why (capacity, memory, a SpendLimit, its dependencies): written
+        when the reason (or its ``detail``, fields of status such as waitingOn) changes."""
+        if self.finished or (self.phase is Phase.PENDING and self.waiting_reason is reason
+                             and self.waiting_detail == detail):
             return
         status = phase_status(Phase.PENDING, message, self.generation, reason.value)
+        status.update(detail)
         if not self.claimed:
-            await self._waiting_unclaimed(reason, status)
+            await self._waiting_unclaimed(reason, status, detail)
             return
-        self.phase, self.waiting_reason = Phase.PENDING, reason
+        self.phase, self.waiting_reason, self.waiting_detail = Phase.PENDING, reason, detail
         await self.writer.patch(self.ref, status)
         await self.writer.event(self.ref, reason.value, message, warning=reason is Reason.SPEND_LIMIT_EXCEEDED)
 
-    async def _waiting_unclaimed(self, reason: Reason, status: dict[str, Any]) -> None:
+    async def _waiting_unclaimed(self, reason: Reason, status: dict[str, Any], detail: dict[str, Any]) -> None:
         """A task nobody holds says why it waits: the first replica to say it wins, and a claim
         made meanwhile is never overwritten (the write carries the version it saw). No Event:
         every replica waits for it."""
@@ -435,10 +445,19 @@ class TaskStatus:
         if body is None:
             return
         current = AgentTaskStatus.of(body)
-        if not current.waiting or current.reason == reason.value:
+        if not current.waiting:
+            return
+        if current.reason == reason.value and current.waiting_on == detail.get("waitingOn"):
             return
         with contextlib.suppress(Conflict):
             await self.writer.patch(self.ref, status, on_version=body["metadata"]["resourceVersion"])
+
+    async def dependencies_met(self, dependencies: list[dict[str, Any]], message: str) -> None:
+        """Its dependencies succeeded: nothing to wait on; which results it starts from."""
+        if self.finished:
+            return
+        await self.writer.patch(self.ref, {"waitingOn": None, "dependencies": dependencies})
+        await self.writer.event(self.ref, "DependenciesMet", message)
 
     async def write_progress(self, status: dict[str, Any]) -> None:
         """A live progress update, ``{"progress": ...}`` (never after the verdict: the final

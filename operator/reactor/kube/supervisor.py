@@ -8,10 +8,11 @@ Who runs a task is the ownership policy's (kube/ownership.py): with one replica 
 is ours; in a fleet a replica claims a task once it holds a slot for it, and Leases decide
 when a lost replica's tasks may be adopted. Everything else is the same code in both modes:
 
-    take ─► admission (``_admit``: SpendLimits; where a task may wait on something)
+    take ─► admission (``_admit``: SpendLimits, spec.dependsOn; where a task may wait on something)
          ─► slot (agents, memory; oldest first)      [a fleet claims here]
-         ─► restart rules (``ownership.plan``: first start, retry, resume the push, give up)
-         ─► secrets, spec ─► ``run_task`` ─► push ─► ``after_push`` ─► verdict
+         ─► restart rules (``ownership.plan``: first start, retry, reopen the session, resume
+             the push, give up)
+         ─► dependencies (fail, or the commits to start from) ─► secrets, spec ─► ``run_task`` ─► push ─► ``after_push`` ─► verdict
 
 Each run has one exit that writes its status (``_run``, like Tekton's TaskRun reconciler),
 and every status write of the task goes through the run's ``TaskStatus`` (kube/status.py):
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import os
 import signal
 import time
@@ -43,11 +45,14 @@ from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused
 from reactor.infra.processes import find_marked_processes, is_marked_for, kill_process_group
+from reactor.infra.worktrees import safe_component
+from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.fleet import FleetSettings
-from reactor.kube.ownership import FleetOwnership, Ownership, Plan, SingleReplica
+from reactor.kube.ownership import FleetOwnership, Ownership, Plan, SingleReplica, reopen_session
 from reactor.kube.progress import ProgressPublisher
 from reactor.kube.pullrequests import PullRequests, PullRequestSettings
-from reactor.kube.resource import AgentTaskSpec, AgentTaskStatus, ProgressStatus, TaskRef, parse_time
+from reactor.kube.resource import (GROUP, PLURAL, VERSION, AgentTaskSpec, AgentTaskStatus, ProgressStatus, TaskRef,
+                                   parse_time)
 from reactor.kube.secrets import SecretReader, TaskSecrets
 from reactor.kube.spendlimits import SpendLimits
 from reactor.kube.status import ClaimLost, StatusWriter, TaskStatus
@@ -66,13 +71,20 @@ WaitingCallback = Callable[[Reason, str], Awaitable[None]]
 log = logging.getLogger(__name__)
 
 
+# Why a task waits: (reason, message), or (reason, message, fields of status written with it).
+Held = tuple[Reason, str] | tuple[Reason, str, dict[str, Any]]
+# A task waiting on its dependencies is woken by their events; it also looks again this
+# often, in case an event was missed (a watch reconnecting).
+DEPENDENCY_RECHECK = 30.0
+
+
 class AdmissionCheck(Protocol):
     """Something a task waits on in Pending before it may take a slot (a SpendLimit; a task
     it depends on, a merge queue). Checked again once the slot is granted: a task held back
     meanwhile hands the slot on."""
 
-    def blocked(self, ref: TaskRef, body: dict) -> tuple[Reason, str] | None:
-        """Why the task must wait now (reason, message), or None."""
+    def blocked(self, ref: TaskRef, body: dict) -> Held | None:
+        """Why the task must wait now (reason, message[, status fields to write with it]), or None."""
 
     async def changed(self, ref: TaskRef) -> None:
         """Returns when the answer may have changed."""
@@ -93,6 +105,73 @@ class SpendLimitCheck:
 
     async def changed(self, ref: TaskRef) -> None:
         await self.limits.wait_change(ref.namespace)
+
+
+class DependencyCheck:
+    """spec.dependsOn: a task waits (DependenciesPending, status.waitingOn) until its parents
+    succeed. The rules are kube/dependencies.py's ``decide``, on the supervisor's view of the
+    tasks (every task event, and the startup listing); a task that must fail passes admission
+    and is failed with DependencyFailed once taken (only the task's holder writes a verdict)."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, dict[str, TaskView]] = {}  # namespace -> name -> view
+        self.seen: dict[str, dict[str, str]] = {}  # a waiting task's uid -> parents seen (name -> uid)
+        self._wake: dict[str, asyncio.Event] = {}  # a waiting task's uid -> set when a parent changes
+        self._parents: dict[tuple[str, str], set[str]] = {}  # (namespace, parent) -> waiting uids
+
+    def saw(self, event_type: str | None, body: dict) -> None:
+        """A task changed (or went away): update the view, wake its dependents."""
+        meta = body["metadata"]
+        names = self.tasks.setdefault(meta["namespace"], {})
+        if event_type == "DELETED":
+            names.pop(meta["name"], None)
+        else:
+            names[meta["name"]] = TaskView.from_body(body)
+        for uid in self._parents.get((meta["namespace"], meta["name"]), ()):
+            self._wake[uid].set()
+
+    def decision(self, ref: TaskRef, body: dict) -> Decision | None:
+        """None: the task depends on nothing."""
+        me = TaskView.from_body(body)
+        if not me.depends_on:
+            return None
+        if ref.uid not in self.seen:
+            self.seen[ref.uid] = {d.name: d.uid for d in AgentTaskStatus.of(body).dependencies}
+        decision = decide(me, self.tasks.get(ref.namespace, {}), self.seen[ref.uid])
+        self.seen[ref.uid] = decision.seen
+        return decision
+
+    def parents(self, ref: TaskRef) -> list[dict[str, Any]]:
+        """The parents seen, as status.dependencies records them."""
+        tasks = self.tasks.get(ref.namespace, {})
+        return [{"name": name, "uid": uid, "commit": tasks[name].commit if name in tasks else None}
+                for name, uid in sorted(self.seen.get(ref.uid, {}).items())]
+
+    def blocked(self, ref: TaskRef, body: dict) -> Held | None:
+        decision = self.decision(ref, body)
+        if decision is None or decision.verdict is not Verdict.WAIT:
+            return None
+        assert decision.reason is not None
+        wake = self._wake.setdefault(ref.uid, asyncio.Event())
+        wake.clear()  # (a change after this reading wakes the next wait)
+        for name in TaskView.from_body(body).depends_on:
+            self._parents.setdefault((ref.namespace, name), set()).add(ref.uid)
+        return decision.reason, decision.message, {"waitingOn": ", ".join(decision.waiting_on),
+                                                   "dependencies": self.parents(ref)}
+
+    async def changed(self, ref: TaskRef) -> None:
+        wake = self._wake.setdefault(ref.uid, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), DEPENDENCY_RECHECK)
+
+    def forget(self, ref: TaskRef) -> None:
+        """The task's run ended."""
+        self.seen.pop(ref.uid, None)
+        self._wake.pop(ref.uid, None)
+        for key in [k for k, uids in self._parents.items() if ref.uid in uids]:
+            self._parents[key].discard(ref.uid)
+            if not self._parents[key]:
+                del self._parents[key]
 
 
 @dataclass
@@ -127,7 +206,9 @@ class Supervisor:
         self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message),
                                    self.observatory.metrics, fence=self.ownership.fence)
         # The admission hook: every check a task waits on before it takes a slot.
-        self.admission: list[AdmissionCheck] = [SpendLimitCheck(self.limits)]
+        self.dependencies = DependencyCheck()
+        self.admission: list[AdmissionCheck] = [SpendLimitCheck(self.limits), self.dependencies]
+        self.custom = k8s.CustomObjectsApi(api_client)
         self.progress_interval = progress_interval
         self._runs: dict[str, Run] = {}
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
@@ -159,9 +240,36 @@ class Supervisor:
         elif ref.uid not in self._runs:
             self._take(body)
 
+    def task_changed(self, event_type: str | None, body: dict) -> None:
+        """One replica: any AgentTask changed (or went away): wakes the tasks that depend on it."""
+        self.dependencies.saw(event_type, body)
+
+    async def cells_to_keep(self) -> frozenset[str]:
+        """Before the startup sweep: the cells of the watched tasks that will be reopened in
+        their sessions (one replica only). The listing also seeds the view of the tasks
+        that dependents decide on."""
+        bodies: list[dict] = []
+        try:
+            for namespace in self.namespaces or [None]:
+                if namespace is None:
+                    listed = await asyncio.to_thread(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+                else:
+                    listed = await asyncio.to_thread(self.custom.list_namespaced_custom_object, GROUP, VERSION,
+                                                     namespace, PLURAL)
+                bodies += listed.get("items") or []
+        except Exception as exc:  # noqa: BLE001 - then nothing is kept: interrupted tasks run again from the start
+            log.warning("cannot list the tasks to resume (%s): interrupted tasks will run again from the start", exc)
+            return frozenset()
+        for body in bodies:
+            self.dependencies.saw(None, body)
+        if self.ownership.claims:  # a fleet reopens nothing (a lost replica's cell lived in its pod)
+            return frozenset()
+        return resumable_cells(bodies)
+
     def observe(self, event_type: str | None, body: dict) -> None:
         """A fleet: every change of every task (kopf's on.event, on every replica)."""
         ref = TaskRef.from_body(body)
+        self.dependencies.saw(event_type, body)
         run = self._runs.get(ref.uid)
         if event_type == "DELETED":
             self.ownership.known.pop(ref.uid, None)
@@ -258,7 +366,7 @@ class Supervisor:
                 # task is the next one claimed anywhere, and a claim is never left idle.
                 await self._in_slot(ref, body, status, lambda: self._claim_and_run(ref, status))
             else:
-                plan = await self.ownership.plan(ref, AgentTaskStatus.of(body))
+                plan = await self.ownership.plan(ref, AgentTaskStatus.of(body), _resume_mode(body))
                 await self._carry_out(ref, body, status, plan, holding_slot=False)
         except asyncio.CancelledError:
             if self._stopping:
@@ -281,13 +389,14 @@ class Supervisor:
                 except Exception:  # e.g. the status write itself was forbidden: logged by the writer
                     log.exception("%s: cannot record the internal error", ref)
         finally:
+            self.dependencies.forget(ref)
             self.ownership.release(ref)
 
     async def _claim_and_run(self, ref: TaskRef, status: TaskStatus) -> None:
         body = await self.ownership.claim(ref, status.claim)
         if body is None:
             return  # another replica has it, or it ended or went away meanwhile
-        plan = await self.ownership.plan(ref, AgentTaskStatus.of(body))
+        plan = await self.ownership.plan(ref, AgentTaskStatus.of(body), _resume_mode(body))
         await self._carry_out(ref, body, status, plan, holding_slot=True)
 
     async def _carry_out(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool) -> None:
@@ -316,11 +425,23 @@ class Supervisor:
             await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
                                            reason=reason, message=str(exc)))
             return
-        task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time))
+        status.reopen_session = plan.reopen_session
         confined, message = self.status.confinement  # said on every task: never a silent downgrade
         await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
 
         async def execute() -> None:
+            start_commits: list[str] = []
+            # (A resumed push or a reopened session built on its parents already.)
+            decision = None if plan.resume_commit is not None else self.dependencies.decision(ref, body)
+            if decision is not None and decision.verdict is Verdict.FAIL:
+                self._observed(status)
+                await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
+                                               reason=Reason.DEPENDENCY_FAILED, message=decision.message))
+                return
+            if decision is not None and decision.verdict is Verdict.START:
+                await status.dependencies_met(self.dependencies.parents(ref), decision.message)
+                start_commits = list(decision.start_commits)
+            task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time), start_commits)
             await self._execute(ref, spec, task, secrets, status, origin, plan.resume_commit)
 
         if holding_slot or plan.resume_commit is not None:  # (a resumed push needs no cell)
@@ -334,7 +455,7 @@ class Supervisor:
         while True:
             await self._admit(ref, body, status.waiting)
             async with gate.slot(priority, on_reason=status.waiting):
-                if self._held_back(ref, body) is not None:
+                if self._held_back(ref, _latest(self.ownership, ref, body)) is not None:
                     continue  # held back while this task waited for a slot: hand the slot on
                 await work()
             return
@@ -345,15 +466,15 @@ class Supervisor:
         """The admission hook: hold the task in Pending, saying why, while any check of
         ``self.admission`` holds it back."""
         said = None
-        while (held := self._held_back(ref, body)) is not None:
+        while (held := self._held_back(ref, _latest(self.ownership, ref, body))) is not None:
             check, why = held
             if why != said:
-                await say(*why)
+                await say(why[0], why[1], **(why[2] if len(why) > 2 else {}))  # type: ignore[misc]
                 self.observatory.views.view(ref.namespace, ref.name).message = why[1]
                 said = why
             await check.changed(ref)
 
-    def _held_back(self, ref: TaskRef, body: dict) -> tuple[AdmissionCheck, tuple[Reason, str]] | None:
+    def _held_back(self, ref: TaskRef, body: dict) -> tuple[AdmissionCheck, Held] | None:
         for check in self.admission:
             why = check.blocked(ref, body)
             if why is not None:
@@ -399,7 +520,8 @@ class Supervisor:
         try:
             await run_task(task, self.engine, on_phase, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
-                           resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch])
+                           resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch],
+                           reopen_session=status.reopen_session)
         finally:
             self._controls.pop(ref.uid, None)
             if publisher is not None:
@@ -480,17 +602,24 @@ class Supervisor:
 
     # -- orphans --
 
-    async def reap(self, ref: TaskRef, status: AgentTaskStatus, keep_results: bool) -> list[str]:
+    async def reap(self, ref: TaskRef, status: AgentTaskStatus, keep_results: bool, keep_cell: bool = False) -> list[str]:
         """Kill a cell's server recorded in status (only if it still carries this cell's
         marker: the PID may have been reused) and remove its worktree. A result branch that
-        holds a commit is kept when ``keep_results`` (its head is returned), else deleted."""
+        holds a commit is kept when ``keep_results`` (its head is returned), else deleted.
+        ``keep_cell``: only the server goes (its checkout and state dir are reopened)."""
         cell = status.cell
         cell_id = (cell.cell_id if cell else None) or ref.cell_id
         pid = cell.server_pid if cell else None
         if pid and is_marked_for(pid, cell_id):
             log.warning("%s: killing orphaned server pid %s", ref, pid)
             await asyncio.to_thread(kill_process_group, pid)
+        if keep_cell:
+            for leftover in await asyncio.to_thread(find_marked_processes, str(self.engine.work_dir), cell_id):
+                await asyncio.to_thread(kill_process_group, leftover.pid)
+            return []
         removed = await asyncio.to_thread(self.engine.worktrees.remove_slot, cell_id)
+        # A cell kept for reopening by the startup sweep has its state dir still.
+        await asyncio.to_thread(shutil.rmtree, self.engine.cells_dir / safe_component(cell_id), True)
         kept = []
         for worktree in removed:
             head = await self._head(worktree.repo, worktree.branch)
@@ -514,6 +643,27 @@ class Supervisor:
     async def _head(repo: Any, branch: str) -> str:
         return await asyncio.to_thread(git, repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}",
                                        check=False)
+
+
+def resumable_cells(bodies: list[dict]) -> frozenset[str]:
+    """Cells the startup sweep must leave (checkout and state dir): those of the tasks that
+    will be reopened in their sessions (ownership.reopen_session), unless being deleted."""
+    cells = set()
+    for body in bodies:
+        status = AgentTaskStatus.of(body)
+        if reopen_session(status, _resume_mode(body)) is not None and not body["metadata"].get("deletionTimestamp"):
+            cells.add((status.cell.cell_id if status.cell is not None else None) or TaskRef.from_body(body).cell_id)
+    return frozenset(cells)
+
+
+def _resume_mode(body: dict) -> str:
+    """spec.resume (reattach unless the spec says restart; the CRD holds it to those two)."""
+    return (body.get("spec") or {}).get("resume") or "reattach"
+
+
+def _latest(ownership: Ownership, ref: TaskRef, body: dict) -> dict:
+    """The task as last seen (a fleet's view is kept current by its events), for admission."""
+    return ownership.known.get(ref.uid, body)
 
 
 def _spent_before(progress: ProgressStatus | None) -> Spend | None:

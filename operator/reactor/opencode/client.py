@@ -178,6 +178,15 @@ class OpenCodeClient:
         request to the model."""
         return Session.model_validate(await self._request("POST", "/session", json={"title": title}))
 
+    async def get_session(self, session_id: str) -> Session | None:
+        """``GET /session/{id}``; None when the server does not know it (HTTP 404)."""
+        try:
+            return Session.model_validate(await self._request("GET", f"/session/{session_id}"))
+        except OpenCodeHTTPError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def prompt(
         self,
         session_id: str,

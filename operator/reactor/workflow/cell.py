@@ -9,7 +9,7 @@ import shutil
 from typing import Any
 
 from reactor.infra.confinement import CellPolicy
-from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec
+from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec, keep_session_store
 from reactor.infra.worktrees import Worktree, safe_component
 from reactor.opencode.client import OpenCodeClient
 from reactor.opencode.events import EventFollower, EventHub
@@ -49,6 +49,12 @@ class Cell:
         self.restarts_left = engine.settings.recovery.boot_restarts
         self.spent = Usage()  # usage of sessions already left behind (R3 retries)
         self.state_dir = engine.cells_dir / safe_component(self.cell_id)
+        self.start_commit: str | None = None  # None: the base branch's tip
+        # Resuming a task an operator killed mid-turn: the session to reopen (set before the
+        # server starts); what happened ("reopened", "restarted") once it has started.
+        self.reopen_session: str | None = None
+        self.resumed: str | None = None
+        self.next_prompt: str | None = None  # the first message when it is not spec.prompt (a resume)
         self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
         # When the task's time box ends (time.monotonic()): git in the checkout is killed then.
         self.box_end: float | None = None
@@ -75,11 +81,29 @@ class Cell:
         if self.engine.confinement.port_rulesets is not None:
             self.engine.confinement.port_rulesets.prepare()  # the server's TCP ruleset, built meanwhile
         self.worktree = await asyncio.to_thread(
-            self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id
+            self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id,
+            self.start_commit,
         )
         self.policy = await asyncio.to_thread(self._confinement_policy)
         # Git in the checkout from now on: under the cell's launcher, with a deadline per step,
         # and with no TCP at all (it needs none).
+        self.worktree.confine(self.policy.launch_policy(no_tcp=True) if self.policy is not None else None,
+                              git_deadline=self.engine.settings.git_step_timeout)
+        return self.worktree
+
+    async def adopt_worktree(self) -> Worktree | None:
+        """Take over the checkout an earlier, killed run of this cell left (with the agent's
+        changes as they were), keeping OpenCode's session store of its state dir. None when
+        there is no checkout to take over."""
+        worktree = await asyncio.to_thread(self.engine.worktrees.adopt, self.cell_id)
+        if worktree is None:
+            return None
+        self.worktree = worktree
+        self.start_commit = worktree.base_commit
+        if not await asyncio.to_thread(keep_session_store, self.state_dir):
+            self.reopen_session = None  # nothing to reopen it from: a fresh session on the checkout
+        self.policy = await asyncio.to_thread(self._confinement_policy)
+        # The checkout was the cell's: git in it only under the launcher, as in create_worktree.
         self.worktree.confine(self.policy.launch_policy(no_tcp=True) if self.policy is not None else None,
                               git_deadline=self.engine.settings.git_step_timeout)
         return self.worktree
@@ -146,6 +170,16 @@ class Cell:
             await self._follower.start()
         except Exception as exc:
             raise ServerBootError(f"server on port {self.port} is healthy but its event stream failed: {exc}") from exc
+        if self.reopen_session is not None:
+            try:
+                reopened = await self.client.get_session(self.reopen_session)
+            except Exception as exc:
+                raise ServerBootError(f"server on port {self.port} is healthy but could not read session "
+                                      f"{self.reopen_session}: {exc}") from exc
+            self.resumed = "reopened" if reopened is not None else "restarted"
+            if reopened is not None:
+                self.session_id = reopened.id
+                return
         try:
             session = await self.client.create_session(title=self.spec.commit_message)
         except Exception as exc:
@@ -163,6 +197,7 @@ class Cell:
         self.restarts_left -= 1
         if self.worktree is not None:
             await asyncio.to_thread(self.worktree.revert, self.box_end)
+        self.reopen_session = self.next_prompt = None  # the dead agent's edits are gone: a fresh session
         await self.start_server()
 
     async def sweep(self) -> None:

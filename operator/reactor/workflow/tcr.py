@@ -50,7 +50,7 @@ from reactor.infra.git import GitTimeout
 from reactor.infra.ports import PortsExhausted
 from reactor.infra.repository_urls import RepositoryRefused
 from reactor.infra.servers import ServerBootError
-from reactor.infra.worktrees import ResultRejected, resolve_repository
+from reactor.infra.worktrees import ParentsConflict, ResultRejected, integrate, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
 from reactor.opencode.events import Consumer
 from reactor.workflow.cell import Cell
@@ -67,6 +67,13 @@ T = TypeVar("T")
 
 PhaseCallback = Callable[[PhaseEvent], Awaitable[None]]
 Clock = Callable[[], float]  # wall-clock seconds since the epoch (time.time)
+# The one message a reopened session gets (the conversation so far is in the session).
+CONTINUATION = ("Reactor was restarted while you worked on this task and your last step was cut off (a tool "
+                "call in flight may not have completed). The checkout is as you left it; files changed so far: "
+                "{files}. Continue the task from where you stopped; do not redo finished steps.")
+# Appended to the prompt when the session could not be reopened (a fresh one on the checkout).
+RESTARTED = ("An earlier attempt at this task was interrupted; the checkout holds its changes to: {files}. "
+             "Check them and finish the task.")
 OUTPUT_TAIL_CHARS = 4000
 EXIT_COMMAND_NOT_FOUND = 127
 
@@ -137,7 +144,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                    cell_id: str | None = None, priority: object = 0, take_capacity: bool = True,
                    origin: Origin | None = None, resume_commit: str | None = None,
                    control: TaskControl | None = None, watchers: Sequence[Consumer] = (),
-                   clock: Clock = time.time) -> TaskResult:
+                   clock: Clock = time.time, reopen_session: str | None = None) -> TaskResult:
     """Run one task to a verdict and report it (the terminal phase carries the result).
     Never raises for task failures (they are results); a cancellation tears the cell down
     and propagates, unless the push had begun (then the verdict is reported first).
@@ -149,7 +156,11 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     committed by an earlier run that stopped before its push ended: push that commit only;
     ``control`` lets the caller stop the run with a verdict and read its running spend;
     ``watchers`` receive the cell's OpenCode events (live progress, transcripts); ``clock``
-    is the wall clock the time box is counted on."""
+    is the wall clock the time box is counted on; ``reopen_session``: an earlier run of
+    this cell was killed mid-turn (the operator died): take over its checkout as it is and
+    reopen this OpenCode session from the cell's state dir with one continuation message,
+    or, when the session cannot be reopened, a fresh session on the checkout with the
+    prompt and what was done (no checkout left: a normal start)."""
     gate = engine.capacity if take_capacity else None
     started = time.monotonic()
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
@@ -175,6 +186,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
             async with gate.slot(priority) if gate is not None else contextlib.nullcontext():
                 if result.started_at is None:
                     result.started_at = clock()
+                cell.reopen_session = reopen_session
                 try:
                     await _in_cell(spec, cell, phases, result, origin, control, clock)
                 finally:
@@ -254,6 +266,9 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     except (ServerBootError, PortsExhausted) as exc:
         result.reason, result.message = Reason.BOOT_FAILED, str(exc)
         return
+    except ParentsConflict as exc:  # found before any worktree or server: nothing was spent
+        result.reason, result.message = Reason.PARENTS_CONFLICT, f"{exc}; no agent was started"
+        return
 
     # -- Committing: the agent's change as it stood when tested (files the test run wrote are not part of it) --
     await phases.enter(Phase.COMMITTING, cell=cell)
@@ -306,10 +321,23 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     test_command = spec.test_command or await asyncio.to_thread(detect_test_command, repo)
     result.test_command = test_command
     protected = _protected_paths(spec.protect)  # a bad pattern fails here, before any work
-    worktree = await cell.create_worktree()
-    if spec.start_from:  # a rebase round: the earlier result on the new base, conflicts marked
-        await asyncio.to_thread(worktree.lay_files, spec.start_from)
+    adopted = await cell.adopt_worktree() if cell.reopen_session is not None else None
+    if adopted is None:
+        cell.reopen_session = None
+        if spec.start_commits:  # built on other tasks' results: their commit, or Reactor's merge of them
+            cell.start_commit = await asyncio.to_thread(integrate, repo, spec.start_commits,
+                                                        f"Integration of the tasks {spec.task_id} builds on")
+        worktree = await cell.create_worktree()
+        if spec.start_from:  # a rebase round: the earlier result on the new base, conflicts marked
+            await asyncio.to_thread(worktree.lay_files, spec.start_from)
+    assert cell.worktree is not None
+    result.start_commit = cell.worktree.base_commit
     await cell.start_server()
+    if adopted is not None:
+        result.resumed = cell.resumed or "restarted"
+        done = ", ".join(await _changed_files(cell)) or "none"
+        cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
+                            else f"{spec.prompt}\n\n{RESTARTED.format(files=done)}")
 
     # -- Executing: the agent edits the worktree --
     await phases.enter(Phase.EXECUTING, cell=cell)
@@ -413,8 +441,9 @@ async def _prompt(cell: Cell, result: TaskResult) -> None:
     client, session_id = cell.client, cell.session_id
     result.prompt_attempts += 1
     result.attempts.append(Attempt(number=result.prompt_attempts))
+    text = cell.next_prompt or cell.spec.prompt
     watch = TurnWatch(client, cell.engine.settings.stall_timeout)
-    await watch.run(cell.events, lambda: client.prompt(session_id, cell.spec.prompt, model=cell.spec.model))
+    await watch.run(cell.events, lambda: client.prompt(session_id, text, model=cell.spec.model))
 
 
 async def _fresh_session(cell: Cell, result: TaskResult) -> None:
@@ -424,6 +453,7 @@ async def _fresh_session(cell: Cell, result: TaskResult) -> None:
     cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
     _close_attempt(result, "reverted", "a transient model or server error; retried from a clean checkout")
     await asyncio.to_thread(cell.worktree.revert, cell.box_end)
+    cell.next_prompt = None  # the retry starts over: the task's own prompt
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
 
 

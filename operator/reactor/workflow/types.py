@@ -73,11 +73,14 @@ class Reason(str, enum.Enum):
     REFS_TAMPERED = "RefsTampered"  # refs outside the task's branch moved, or the result is not the tested change
     BUDGET_EXCEEDED = "BudgetExceeded"  # the task's own maxCost/maxTokens
     SPEND_LIMIT_EXCEEDED = "SpendLimitExceeded"  # a limit over many tasks (the operator's SpendLimit)
+    DEPENDENCY_FAILED = "DependencyFailed"  # a task it depends on failed, was deleted, or cannot be built on
+    PARENTS_CONFLICT = "ParentsConflict"  # the results of the tasks it depends on do not merge
     INTERNAL_ERROR = "InternalError"
     # the task waits
     WAITING_FOR_CAPACITY = "WaitingForCapacity"  # all agents (--max-agents) busy
     WAITING_FOR_MEMORY = "WaitingForMemory"  # the memory limit cannot hold another cell's peak
     OPERATOR_SHUTDOWN = "OperatorShutdown"  # back to Pending; runs again when the operator restarts
+    DEPENDENCIES_PENDING = "DependenciesPending"  # a task it depends on has not succeeded yet
 
 
 class Budget(BaseModel):
@@ -97,6 +100,10 @@ class TaskSpec(BaseModel):
     repo: Path
     description: str = ""
     base_branch: str = "main"
+    # Commits the task builds on (its dependencies' results): none, it starts at the base
+    # branch's tip; one, at that commit; several, at their merge (made by Reactor, see
+    # infra.worktrees.integrate). Commits, not branch names: a branch may move.
+    start_commits: list[str] = Field(default_factory=list)
     result_branch: str | None = None  # default reactor/<task_id>
     test_command: str | None = None  # default: detected from the repository
     test_timeout: float = 600.0
@@ -151,6 +158,7 @@ class TaskResult(BaseModel):
     message: str
     branch: str | None = None
     base_branch: str | None = None
+    start_commit: str | None = None  # the commit the cell started from (the result's parent)
     commit: str | None = None
     files_changed: list[str] = Field(default_factory=list)
     test_command: str | None = None
@@ -166,6 +174,9 @@ class TaskResult(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)  # each try of the agent and what became of it
     model: str | None = None  # provider/model the agent ran with (None: OpenCode's default)
     confined: bool = False  # whether the cell ran under Landlock (see docs/security.md)
+    # Taken over from a run an operator killed mid-turn: "reopened" (its session, one
+    # continuation message) or "restarted" (a fresh session on its checkout); None otherwise.
+    resumed: str | None = None
 
     @property
     def succeeded(self) -> bool:
