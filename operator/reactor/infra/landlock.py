@@ -253,7 +253,8 @@ def restrict_with(ruleset: int) -> None:
 
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
-_EACCES = 13
+_EACCES, _ENOSYS = 13, 38
+_IO_URING_SYSCALLS = (425, 426, 427)  # io_uring_setup, _enter, _register: unified table and i386
 _AUDIT_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # (arch, __NR_socket)
 _AUDIT_ARCH_I386, _I386_SOCKET, _I386_SOCKETCALL = 0x40000003, 359, 102
 _X32_BIT = 0x40000000
@@ -271,7 +272,10 @@ class _SockFprog(ctypes.Structure):
 def socket_filter(families: list[int]) -> list[tuple[int, int, int, int]]:
     """A classic BPF program for seccomp: socket(family, ...) fails with EACCES for each of
     ``families``; on x86_64 the x32 ABI and the i386 socketcall() multiplexer (whose
-    arguments a filter cannot read) fail too. Every other syscall is allowed."""
+    arguments a filter cannot read) fail too. io_uring (setup, enter, register) fails with
+    ENOSYS: its IORING_OP_SOCKET and IORING_OP_CONNECT make and connect a socket without the
+    socket() syscall, out of a filter's sight (programs that use io_uring fall back on ENOSYS).
+    Every other syscall is allowed."""
     arch, nr_socket = _AUDIT_ARCH.get(platform.machine(), (None, None))
     if arch is None:
         raise LandlockError(95, f"no seccomp socket filter for {platform.machine()}")
@@ -279,17 +283,20 @@ def socket_filter(families: list[int]) -> list[tuple[int, int, int, int]]:
     load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     arch_off, nr_off, arg0_off = 4, 0, 16
     by_family = [(jeq, family, "deny", None) for family in families]
+    uring = [(jeq, nr, "no_uring", None) for nr in _IO_URING_SYSCALLS]
     code: list = [(load, arch_off, None, None), (jeq, arch, None, "compat"),
                   (load, nr_off, None, None)]
     if arch == 0xC000003E:
         code.append((jge, _X32_BIT, "deny", None))
-    code += [(jeq, nr_socket, None, "allow"), (load, arg0_off, None, None), *by_family, (ret, _SECCOMP_RET_ALLOW, None, None)]
+    code += [*uring, (jeq, nr_socket, None, "allow"), (load, arg0_off, None, None), *by_family,
+             (ret, _SECCOMP_RET_ALLOW, None, None)]
     code.append("compat")
     if arch == 0xC000003E:  # i386 programs: socket() by family, socketcall() refused
-        code += [(jeq, _AUDIT_ARCH_I386, None, "allow"), (load, nr_off, None, None),
+        code += [(jeq, _AUDIT_ARCH_I386, None, "allow"), (load, nr_off, None, None), *uring,  # same numbers
                  (jeq, _I386_SOCKETCALL, "deny", None), (jeq, _I386_SOCKET, None, "allow"),
                  (load, arg0_off, None, None), *by_family]
-    code += ["allow", (ret, _SECCOMP_RET_ALLOW, None, None), "deny", (ret, _SECCOMP_RET_ERRNO | _EACCES, None, None)]
+    code += ["allow", (ret, _SECCOMP_RET_ALLOW, None, None), "deny", (ret, _SECCOMP_RET_ERRNO | _EACCES, None, None),
+             "no_uring", (ret, _SECCOMP_RET_ERRNO | _ENOSYS, None, None)]
     labels, index = {}, 0
     for item in code:
         if isinstance(item, str):
