@@ -12,7 +12,7 @@ import pytest
 from reactor.infra.processes import find_marked_processes
 from reactor_dev.testing.helpers import wait_for
 from reactor_dev.testing.scripted_model import Scenario, edit, hang, text
-from reactor_dev.testing.matrix import Matrix, Row, held_boot_binary, process_alive
+from reactor_dev.testing.matrix import Matrix, Row, held_boot_args, process_alive
 from reactor_dev.testing.tasks import condition
 
 # The module's rows run in its fixture, which the first test pays for.
@@ -30,7 +30,7 @@ def hanging(matrix: Matrix, row: Row) -> bool:
 @pytest.fixture(scope="module")
 def crash(matrix: Matrix) -> dict:
     args = ("--port-range", "23300-23400", "--max-agents", "5",
-            "--opencode-bin", str(held_boot_binary(matrix.root, BOOT_HOLD)))
+            *held_boot_args(matrix.root, BOOT_HOLD))
     op = matrix.start_operator(*args)
     script = matrix.model.script
     rows: dict[str, Row] = {}

@@ -13,7 +13,7 @@ import pytest
 from reactor.infra.processes import find_marked_processes
 from reactor_dev.testing.helpers import wait_for
 from reactor_dev.testing.scripted_model import Scenario, edit, hang, text
-from reactor_dev.testing.matrix import Matrix, Row, held_boot_binary, process_alive
+from reactor_dev.testing.matrix import Matrix, Row, held_boot_args, process_alive
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
@@ -30,7 +30,7 @@ def hanging(matrix: Matrix, row: Row) -> bool:
 def held(matrix: Matrix) -> dict[str, Row]:
     """Four tasks held in four phases, a fifth Pending behind them."""
     matrix.start_operator("--port-range", PORTS, "--max-agents", "4",
-                          "--opencode-bin", str(held_boot_binary(matrix.root, 30)))
+                          *held_boot_args(matrix.root, 30))
     script = matrix.model.script
     rows = {}
     for name, steps, spec in (

@@ -9,6 +9,8 @@ reader of the cluster could see it; and a merge on the forge shows in the status
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import base64
 import json
 from pathlib import Path
@@ -57,7 +59,7 @@ def test_one_pull_request_through_crashes_and_an_outage(cluster, namespace, work
     url = gitea.create_repository(repo, make_repo(tmp_path / "app"))
     secret(cluster, namespace, "git-creds", {"username": "reactor", "password": gitea.password})
     secret(cluster, namespace, "forge-token", {"token": gitea.token})
-    flags = ("--forge-token-secret", "forge-token", "--pr-check-interval", "1s")
+    flags = ("--forge-token-secret", "forge-token", "--forge-host", urlsplit(url).netloc, "--pr-check-interval", "1s")
 
     with operators(cluster, namespace, work_dir) as start, ScriptedModel([Scenario(f"{NAME}:", STEPS)]) as model:
         # 1. The task runs to a pushed commit; the operator dies before its first forge call.

@@ -76,3 +76,26 @@ def test_a_cell_cannot_reach_a_unix_socket_through_io_uring(tmp_path):
         listener.listen()
         done = _run_in_cell([sys.executable, "-c", IO_URING_UNIX_CLIENT, str(agent)], cell)
     assert done.stdout.strip().startswith("refused"), (done.stdout, done.stderr)
+
+
+@pytest.mark.opencode
+async def test_the_repositorys_own_opencode_config_is_not_loaded(tmp_path):
+    """A repository's opencode.json (and .opencode/ plugins) would be tenant code inside the
+    server the tests run through: the cell's server ignores them (the review's finding 2)."""
+    import httpx
+
+    from reactor.infra.servers import OpenCodeServer, ServerSpec, find_opencode_binary
+    from reactor_dev.testing.helpers import free_port
+    from reactor_dev.testing.repos import make_repo
+
+    repo = make_repo(tmp_path / "repo", {"opencode.json": '{"username": "from-the-repo"}\n'})
+    server = OpenCodeServer(ServerSpec(binary=find_opencode_binary(), cwd=repo, port=free_port(),
+                                       cell_id="project-config", state_dir=tmp_path / "state", work_dir=tmp_path,
+                                       config={}))
+    await server.start(timeout=60)
+    try:
+        async with httpx.AsyncClient(auth=("opencode", server.password), timeout=30) as http:
+            config = (await http.get(f"{server.base_url}/config")).json()
+    finally:
+        await server.stop()
+    assert config.get("username") != "from-the-repo", config

@@ -77,3 +77,34 @@ def test_the_task_secrets_are_masked_in_what_the_pr_says():
                              attempts=[Attempt(1, "reverted", f"model error with {key}")])
     body = render_body(_redact_facts(facts, Redactor([key])))
     assert key not in body and "KEY=***" in body and "1 passed" in body
+
+
+async def test_the_default_forge_token_goes_only_to_the_forges_the_administrator_named():
+    """The forge is read from the tenant's repository URL: the operator's default token must
+    not follow it to any host (the review's finding 3); a task's own tokenSecretRef may."""
+    from reactor.kube.pullrequests import PullRequests, PullRequestSettings
+    from reactor.kube.resource import AgentTaskSpec, TaskRef
+
+    class Secrets:  # the namespace's Secret, as SecretReader returns it
+        read_from: list[str] = []
+
+        async def read(self, namespace, name, field_path):
+            self.read_from.append(name)
+            return {"token": "t0ken"}
+
+    def spec(url: str, **result) -> AgentTaskSpec:
+        return AgentTaskSpec.model_validate({"prompt": "p", "repository": {"url": url}, "test": {"command": "true"},
+                                             "result": {"kind": "pullRequest", "forge": "gitea", **result}})
+
+    secrets = Secrets()
+    prs = PullRequests(secrets, PullRequestSettings(default_token_secret="forge-token",
+                                                    default_token_hosts=("forge.example.com:3000",)))
+    ref = TaskRef("team-a", "t", "uid", "")
+    with pytest.raises(ConfigurationError, match="--forge-host"):
+        await prs._open(ref, spec("https://attacker.example/o/r.git"))
+    assert secrets.read_from == [], "the token was not even read"
+    forge = await prs._open(ref, spec("https://forge.example.com:3000/o/r.git"))
+    await forge.aclose()
+    own = await prs._open(ref, spec("https://elsewhere.example/o/r.git", tokenSecretRef={"name": "mine"}))
+    await own.aclose()
+    assert secrets.read_from == ["forge-token", "mine"]

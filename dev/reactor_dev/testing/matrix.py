@@ -5,6 +5,7 @@ the checks that nothing of a task is left."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import textwrap
@@ -265,6 +266,15 @@ def held_boot_binary(root: Path, seconds: float) -> Path:
         """))
     wrapper.chmod(0o755)
     return wrapper
+
+
+def held_boot_args(root: Path, seconds: float) -> tuple[str, ...]:
+    """`reactor operator` flags for held_boot_binary: the wrapper, and the real install it
+    execs, which cells may read (reads are an allowlist; the wrapper's dir is the only
+    install the engine knows of)."""
+    real = Path(os.path.realpath(find_opencode_binary()))
+    install = next((p for p in real.parents if p.name == "node_modules"), real.parent)
+    return ("--opencode-bin", str(held_boot_binary(root, seconds)), "--readable-path", str(install))
 
 
 def process_alive(pid: int) -> bool:

@@ -31,6 +31,9 @@ def add_subparser(sub: Any) -> None:
     forge.add_argument("--forge-token-secret", default=None, metavar="NAME",
                        help="the Secret (in each task's namespace, key `token`) holding the forge API token for tasks "
                             "without spec.result.tokenSecretRef (default: none)")
+    forge.add_argument("--forge-host", action="append", default=[], metavar="HOST[:PORT]",
+                       help="a forge the --forge-token-secret token may be sent to (repeatable; the forge is read "
+                            "from each task's repository URL, so without this the default token is sent nowhere)")
     forge.add_argument("--pr-check-interval", default="60s",
                        help="how often open pull requests are checked for merged/closed (default: 60s)")
     fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests-fleet)")
@@ -99,6 +102,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     watched = [] if clusterwide else namespaces
     interval = 0.0 if args.progress_interval.strip() in ("0", "0s") else parse_duration(args.progress_interval)
     pull_requests = PullRequestSettings(default_token_secret=args.forge_token_secret,
+                                        default_token_hosts=tuple(args.forge_host),
                                         check_interval=parse_duration(args.pr_check_interval))
     supervisor = Supervisor(engine, api_client, fleet=fleet, namespaces=watched, progress_interval=interval,
                             allow_file_urls=args.allow_file_urls, pull_requests=pull_requests)

@@ -183,6 +183,10 @@ class OpenCodeServer:
             # No fetch of the models.dev catalogue: a cell talks to its configured provider
             # and nothing else (and where that host is unreachable the fetch can stall turns).
             "OPENCODE_DISABLE_MODELS_FETCH": "1",
+            # The repository's own opencode.json and .opencode/ (plugins, agents, permissions)
+            # are tenant code in the server we test through: never loaded (measured: without
+            # this a repository's opencode.json is in the server's config).
+            "OPENCODE_DISABLE_PROJECT_CONFIG": "1",
             **marker_env(spec.cell_id, spec.owner, str(spec.work_dir)),
         }
 

@@ -27,6 +27,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 from reactor.errors import ConfigurationError
@@ -56,6 +57,10 @@ CRASH_HOOK = "REACTOR_TEST_CRASH_AT"  # tests: "pr:<step>" SIGKILLs the operator
 @dataclass
 class PullRequestSettings:
     default_token_secret: str | None = None  # a Secret of this name in the task's namespace
+    # The forges (host[:port] of their API) the default token may be sent to. The forge is
+    # read from the tenant's repository URL: without this list a tenant could name any host
+    # and receive the namespace's token in a header.
+    default_token_hosts: tuple[str, ...] = ()
     check_interval: float = 60.0  # how often open PRs are looked at (merged? closed?)
     retry_first: float = RETRY_FIRST
     retry_max: float = RETRY_MAX
@@ -196,6 +201,11 @@ class PullRequests:
         if secret_ref is not None:
             name, key, field_path = secret_ref.name, secret_ref.key, "spec.result.tokenSecretRef"
         elif self.settings.default_token_secret:
+            host = urlsplit(repository.api_url).netloc.lower()
+            if host not in {h.lower() for h in self.settings.default_token_hosts}:
+                raise ConfigurationError(
+                    f"the operator's default forge token (--forge-token-secret) is sent only to the forges named "
+                    f"by --forge-host, and {host} is not one: set spec.result.tokenSecretRef")
             name, key, field_path = self.settings.default_token_secret, "token", "--forge-token-secret"
         else:
             raise ConfigurationError("no forge token: set spec.result.tokenSecretRef, or start the operator "
