@@ -11,6 +11,7 @@ import datetime as dt
 import kubernetes
 
 from reactor.infra.mirrors import RepositoryMirrors
+from reactor.infra.repository_urls import RepositoryPolicy
 from reactor.kube.mergequeues import LEASE_PREFIX, MergeQueues
 from reactor.observe.fleet import TaskViews
 from reactor.observe.metrics import Metrics
@@ -46,7 +47,8 @@ async def test_a_merge_queue_integrates_tasks_and_another_replica_takes_it_over(
         "apiVersion": "reactor.dev/v1alpha1", "kind": "MergeQueue", "metadata": {"name": "main"},
         "spec": {"repository": {"url": f"file://{origin}", "branch": "main"}, "maxBatch": 2}})
     metrics = [Metrics(TaskViews()) for _ in range(2)]
-    replicas = [MergeQueues(kube_api, confined_tests(work_dir), RepositoryMirrors(work_dir / f"r{i}" / "mirrors"),
+    replicas = [MergeQueues(kube_api, confined_tests(work_dir), RepositoryMirrors(work_dir / f"r{i}" / "mirrors",
+                                                                        RepositoryPolicy(work_dir, (tmp_path,))),
                             identity=f"r{i}", lease_duration=4.0, poll_interval=0.3, metrics=metrics[i])
                 for i in range(2)]
     body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, MERGEQUEUES, "main")

@@ -277,7 +277,7 @@ class _Driver:
         if not inbox and not gone and (state is None or not (state.queued() or state.pending)):
             return  # nothing to do: no fetch
         credentials = await self._credentials(spec)
-        mirror = await asyncio.to_thread(queues.mirrors.sync, spec.repository.url, credentials)
+        mirror = await asyncio.to_thread(queues.mirrors.sync, self.namespace, spec.repository.url, credentials)
         config = None
         if state is None:
             command = spec.test.command or inbox[0][1].test.command

@@ -65,18 +65,18 @@ class PushedBranch:
         return url or self.remote
 
     def tip(self) -> str:
-        with self.credentials.environment() as env, repository_lock(self.repo):
+        with self.credentials.environment() as auth, repository_lock(self.repo):
             git(self.repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self._url(),
-                f"+refs/heads/{self.branch}:{self.tracking}", env=env)
+                f"+refs/heads/{self.branch}:{self.tracking}", env=auth.env, pass_fds=auth.fds)
         return git(self.repo, "rev-parse", "--verify", f"{self.tracking}^{{commit}}")
 
     def advance(self, old: str, new: str) -> bool:
         _check_fast_forward(self.repo, old, new)
         ref = f"refs/heads/{self.branch}"
         try:
-            with self.credentials.environment() as env:
+            with self.credentials.environment() as auth:
                 git(self.repo, "push", "--quiet", "--no-verify", f"--force-with-lease={ref}:{old}", self._url(),
-                    f"{new}:{ref}", env=env)
+                    f"{new}:{ref}", env=auth.env, pass_fds=auth.fds)
         except GitError as exc:
             if "stale info" in exc.stderr or "rejected" in exc.stderr:
                 return False

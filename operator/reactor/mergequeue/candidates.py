@@ -81,8 +81,11 @@ def replay(repo: Path, entry_id: str, commit: str, base: str, onto: str) -> Repl
 def conflicted_replay(repo: Path, entry_id: str, conflict: TextualConflict) -> str:
     """A commit on the tip holding the conflicting merge, markers and all, for the task's
     rebase round (``TaskSpec.start_from``); kept reachable by ``refs/reactor/conflicts/<id>``."""
+    identity = committer_identity(repo)  # the operator's git reads no global config: named here
+    env = {"GIT_AUTHOR_NAME": identity["name"], "GIT_AUTHOR_EMAIL": identity["email"],
+           "GIT_COMMITTER_NAME": identity["name"], "GIT_COMMITTER_EMAIL": identity["email"]}
     commit = git(repo, "commit-tree", conflict.tree, "-p", conflict.onto, "-m",
-                 f"{entry_id}: replayed onto {conflict.onto[:12]}, conflicts in {', '.join(conflict.paths)}")
+                 f"{entry_id}: replayed onto {conflict.onto[:12]}, conflicts in {', '.join(conflict.paths)}", env=env)
     git(repo, "update-ref", f"refs/reactor/conflicts/{entry_id}", commit)
     return commit
 
