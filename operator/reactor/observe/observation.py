@@ -35,7 +35,7 @@ class Observatory:
 
     def pull_request(self, namespace: str, name: str, url: str, state: str) -> None:
         """The task's pull request was opened, or changed state: on the page and in its transcript."""
-        view = self.fleet.view(namespace, name)
+        view = self.views.view(namespace, name)
         view.pull_request, view.pull_request_state = url, state
         self.transcripts.append(namespace, name, {"kind": "pullRequest", "url": url, "state": state})
 
