@@ -236,6 +236,13 @@ ROOT_PATH = {data}/log
         out = subprocess.run(["git", "push", "--quiet", self.repo_url(name), *refspecs], cwd=source,
                              env=self.git_env(), capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
+        # Gitea takes a push in through its hooks and a queue: a repository that was empty can
+        # answer 404 to a pull request for a moment after the push returned (measured under
+        # load). Wait until the API shows each pushed branch, as a forge user would.
+        for refspec in refspecs:
+            branch = refspec.rpartition(":")[2].removeprefix("refs/heads/")
+            wait_for(lambda: self.api("GET", f"/repos/{ADMIN}/{name}/branches/{branch}").status_code == 200,
+                     30, f"branch {branch} of {name} on the forge", interval=0.1)
 
     def pull_requests(self, name: str, owner: str = ADMIN) -> list[dict]:
         response = self.api("GET", f"/repos/{owner}/{name}/pulls", params={"state": "all", "limit": 50})
