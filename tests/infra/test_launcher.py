@@ -21,6 +21,7 @@ from reactor.infra.git import GitTimeout
 from reactor.infra.worktrees import WorktreeManager
 from reactor_dev.testing.attacks import build_preload_object
 from reactor_dev.testing.repos import git
+from reactor_dev.testing.matrix import process_alive
 
 ABI = landlock.abi_version()
 needs_landlock = pytest.mark.skipif(ABI < 1, reason="Landlock unavailable in this kernel")
@@ -49,13 +50,6 @@ def run(command: list[str], env: dict[str, str], policy: dict | None, *, cwd: Pa
     proc = start(command, env, policy, cwd=cwd, **kw)
     out, err = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture
@@ -145,13 +139,13 @@ def test_daemons_and_unmarked_processes_die_with_the_cell(cell, ending):
                  policy_for(cell) if ABI >= 1 else None, cwd=cell)
     assert proc.stdout.readline().strip() == "started"
     pids = [int((cell / name).read_text()) for name in ("daemon.pid", "unmarked.pid")]
-    assert all(alive(pid) for pid in pids)
+    assert all(process_alive(pid) for pid in pids)
     began = time.monotonic()
     if stay == "stay":
         proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert time.monotonic() - began < 5
-    assert [pid for pid in pids if alive(pid)] == [], "every process of the cell is gone when its launcher is"
+    assert [pid for pid in pids if process_alive(pid)] == [], "every process of the cell is gone when its launcher is"
     assert proc.returncode == (0 if stay == "exit" else 128 + signal.SIGTERM)
 
 
@@ -161,7 +155,7 @@ def test_the_deadline_kills_the_command_and_everything_it_started(cell):
     done = run([sys.executable, "daemons.py", "stay"], {"PATH": os.environ["PATH"]}, None, cwd=cell, deadline=2)
     assert done.returncode == launcher.EXIT_DEADLINE and "deadline of 2s expired" in done.stderr, done.stderr
     assert 2 <= time.monotonic() - began < 10
-    assert not any(alive(int((cell / name).read_text())) for name in ("daemon.pid", "unmarked.pid"))
+    assert not any(process_alive(int((cell / name).read_text())) for name in ("daemon.pid", "unmarked.pid"))
 
 
 @needs_landlock
@@ -255,7 +249,7 @@ def test_a_clean_filter_that_hangs_times_out_the_git_step_and_leaves_nothing(rep
         wt.changed_paths()
     assert time.monotonic() - began < 10
     assert timeout.value.step == "status" and "did not finish within 2s" in str(timeout.value)
-    assert not alive(int(pid_file.read_text())), "the filter was killed with the step"
+    assert not process_alive(int(pid_file.read_text())), "the filter was killed with the step"
     manager.remove(wt, keep_branch=False)
 
 

@@ -33,6 +33,7 @@ from reactor.workflow.engine import Engine
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, Reason, TaskSpec
 from reactor_dev.testing.engine import engine_settings
+from reactor_dev.testing.matrix import process_alive
 
 pytestmark = pytest.mark.opencode
 
@@ -43,13 +44,6 @@ FIXED_CALC = BUGGY_CALC.replace("a - b", "a + b")
 def spec(task_id: str, repo: Path, model: ScriptedModel, **kw) -> TaskSpec:
     return TaskSpec(task_id=task_id, prompt=f"{task_id}: fix add() in calc.py", repo=repo,
                     test_command="python3 -m pytest -q", opencode_config=model.opencode_config(), timeout=600, **kw)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture
@@ -123,7 +117,7 @@ async def test_squatters_sockets_and_daemons_stay_in_their_cell(tmp_path, repo, 
         assert "Permission denied" in report[f"bind-operator-port {operator_port}"]
     assert report["unix-socket"].startswith("blocked") and "Permission denied" in report["unix-socket"], report_text
     daemons = daemon_pids(report_text)
-    assert len(daemons) == 2 and not any(alive(pid) for pid in daemons), "no daemon outlives its cell"
+    assert len(daemons) == 2 and not any(process_alive(pid) for pid in daemons), "no daemon outlives its cell"
     assert git(repo, "show", "reactor/ATTACKER:calc.py") == FIXED_CALC.strip(), \
         "the file committed is the file tested: the daemons did not get to rewrite it"
     assert worktrees_of(repo, work_dir) == []

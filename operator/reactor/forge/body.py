@@ -95,8 +95,8 @@ def render_body(facts: PullRequestFacts) -> str:
     lines += [
         "",
         "### Spend",
-        f"| model | input tokens | output tokens | all tokens | cost |",
-        f"|---|---|---|---|---|",
+        "| model | input tokens | output tokens | all tokens | cost |",
+        "|---|---|---|---|---|",
         f"| {inline(facts.model) or 'OpenCode default'} | {facts.input_tokens} | {facts.output_tokens} | "
         f"{facts.total_tokens} | ${facts.cost:.4f} |",
         "",

@@ -18,8 +18,6 @@ from reactor.forge.types import (
     AlreadyExists,
     ForgeKind,
     ForgeRefused,
-    HeadOutOfDate,
-    NotMergeable,
     PRState,
     PullRequest,
 )
@@ -70,15 +68,7 @@ class GiteaForge:
         await self.http.request("POST", f"{self.repo_path}/statuses/{commit}", json=payload, ok=(201, 200))
 
     async def merge_pull_request(self, number: int, head_commit: str, method: str = "merge") -> None:
-        payload = {"Do": method, "head_commit_id": head_commit}
-        try:
-            await self.http.request("POST", f"{self.repo_path}/pulls/{number}/merge", json=payload, ok=(200,))
-        except ForgeRefused as exc:
-            if exc.status == 409:
-                raise HeadOutOfDate(str(exc), 409) from None
-            if exc.status == 405:
-                raise NotMergeable(str(exc), 405) from None
-            raise
+        await self.http.merge("POST", f"{self.repo_path}/pulls/{number}/merge", {"Do": method, "head_commit_id": head_commit})
 
     async def aclose(self) -> None:
         await self.http.aclose()

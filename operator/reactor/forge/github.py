@@ -23,8 +23,6 @@ from reactor.forge.types import (
     AlreadyExists,
     ForgeKind,
     ForgeRefused,
-    HeadOutOfDate,
-    NotMergeable,
     PRState,
     PullRequest,
 )
@@ -85,15 +83,7 @@ class GitHubForge:
         await self.http.request("POST", f"{self.repo_path}/statuses/{commit}", json=payload, ok=(201,))
 
     async def merge_pull_request(self, number: int, head_commit: str, method: str = "merge") -> None:
-        payload = {"sha": head_commit, "merge_method": method}
-        try:
-            await self.http.request("PUT", f"{self.repo_path}/pulls/{number}/merge", json=payload, ok=(200,))
-        except ForgeRefused as exc:
-            if exc.status == 409:
-                raise HeadOutOfDate(str(exc), 409) from None
-            if exc.status == 405:
-                raise NotMergeable(str(exc), 405) from None
-            raise
+        await self.http.merge("PUT", f"{self.repo_path}/pulls/{number}/merge", {"sha": head_commit, "merge_method": method})
 
     async def aclose(self) -> None:
         await self.http.aclose()

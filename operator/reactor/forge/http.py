@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from reactor.forge.types import ForgeRefused, ForgeUnavailable
+from reactor.forge.types import ForgeRefused, ForgeUnavailable, HeadOutOfDate, NotMergeable
 
 TIMEOUT = httpx.Timeout(20.0, connect=5.0)
 
@@ -20,6 +20,18 @@ class ForgeHTTP:
         if client is not None:
             self._client.headers.update(headers)
         self.calls = 0
+
+    async def merge(self, method: str, path: str, payload: dict) -> None:
+        """A merge guarded by head commit: both forges answer 409 when the head moved and 405
+        when the PR cannot be merged (yet)."""
+        try:
+            await self.request(method, path, json=payload, ok=(200,))
+        except ForgeRefused as exc:
+            if exc.status == 409:
+                raise HeadOutOfDate(str(exc), 409) from None
+            if exc.status == 405:
+                raise NotMergeable(str(exc), 405) from None
+            raise
 
     async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
                       ok: tuple[int, ...] = (200, 201)) -> httpx.Response:
