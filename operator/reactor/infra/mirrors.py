@@ -32,6 +32,9 @@ from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused, r
 from reactor.infra.worktrees import ResultRejected, file_lock, repository_lock, safe_component
 
 log = logging.getLogger(__name__)
+# A clone or fetch whose caller gives no deadline (the merge queue's) ends after this many
+# seconds: a remote that never answers must not hold an operator thread forever.
+FETCH_DEADLINE = 900.0
 
 _ASKPASS = """#!/bin/sh
 case "$1" in
@@ -110,6 +113,7 @@ class RepositoryMirrors:
         Branches are fetched into refs/heads/* (without --prune, so result branches that live
         only here survive); the base branch therefore always names the remote's tip."""
         clone_url = self.policy.clone_url(url)
+        until = time.monotonic() + FETCH_DEADLINE if until is None else until
         path = self.path_for(namespace, url)
         creds = credentials or GitCredentials()
         path.parent.mkdir(parents=True, exist_ok=True)
