@@ -181,3 +181,62 @@ async def test_a_secret_the_tests_print_is_masked_in_the_result(repo, engine):
     assert result.outcome is Outcome.COMMITTED, result.message
     assert "TEAM_TOKEN=***" in result.test_output_tail and "1 passed" in result.test_output_tail
     assert secret not in result.model_dump_json()
+
+
+class _EndlessForge:
+    """A tenant's own forge (a task's tokenSecretRef may name any host) that answers every
+    request with 200 and a body that does not end: JSON whitespace, as fast as it is read.
+    Counts what it managed to send."""
+
+    LIMIT = 256 << 20  # what it would send in all (a real one sends for ever)
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sent = 0
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(4)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            connection, _ = self.server.accept()
+        except OSError:
+            return
+        with connection:
+            connection.recv(65536)  # the request (headers and a small body)
+            chunk = b" " * (1 << 20)
+            try:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n[")
+                while self.sent < self.LIMIT:
+                    connection.sendall(chunk)
+                    self.sent += len(chunk)
+            except OSError:
+                return  # the client hung up: what a bounded reader does
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(timeout=30)
+
+
+async def test_a_forge_answer_without_end_is_refused_not_read_into_the_operators_memory():
+    """The PR publisher read a forge's whole answer into memory (httpx reads a body to its
+    end; its read timeout is per chunk). A task's forge is any host its tenant names: one that
+    answers without end grew the operator until the kernel killed it (and every tenant's cells
+    with it), and the publisher that resumes at start-up read it again. An answer is now read
+    up to a bound and refused past it."""
+    from reactor.forge import ForgeError
+    from reactor.forge.gitea import GiteaForge
+
+    forge_server = _EndlessForge()
+    forge = GiteaForge(forge_server.url + "/api/v1", "o", "r", "tenant-token")
+    try:
+        with pytest.raises(ForgeError, match="larger than"):
+            await forge.find_pull_request("reactor/t", "main")
+    finally:
+        await forge.aclose()
+        forge_server.close()
+    assert forge_server.sent < 32 << 20, f"the operator read {forge_server.sent >> 20} MiB of the answer"
