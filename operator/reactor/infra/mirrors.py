@@ -32,8 +32,9 @@ from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused, r
 from reactor.infra.worktrees import ResultRejected, file_lock, repository_lock, safe_component
 
 log = logging.getLogger(__name__)
-# A clone or fetch whose caller gives no deadline (the merge queue's) ends after this many
-# seconds: a remote that never answers must not hold an operator thread forever.
+# A clone or fetch whose caller gives no deadline (the merge queue's), and every push, ends
+# after this many seconds: a remote that never answers must not hold an operator thread (and
+# a push, the task's capacity slot) forever.
 FETCH_DEADLINE = 900.0
 
 _ASKPASS = """#!/bin/sh
@@ -159,7 +160,7 @@ class RepositoryMirrors:
             if expected is not None and git(mirror, "rev-parse", f"refs/heads/{branch}") != expected:
                 raise ResultRejected(f"branch {branch} is not at the tested commit {expected[:12]}")
             git(mirror, "push", "--quiet", "origin", f"refs/heads/{branch}:refs/heads/{branch}", env=auth.env,
-                pass_fds=auth.fds)
+                pass_fds=auth.fds, timeout=FETCH_DEADLINE)
 
     def delete_branch(self, mirror: Path, branch: str) -> None:
         with repository_lock(mirror):
