@@ -60,11 +60,11 @@ async def test_a_task_cannot_have_the_default_forge_token_put_into_its_cell_or_i
     anywhere), bypassing --forge-host. Refused, naming the field, before anything is read."""
     from reactor.kube.secrets import SecretReader
 
-    class Reader(SecretReader):
-        read_from: list[str] = []
+    read_from: list[str] = []
 
+    class Reader(SecretReader):
         async def read(self, namespace, name, field_path):
-            self.read_from.append(name)
+            read_from.append(name)
             return {"token": "the-operators-t0ken"}
 
     reader = Reader(None, operator_secrets=(FORGE_TOKEN,))
@@ -75,7 +75,7 @@ async def test_a_task_cannot_have_the_default_forge_token_put_into_its_cell_or_i
             "url": "https://forge.example.com/o/r.git", "credentialsSecretRef": {"name": FORGE_TOKEN}})
     with pytest.raises(ConfigurationError, match=f"{field}.*--forge-token-secret"):
         await reader.for_task(TaskRef("team-a", "t", "uid", ""), spec)
-    assert reader.read_from == []
+    assert read_from == []
 
 
 def test_the_operators_three_way_merges_read_no_global_git_config(tmp_path, monkeypatch):
