@@ -12,6 +12,7 @@ from reactor.infra.mirrors import mirror_path
 from reactor_dev.testing.scripted_model import Scenario, bash, edit, fail, text
 from reactor_dev.testing.matrix import Matrix, Row
 from reactor_dev.testing.tasks import condition
+from reactor_dev.testing.workers import port_range
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
@@ -28,7 +29,8 @@ def outcomes(matrix: Matrix) -> dict[str, Row]:
     out = matrix.cluster.kubectl("create", "secret", "generic", "forge-token", "-n", matrix.namespace,
                                  f"--from-literal=token={FORGE_TOKEN}")
     assert out.returncode == 0, out.stderr
-    matrix.start_operator("--port-range", "23100-23200", "--max-agents", "6", "--forge-token-secret", "forge-token")
+    matrix.start_operator("--port-range", port_range("23100-23200"), "--max-agents", "6",
+                          "--forge-token-secret", "forge-token")
     script = matrix.model.script
 
     def row(name: str, steps, **spec) -> Row:
