@@ -242,3 +242,27 @@ async def test_a_forge_answer_without_end_is_refused_not_read_into_the_operators
         await forge.aclose()
         forge_server.close()
     assert forge_server.sent < 32 << 20, f"the operator read {forge_server.sent >> 20} MiB of the answer"
+
+
+async def test_a_secret_a_model_provider_quotes_is_masked_in_every_message(repo, engine):
+    """A provider's refusal quotes the key it was given ("Incorrect API key provided: sk-…"),
+    and OpenCode hands that text on: the task's messages (its phases' Events, status, the
+    log) are masked like its test output."""
+    from reactor.workflow.tcr import run_task
+    from reactor.workflow.types import Outcome, TaskSpec
+    from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, fail
+
+    secret = "sk-team-0123456789abcdef"
+    phases = []
+
+    async def on_phase(event):
+        phases.append(event)
+
+    with ScriptedModel([Scenario("T-KEY", [fail(401, message=f"Incorrect API key provided: {secret}")])]) as model:
+        result = await run_task(TaskSpec(
+            task_id="T-KEY", prompt="T-KEY: fix add() in calc.py", repo=repo, test_command="python3 -m pytest -q",
+            opencode_config=model.opencode_config(), timeout=120, env={"OPENAI_API_KEY": secret}), engine, on_phase)
+    assert result.outcome is Outcome.FAILED
+    assert "Incorrect API key provided: ***" in result.message, result.message
+    assert secret not in result.model_dump_json()
+    assert all(secret not in event.model_dump_json() for event in phases)

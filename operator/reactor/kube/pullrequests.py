@@ -46,7 +46,7 @@ from reactor.forge import (
 from reactor.kube.resource import AgentTaskSpec, TaskRef
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import TaskStatus
-from reactor.observe.redact import Redactor
+from reactor.redact import Redactor
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ from reactor.infra.repository_urls import RepositoryRefused
 from reactor.infra.servers import ServerBootError
 from reactor.infra.worktrees import ParentsConflict, ResultRejected, integrate, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
-from reactor.observe.redact import Redactor
+from reactor.redact import Redactor
 from reactor.opencode.events import Consumer
 from reactor.workflow.cell import Cell
 from reactor.workflow.control import TaskControl, TaskStopped
@@ -106,10 +106,14 @@ class TimeBox:
 
 class _Phases:
     """The one place a task's phase changes: enters each phase once, in order, times it, and
-    reports it to the callback (IG: a report that fails does not fail the task)."""
+    reports it to the callback (IG: a report that fails does not fail the task).
 
-    def __init__(self, task_id: str, callback: PhaseCallback | None, result: TaskResult):
-        self.task_id, self.callback, self.result = task_id, callback, result
+    Every message it reports is masked of the task's secret values: messages quote what a
+    cell, a model provider or a remote said (a provider's 401 may quote the key it was given),
+    and they go to the log, status and Events."""
+
+    def __init__(self, task_id: str, callback: PhaseCallback | None, result: TaskResult, redactor: Redactor):
+        self.task_id, self.callback, self.result, self.redactor = task_id, callback, result, redactor
         self.durations: dict[str, float] = {}
         self.current: Phase | None = None
         self._since = time.monotonic()
@@ -121,6 +125,7 @@ class _Phases:
         if self.current is not None and not self.current.terminal:
             self.durations[self.current.value] = round(self.durations.get(self.current.value, 0.0) + now - self._since, 3)
         self.current, self._since = phase, now
+        message = self.redactor.text(message)
         log.info("%s: %s%s", self.task_id, phase.value, f": {message}" if message else "")
         await self._report(PhaseEvent(task_id=self.task_id, phase=phase, message=message,
                                       started_at=self.result.started_at, **event), cell)
@@ -128,6 +133,7 @@ class _Phases:
     async def update(self, message: str, cell: Cell) -> None:
         """News within the current phase (a restarted server): same phase, new cell."""
         assert self.current is not None
+        message = self.redactor.text(message)
         log.info("%s: %s: %s", self.task_id, self.current.value, message)
         await self._report(PhaseEvent(task_id=self.task_id, phase=self.current, message=message, update=True,
                                       started_at=self.result.started_at), cell)
@@ -167,7 +173,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
                         message="", branch=spec.branch, base_branch=spec.base_branch, started_at=spec.started_at,
                         confined=engine.confinement.enabled, model=spec.model)
-    phases = _Phases(spec.task_id, on_phase, result)
+    phases = _Phases(spec.task_id, on_phase, result, Redactor(spec.env.values()))
     cell = Cell(spec, engine, cell_id)
     control = control or TaskControl()
     control.budget = spec.budget
@@ -204,6 +210,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
         result.boot_attempts = cell.boot_attempts
         result.phase_durations = phases.durations
         result.duration = round(time.monotonic() - started, 3)
+    result.message = phases.redactor.text(result.message)  # the result goes to status and the PR body too
     _close_attempt(result)
     if not _holds_commit(result):
         result.commit = None
@@ -392,7 +399,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     result.test_exit_code = test.exit_code
     # The cell holds the task's secrets and its tests may print them: never into the result
     # (status, the PR body), as never into the transcript.
-    result.test_output_tail = Redactor(spec.env.values()).text(test.output)[-OUTPUT_TAIL_CHARS:]
+    result.test_output_tail = phases.redactor.text(test.output)[-OUTPUT_TAIL_CHARS:]
     if test.timed_out:
         raise TaskFailed(Reason.TESTS_TIMED_OUT, f"tests ran past their time limit of {spec.test_timeout:g}s and were "
                          "stopped", Outcome.REVERTED)
