@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,9 +23,11 @@ import pytest
 
 from reactor.infra.processes import find_marked_processes
 from reactor_dev.testing.fleet import (
+    BranchPushHold,
     all_terminal,
     apply_all,
     conversations,
+    first_prompt,
     fix_task,
     fleet_args,
     kill_pod,
@@ -33,7 +36,7 @@ from reactor_dev.testing.fleet import (
     wait_until,
 )
 from reactor_dev.testing.operator_process import operators
-from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text, write
 from reactor_dev.testing.repos import git, make_repo
 
 # Several replicas and up to six cells at once on a small machine: more than the default 5 minutes.
@@ -181,6 +184,80 @@ def test_a_killed_replicas_tasks_are_adopted_and_finish(replica, crd_installed, 
     for survivor in (replicas[0], replicas[2]):
         assert find_marked_processes(str(survivor.work_dir.resolve())) == []
     print(f"\nreplica killed -> its {len(held)} task(s) claimed elsewhere: {failover:.1f}s (Lease {LEASE}s)")
+
+
+RESUMED = "lost before it was published"  # in the prompt of a session started from a lost run's green commit
+
+
+def test_a_replica_lost_after_a_green_commit_is_resumed_from_it_and_a_dependent_starts_elsewhere_at_its_parents_result(
+        replica, crd_installed, namespace, origin):
+    """r0 runs fo-p, then fo-g, whose tests pass: r0 records the green commit in the origin
+    (refs/reactor/green/<uid>) and is SIGKILLed while its push of the result branch is held,
+    so the commit reaches no branch. r1 (its own volume: none of r0's mirror) adopts fo-g and
+    starts a fresh session from that commit (tested again, one push), and runs fo-d, which
+    depends on fo-p, at the result commit r0 pushed for fo-p."""
+    hold = BranchPushHold(origin)
+    main = git(origin, "rev-parse", "main")
+    scenarios = [Scenario(RESUMED, [text("The change is complete; nothing is missing.")]),  # first match wins
+                 Scenario("fo-p:", [FIX, text("Fixed.")]),
+                 Scenario("fo-g:", [FIX, text("Fixed.")]),
+                 Scenario("fo-d:", [write("NOTES.md", "add() adds since fo-p\n"), text("Noted.")])]
+    with ScriptedModel(scenarios) as model:
+        r0 = replica(0, "--max-agents=1")
+        apply_all(crd_installed, namespace, [manifest("fo-p", origin, model)])
+        parent = wait_until(lambda: (all_terminal(crd_installed, namespace, 1) or {}).get("fo-p"), 240, "fo-p done",
+                            r0.log)
+        hold.hold()
+        apply_all(crd_installed, namespace, [manifest("fo-g", origin, model)])
+        wait_until(hold.arrived, 240, "fo-g: its push held", r0.log)
+        child = manifest("fo-d", origin, model)
+        child["spec"]["dependsOn"] = ["fo-p"]
+        apply_all(crd_installed, namespace, [child])  # r0's one slot is fo-g's: it waits
+        lost = tasks(crd_installed, namespace)["fo-g"]
+        green_ref = f"refs/reactor/green/{lost['metadata']['uid']}"
+        recorded = ref_of(origin, green_ref)
+        kill_pod(r0)
+        hold.release()
+        assert recorded and not ref_of(origin, "refs/heads/reactor/fo-g"), "recorded, pushed to no branch"
+        r1 = replica(1, "--max-agents=1")
+        objs = wait_until(lambda: all_terminal(crd_installed, namespace, 3), 400, "all terminal", r1.log)
+        requests = model.requests
+
+    assert {n: o["status"]["phase"] for n, o in objs.items()} == dict.fromkeys(objs, "Succeeded"), \
+        {n: o["status"].get("message") for n, o in objs.items()}
+    # The lost run had committed and recorded G; its status named it at Pushing.
+    assert lost["status"]["phase"] == "Pushing" and lost["status"]["result"]["commit"] == recorded
+    status = objs["fo-g"]["status"]
+    result = status["result"]
+    assert status["claim"]["replica"] == "r1" and status["attempts"] == 2
+    assert result["resumed"] == "restarted" and result["resumedFrom"] == recorded
+    assert f"resumed from {recorded[:12]}" in status["message"] and "tokens" in status["message"]
+    # One commit on the start, holding what was tested: G's change (the agent added nothing).
+    assert result["startCommit"] == main and git(origin, "rev-parse", f"{result['commit']}^") == main
+    assert git(origin, "rev-parse", f"{result['commit']}^{{tree}}") == git(origin, "rev-parse", f"{recorded}^{{tree}}")
+    assert pushes(origin, "reactor/fo-g") == [result["commit"]], "one push: the adopter's"
+    assert not ref_of(origin, green_ref), "the record went with the task's end"
+    # Counted with the model: the adopter's one fresh session had one turn, from a prompt
+    # naming the recorded commit and its files; no tool call of the lost run was made again.
+    resumed = [r for r in requests if r.get("scenario") == RESUMED]
+    assert len({r["workdir"] for r in resumed}) == 1 and len(resumed) == 1, len(resumed)
+    assert recorded[:12] in first_prompt(resumed[0]) and "calc.py" in first_prompt(resumed[0])
+    lost_run = [r for r in requests if r.get("scenario") == "fo-g:"]
+    assert lost_run and not [r for r in lost_run if (r["workdir"] or "").startswith(str(r1.work_dir.resolve()))], \
+        "the adopter did not run the task again from its prompt"
+    # fo-d: claimed by another replica than its parent, at the parent's result commit (pushed by r0).
+    assert parent["status"]["claim"]["replica"] == "r0" and objs["fo-d"]["status"]["claim"]["replica"] == "r1"
+    child = objs["fo-d"]["status"]["result"]
+    assert child["startCommit"] == parent["status"]["result"]["commit"]
+    assert git(origin, "rev-parse", f"{child['commit']}^") == parent["status"]["result"]["commit"]
+    print(f"\nfailover from a green commit: the adopter made {len(resumed)} model call(s), "
+          f"the lost run {len(lost_run)}; status: {status['message']}")
+
+
+def ref_of(repo: Path, name: str) -> str:
+    """The commit ``name`` names in ``repo``; empty when there is no such ref."""
+    return subprocess.run(["git", "rev-parse", "--verify", "--quiet", name], cwd=repo, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def lease_holder(cluster, namespace: str, replica: str) -> str | None:

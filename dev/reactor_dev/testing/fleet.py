@@ -92,3 +92,49 @@ def kill_pod(replica) -> None:
         except ProcessLookupError:
             pass
     replica.process.wait()
+
+
+class BranchPushHold:
+    """A pre-receive hook in a test origin (a repository of ``reactor_dev.testing.repos``)
+    that holds every push of a branch (refs/heads/*) while ``hold`` is on: the pusher waits
+    in it (``arrived()`` says one came) until ``release()``, and is then declined. Pushes of
+    other refs (Reactor's refs/reactor/*) pass at once. So a replica can be killed with its
+    result pushed nowhere but its record of it in place."""
+
+    def __init__(self, origin: Path):
+        git_dir = Path(origin) / ".git" if (Path(origin) / ".git").is_dir() else Path(origin)
+        self.flag, self.came = git_dir / "hold-branches", git_dir / "branch-push-arrived"
+        hook = git_dir / "hooks" / "pre-receive"
+        hook.parent.mkdir(parents=True, exist_ok=True)
+        hook.write_text(f"""#!/bin/sh
+branch=no
+while read old new ref; do case "$ref" in refs/heads/*) branch=yes ;; esac; done
+if [ "$branch" = yes ] && [ -e "{self.flag}" ]; then
+    touch "{self.came}"
+    while [ -e "{self.flag}" ]; do sleep 0.05; done
+    echo "held push declined" >&2
+    exit 1
+fi
+""")
+        hook.chmod(0o755)
+
+    def hold(self) -> None:
+        self.flag.touch()
+
+    def arrived(self) -> bool:
+        return self.came.exists()
+
+    def release(self) -> None:
+        self.flag.unlink(missing_ok=True)
+
+
+def first_prompt(request: dict) -> str:
+    """The first user message of a logged model request (the task's prompt, as the cell's
+    session got it)."""
+    for message in (request.get("body") or {}).get("messages") or []:
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return str(content or "")
+    return ""

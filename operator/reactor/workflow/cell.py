@@ -66,6 +66,7 @@ class Cell:
             worktree=str(self.worktree.path) if self.worktree else None,
             server_pid=self.server.pid if self.server else None,
             session_id=self.session_id,
+            start_commit=self.worktree.base_commit if self.worktree else None,
         )
 
     def opencode_config(self) -> dict[str, Any]:
