@@ -473,8 +473,7 @@ async def _fresh_session(cell: Cell, result: TaskResult) -> None:
     assert cell.client is not None and cell.worktree is not None
     cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
     _close_attempt(result, "reverted", "a transient model or server error; retried from a clean checkout")
-    await asyncio.to_thread(cell.worktree.revert, cell.box_end)
-    cell.next_prompt = None  # the retry starts over: the task's own prompt
+    await cell.start_over()  # the retry starts over from the task's start (and its own prompt)
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
 
 
