@@ -451,8 +451,8 @@ class Supervisor:
                 await status.dependencies_met(self.dependencies.parents(ref), decision.message)
                 start_commits = list(decision.start_commits)
             resumed_from = await self._green_commit(ref, origin, plan)
-            if resumed_from is not None:  # the lost run's start (its parents' results already) and its change
-                start_commits = [plan.green_start or ""]
+            if resumed_from is not None and plan.green_start is not None:
+                start_commits = [plan.green_start]  # the lost run's start (its parents' results already)
             task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time), start_commits)
             task.resumed_from = resumed_from
             await self._execute(ref, spec, task, secrets, status, origin, plan.resume_commit)

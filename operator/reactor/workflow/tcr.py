@@ -296,12 +296,6 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
         commit = await asyncio.to_thread(worktree.commit, spec.commit_message, files, until)
         # into the source repository as the result branch, once it holds up
         await asyncio.to_thread(cell.engine.worktrees.accept, worktree, commit, files, until)
-        if origin is not None and origin.pushes:
-            # A fleet's replica records the green commit in the repository before anything else,
-            # so the replica adopting the task if this one is lost starts from it (IG: the record
-            # only saves work; without it an adopter runs the task again).
-            await ignore_and_warn(f"{spec.task_id}: record the green commit",
-                                  lambda: origin.record_green(commit), None)
     except ResultRejected as exc:
         await phases.enter(Phase.REVERTING, str(exc), cell)
         await _revert(cell, time.monotonic() + grace)
@@ -319,6 +313,10 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     result.outcome, result.reason = Outcome.COMMITTED, Reason.COMMITTED
     result.message = f"tests passed; committed {result.commit[:12]} on {spec.branch}"
     if origin is not None and origin.pushes:
+        # A fleet's replica records the green commit in the repository first, so the replica
+        # adopting the task if this one is lost starts from it (IG: the record only saves
+        # work; without it an adopter runs the task again).
+        await ignore_and_warn(f"{spec.task_id}: record the green commit", lambda: origin.record_green(commit), None)
         await _push(spec, origin, phases, result)
 
 

@@ -65,9 +65,7 @@ function renderTasks(tasks, now) {
     row.dataset.task = task.namespace + "/" + task.name;
     if (selected && selected[0] === task.namespace && selected[1] === task.name) row.className = "selected";
     const phase = el("td"); phase.append(el("span", task.phase, "phase phase-" + task.phase));
-    const deps = el("td", dependencies(task), "deps");
-    deps.dataset.waitingOn = (task.waiting_on || []).join(",");
-    row.append(el("td", task.namespace), el("td", task.name), phase, el("td", task.reason), deps,
+    row.append(el("td", task.namespace), el("td", task.name), phase, el("td", task.reason), el("td", dependencies(task)),
                el("td", money(task.cost)), el("td", task.activity), el("td", age(task.created, now)));
     row.addEventListener("click", () => { location.hash = "#/task/" + task.namespace + "/" + task.name; });
     body.append(row);
