@@ -191,42 +191,47 @@ RESUMED = "lost before it was published"  # in the prompt of a session started f
 
 def test_a_replica_lost_after_a_green_commit_is_resumed_from_it_and_a_dependent_starts_elsewhere_at_its_parents_result(
         replica, crd_installed, namespace, origin):
-    """r0 runs fo-p, then fo-g, whose tests pass: r0 records the green commit in the origin
-    (refs/reactor/green/<uid>) and is SIGKILLed while its push of the result branch is held,
-    so the commit reaches no branch. r1 (its own volume: none of r0's mirror) adopts fo-g and
-    starts a fresh session from that commit (tested again, one push), and runs fo-d, which
-    depends on fo-p, at the result commit r0 pushed for fo-p."""
+    """r0 runs fo-p, then fo-g and fo-h, whose tests pass: r0 records each green commit in the
+    origin (refs/reactor/green/<uid>) and is SIGKILLed while fo-g's push is held before the
+    branch moves (the commit reaches no branch) and fo-h's after (it landed; no verdict was
+    written). r1 (its own volume: none of r0's mirror) adopts fo-g and starts a fresh session
+    from its recorded commit (tested again, one push), finds fo-h's push landed (no cell, no
+    second push), and runs fo-d, which depends on fo-p, at the result commit r0 pushed for fo-p."""
     hold = BranchPushHold(origin)
     main = git(origin, "rev-parse", "main")
     scenarios = [Scenario(RESUMED, [text("The change is complete; nothing is missing.")]),  # first match wins
-                 Scenario("fo-p:", [FIX, text("Fixed.")]),
-                 Scenario("fo-g:", [FIX, text("Fixed.")]),
+                 *[Scenario(f"{name}:", [FIX, text("Fixed.")]) for name in ("fo-p", "fo-g", "fo-h")],
                  Scenario("fo-d:", [write("NOTES.md", "add() adds since fo-p\n"), text("Noted.")])]
     with ScriptedModel(scenarios) as model:
-        r0 = replica(0, "--max-agents=1")
+        r0 = replica(0, "--max-agents=2")
         apply_all(crd_installed, namespace, [manifest("fo-p", origin, model)])
         parent = wait_until(lambda: (all_terminal(crd_installed, namespace, 1) or {}).get("fo-p"), 240, "fo-p done",
                             r0.log)
-        hold.hold()
-        apply_all(crd_installed, namespace, [manifest("fo-g", origin, model)])
-        wait_until(hold.arrived, 240, "fo-g: its push held", r0.log)
+        hold.hold("reactor/fo-g")
+        hold.hold("reactor/fo-h", landed=True)
+        apply_all(crd_installed, namespace, [manifest("fo-g", origin, model), manifest("fo-h", origin, model)])
+        wait_until(lambda: hold.arrived("reactor/fo-g") and hold.arrived("reactor/fo-h"), 300, "both pushes held",
+                   r0.log)
         child = manifest("fo-d", origin, model)
         child["spec"]["dependsOn"] = ["fo-p"]
-        apply_all(crd_installed, namespace, [child])  # r0's one slot is fo-g's: it waits
-        lost = tasks(crd_installed, namespace)["fo-g"]
-        green_ref = f"refs/reactor/green/{lost['metadata']['uid']}"
-        recorded = ref_of(origin, green_ref)
+        apply_all(crd_installed, namespace, [child])  # r0's two slots are fo-g's and fo-h's: it waits
+        lost = tasks(crd_installed, namespace)
+        green_refs = {n: f"refs/reactor/green/{lost[n]['metadata']['uid']}" for n in ("fo-g", "fo-h")}
+        recorded = ref_of(origin, green_refs["fo-g"])
         kill_pod(r0)
-        hold.release()
+        hold.release("reactor/fo-g")
+        hold.release("reactor/fo-h")
         assert recorded and not ref_of(origin, "refs/heads/reactor/fo-g"), "recorded, pushed to no branch"
+        landed = lost["fo-h"]["status"]["result"]["commit"]
+        assert ref_of(origin, "refs/heads/reactor/fo-h") == landed, "fo-h's push landed before r0 died"
         r1 = replica(1, "--max-agents=1")
-        objs = wait_until(lambda: all_terminal(crd_installed, namespace, 3), 400, "all terminal", r1.log)
+        objs = wait_until(lambda: all_terminal(crd_installed, namespace, 4), 400, "all terminal", r1.log)
         requests = model.requests
 
     assert {n: o["status"]["phase"] for n, o in objs.items()} == dict.fromkeys(objs, "Succeeded"), \
         {n: o["status"].get("message") for n, o in objs.items()}
     # The lost run had committed and recorded G; its status named it at Pushing.
-    assert lost["status"]["phase"] == "Pushing" and lost["status"]["result"]["commit"] == recorded
+    assert lost["fo-g"]["status"]["phase"] == "Pushing" and lost["fo-g"]["status"]["result"]["commit"] == recorded
     status = objs["fo-g"]["status"]
     result = status["result"]
     assert status["claim"]["replica"] == "r1" and status["attempts"] == 2
@@ -236,15 +241,21 @@ def test_a_replica_lost_after_a_green_commit_is_resumed_from_it_and_a_dependent_
     assert result["startCommit"] == main and git(origin, "rev-parse", f"{result['commit']}^") == main
     assert git(origin, "rev-parse", f"{result['commit']}^{{tree}}") == git(origin, "rev-parse", f"{recorded}^{{tree}}")
     assert pushes(origin, "reactor/fo-g") == [result["commit"]], "one push: the adopter's"
-    wait_until(lambda: not ref_of(origin, green_ref), 30, "the record deleted once the verdict is written")
+    wait_until(lambda: not any(ref_of(origin, ref) for ref in green_refs.values()), 30,
+               "the records deleted once the verdicts are written")
+    # fo-h: its push had landed; the adopter resumed at the push, which found it there.
+    landed_status = objs["fo-h"]["status"]
+    assert landed_status["claim"]["replica"] == "r1" and landed_status["result"]["commit"] == landed
+    assert landed_status["result"]["pushed"] is True and pushes(origin, "reactor/fo-h") == [landed], "pushed once"
     # Counted with the model: the adopter's one fresh session had one turn, from a prompt
     # naming the recorded commit and its files; no tool call of the lost run was made again.
     resumed = [r for r in requests if r.get("scenario") == RESUMED]
     assert len({r["workdir"] for r in resumed}) == 1 and len(resumed) == 1, len(resumed)
     assert recorded[:12] in first_prompt(resumed[0]) and "calc.py" in first_prompt(resumed[0])
     lost_run = [r for r in requests if r.get("scenario") == "fo-g:"]
-    assert lost_run and not [r for r in lost_run if (r["workdir"] or "").startswith(str(r1.work_dir.resolve()))], \
-        "the adopter did not run the task again from its prompt"
+    adopters = [r for r in requests if r.get("scenario") in ("fo-g:", "fo-h:")
+                and (r["workdir"] or "").startswith(str(r1.work_dir.resolve()))]
+    assert lost_run and not adopters, "the adopter ran neither task again from its prompt"
     # fo-d: claimed by another replica than its parent, at the parent's result commit (pushed by r0).
     assert parent["status"]["claim"]["replica"] == "r0" and objs["fo-d"]["status"]["claim"]["replica"] == "r1"
     child = objs["fo-d"]["status"]["result"]

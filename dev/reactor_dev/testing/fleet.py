@@ -95,37 +95,44 @@ def kill_pod(replica) -> None:
 
 
 class BranchPushHold:
-    """A pre-receive hook in a test origin (a repository of ``reactor_dev.testing.repos``)
-    that holds every push of a branch (refs/heads/*) while ``hold`` is on: the pusher waits
-    in it (``arrived()`` says one came) until ``release()``, and is then declined. Pushes of
-    other refs (Reactor's refs/reactor/*) pass at once. So a replica can be killed with its
-    result pushed nowhere but its record of it in place."""
+    """Hooks in a test origin (a repository of ``reactor_dev.testing.repos``) that hold a push
+    of a branch where a replica can be killed: ``hold(branch)`` before the branch moves (in
+    pre-receive; declined once released, so the push lands nowhere), ``hold(branch,
+    landed=True)`` after it moved (in post-receive: the push landed, the pusher has not heard
+    yet). ``arrived(branch)`` says the push is there. Pushes of other refs (Reactor's
+    refs/reactor/*) pass at once."""
 
     def __init__(self, origin: Path):
-        git_dir = Path(origin) / ".git" if (Path(origin) / ".git").is_dir() else Path(origin)
-        self.flag, self.came = git_dir / "hold-branches", git_dir / "branch-push-arrived"
-        hook = git_dir / "hooks" / "pre-receive"
-        hook.parent.mkdir(parents=True, exist_ok=True)
-        hook.write_text(f"""#!/bin/sh
-branch=no
-while read old new ref; do case "$ref" in refs/heads/*) branch=yes ;; esac; done
-if [ "$branch" = yes ] && [ -e "{self.flag}" ]; then
-    touch "{self.came}"
-    while [ -e "{self.flag}" ]; do sleep 0.05; done
-    echo "held push declined" >&2
-    exit 1
-fi
+        self.dir = Path(origin) / ".git" if (Path(origin) / ".git").is_dir() else Path(origin)
+        for hook, stage, after_release in (("pre-receive", "before", 'echo "held push declined" >&2; exit 1'),
+                                           ("post-receive", "after", "")):
+            path = self.dir / "hooks" / hook
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"""#!/bin/sh
+while read old new ref; do
+    case "$ref" in refs/heads/*) ;; *) continue ;; esac
+    name=$(printf '%s' "${{ref#refs/heads/}}" | tr / _)
+    if [ -e "{self.dir}/{stage}-$name" ]; then
+        touch "{self.dir}/arrived-$name"
+        while [ -e "{self.dir}/{stage}-$name" ]; do sleep 0.05; done
+        {after_release}
+    fi
+done
 """)
-        hook.chmod(0o755)
+            path.chmod(0o755)
 
-    def hold(self) -> None:
-        self.flag.touch()
+    def _flag(self, prefix: str, branch: str) -> Path:
+        return self.dir / f"{prefix}-{branch.replace('/', '_')}"
 
-    def arrived(self) -> bool:
-        return self.came.exists()
+    def hold(self, branch: str, landed: bool = False) -> None:
+        self._flag("after" if landed else "before", branch).touch()
 
-    def release(self) -> None:
-        self.flag.unlink(missing_ok=True)
+    def arrived(self, branch: str) -> bool:
+        return self._flag("arrived", branch).exists()
+
+    def release(self, branch: str) -> None:
+        for stage in ("before", "after"):
+            self._flag(stage, branch).unlink(missing_ok=True)
 
 
 def first_prompt(request: dict) -> str:

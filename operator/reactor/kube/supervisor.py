@@ -66,7 +66,7 @@ from reactor.workflow.engine import Engine
 from reactor.workflow.origin import MirrorOrigin
 from reactor.workflow.recovery import ignore_and_warn
 from reactor.workflow.tcr import run_task
-from reactor.workflow.types import Outcome, PhaseEvent, Reason, TaskResult, TaskSpec
+from reactor.workflow.types import Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec
 
 WaitingCallback = Callable[[Reason, str], Awaitable[None]]
 
@@ -439,6 +439,13 @@ class Supervisor:
         await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
 
         async def execute() -> None:
+            landed = await self._landed(ref, spec, origin, plan, previous)
+            if landed is not None:  # the lost run's push landed before its verdict: that is the result
+                if previous.result is not None:
+                    status.previous_result = previous.result.as_written()
+                task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time))
+                await self._execute(ref, spec, task, secrets, status, origin, landed)
+                return
             start_commits: list[str] = []
             # (A resumed push or a reopened session built on its parents already.)
             decision = None if plan.resume_commit is not None else self.dependencies.decision(ref, body)
@@ -461,6 +468,24 @@ class Supervisor:
             await execute()
         else:
             await self._in_slot(ref, body, status, execute)
+
+    async def _landed(self, ref: TaskRef, spec: AgentTaskSpec, origin: MirrorOrigin, plan: Plan,
+                      previous: AgentTaskStatus) -> str | None:
+        """A fleet adopting a task lost while Pushing: the commit its status recorded, when the
+        repository's result branch holds exactly it (the push landed, the verdict was not
+        written). The adopter then resumes at the push, which finds it there: pushed once."""
+        if plan.green_start is None or previous.phase is not Phase.PUSHING or not previous.commit:
+            return None
+        branch = spec.result_branch or f"reactor/{ref.name}"
+        try:
+            head = await origin.head(branch)
+        except Exception as exc:  # noqa: BLE001 - then the record decides (a push that landed fails there)
+            log.warning("%s: cannot read %s in the repository: %s", ref, branch, exc)
+            return None
+        if head != previous.commit:
+            return None
+        origin.green_known = True  # the lost run's record goes with the verdict
+        return head
 
     async def _green_commit(self, ref: TaskRef, origin: MirrorOrigin, plan: Plan) -> str | None:
         """A fleet adopting a lost replica's task: the green commit that run recorded in the

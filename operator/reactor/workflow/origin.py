@@ -126,6 +126,10 @@ class MirrorOrigin:
         await asyncio.to_thread(self.mirrors.push_record, self.path, None, self.green_ref, self.credentials)
         self.green_known = False
 
+    async def head(self, branch: str) -> str:
+        """The commit ``branch`` holds in the repository ("" when it has no such branch)."""
+        return await asyncio.to_thread(self._remote_head, branch)
+
     def _remote_head(self, branch: str) -> str:
         with (self.credentials or GitCredentials()).environment() as auth:
             try:
