@@ -190,14 +190,16 @@ RESUMED = "lost before it was published"  # in the prompt of a session started f
 
 
 def test_a_replica_lost_after_a_green_commit_is_resumed_from_it_and_a_dependent_starts_elsewhere_at_its_parents_result(
-        replica, crd_installed, namespace, origin):
-    """r0 runs fo-p, then fo-g and fo-h, whose tests pass: r0 records each green commit in the
+        replica, crd_installed, namespace, origin, tmp_path):
+    """r0 runs fo-p, then fo-g and fo-h (on a repository of its own: a push held in a hook
+    holds its mirror's lock), whose tests pass: r0 records each green commit in the
     origin (refs/reactor/green/<uid>) and is SIGKILLed while fo-g's push is held before the
     branch moves (the commit reaches no branch) and fo-h's after (it landed; no verdict was
     written). r1 (its own volume: none of r0's mirror) adopts fo-g and starts a fresh session
     from its recorded commit (tested again, one push), finds fo-h's push landed (no cell, no
     second push), and runs fo-d, which depends on fo-p, at the result commit r0 pushed for fo-p."""
-    hold = BranchPushHold(origin)
+    hold, other = BranchPushHold(origin), make_repo(tmp_path / "origin-h")
+    hold_h = BranchPushHold(other)
     main = git(origin, "rev-parse", "main")
     scenarios = [Scenario(RESUMED, [text("The change is complete; nothing is missing.")]),  # first match wins
                  *[Scenario(f"{name}:", [FIX, text("Fixed.")]) for name in ("fo-p", "fo-g", "fo-h")],
@@ -208,9 +210,9 @@ def test_a_replica_lost_after_a_green_commit_is_resumed_from_it_and_a_dependent_
         parent = wait_until(lambda: (all_terminal(crd_installed, namespace, 1) or {}).get("fo-p"), 240, "fo-p done",
                             r0.log)
         hold.hold("reactor/fo-g")
-        hold.hold("reactor/fo-h", landed=True)
-        apply_all(crd_installed, namespace, [manifest("fo-g", origin, model), manifest("fo-h", origin, model)])
-        wait_until(lambda: hold.arrived("reactor/fo-g") and hold.arrived("reactor/fo-h"), 300, "both pushes held",
+        hold_h.hold("reactor/fo-h", landed=True)
+        apply_all(crd_installed, namespace, [manifest("fo-g", origin, model), manifest("fo-h", other, model)])
+        wait_until(lambda: hold.arrived("reactor/fo-g") and hold_h.arrived("reactor/fo-h"), 300, "both pushes held",
                    r0.log)
         child = manifest("fo-d", origin, model)
         child["spec"]["dependsOn"] = ["fo-p"]
@@ -220,10 +222,10 @@ def test_a_replica_lost_after_a_green_commit_is_resumed_from_it_and_a_dependent_
         recorded = ref_of(origin, green_refs["fo-g"])
         kill_pod(r0)
         hold.release("reactor/fo-g")
-        hold.release("reactor/fo-h")
+        hold_h.release("reactor/fo-h")
         assert recorded and not ref_of(origin, "refs/heads/reactor/fo-g"), "recorded, pushed to no branch"
         landed = lost["fo-h"]["status"]["result"]["commit"]
-        assert ref_of(origin, "refs/heads/reactor/fo-h") == landed, "fo-h's push landed before r0 died"
+        assert ref_of(other, "refs/heads/reactor/fo-h") == landed, "fo-h's push landed before r0 died"
         r1 = replica(1, "--max-agents=1")
         objs = wait_until(lambda: all_terminal(crd_installed, namespace, 4), 400, "all terminal", r1.log)
         requests = model.requests
@@ -241,12 +243,12 @@ def test_a_replica_lost_after_a_green_commit_is_resumed_from_it_and_a_dependent_
     assert result["startCommit"] == main and git(origin, "rev-parse", f"{result['commit']}^") == main
     assert git(origin, "rev-parse", f"{result['commit']}^{{tree}}") == git(origin, "rev-parse", f"{recorded}^{{tree}}")
     assert pushes(origin, "reactor/fo-g") == [result["commit"]], "one push: the adopter's"
-    wait_until(lambda: not any(ref_of(origin, ref) for ref in green_refs.values()), 30,
+    wait_until(lambda: not ref_of(origin, green_refs["fo-g"]) and not ref_of(other, green_refs["fo-h"]), 30,
                "the records deleted once the verdicts are written")
     # fo-h: its push had landed; the adopter resumed at the push, which found it there.
     landed_status = objs["fo-h"]["status"]
     assert landed_status["claim"]["replica"] == "r1" and landed_status["result"]["commit"] == landed
-    assert landed_status["result"]["pushed"] is True and pushes(origin, "reactor/fo-h") == [landed], "pushed once"
+    assert landed_status["result"]["pushed"] is True and pushes(other, "reactor/fo-h") == [landed], "pushed once"
     # Counted with the model: the adopter's one fresh session had one turn, from a prompt
     # naming the recorded commit and its files; no tool call of the lost run was made again.
     resumed = [r for r in requests if r.get("scenario") == RESUMED]

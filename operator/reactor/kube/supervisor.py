@@ -478,6 +478,7 @@ class Supervisor:
             return None
         branch = spec.result_branch or f"reactor/{ref.name}"
         try:
+            await origin.fetch()  # (this replica may not have a mirror of the repository yet)
             head = await origin.head(branch)
         except Exception as exc:  # noqa: BLE001 - then the record decides (a push that landed fails there)
             log.warning("%s: cannot read %s in the repository: %s", ref, branch, exc)
