@@ -199,7 +199,7 @@ class Supervisor:
         self.engine = engine
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
-        self.secrets = SecretReader(api_client)
+        self.secrets = SecretReader(api_client, (pull_requests.default_token_secret,) if pull_requests else ())
         # file:// only under the prefixes the administrator allows (--allow-file-urls).
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors", RepositoryPolicy(engine.work_dir,
                                                                                        tuple(allow_file_urls)))

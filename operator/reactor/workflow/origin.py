@@ -16,7 +16,7 @@ from typing import Protocol
 
 from reactor.errors import ReactorError
 from reactor.infra.git import GitError, git, git_ok
-from reactor.infra.mirrors import GitCredentials, RepositoryMirrors, redact_url
+from reactor.infra.mirrors import FETCH_DEADLINE, GitCredentials, RepositoryMirrors, redact_url
 
 
 class FetchFailed(ReactorError):
@@ -133,7 +133,8 @@ class MirrorOrigin:
     def _remote_head(self, branch: str) -> str:
         with (self.credentials or GitCredentials()).environment() as auth:
             try:
-                out = git(self.path, "ls-remote", "origin", f"refs/heads/{branch}", env=auth.env, pass_fds=auth.fds)
+                out = git(self.path, "ls-remote", "origin", f"refs/heads/{branch}", env=auth.env, pass_fds=auth.fds,
+                          timeout=FETCH_DEADLINE)
             except GitError as exc:
                 raise PushFailed(f"cannot reach {self.describe()}: {redact_url(exc.stderr)}") from None
         return out.split()[0] if out else ""

@@ -52,6 +52,7 @@ from reactor.infra.repository_urls import RepositoryRefused
 from reactor.infra.servers import ServerBootError
 from reactor.infra.worktrees import ParentsConflict, ResultRejected, integrate, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
+from reactor.observe.redact import Redactor
 from reactor.opencode.events import Consumer
 from reactor.workflow.cell import Cell
 from reactor.workflow.control import TaskControl, TaskStopped
@@ -408,7 +409,9 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     except OpenCodeError as exc:
         raise TaskFailed(Reason.AGENT_ERROR, f"the test command could not be run: {exc}") from exc
     result.test_exit_code = test.exit_code
-    result.test_output_tail = test.output[-OUTPUT_TAIL_CHARS:]
+    # The cell holds the task's secrets and its tests may print them: never into the result
+    # (status, the PR body), as never into the transcript.
+    result.test_output_tail = Redactor(spec.env.values()).text(test.output)[-OUTPUT_TAIL_CHARS:]
     if test.timed_out:
         raise TaskFailed(Reason.TESTS_TIMED_OUT, f"tests ran past their time limit of {spec.test_timeout:g}s and were "
                          "stopped", Outcome.REVERTED)
