@@ -162,6 +162,41 @@ class RepositoryMirrors:
             git(mirror, "push", "--quiet", "origin", f"refs/heads/{branch}:refs/heads/{branch}", env=auth.env,
                 pass_fds=auth.fds, timeout=FETCH_DEADLINE)
 
+    def push_record(self, mirror: Path, commit: str | None, ref: str,
+                    credentials: GitCredentials | None = None) -> None:
+        """Set ``ref`` (a ref of Reactor's own namespace, refs/reactor/...) in the repository
+        to ``commit`` of the mirror, or delete it (``commit`` None). Forced: the ref is
+        Reactor's record, never a branch anyone builds on. Deleting a ref that is not there
+        is no error."""
+        if not ref.startswith("refs/reactor/"):
+            raise ValueError(f"{ref}: not a ref of Reactor's namespace")
+        creds = credentials or GitCredentials()
+        with creds.environment() as auth, repository_lock(mirror):
+            if commit is None:
+                remote = git(mirror, "ls-remote", "origin", ref, env=auth.env, pass_fds=auth.fds,
+                             timeout=FETCH_DEADLINE)
+                if remote:
+                    git(mirror, "push", "--quiet", "origin", f":{ref}", env=auth.env, pass_fds=auth.fds,
+                        timeout=FETCH_DEADLINE)
+                git(mirror, "update-ref", "-d", ref, check=False)
+            else:
+                git(mirror, "push", "--quiet", "--force", "origin", f"{commit}:{ref}", env=auth.env,
+                    pass_fds=auth.fds, timeout=FETCH_DEADLINE)
+
+    def fetch_record(self, mirror: Path, ref: str, credentials: GitCredentials | None = None) -> str | None:
+        """The commit ``ref`` (refs/reactor/...) names in the repository, fetched into the
+        mirror under the same name (objects only: nothing of it is checked out or run
+        here); None when the repository has no such ref."""
+        if not ref.startswith("refs/reactor/"):
+            raise ValueError(f"{ref}: not a ref of Reactor's namespace")
+        creds = credentials or GitCredentials()
+        with creds.environment() as auth, repository_lock(mirror):
+            if not git(mirror, "ls-remote", "origin", ref, env=auth.env, pass_fds=auth.fds, timeout=FETCH_DEADLINE):
+                return None
+            git(mirror, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                "origin", f"+{ref}:{ref}", env=auth.env, pass_fds=auth.fds, timeout=FETCH_DEADLINE)
+            return git(mirror, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False) or None
+
     def delete_branch(self, mirror: Path, branch: str) -> None:
         with repository_lock(mirror):
             git(mirror, "update-ref", "-d", f"refs/heads/{branch}", check=False)

@@ -75,6 +75,11 @@ CONTINUATION = ("Reactor was restarted while you worked on this task and your la
 # Appended to the prompt when the session could not be reopened (a fresh one on the checkout).
 RESTARTED = ("An earlier attempt at this task was interrupted; the checkout holds its changes to: {files}. "
              "Check them and finish the task.")
+# Appended to the prompt of a fresh session started from a lost run's green commit (a fleet
+# replica that died before publishing it): its change is in the checkout, uncommitted.
+RESUMED_FROM = ("An earlier run of this task made a change that passed the tests (commit {commit}), but it was "
+                "lost before it was published. The checkout holds that change, to: {files}. Check it and finish the "
+                "task; if nothing is missing, change nothing more.")
 OUTPUT_TAIL_CHARS = 4000
 EXIT_COMMAND_NOT_FOUND = 127
 
@@ -212,6 +217,9 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
         result.duration = round(time.monotonic() - started, 3)
     result.message = phases.redactor.text(result.message)  # the result goes to status and the PR body too
     _close_attempt(result)
+    if result.resumed_from:  # what resuming cost: this run's spend (the lost run's is in status.progress)
+        result.message += (f" (resumed from {result.resumed_from[:12]}, a lost run's tested commit; this run: "
+                           f"{result.usage.total_tokens} tokens, ${result.usage.cost:.4f})")
     if not _holds_commit(result):
         result.commit = None
         result.branch = None  # deleted at teardown: there is nothing to point at
@@ -313,6 +321,10 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     result.outcome, result.reason = Outcome.COMMITTED, Reason.COMMITTED
     result.message = f"tests passed; committed {result.commit[:12]} on {spec.branch}"
     if origin is not None and origin.pushes:
+        # A fleet's replica records the green commit in the repository first, so the replica
+        # adopting the task if this one is lost starts from it (IG: the record only saves
+        # work; without it an adopter runs the task again).
+        await ignore_and_warn(f"{spec.task_id}: record the green commit", lambda: origin.record_green(commit), None)
         await _push(spec, origin, phases, result)
 
 
@@ -336,8 +348,11 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
             cell.start_commit = await asyncio.to_thread(integrate, repo, spec.start_commits,
                                                         f"Integration of the tasks {spec.task_id} builds on")
         worktree = await cell.create_worktree()
-        if spec.start_from:  # a rebase round: the earlier result on the new base, conflicts marked
-            await asyncio.to_thread(worktree.lay_files, spec.start_from)
+        # A rebase round: the earlier result on the new base, conflicts marked. A lost run's
+        # green commit: its change on the commit that run started from.
+        laid = spec.start_from or spec.resumed_from
+        if laid:
+            await asyncio.to_thread(worktree.lay_files, laid)
     assert cell.worktree is not None
     result.start_commit = cell.worktree.base_commit
     await cell.start_server()
@@ -346,6 +361,10 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
         done = ", ".join(await _changed_files(cell)) or "none"
         cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
                             else f"{spec.prompt}\n\n{RESTARTED.format(files=done)}")
+    elif spec.resumed_from:
+        result.resumed, result.resumed_from = "restarted", spec.resumed_from
+        done = ", ".join(await _changed_files(cell)) or "none"
+        cell.next_prompt = f"{spec.prompt}\n\n{RESUMED_FROM.format(commit=spec.resumed_from[:12], files=done)}"
 
     # -- Executing: the agent edits the worktree --
     await phases.enter(Phase.EXECUTING, cell=cell)
@@ -462,8 +481,7 @@ async def _fresh_session(cell: Cell, result: TaskResult) -> None:
     assert cell.client is not None and cell.worktree is not None
     cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
     _close_attempt(result, "reverted", "a transient model or server error; retried from a clean checkout")
-    await asyncio.to_thread(cell.worktree.revert, cell.box_end)
-    cell.next_prompt = None  # the retry starts over: the task's own prompt
+    await cell.start_over()  # the retry starts over from the task's start (and its own prompt)
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
 
 
