@@ -254,14 +254,16 @@ class PullRequests:
         publisher = self._publishers.get(uid)
         return (publisher is not None and not publisher.done()) or uid in self._followed
 
-    def forget(self, uid: str) -> None:
+    def forget(self, ref: TaskRef) -> None:
         """The task is being deleted, or is not ours any more: no more forge calls for it."""
-        publisher = self._publishers.pop(uid, None)
+        publisher = self._publishers.pop(ref.uid, None)
         if publisher is not None:
             publisher.cancel()
-        followed = self._followed.pop(uid, None)
+        followed = self._followed.pop(ref.uid, None)
         if followed is not None:
             asyncio.ensure_future(followed.forge.aclose())
+        if publisher is not None or followed is not None:
+            self.release(ref)
 
     async def stop(self) -> None:
         """Every publisher and follower stops (the operator stops, or a fleet replica was
@@ -449,15 +451,16 @@ class PullRequests:
     async def _check_loop(self) -> None:
         while self._followed:
             await asyncio.sleep(self.settings.check_interval)
-            for uid, entry in list(self._followed.items()):
+            for entry in list(self._followed.values()):
                 try:
                     await self._check(entry)
                 except (ForgeUnavailable, ForgeRefused) as exc:
                     log.info("%s: cannot check pull request #%d: %s", entry.ref, entry.number, exc)
                 except ClaimLost as exc:
                     log.warning("%s: %s", entry.ref, exc)
-                    self.forget(uid)
-                    self._done(entry.ref)
+                    self.forget(entry.ref)
+                except Exception:  # noqa: BLE001 - one PR's bug must not end the looks at the others
+                    log.exception("%s: checking pull request #%d", entry.ref, entry.number)
 
     async def _check(self, entry: Followed) -> None:
         """One look at an open PR: merged or closed on the forge (recorded, then no longer
@@ -484,11 +487,12 @@ class PullRequests:
 
     async def _retarget(self, entry: Followed, pr: PullRequest) -> None:
         """A stacked PR whose base is not what ``pull_request_base`` says now (its parent
-        integrated): change its base on the forge."""
-        if not entry.spec.depends_on or not pr.base_branch:
+        integrated): change its base on the forge. A parent no longer seen (deleted, or not
+        seen yet by a replica that just started) changes nothing here."""
+        tasks = self.parents(entry.ref)
+        if not entry.spec.depends_on or not pr.base_branch or any(n not in tasks for n in entry.spec.depends_on):
             return
-        target, parent = pull_request_base(entry.spec.repository.branch, entry.spec.depends_on,
-                                           self.parents(entry.ref))
+        target, parent = pull_request_base(entry.spec.repository.branch, entry.spec.depends_on, tasks)
         if target == pr.base_branch:
             return
         await self._guard(entry.ref)()

@@ -278,7 +278,7 @@ class Supervisor:
         run = self._runs.get(ref.uid)
         if event_type == "DELETED":
             self.ownership.known.pop(ref.uid, None)
-            self.pull_requests.forget(ref.uid)
+            self.pull_requests.forget(ref)
             if run is not None:
                 run.task.cancel()  # gone: stop at once (its teardown needs nothing of the object)
             self.observatory.forget(ref.namespace, ref.name)
@@ -300,7 +300,7 @@ class Supervisor:
         the deletion must wait (a fleet: another replica still runs the cell), else None."""
         ref, status = TaskRef.from_body(body), AgentTaskStatus.of(body)
         run = self._runs.get(ref.uid)
-        self.pull_requests.forget(ref.uid)
+        self.pull_requests.forget(ref)
         if run is not None:
             run.task.cancel()
             await asyncio.wait([run.task])  # the run tears its cell down before it ends
@@ -376,6 +376,9 @@ class Supervisor:
             body = await self.ownership.claim_finished(ref, status.claim)
             if body is None:
                 return  # another replica has it, or it went away
+            if self._stopping:  # (the Lease goes with the operator: another replica takes it up)
+                self.ownership.release(ref)
+                return
             log.info("%s: claimed to take up its pull request", ref)
             found = AgentTaskStatus.of(body)
             status.phase, status.conditions = found.phase, list((body.get("status") or {}).get("conditions") or [])
@@ -641,7 +644,7 @@ class Supervisor:
 
     def _lost(self, ref: TaskRef) -> None:
         """The API server says the task is someone else's now: drop our run of it (and its PR work)."""
-        self.pull_requests.forget(ref.uid)
+        self.pull_requests.forget(ref)
         run = self._runs.get(ref.uid)
         if run is not None and run.task is not asyncio.current_task():
             run.task.cancel()
