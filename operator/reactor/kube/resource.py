@@ -210,6 +210,13 @@ class PullRequestStatus(_Status):
     number: int | None = None
     head_commit: str | None = Field(default=None, alias="headCommit")
     state: str = ""
+    base: str | None = None  # the branch it targets (a stacked PR: its parent's, until that integrates)
+
+
+class IntegrationView(_Status):
+    """``status.integration`` as read (written by the merge queue, kube/mergequeues.py)."""
+
+    state: str = ""  # Queued | Integrating | Integrated | Ejected
 
 
 class DependencyStatus(_Status):
@@ -238,6 +245,7 @@ class AgentTaskStatus(_Status):
     pull_request: PullRequestStatus | None = Field(default=None, alias="pullRequest")
     waiting_on: str | None = Field(default=None, alias="waitingOn")  # parents not done yet (DependenciesPending)
     dependencies: list[DependencyStatus] = Field(default_factory=list)
+    integration: IntegrationView | None = None
 
     @classmethod
     def of(cls, body: Any) -> AgentTaskStatus:

@@ -50,7 +50,7 @@ from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.fleet import FleetSettings
 from reactor.kube.ownership import FleetOwnership, Ownership, Plan, SingleReplica, reopen_session
 from reactor.kube.progress import ProgressPublisher
-from reactor.kube.pullrequests import PullRequests, PullRequestSettings
+from reactor.kube.pullrequests import PullRequests, PullRequestSettings, pull_request_work
 from reactor.kube.resource import (GROUP, PLURAL, VERSION, AgentTaskSpec, AgentTaskStatus, ProgressStatus, TaskRef,
                                    parse_time)
 from reactor.kube.secrets import SecretReader, TaskSecrets
@@ -204,7 +204,11 @@ class Supervisor:
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors", RepositoryPolicy(engine.work_dir,
                                                                                        tuple(allow_file_urls)))
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
-        self.pull_requests = PullRequests(self.secrets, pull_requests, self.observatory)
+        # The PR publisher works under the task's claim (a fleet: one publisher per task).
+        self.pull_requests = PullRequests(self.secrets, pull_requests, self.observatory,
+                                          confirm=lambda ref: self.ownership.confirm(ref),
+                                          release=lambda ref: self.ownership.release(ref),
+                                          parents=lambda ref: self.dependencies.tasks.get(ref.namespace, {}))
         self.ownership: Ownership
         if fleet is None:
             self.ownership = SingleReplica(self.reap)
@@ -222,6 +226,7 @@ class Supervisor:
         self._runs: dict[str, Run] = {}
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
         self._background: set[asyncio.Task] = set()
+        self._adopting: set[str] = set()  # a fleet: finished tasks being claimed for their pull request
         self._stopping = False
         self.merge_queues: Any = None  # kube.mergequeues.MergeQueues, set by the operator's command
 
@@ -282,6 +287,7 @@ class Supervisor:
         run = self._runs.get(ref.uid)
         if event_type == "DELETED":
             self.ownership.known.pop(ref.uid, None)
+            self.pull_requests.forget(ref)
             if run is not None:
                 run.task.cancel()  # gone: stop at once (its teardown needs nothing of the object)
             self.observatory.forget(ref.namespace, ref.name)
@@ -303,7 +309,7 @@ class Supervisor:
         the deletion must wait (a fleet: another replica still runs the cell), else None."""
         ref, status = TaskRef.from_body(body), AgentTaskStatus.of(body)
         run = self._runs.get(ref.uid)
-        self.pull_requests.forget(ref.uid)
+        self.pull_requests.forget(ref)
         if run is not None:
             run.task.cancel()
             await asyncio.wait([run.task])  # the run tears its cell down before it ends
@@ -351,6 +357,46 @@ class Supervisor:
             return
         if self.ownership.may_take(body):
             self._take(body)
+        else:
+            self._adopt_pull_request(body)
+
+    def _adopt_pull_request(self, body: dict) -> None:
+        """A fleet: a finished task whose PR work is left (not recorded at its commit, or open)
+        and whose claim died with its replica is claimed again, then its PR is taken up here.
+        Of several replicas trying, the claim lets one through: the forge does not serialise
+        creates, so two publishers could open two PRs."""
+        if ((body.get("spec") or {}).get("result") or {}).get("kind") != "pullRequest":
+            return
+        ref = TaskRef.from_body(body)
+        if ref.uid in self._adopting or self.pull_requests.busy(ref.uid) or not self.ownership.may_adopt(body):
+            return
+        try:
+            spec = AgentTaskSpec.model_validate(body["spec"])
+        except ValueError:
+            return
+        if not pull_request_work(spec, body.get("status") or {}):
+            return
+        self._adopting.add(ref.uid)
+        self._spawn(self._claim_pull_request(ref, spec, body))
+
+    async def _claim_pull_request(self, ref: TaskRef, spec: AgentTaskSpec, seen: dict) -> None:
+        try:
+            status = TaskStatus(self.status, ref, seen["metadata"].get("generation"), claimed=False)
+            body = await self.ownership.claim_finished(ref, status.claim)
+            if body is None:
+                return  # another replica has it, or it went away
+            if self._stopping:  # (the Lease goes with the operator: another replica takes it up)
+                self.ownership.release(ref)
+                return
+            log.info("%s: claimed to take up its pull request", ref)
+            found = AgentTaskStatus.of(body)
+            status.phase, status.conditions = found.phase, list((body.get("status") or {}).get("conditions") or [])
+            self.pull_requests.resume(ref, spec, status, body.get("status") or {})
+        except Exception:  # noqa: BLE001 - the next look at the Leases tries again
+            log.exception("%s: cannot take up its pull request", ref)
+            self.ownership.release(ref)
+        finally:
+            self._adopting.discard(ref.uid)
 
     async def _rescan(self) -> None:
         """A fleet, after each look at the Leases: a replica may have died (its tasks are claimable now)."""
@@ -399,7 +445,8 @@ class Supervisor:
                     log.exception("%s: cannot record the internal error", ref)
         finally:
             self.dependencies.forget(ref)
-            self.ownership.release(ref)
+            if not self.pull_requests.busy(ref.uid):  # (else the claim goes when its PR work ends)
+                self.ownership.release(ref)
 
     async def _claim_and_run(self, ref: TaskRef, status: TaskStatus) -> None:
         body = await self.ownership.claim(ref, status.claim)
@@ -627,7 +674,7 @@ class Supervisor:
     def _resume_pull_request(self, ref: TaskRef, body: dict, status: AgentTaskStatus) -> None:
         """One replica, at start-up: a finished task whose PR is not recorded at its pushed
         commit (the operator died between the push and the PR) is published now; an open one
-        is followed. (A fleet does not: replicas would race to create it.)"""
+        is followed. (A fleet claims the task first: ``_adopt_pull_request``.)"""
         finished = TaskStatus(self.status, ref, body["metadata"].get("generation"), status.attempts)
         finished.phase, finished.conditions = status.phase, list((body.get("status") or {}).get("conditions") or [])
         self.pull_requests.resume(ref, AgentTaskSpec.model_validate(body["spec"]), finished, body.get("status") or {})
@@ -653,9 +700,11 @@ class Supervisor:
             run.cancel()
         if runs:
             await asyncio.wait(runs)
+        await self.pull_requests.stop()  # held under claims that are void now: taken up again once claimed
 
     def _lost(self, ref: TaskRef) -> None:
-        """The API server says the task is someone else's now: drop our run of it."""
+        """The API server says the task is someone else's now: drop our run of it (and its PR work)."""
+        self.pull_requests.forget(ref)
         run = self._runs.get(ref.uid)
         if run is not None and run.task is not asyncio.current_task():
             run.task.cancel()
