@@ -160,7 +160,9 @@ class StatusStore:
         for entry in state.entries:
             integration = task_integration(state, entry.id, self.name)
             if self._written.get(entry.id) != integration:
-                self.integration.write(self.namespace, *task_of(entry.id), integration)  # False: gone
+                # Only onto the result it is about (False: gone, or the task has moved on: a
+                # rebase round started, or a newer result is in).
+                self.integration.write(self.namespace, *task_of(entry.id), integration, about=entry.commit)
                 self._written[entry.id] = integration
 
 
@@ -192,8 +194,8 @@ def summary(state: QueueState) -> dict[str, Any]:
 def task_integration(state: QueueState, entry_id: str, queue: str) -> dict[str, Any]:
     entry = state.get(entry_id)
     assert entry is not None
-    integration: dict[str, Any] = {"state": entry.state.value, "queue": queue, "position": None,
-                                   "baseCommit": None, "reason": None, "message": None}
+    integration: dict[str, Any] = {"state": entry.state.value, "queue": queue, "commit": entry.commit,
+                                   "position": None, "baseCommit": None, "reason": None, "message": None}
     if entry.state is EntryState.QUEUED:
         integration["position"] = state.position(entry_id)
         integration["message"] = f"position {integration['position']} in merge queue {queue}"
@@ -204,8 +206,9 @@ def task_integration(state: QueueState, entry_id: str, queue: str) -> dict[str, 
         integration["message"] = f"integrated into {state.config.base_branch} as {entry.integrated_as[:12]}"
     else:
         integration["reason"], integration["message"] = entry.reason, entry.detail[-TAIL_CHARS:]
-        if entry.conflict_commit:  # where the task's rebase round starts from
-            integration["conflictCommit"] = entry.conflict_commit
+        if entry.conflict_commit:  # where the task's rebase round starts from (kube/rebase.py)
+            integration.update(conflictCommit=entry.conflict_commit, onto=entry.conflict_onto,
+                               conflictPaths=entry.conflict_paths)
     return integration
 
 

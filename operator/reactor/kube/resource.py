@@ -219,6 +219,18 @@ class DependencyStatus(_Status):
     commit: str | None = None
 
 
+class IntegrationStatusRead(_Status):
+    """``status.integration`` as read back (written by the merge queue's driver, kube/mergequeues.py)."""
+
+    state: str | None = None  # Queued | Integrating | Integrated | Ejected
+    queue: str | None = None
+    reason: str | None = None
+    commit: str | None = None  # the result this is about
+    conflict_commit: str | None = Field(default=None, alias="conflictCommit")
+    onto: str | None = None  # TextualConflict: the base tip the result was replayed onto
+    conflict_paths: list[str] = Field(default_factory=list, alias="conflictPaths")
+
+
 class AgentTaskStatus(_Status):
     """An AgentTask's status as read from the API server (written by kube/status.py)."""
 
@@ -236,6 +248,8 @@ class AgentTaskStatus(_Status):
     pull_request: PullRequestStatus | None = Field(default=None, alias="pullRequest")
     waiting_on: str | None = Field(default=None, alias="waitingOn")  # parents not done yet (DependenciesPending)
     dependencies: list[DependencyStatus] = Field(default_factory=list)
+    integration: IntegrationStatusRead | None = None
+    rebases: int = 0  # rebase rounds started for the merge queue (kube/rebase.py)
 
     @classmethod
     def of(cls, body: Any) -> AgentTaskStatus:

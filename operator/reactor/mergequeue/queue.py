@@ -212,7 +212,7 @@ class MergeQueue:
                     except TextualConflict as with_tip:
                         conflict = with_tip
                 entry.conflict_commit = conflicted_replay(self.repo, entry.id, conflict) if conflict.tree else ""
-                entry.conflict_paths = list(conflict.paths)
+                entry.conflict_paths, entry.conflict_onto = list(conflict.paths), conflict.onto
                 self._eject(entry, Reason.TEXTUAL_CONFLICT,
                             f"conflicts with base {tip} in: {', '.join(conflict.paths)}")
                 continue

@@ -72,6 +72,7 @@ class Entry:
     # what its task's rebase round starts from (TaskSpec.start_from).
     conflict_commit: str = ""
     conflict_paths: list[str] = field(default_factory=list)
+    conflict_onto: str = ""  # the tip it was replayed onto (the conflict commit's parent)
     integrated_at: float = 0.0
     finished_at: float = 0.0
 
