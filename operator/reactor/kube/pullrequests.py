@@ -194,6 +194,10 @@ class PullRequests:
         self._publishers[ref.uid] = task
         task.add_done_callback(lambda t: self._publishers.pop(ref.uid, None) if self._publishers.get(ref.uid) is t else None)
 
+    async def forge_for(self, ref: TaskRef, spec: AgentTaskSpec) -> Forge:
+        """The task's forge with its token, for the merge queue's merge of its pull request."""
+        return await self._open(ref, spec)
+
     async def _open(self, ref: TaskRef, spec: AgentTaskSpec) -> Forge:
         """The task's forge with its token (ConfigurationError when the Secret is missing)."""
         repository = forge_repository(spec.repository.url, spec.result.forge)
