@@ -130,7 +130,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     merge_queues = MergeQueues(api_client, ConfinedTests(engine.confinement, engine.work_dir, engine.owner),
                                supervisor.mirrors, identity=fleet.replica if fleet is not None else None,
                                lease_duration=fleet.lease_duration if fleet is not None else 15.0,
-                               metrics=supervisor.observatory.metrics, forge_for=supervisor.pull_requests.forge_for)
+                               metrics=supervisor.observatory.metrics, forge_for=supervisor.pull_requests.forge_for,
+                               views=supervisor.observatory.queues)
     supervisor.merge_queues = merge_queues
     web = None
     if args.web != "none":

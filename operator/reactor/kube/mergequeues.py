@@ -47,6 +47,7 @@ from reactor.kube.status import IntegrationStatus
 from reactor.forge import Forge
 from reactor.mergequeue import (ConfinedTests, EntryState, ForgeMerge, MergeQueue, PushedBranch, QueueConfig, QueueEvent,
                                 QueueState)
+from reactor.observe.fleet import QUEUE_FINISHED_SHOWN, QueueView, QueueViews
 from reactor.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ class QueueLease:
 class StatusStore:
     """A queue's record in its MergeQueue's status, and its tasks' ``status.integration``."""
 
-    def __init__(self, api_client: k8s.ApiClient, namespace: str, name: str, holder: str):
+    def __init__(self, api_client: k8s.ApiClient, namespace: str, name: str, holder: str,
+                 views: QueueViews | None = None):
         self.custom = k8s.CustomObjectsApi(api_client)
+        self.views = views  # the fleet page's, updated with every record saved
         self.integration = IntegrationStatus(api_client)
         self.namespace, self.name, self.holder = namespace, name, holder
         self._written: dict[str, dict[str, Any]] = {}  # entry id -> integration last written
@@ -160,6 +163,8 @@ class StatusStore:
             if exc.status == 422:  # the test failed: another replica holds the queue now
                 raise HolderLost(f"merge queue {self.namespace}/{self.name} is held by another replica") from None
             raise
+        if self.views is not None:
+            self.views.update(queue_view(self.namespace, self.name, state))
         for entry in state.entries:
             integration = task_integration(state, entry.id, self.name)
             if self._written.get(entry.id) != integration:
@@ -192,6 +197,24 @@ def summary(state: QueueState) -> dict[str, Any]:
         "ejected": stats.ejected,
         "message": f"{len(queued)} waiting" + (f", integrating {len(state.pending.carried)}" if state.pending else ""),
     }
+
+
+def queue_view(namespace: str, name: str, state: QueueState) -> QueueView:
+    """The queue as the fleet page draws it: waiting and integrating items in queue order,
+    then the latest finished ones."""
+    def item(entry) -> dict[str, Any]:
+        return {"task": task_of(entry.id)[0], "state": entry.state.value, "position": state.position(entry.id),
+                "reason": entry.reason, "commit": entry.integrated_as or entry.commit}
+    active = [e for e in state.entries if e.state in (EntryState.QUEUED, EntryState.INTEGRATING)]
+    active.sort(key=lambda e: (e.state is EntryState.QUEUED, state.position(e.id) or 0))
+    finished = sorted((e for e in state.entries if e.state in (EntryState.INTEGRATED, EntryState.EJECTED)),
+                      key=lambda e: e.finished_at, reverse=True)[:QUEUE_FINISHED_SHOWN]
+    stats = state.stats
+    return QueueView(namespace, name, branch=state.config.base_branch, depth=state.depth, base_green=stats.base_green,
+                     last_integration=stats.last_integration,
+                     last_integration_at=format_time(stats.last_integration_at) if stats.last_integration_at else None,
+                     test_runs=stats.test_runs, integrated=stats.integrated, ejected=stats.ejected,
+                     items=[item(e) for e in active + finished])
 
 
 def task_integration(state: QueueState, entry_id: str, queue: str) -> dict[str, Any]:
@@ -249,7 +272,7 @@ class _Driver:
             await asyncio.sleep(self.lease.renew_interval)
 
     async def _drive(self) -> None:
-        store = StatusStore(self.queues.api_client, self.namespace, self.name, self.lease.identity)
+        store = StatusStore(self.queues.api_client, self.namespace, self.name, self.lease.identity, self.queues.views)
         await asyncio.to_thread(store.take)
         while self.lease.holds():
             try:
@@ -399,11 +422,12 @@ class MergeQueues:
     def __init__(self, api_client: k8s.ApiClient, tests: ConfinedTests, mirrors: RepositoryMirrors,
                  identity: str | None = None, lease_duration: float = 15.0, poll_interval: float = 2.0,
                  metrics: Metrics | None = None,
-                 forge_for: Callable[[TaskRef, AgentTaskSpec], Awaitable[Forge]] | None = None):
+                 forge_for: Callable[[TaskRef, AgentTaskSpec], Awaitable[Forge]] | None = None,
+                 views: QueueViews | None = None):
         """``forge_for``: a task's forge with its token (kube/pullrequests.py): a result with an
         open pull request then lands through the forge's merge (the PR reads as merged)."""
         self.api_client, self.tests, self.mirrors, self.metrics = api_client, tests, mirrors, metrics
-        self.forge_for = forge_for
+        self.forge_for, self.views = forge_for, views
         self.depths: dict[tuple[str, str], int] = {}  # of the queues driven here
         if metrics is not None:
             metrics.registry.register(_DepthCollector(self))
@@ -425,6 +449,8 @@ class MergeQueues:
         driver = self._drivers.pop((namespace, name), None)
         if driver is not None:
             await driver.stop()
+        if self.views is not None:
+            self.views.remove(namespace, name)
 
     async def submit(self, ref: TaskRef, spec: AgentTaskSpec) -> None:
         """The supervisor's post-push point: a task whose result is pushed asks to be
