@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from reactor.forge.types import Forge, HeadOutOfDate, NotMergeable, PRState
+from reactor.forge.types import Forge, ForgeRefused, HeadOutOfDate, NotMergeable, PRState
 from reactor.infra.git import GitError, git, git_ok
 from reactor.infra.mirrors import GitCredentials
 from reactor.infra.worktrees import repository_lock
@@ -155,6 +155,8 @@ class ForgeMerge:
                     if time.monotonic() > deadline:
                         return f"the forge refused the merge of #{number}: {exc}"
                     await asyncio.sleep(0.5)
+                except ForgeRefused as exc:  # e.g. no fast-forward-only merge on this forge
+                    return f"the forge refused the merge of #{number}: {exc}"
         finally:
             await forge.aclose()
 
