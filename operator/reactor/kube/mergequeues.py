@@ -41,7 +41,8 @@ from reactor.durations import parse_duration
 from reactor.infra.mirrors import GitCredentials, RepositoryMirrors
 from reactor.kube.fleet import micro_time
 from reactor.kube.status import JSON_PATCH, json_patch_operations
-from reactor.kube.resource import GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, MergeQueueSpec, TaskRef, format_time
+from reactor.kube.resource import (GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, MergeQueueSpec, TaskRef,
+                                   format_time, parse_time)
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import IntegrationStatus
 from reactor.forge import Forge
@@ -53,6 +54,9 @@ from reactor.observe.metrics import Metrics
 log = logging.getLogger(__name__)
 LEASE_PREFIX = "reactor-mergequeue-"
 TAIL_CHARS = 2000  # of a failing test output, in a task's status
+# A result whose pull request is not recorded this long after its verdict (the forge is down;
+# a fleet, whose PR status write is refused: docs/forge.md) is pushed like one without.
+PULL_REQUEST_WAIT = 120.0
 
 
 class HolderLost(Exception):
@@ -379,7 +383,8 @@ class _Driver:
                     pull = status.get("pullRequest") or {}
                     if pull.get("headCommit") == result["commit"] and pull.get("state") == "open":
                         number = int(pull.get("number") or 0)  # lands through the forge's merge
-                    elif not _pull_request_refused(status):
+                    elif not _pull_request_refused(status) and time.time() - (parse_time(
+                            status.get("completionTime")) or 0) < PULL_REQUEST_WAIT:
                         continue  # its pull request is being opened (after the verdict): wait for it
                 waiting.append((status.get("completionTime") or "", entry_id(body), task, result["commit"], number))
         waiting.sort(key=lambda w: (w[0], w[1]))

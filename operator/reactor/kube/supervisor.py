@@ -433,8 +433,9 @@ class Supervisor:
         decided = rebase.next_round(current, self.rebase_rounds)
         if isinstance(decided, str):
             await status.conflict(decided)
-            view = self.observatory.views.view(ref.namespace, ref.name)
-            view.phase, view.reason, view.message = "Failed", Reason.CONFLICT.value, decided
+            self._observed(status)  # counted and shown as any verdict; its transcript ends with it
+            status.observation.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED, reason=Reason.CONFLICT,
+                                                 message=decided, commit=current.commit))
             return
         await status.rebase_round(decided.number, (
             f"rebase round {decided.number} of {self.rebase_rounds}: the result conflicts with "
