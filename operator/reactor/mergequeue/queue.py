@@ -15,6 +15,12 @@ One round:
    output's tail) and the green prefix before it advances the base. Entries after the
    culprit stay queued and are rebuilt on the new tip next round.
 
+An entry whose result has a pull request (``Entry.pull_request``, with ``pull_requests``
+given) is a batch of its own and lands through the forge's merge (``base.ForgeMerge``): the
+forge merges one pull request at a time, so the base must be exactly its tested parent. A
+refused merge queues the entry again (it is rebuilt and tested again), up to
+MAX_MERGE_REFUSALS, then it is ejected MergeRefused.
+
 Only tested commits ever become the base tip, so the base never goes red; with batches of
 more than one entry the commits inside a batch are carried without a run of their own
 (``max_batch: 1`` tests every one). The bisection assumes the tip it starts from is green,
