@@ -300,6 +300,10 @@ class PullRequests:
         if not self.busy(ref.uid):
             self.release(ref)
 
+    async def forge_for(self, ref: TaskRef, spec: AgentTaskSpec) -> Forge:
+        """The task's forge with its token, for the merge queue's merge of its pull request."""
+        return await self._open(ref, spec)
+
     async def _open(self, ref: TaskRef, spec: AgentTaskSpec) -> Forge:
         """The task's forge with its token (ConfigurationError when the Secret is missing)."""
         repository = forge_repository(spec.repository.url, spec.result.forge)

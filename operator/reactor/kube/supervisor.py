@@ -14,6 +14,9 @@ when a lost replica's tasks may be adopted. Everything else is the same code in 
              the push, give up)
          ─► dependencies (fail, or the commits to start from) ─► secrets, spec ─► ``run_task`` ─► push ─► ``after_push`` ─► verdict
 
+A Succeeded task whose queued result the merge queue ejected for a textual conflict is
+taken back the same way for a rebase round (kube/rebase.py; ``_rebase``), or ends Conflict.
+
 Each run has one exit that writes its status (``_run``, like Tekton's TaskRun reconciler),
 and every status write of the task goes through the run's ``TaskStatus`` (kube/status.py):
 the claim, why it waits, each phase, the verdict, the requeue on shutdown.
@@ -50,6 +53,7 @@ from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.fleet import FleetSettings
 from reactor.kube.ownership import FleetOwnership, Ownership, Plan, SingleReplica, reopen_session
 from reactor.kube.progress import ProgressPublisher
+from reactor.kube import rebase
 from reactor.kube.pullrequests import PullRequests, PullRequestSettings, pull_request_work
 from reactor.kube.resource import (GROUP, PLURAL, VERSION, AgentTaskSpec, AgentTaskStatus, ProgressStatus, TaskRef,
                                    parse_time)
@@ -195,8 +199,11 @@ class Supervisor:
                  namespaces: list[str] | None = None, observatory: Observatory | None = None,
                  progress_interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
                  allow_file_urls: list[Path] | tuple[Path, ...] = (),
-                 pull_requests: PullRequestSettings | None = None):
+                 pull_requests: PullRequestSettings | None = None, rebase_rounds: int = rebase.DEFAULT_REBASE_ROUNDS):
         self.engine = engine
+        # A queued result that conflicts with the base goes back to its task this many times
+        # (kube/rebase.py); after that the task ends Conflict.
+        self.rebase_rounds = rebase_rounds
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
         self.secrets = SecretReader(api_client, (pull_requests.default_token_secret,) if pull_requests else ())
@@ -251,12 +258,29 @@ class Supervisor:
         if status.finished:
             self._remember_finished(ref, status)
             self._resume_pull_request(ref, body, status)
+            self._rebase_if_due(body)
         elif ref.uid not in self._runs:
             self._take(body)
 
     def task_changed(self, event_type: str | None, body: dict) -> None:
-        """One replica: any AgentTask changed (or went away): wakes the tasks that depend on it."""
+        """One replica: any AgentTask changed (or went away): wakes the tasks that depend on
+        it; a result the merge queue ejected for a textual conflict goes back to its task."""
         self.dependencies.saw(event_type, body)
+        if event_type != "DELETED":
+            self._rebase_if_due(body)
+
+    def _rebase_if_due(self, body: dict) -> None:
+        """One replica: the task's result was ejected for a textual conflict: take it for a
+        rebase round (or its Conflict verdict). (A fleet does not yet: see docs/architecture.md.)"""
+        if (self._stopping or self.ownership.claims or body["metadata"]["uid"] in self._runs
+                or body["metadata"].get("deletionTimestamp")):
+            return
+        try:
+            spec = AgentTaskSpec.model_validate(body.get("spec") or {})
+        except ValueError:
+            return
+        if rebase.due(spec, AgentTaskStatus.of(body)):
+            self._take(body)
 
     async def cells_to_keep(self) -> frozenset[str]:
         """Before the startup sweep: the cells of the watched tasks that will be reopened in
@@ -421,7 +445,11 @@ class Supervisor:
                 # task is the next one claimed anywhere, and a claim is never left idle.
                 await self._in_slot(ref, body, status, lambda: self._claim_and_run(ref, status))
             else:
-                plan = await self.ownership.plan(ref, AgentTaskStatus.of(body), _resume_mode(body))
+                current = AgentTaskStatus.of(body)
+                if current.finished:  # taken back for the merge queue (kube/rebase.py)
+                    await self._rebase(ref, body, status, current)
+                    return
+                plan = await self.ownership.plan(ref, current, _resume_mode(body))
                 await self._carry_out(ref, body, status, plan, holding_slot=False)
         except asyncio.CancelledError:
             if self._stopping:
@@ -455,9 +483,27 @@ class Supervisor:
         plan = await self.ownership.plan(ref, AgentTaskStatus.of(body), _resume_mode(body))
         await self._carry_out(ref, body, status, plan, holding_slot=True)
 
-    async def _carry_out(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool) -> None:
-        """The task is ours: carry the restart rules' plan out."""
+    async def _rebase(self, ref: TaskRef, body: dict, status: TaskStatus, current: AgentTaskStatus) -> None:
+        """A finished task whose result the merge queue ejected for a textual conflict: the
+        next rebase round, or the Conflict verdict after the last one."""
+        decided = rebase.next_round(current, self.rebase_rounds)
+        if isinstance(decided, str):
+            await status.conflict(decided)
+            self._observed(status)  # counted and shown as any verdict; its transcript ends with it
+            status.observation.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED, reason=Reason.CONFLICT,
+                                                 message=decided, commit=current.commit))
+            return
+        await status.rebase_round(decided.number, (
+            f"rebase round {decided.number} of {self.rebase_rounds}: the result conflicts with "
+            f"{decided.onto[:12]} in {', '.join(decided.paths) or 'the tree'}; a cell reopens on it"))
+        await self._carry_out(ref, body, status, Plan(attempt=1), holding_slot=False, fresh_round=decided)
+
+    async def _carry_out(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool,
+                         fresh_round: rebase.RebaseRound | None = None) -> None:
+        """The task is ours: carry the restart rules' plan out. ``fresh_round``: a rebase
+        round starting now (one interrupted by a restart is found in the status)."""
         previous = AgentTaskStatus.of(body)
+        rebase_round = fresh_round or rebase.interrupted_round(previous)
         status.attempt = plan.attempt
         if plan.give_up is not None:
             self._observed(status)
@@ -466,8 +512,8 @@ class Supervisor:
             return
         if plan.retrying is not None:
             await self.status.event(ref, "Retrying", plan.retrying, warning=True)
-        if plan.attempt > 1 or plan.resume_commit is not None:  # the task's budget covers all its attempts
-            status.previous_progress = previous.progress
+        if plan.attempt > 1 or plan.resume_commit is not None or rebase_round is not None:
+            status.previous_progress = previous.progress  # the task's budget covers all its attempts and rounds
         if plan.resume_commit is not None and previous.result is not None:
             status.previous_result = previous.result.as_written()  # files, test exit code of the first run
         spec = AgentTaskSpec.model_validate(body["spec"])
@@ -494,8 +540,9 @@ class Supervisor:
                 await self._execute(ref, spec, task, secrets, status, origin, landed)
                 return
             start_commits: list[str] = []
-            # (A resumed push or a reopened session built on its parents already.)
-            decision = None if plan.resume_commit is not None else self.dependencies.decision(ref, body)
+            # (A resumed push, a reopened session or a rebase round built on its parents already.)
+            decision = (None if plan.resume_commit is not None or rebase_round is not None
+                        else self.dependencies.decision(ref, body))
             if decision is not None and decision.verdict is Verdict.FAIL:
                 self._observed(status)
                 await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
@@ -507,8 +554,11 @@ class Supervisor:
             resumed_from = await self._green_commit(ref, origin, plan)
             if resumed_from is not None and plan.green_start is not None:
                 start_commits = [plan.green_start]  # the lost run's start (its parents' results already)
-            task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time), start_commits)
+            started = None if fresh_round is not None else parse_time(previous.start_time)  # a round's own box
+            task = spec.to_task_spec(ref, origin.path, secrets.env, started, start_commits)
             task.resumed_from = resumed_from
+            if rebase_round is not None:
+                task = rebase_round.task(task)
             await self._execute(ref, spec, task, secrets, status, origin, plan.resume_commit)
 
         if holding_slot or plan.resume_commit is not None:  # (a resumed push needs no cell)
