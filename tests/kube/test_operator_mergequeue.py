@@ -69,11 +69,11 @@ def test_queued_results_land_on_the_base_branch_and_a_textual_conflict_goes_back
         status = beta["status"]
         assert (status["phase"], integration(beta)["state"], status["rebases"]) == ("Succeeded", "Integrated", 1), \
             json.dumps(status, indent=1)
-        # The round's own result, on a branch of its own, on the tip that alpha made.
-        assert status["result"]["branch"] == "reactor/beta-rebase-1"
+        # The round's result replaced the conflicted one on beta's branch, on the tip alpha made.
+        assert status["result"]["branch"] == "reactor/beta"
         alpha_commit = integration(alpha)["baseCommit"]
         assert status["result"]["startCommit"] == alpha_commit
-        assert git(origin, "rev-parse", "reactor/beta") == first_pass["beta"]["result"]["commit"]
+        assert git(origin, "rev-parse", "reactor/beta") == status["result"]["commit"] != first_pass["beta"]["result"]["commit"]
         assert [e["reason"] for e in op.events("beta")].count("Rebasing") == 1
         # The spend of both rounds counts (the budget and SpendLimits see it).
         assert status["progress"]["totalTokens"] > first_pass["beta"]["progress"]["totalTokens"]

@@ -38,12 +38,12 @@ def test_rounds_are_counted_and_the_task_ends_conflict_after_the_last():
     assert isinstance(next_round(status(), max_rounds=0), str), "0 rounds: Conflict at once"
 
 
-def test_a_round_starts_on_the_tip_from_the_conflicted_replay_on_a_branch_of_its_own():
+def test_a_round_starts_on_the_tip_from_the_conflicted_replay_and_replaces_the_result_on_its_branch():
     task = TaskSpec(task_id="b", prompt="Set VALUE to 3", repo=Path("/m"), base_branch="main",
                     start_commits=["p" * 40], started_at=12.0)
     round_task = next_round(status(rebases=1), 2).task(task)
     assert (round_task.start_commits, round_task.start_from) == ([ONTO], REPLAYED)
-    assert round_task.branch == "reactor/b-rebase-2"
+    assert (round_task.branch, round_task.replaces) == ("reactor/b", RESULT)
     assert round_task.prompt.startswith(f"Your earlier change for this task no longer applies to main: rebase it "
                                         f"onto {ONTO}") and "shared.py" in round_task.prompt
     assert round_task.prompt.endswith("The task was:\nSet VALUE to 3")

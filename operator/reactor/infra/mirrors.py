@@ -148,10 +148,12 @@ class RepositoryMirrors:
         return path
 
     def push(self, mirror: Path, branch: str, url: str, credentials: GitCredentials | None = None,
-             expected: str | None = None) -> None:
+             expected: str | None = None, lease: str | None = None) -> None:
         """Push ``branch`` of the mirror to the repository (no force: never overwrite a
         branch someone else wrote). Refuses (ResultRejected) when any ref of the mirror moved
-        behind Reactor's back, or ``branch`` is not at ``expected``."""
+        behind Reactor's back, or ``branch`` is not at ``expected``. ``lease``: the commit
+        the repository's branch holds and this push replaces (the task's own earlier result);
+        the repository refuses the push if the branch has moved from it since."""
         creds = credentials or GitCredentials()
         with creds.environment() as auth, repository_lock(mirror):
             tampered = RefLedger(mirror).restore_tampered()
@@ -159,7 +161,8 @@ class RepositoryMirrors:
                 raise ResultRejected("refs of the mirror changed behind Reactor's back; restored: " + "; ".join(tampered))
             if expected is not None and git(mirror, "rev-parse", f"refs/heads/{branch}") != expected:
                 raise ResultRejected(f"branch {branch} is not at the tested commit {expected[:12]}")
-            git(mirror, "push", "--quiet", "origin", f"refs/heads/{branch}:refs/heads/{branch}", env=auth.env,
+            leased = [f"--force-with-lease=refs/heads/{branch}:{lease}"] if lease else []
+            git(mirror, "push", "--quiet", *leased, "origin", f"refs/heads/{branch}:refs/heads/{branch}", env=auth.env,
                 pass_fds=auth.fds, timeout=FETCH_DEADLINE)
 
     def push_record(self, mirror: Path, commit: str | None, ref: str,

@@ -74,6 +74,9 @@ class Worktree:
     slot: str  # the checkout directory's name (the task id, or namespace.name.uid in the operator)
     owner: str  # the Owner token of the Reactor process that created it
     identity: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COMMITTER))
+    # The task's own earlier result, which the branch may hold and this cell's result then
+    # replaces (a rebase round); None: the branch must not exist.
+    replaces: str | None = None
     # The launcher policy git in the checkout runs under (None: unconfined); set by confine().
     policy: dict | None = field(default=None, repr=False, compare=False)
     in_cell: bool = field(default=False, repr=False, compare=False)
@@ -206,11 +209,12 @@ class WorktreeManager:
     # -- public API --
 
     def create(self, repo: Path, task_id: str, base_branch: str = "main", branch: str | None = None,
-               slot: str | None = None, start_commit: str | None = None) -> Worktree:
+               slot: str | None = None, start_commit: str | None = None, replaces: str | None = None) -> Worktree:
         """``slot`` names the checkout's directory (default: the task id); the operator uses
         namespace.name.uid, since task ids need only be unique per repository and namespace.
         ``start_commit``: start there instead of at the base branch's tip (a commit the
-        repository holds: another task's result)."""
+        repository holds: another task's result). ``replaces``: the task's own earlier result,
+        which the branch may hold (fetched from the repository) and this result will replace."""
         top = resolve_repository(repo)
         branch = branch or f"reactor/{task_id}"
         validate_branch_name(branch)
@@ -218,7 +222,8 @@ class WorktreeManager:
         with repository_lock(top):
             base_commit = (resolve_commit(top, start_commit) if start_commit is not None
                            else resolve_base_branch(top, base_branch))
-            if git_ok(top, "show-ref", "--verify", "--quiet", f"refs/heads/{branch}"):
+            existing = git(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}", check=False)
+            if existing and existing != replaces:
                 raise ConfigurationError(
                     f"branch {branch!r} already exists in {top}: a task with this id ran before. "
                     "Choose another task id, or delete the branch if its result is no longer wanted."
@@ -229,7 +234,7 @@ class WorktreeManager:
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
             worktree = Worktree(top, path, branch, base_branch, base_commit, slot or task_id, self.owner.token,
-                                identity=committer_identity(top))
+                                identity=committer_identity(top), replaces=replaces)
             self._write_meta(worktree)
         try:
             # The source is trusted and the checkout is new: no cell has written anything yet.
@@ -269,7 +274,11 @@ class WorktreeManager:
                 timeout=_left(until), track=worktree.running)
             try:
                 self._check_result(worktree, commit, tested_paths)
-                git(top, "update-ref", f"refs/heads/{worktree.branch}", commit, "")
+                # Created, or moved from the task's own earlier result only (a rebase round).
+                held = git(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{worktree.branch}", check=False)
+                if held and held != worktree.replaces:
+                    raise ResultRejected(f"branch {worktree.branch} holds {held[:12]}, not this task's earlier result")
+                git(top, "update-ref", f"refs/heads/{worktree.branch}", commit, held or "")
                 ledger.record(f"refs/heads/{worktree.branch}", commit)
             finally:
                 git(top, "update-ref", "-d", incoming, check=False)

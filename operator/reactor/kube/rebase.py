@@ -4,8 +4,9 @@ The merge queue's driver ejects a result that conflicts textually with the base 
 tip (``status.integration``: Ejected, TextualConflict, with the result replayed onto that
 tip, conflict markers and all, as ``conflictCommit``). The supervisor, the one owner of a
 task's runs, then runs the task again as a *rebase round*: a cell on that tip whose
-checkout starts from the conflicted replay, the rebase prompt, its own result branch and
-time box; the spend keeps counting from the rounds before (spec.budget covers them all).
+checkout starts from the conflicted replay, the rebase prompt and a time box of its own.
+Its commit replaces the conflicted result on the task's result branch (a push leased on that
+result), so the task's pull request, if it has one, shows the rebased commit; the spend keeps counting from the rounds before (spec.budget covers them all).
 Green, it is pushed and re-enters the queue as any result does. A result that still
 conflicts after ``max_rounds`` rounds ends the task Failed with reason Conflict.
 
@@ -30,22 +31,23 @@ class RebaseRound:
     onto: str  # the base tip the result was replayed onto: the round's cell starts there
     conflict_commit: str  # that replay, conflict markers in ``paths``: the checkout's files
     paths: tuple[str, ...]
+    replaces: str  # the result that conflicted, on the task's result branch
 
     def task(self, task: TaskSpec) -> TaskSpec:
         """The engine's task for this round, from the task's own."""
         return task.model_copy(update={
             "prompt": rebase_prompt(task.prompt, task.base_branch, self.onto, list(self.paths)),
             "start_commits": [self.onto], "start_from": self.conflict_commit,
-            # A branch of its own: the earlier result's branch is on the origin already.
-            "result_branch": f"{task.branch}-rebase-{self.number}"})
+            # The same branch, moved to the rebased result: its pull request follows it.
+            "replaces": self.replaces})
 
 
-def _conflict(status: AgentTaskStatus) -> tuple[str, str, tuple[str, ...]] | None:
+def _conflict(status: AgentTaskStatus) -> tuple[str, str, tuple[str, ...], str] | None:
     integration = status.integration
     if (integration is None or integration.state != "Ejected" or integration.reason != TEXTUAL_CONFLICT
-            or not integration.conflict_commit or not integration.onto):
+            or not integration.conflict_commit or not integration.onto or not integration.commit):
         return None
-    return integration.onto, integration.conflict_commit, tuple(integration.conflict_paths)
+    return integration.onto, integration.conflict_commit, tuple(integration.conflict_paths), integration.commit
 
 
 def due(spec: AgentTaskSpec, status: AgentTaskStatus) -> bool:
@@ -61,12 +63,12 @@ def next_round(status: AgentTaskStatus, max_rounds: int) -> RebaseRound | str:
     message. Call only when ``due``."""
     conflict = _conflict(status)
     assert conflict is not None, "no textual conflict to rebase"
-    onto, commit, paths = conflict
+    onto, commit, paths, replaces = conflict
     if status.rebases >= max_rounds:
         rounds = f"{status.rebases} rebase round{'s' if status.rebases != 1 else ''}"
         return (f"the result still conflicts with the base branch at {onto[:12]} in {', '.join(paths) or 'the tree'} "
                 f"after {rounds}; it was not integrated")
-    return RebaseRound(status.rebases + 1, onto, commit, paths)
+    return RebaseRound(status.rebases + 1, onto, commit, paths, replaces)
 
 
 def interrupted_round(status: AgentTaskStatus) -> RebaseRound | None:

@@ -83,7 +83,7 @@ class Cell:
             self.engine.confinement.port_rulesets.prepare()  # the server's TCP ruleset, built meanwhile
         self.worktree = await asyncio.to_thread(
             self.engine.worktrees.create, spec.repo, spec.task_id, spec.base_branch, spec.branch, self.cell_id,
-            self.start_commit,
+            self.start_commit, spec.replaces,
         )
         self.policy = await asyncio.to_thread(self._confinement_policy)
         # Git in the checkout from now on: under the cell's launcher, with a deadline per step,

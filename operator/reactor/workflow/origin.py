@@ -71,13 +71,15 @@ class MirrorOrigin:
         except GitError as exc:
             raise FetchFailed(redact_url(str(exc))) from None
 
-    async def push(self, branch: str, commit: str) -> None:
+    async def push(self, branch: str, commit: str, replaces: str | None = None) -> None:
         """Push ``branch`` if the repository does not hold ``commit`` there already (a push
-        resumed after an operator restart may have landed before it): pushed at most once."""
+        resumed after an operator restart may have landed before it): pushed at most once.
+        ``replaces``: the task's own earlier result, which the branch may hold and this
+        commit then replaces (leased: only if the branch still holds exactly that)."""
         remote = await asyncio.to_thread(self._remote_head, branch)
         if remote == commit:
             return
-        if remote:
+        if remote and remote != replaces:
             raise PushFailed(f"branch {branch} already exists in {self.describe()} at {remote[:12]}; "
                              "nothing pushed (choose another resultBranch)")
         # Push what was tested: the branch must still hold the commit made after the tests
@@ -88,7 +90,8 @@ class MirrorOrigin:
             raise PushFailed(f"branch {branch} no longer holds the tested commit {commit[:12]} (it holds "
                              f"{head[:12] or 'nothing'}); nothing pushed")
         try:
-            await asyncio.to_thread(self.mirrors.push, self.path, branch, self.url, self.credentials)
+            await asyncio.to_thread(self.mirrors.push, self.path, branch, self.url, self.credentials,
+                                    lease=remote or None)
         except GitError as exc:
             raise PushFailed(redact_url(str(exc))) from None
         # The repository has it now. Removed here when no worktree holds it (a resumed push);

@@ -443,7 +443,7 @@ async def _push(spec: TaskSpec, origin: Origin, phases: _Phases, result: TaskRes
 
     async def publish() -> None:
         try:
-            await origin.push(spec.branch, commit)
+            await origin.push(spec.branch, commit, replaces=spec.replaces)
         except PushFailed as exc:
             result.outcome, result.reason = Outcome.FAILED, Reason.PUSH_FAILED
             result.message = f"committed {commit[:12]} but the push failed: {exc}"

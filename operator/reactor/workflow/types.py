@@ -128,6 +128,11 @@ class TaskSpec(BaseModel):
     # session gets the prompt and a summary of what that run did. The result is still one
     # commit on the start commit, tested here. None: a normal start.
     resumed_from: str | None = None
+    # This task's own earlier result on its result branch, which this run's commit replaces
+    # there (a rebase round: the branch, and its pull request, move to the rebased commit;
+    # the push is leased on this commit, so nobody else's push is ever overwritten).
+    # None: the branch must not exist yet.
+    replaces: str | None = None
     # Environment of the opencode process only (API keys). Excluded from repr and dumps.
     env: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
 
