@@ -41,10 +41,12 @@ from typing import Any, Protocol
 from kubernetes import client as k8s
 
 from reactor.errors import ConfigurationError
+from reactor.infra.cellrecords import LiveCell, verify
 from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused
 from reactor.infra.processes import find_marked_processes, is_marked_for, kill_process_group
+from reactor.infra.servers import kill_live
 from reactor.infra.worktrees import safe_component
 from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.fleet import FleetSettings
@@ -63,7 +65,7 @@ from reactor.opencode.models import TokenUsage
 from reactor.workflow.control import Spend, TaskControl
 from reactor.workflow.engine import Engine
 from reactor.workflow.origin import MirrorOrigin
-from reactor.workflow.tcr import run_task
+from reactor.workflow.tcr import run_task, uncancellable
 from reactor.workflow.types import Outcome, PhaseEvent, Reason, TaskResult, TaskSpec
 
 WaitingCallback = Callable[[Reason, str], Awaitable[None]]
@@ -197,8 +199,11 @@ class Supervisor:
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
         self.pull_requests = PullRequests(self.secrets, pull_requests, self.observatory)
         self.ownership: Ownership
+        # Cells an earlier operator left running (--cells-outlive-operator), proven by their
+        # private records (infra/cellrecords.py) before the startup sweep; taken by their runs.
+        self.live_cells: dict[str, LiveCell] = {}
         if fleet is None:
-            self.ownership = SingleReplica(self.reap)
+            self.ownership = SingleReplica(self.reap, self.live_cells)
         else:
             self.ownership = FleetOwnership(api_client, fleet, self.reap, on_fenced=self._fenced,
                                             on_view=self._rescan, on_lost=self._lost, clock=clock)
@@ -264,7 +269,17 @@ class Supervisor:
             self.dependencies.saw(None, body)
         if self.ownership.claims:  # a fleet reopens nothing (a lost replica's cell lived in its pod)
             return frozenset()
-        return resumable_cells(bodies)
+        keep = resumable_cells(bodies)
+        for cell_id in keep:
+            record = self.engine.records.read(cell_id)
+            live = await asyncio.to_thread(verify, record, self.engine.work_dir) if record is not None else None
+            if live is not None:
+                self.live_cells[cell_id] = live
+        return keep
+
+    def running_cells(self) -> frozenset[str]:
+        """The cells the startup sweep must leave running: those to reattach to."""
+        return frozenset(self.live_cells)
 
     def observe(self, event_type: str | None, body: dict) -> None:
         """A fleet: every change of every task (kopf's on.event, on every replica)."""
@@ -401,6 +416,16 @@ class Supervisor:
 
     async def _carry_out(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool) -> None:
         """The task is ours: carry the restart rules' plan out."""
+        try:
+            await self._carry_out_plan(ref, body, status, plan, holding_slot)
+        finally:
+            live = plan.reattach
+            if live is not None and not live.taken:  # ended before its run took the running cell over
+                await uncancellable(kill_live(live, self.engine.settings.stop_grace, self.engine.work_dir))
+                self.engine.records.remove(live.record.cell_id)
+
+    async def _carry_out_plan(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan,
+                              holding_slot: bool) -> None:
         previous = AgentTaskStatus.of(body)
         status.attempt = plan.attempt
         if plan.give_up is not None:
@@ -410,7 +435,8 @@ class Supervisor:
             return
         if plan.retrying is not None:
             await self.status.event(ref, "Retrying", plan.retrying, warning=True)
-        if plan.attempt > 1 or plan.resume_commit is not None:  # the task's budget covers all its attempts
+        # The task's budget covers all its attempts (and what a reattached cell spent before).
+        if plan.attempt > 1 or plan.resume_commit is not None or plan.reattach is not None:
             status.previous_progress = previous.progress
         if plan.resume_commit is not None and previous.result is not None:
             status.previous_result = previous.result.as_written()  # files, test exit code of the first run
@@ -425,7 +451,7 @@ class Supervisor:
             await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
                                            reason=reason, message=str(exc)))
             return
-        status.reopen_session = plan.reopen_session
+        status.reopen_session, status.reattach = plan.reopen_session, plan.reattach
         confined, message = self.status.confinement  # said on every task: never a silent downgrade
         await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
 
@@ -521,7 +547,7 @@ class Supervisor:
             await run_task(task, self.engine, on_phase, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
                            resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch],
-                           reopen_session=status.reopen_session)
+                           reopen_session=status.reopen_session, reattach=status.reattach)
         finally:
             self._controls.pop(ref.uid, None)
             if publisher is not None:

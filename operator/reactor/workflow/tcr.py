@@ -46,13 +46,14 @@ from typing import Any, TypeVar
 import pathspec
 
 from reactor.errors import ConfigurationError
+from reactor.infra.cellrecords import LiveCell
 from reactor.infra.git import GitTimeout
 from reactor.infra.ports import PortsExhausted
 from reactor.infra.repository_urls import RepositoryRefused
 from reactor.infra.servers import ServerBootError
 from reactor.infra.worktrees import ParentsConflict, ResultRejected, integrate, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
-from reactor.opencode.events import Consumer
+from reactor.opencode.events import Consumer, Event, SessionIdle
 from reactor.workflow.cell import Cell
 from reactor.workflow.control import TaskControl, TaskStopped
 from reactor.workflow.engine import Engine
@@ -144,7 +145,8 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                    cell_id: str | None = None, priority: object = 0, take_capacity: bool = True,
                    origin: Origin | None = None, resume_commit: str | None = None,
                    control: TaskControl | None = None, watchers: Sequence[Consumer] = (),
-                   clock: Clock = time.time, reopen_session: str | None = None) -> TaskResult:
+                   clock: Clock = time.time, reopen_session: str | None = None,
+                   reattach: LiveCell | None = None) -> TaskResult:
     """Run one task to a verdict and report it (the terminal phase carries the result).
     Never raises for task failures (they are results); a cancellation tears the cell down
     and propagates, unless the push had begun (then the verdict is reported first).
@@ -160,7 +162,11 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     this cell was killed mid-turn (the operator died): take over its checkout as it is and
     reopen this OpenCode session from the cell's state dir with one continuation message,
     or, when the session cannot be reopened, a fresh session on the checkout with the
-    prompt and what was done (no checkout left: a normal start)."""
+    prompt and what was done (no checkout left: a normal start). ``reattach`` (with
+    ``reopen_session``): that cell's server still runs (cells outliving their operator) and
+    its launcher was proven to be the recorded one: reattach to it, follow the session's turn
+    to its end without sending anything, and go on with the tests; when it does not answer,
+    it is stopped and the session reopened."""
     gate = engine.capacity if take_capacity else None
     started = time.monotonic()
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
@@ -187,6 +193,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                 if result.started_at is None:
                     result.started_at = clock()
                 cell.reopen_session = reopen_session
+                cell.live = reattach if reopen_session is not None else None
                 try:
                     await _in_cell(spec, cell, phases, result, origin, control, clock)
                 finally:
@@ -323,6 +330,8 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     protected = _protected_paths(spec.protect)  # a bad pattern fails here, before any work
     adopted = await cell.adopt_worktree() if cell.reopen_session is not None else None
     if adopted is None:
+        if cell.live is not None:  # no checkout to go on with: what still runs of the cell goes
+            await cell.drop_live()
         cell.reopen_session = None
         if spec.start_commits:  # built on other tasks' results: their commit, or Reactor's merge of them
             cell.start_commit = await asyncio.to_thread(integrate, repo, spec.start_commits,
@@ -335,9 +344,12 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     await cell.start_server()
     if adopted is not None:
         result.resumed = cell.resumed or "restarted"
-        done = ", ".join(await _changed_files(cell)) or "none"
-        cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
-                            else f"{spec.prompt}\n\n{RESTARTED.format(files=done)}")
+        if result.resumed == "reattached":  # the agent's turn goes on: follow it, say nothing
+            cell.following = True
+        else:
+            done = ", ".join(await _changed_files(cell)) or "none"
+            cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
+                                else f"{spec.prompt}\n\n{RESTARTED.format(files=done)}")
 
     # -- Executing: the agent edits the worktree --
     await phases.enter(Phase.EXECUTING, cell=cell)
@@ -443,7 +455,31 @@ async def _prompt(cell: Cell, result: TaskResult) -> None:
     result.attempts.append(Attempt(number=result.prompt_attempts))
     text = cell.next_prompt or cell.spec.prompt
     watch = TurnWatch(client, cell.engine.settings.stall_timeout)
+    if cell.following:  # a reattached cell: its turn is running (or just ended); no message
+        cell.following = False
+        await watch.run(cell.events, lambda: _turn_ends(cell, session_id))
+        return
     await watch.run(cell.events, lambda: client.prompt(session_id, text, model=cell.spec.model))
+
+
+async def _turn_ends(cell: Cell, session_id: str, recheck: float = 5.0) -> None:
+    """Until the session is idle: its ``session.idle`` event, or the server's session status
+    (read first, and again every ``recheck`` seconds in case the event fell into a gap of the
+    stream)."""
+    assert cell.client is not None
+    idle = asyncio.Event()
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, SessionIdle) and event.session_id == session_id:
+            idle.set()
+
+    unsubscribe = cell.events.subscribe(on_event)
+    try:
+        while not idle.is_set() and await cell.client.busy(session_id):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), recheck)
+    finally:
+        unsubscribe()
 
 
 async def _fresh_session(cell: Cell, result: TaskResult) -> None:
@@ -454,7 +490,9 @@ async def _fresh_session(cell: Cell, result: TaskResult) -> None:
     _close_attempt(result, "reverted", "a transient model or server error; retried from a clean checkout")
     await asyncio.to_thread(cell.worktree.revert, cell.box_end)
     cell.next_prompt = None  # the retry starts over: the task's own prompt
+    cell.following = False
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
+    cell.remember()
 
 
 async def _changed_files(cell: Cell) -> list[str]:
