@@ -176,10 +176,10 @@ time.sleep(600)
 def test_a_killed_operators_cells_end_with_it_or_at_their_deadline(cell, cells):
     (cell / "daemons.py").write_text(DAEMONS)
     outlive = cells != "die with the operator"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, "outlives" if outlive else "dies", "8" if outlive else "none"],
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, "outlives" if outlive else "dies", "5" if outlive else "none"],
                               cwd=cell, stdout=subprocess.PIPE, text=True)
     cell_launcher = int(parent.stdout.readline())
-    pids = [int(wait_for(lambda n=name: (cell / n).exists() and (cell / n).read_text(), 30, n))
+    pids = [int(wait_for(lambda n=name: (cell / n).exists() and (cell / n).read_text(), 30, name))
             for name in ("daemon.pid", "unmarked.pid")]
     parent.kill()
     parent.wait()

@@ -33,7 +33,7 @@ def running_cell(tmp_path):
                               {"PATH": "/usr/bin:/bin"}, None, deadline=60, parent_death=False,
                               launcher_env=marker_env("ns.t1.cell", Owner.from_token(DEAD_OWNER), str(work_dir)))
     try:
-        proc = subprocess.Popen(launch.argv, pass_fds=launch.pass_fds, start_new_session=True)
+        proc = subprocess.Popen(launch.argv, env=launch.env, pass_fds=launch.pass_fds, start_new_session=True)
     finally:
         launch.close()
     record = CellRecord("ns.t1.cell", proc.pid, start_ticks(proc.pid), 8123, "pw", "ses_1", DEAD_OWNER, 0.0)

@@ -515,6 +515,7 @@ async def kill_live(live: LiveCell, grace: float, work_dir: Path) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(live.pidfd, signal.SIGKILL)
                     os.killpg(pid, signal.SIGKILL)  # still ours: the pidfd says it has not exited
-                await asyncio.to_thread(kill_marked, work_dir, live.record.cell_id, live.record.owner)
+        # Whatever of the cell the launcher did not end (it was itself killed, say).
+        await asyncio.to_thread(kill_marked, work_dir, live.record.cell_id, live.record.owner)
     finally:
         live.close()

@@ -635,6 +635,9 @@ class Supervisor:
         ``keep_cell``: only the server goes (its checkout and state dir are reopened)."""
         cell = status.cell
         cell_id = (cell.cell_id if cell else None) or ref.cell_id
+        live = self.live_cells.pop(cell_id, None)  # left running for a run that will not come (deleted)
+        if live is not None:
+            await kill_live(live, self.engine.settings.stop_grace, self.engine.work_dir)
         pid = cell.server_pid if cell else None
         if pid and is_marked_for(pid, cell_id):
             log.warning("%s: killing orphaned server pid %s", ref, pid)

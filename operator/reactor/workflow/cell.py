@@ -199,7 +199,7 @@ class Cell:
         record = live.record
         owner = Owner.from_token(record.owner)  # its markers name the operator that started it
         self.port = self.engine.ports.reserve(record.port, owner=self.cell_id)
-        spec = self._server_spec(owner)
+        spec = self._server_spec(owner, max(1.0, record.deadline_at - time.time()))  # its launcher's deadline
         server = await OpenCodeServer.attach(spec, live)
         session = None
         if server is not None:
@@ -319,6 +319,7 @@ class Cell:
         if self.worktree is not None:  # a git step a cancelled run left running (a hanging filter)
             self.worktree.kill_running()
         try:
+            await self.drop_live()  # a running cell handed over that this run never took up
             await self.stop_server()
         finally:
             try:
