@@ -455,10 +455,13 @@ async def _prompt(cell: Cell, result: TaskResult) -> None:
     result.attempts.append(Attempt(number=result.prompt_attempts))
     text = cell.next_prompt or cell.spec.prompt
     watch = TurnWatch(client, cell.engine.settings.stall_timeout)
-    if cell.following:  # a reattached cell: its turn is running (or just ended); no message
+    if cell.following:  # a reattached cell: its turn is running (or has ended); no message
         cell.following = False
-        await watch.run(cell.events, lambda: _turn_ends(cell, session_id))
-        return
+        if await client.busy(session_id) or await client.message_count(session_id):
+            await watch.run(cell.events, lambda: _turn_ends(cell, session_id))
+            return
+        # An empty, idle session: the operator died before its prompt was sent. Send it now
+        # (the agent sees the task's prompt once, as it would have).
     await watch.run(cell.events, lambda: client.prompt(session_id, text, model=cell.spec.model))
 
 
