@@ -152,11 +152,15 @@ def _mismatch(record: CellRecord, work_dir: Path) -> str | None:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             argv = [a.decode(errors="replace") for a in cmdline.read().split(b"\0")[:-1]]
         with open(f"/proc/{pid}/environ", "rb") as environ:
-            env = dict(item.decode(errors="replace").partition("=")[::2] for item in environ.read().split(b"\0") if item)
+            items = environ.read().split(b"\0")
+        env = dict(item.decode(errors="replace").partition("=")[::2] for item in items if item)
     except OSError as exc:
         return f"unreadable ({exc.strerror})"
-    if len(argv) < 11 or argv[3] != str(launcher.LAUNCHER) or argv[6] != "--" or argv[8:11] != ["serve", "--port", str(record.port)]:
+    # python -I -S LAUNCHER --config-fd N -- OPENCODE serve --port PORT ...
+    if len(argv) < 11 or argv[3] != str(launcher.LAUNCHER) or argv[6] != "--" \
+            or argv[8:11] != ["serve", "--port", str(record.port)]:
         return "not the cell launcher of an opencode server on the recorded port"
-    if (env.get(MARK_CELL), env.get(MARK_OWNER), env.get(MARK_WORK_DIR)) != (record.cell_id, record.owner, str(work_dir)):
+    markers = (env.get(MARK_CELL), env.get(MARK_OWNER), env.get(MARK_WORK_DIR))
+    if markers != (record.cell_id, record.owner, str(work_dir)):
         return "its markers name another cell, owner or work dir"
     return None

@@ -206,7 +206,8 @@ class Cell:
             self.server = server
             try:
                 await self._follow_events()
-                session = await self.client.get_session(self.reopen_session or record.session_id)  # type: ignore[union-attr]
+                assert self.client is not None
+                session = await self.client.get_session(self.reopen_session or record.session_id)
             except Exception as exc:  # noqa: BLE001 - then it is stopped and the session reopened
                 log.warning("%s: the running server does not answer (%s): reopening instead", self.cell_id, exc)
         if session is None:
