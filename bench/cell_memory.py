@@ -12,7 +12,8 @@ call is held open, so all N cells are alive and idle after a real turn and a tes
 Then a safety run per variant: full Test-Commit-Revert tasks with a heavy turn (a large file
 written and read back, megabytes of tool output, many steps) must all commit.
 
-Goal: PSS <= 300 MiB per cell with 10 cells alive, with the settings that are safe.
+Each variant also reports the CPU its idle cells burn (a heap capped too small keeps the
+collector busy): the default (no variable) was chosen on both figures.
 
     python bench/cell_memory.py [--cells 10] [--variants none,ram256,...] [--heavy 3]
 """
@@ -33,7 +34,7 @@ import psutil
 from reactor.infra.memory import cell_memory
 from reactor_dev.testing.repos import make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, hang, text, write
-from reactor.workflow.engine import Engine, EngineSettings, light_cell_env
+from reactor.workflow.engine import Engine, EngineSettings
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import TaskSpec
 
@@ -41,7 +42,6 @@ MiB = 1 << 20
 SEED = os.environ.get("REACTOR_OPENCODE_SEED")
 _ENVS: dict[str, dict[str, str]] = {
     "none": {},
-    "default": light_cell_env(),
     "ram512": {"BUN_JSC_forceRAMSize": str(512 * MiB)},
     "ram256": {"BUN_JSC_forceRAMSize": str(256 * MiB)},
     "ram192": {"BUN_JSC_forceRAMSize": str(192 * MiB)},
@@ -96,30 +96,43 @@ async def alive_after_a_turn(name: str, env: dict[str, str], seeded: bool, cells
             turn = time.monotonic() - started
             # Idle cells: let start-up and turn allocations (and OpenCode's background plugin
             # install, which starts seconds after the first session) settle: a measurement window.
+            # The CPU the idle cells burn meanwhile (a heap sized too small collects all the time).
+            cpu_before, window_start = await asyncio.to_thread(_cell_cpu, work_dir, owner), time.monotonic()
             for _ in range(20):
                 await asyncio.sleep(1)
                 settled = await asyncio.to_thread(cell_memory, work_dir, owner)
                 for cell, pss in settled.items():
                     peaks[cell] = max(peaks.get(cell, 0), pss)
             rss = await asyncio.to_thread(_cell_rss, work_dir, owner)
+            cpu_after, window = await asyncio.to_thread(_cell_cpu, work_dir, owner), time.monotonic() - window_start
         finally:
             for run in runs:
                 run.cancel()
             await asyncio.gather(*runs, return_exceptions=True)
     return {"pss": statistics.median(settled.values()), "pss_total": sum(settled.values()),
             "rss": statistics.median(rss.values()), "peak": max(peaks.values()), "cells": len(settled),
-            "turn": turn}
+            "turn": turn,
+            "idle_cpu": statistics.median(cpu_after[c] - cpu_before.get(c, 0.0) for c in cpu_after) / window}
 
 
 def _cell_rss(work_dir: str, owner: str) -> dict[str, int]:
+    return _per_cell(work_dir, owner, lambda process: process.memory_info().rss)
+
+
+def _cell_cpu(work_dir: str, owner: str) -> dict[str, float]:
+    """CPU seconds (user + system) each cell's live processes have used so far."""
+    return _per_cell(work_dir, owner, lambda process: sum(process.cpu_times()[:2]))
+
+
+def _per_cell(work_dir: str, owner: str, figure):
     from reactor.infra.processes import MARK_CELL, MARK_OWNER, MARK_WORK_DIR
 
-    cells: dict[str, int] = {}
+    cells: dict = {}
     for process in psutil.process_iter(["pid"]):
         try:
             env = process.environ()
             if env.get(MARK_WORK_DIR) == work_dir and env.get(MARK_OWNER) == owner and MARK_CELL in env:
-                cells[env[MARK_CELL]] = cells.get(env[MARK_CELL], 0) + process.memory_info().rss
+                cells[env[MARK_CELL]] = cells.get(env[MARK_CELL], 0) + figure(process)
         except (psutil.Error, OSError):
             continue
     return cells
@@ -156,7 +169,8 @@ async def main_async(cells: int, names: list[str], heavy: int) -> None:
             env, seeded = VARIANTS[name]
             alive = await alive_after_a_turn(name, env, seeded, cells, tmp)
             print(f"  {name:<14} PSS/cell {alive['pss'] / MiB:6.0f} MiB  RSS/cell {alive['rss'] / MiB:6.0f} MiB  "
-                  f"peak {alive['peak'] / MiB:6.0f} MiB  {cells} cells through a turn in {alive['turn']:5.1f}s",
+                  f"peak {alive['peak'] / MiB:6.0f} MiB  idle CPU/cell {alive['idle_cpu']:6.1%} of a core  "
+                  f"{cells} cells through a turn in {alive['turn']:5.1f}s",
                   flush=True)
             safety = await heavy_tasks(name, env, seeded, heavy, tmp) if heavy else None
             rows[name] = (alive, safety)
@@ -166,10 +180,10 @@ async def main_async(cells: int, names: list[str], heavy: int) -> None:
             for reason in (safety or {}).get("reasons", []):
                 print(f"      failed: {reason}")
     base = rows.get("none", next(iter(rows.values())))[0]
-    print(f"\n{'env':<14}{'PSS/cell':>10}{'vs none':>9}{'peak':>8}{'fit(PSS)':>10}{'fit(peak)':>10}  env vars")
+    print(f"\n{'env':<14}{'PSS/cell':>10}{'vs none':>9}{'peak':>8}{'idle CPU':>10}{'fit(PSS)':>10}{'fit(peak)':>10}  env vars")
     for name, (alive, safety) in rows.items():
         print(f"{name:<14}{alive['pss'] / MiB:>9.0f}M{alive['pss'] / base['pss']:>9.2f}{alive['peak'] / MiB:>7.0f}M"
-              f"{int(total // alive['pss']):>10}{int(total // alive['peak']):>10}  "
+              f"{alive['idle_cpu']:>10.1%}{int(total // alive['pss']):>10}{int(total // alive['peak']):>10}  "
               f"{' '.join(f'{k}={v}' for k, v in VARIANTS[name][0].items()) or '-'}{' +seed' * VARIANTS[name][1]}")
     print("fit = this machine's memory divided by the figure (no operator, no test suites counted)")
 
@@ -177,7 +191,7 @@ async def main_async(cells: int, names: list[str], heavy: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=10)
-    parser.add_argument("--variants", default="none,default+seed", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="none+seed,ram256+seed", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--heavy", type=int, default=2, help="heavy full tasks per variant (0: skip)")
     args = parser.parse_args()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]

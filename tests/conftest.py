@@ -21,6 +21,29 @@ pytest_plugins = ["reactor_dev.testing.kube_fixtures", "reactor_dev.testing.suit
 os.environ.setdefault("REACTOR_HEALTH_TIMEOUT", "60")
 
 
+@pytest.hookimpl(trylast=True)  # after the kube and node marks are added
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs the suite on two workers (pytest-xdist, ``--dist loadgroup``).
+
+    - A module runs whole on one worker: its shared fixture (an operator and its tasks, a
+      Gitea) is paid once. The dev node's tests share one worker: one node per machine.
+    - The modules that start both a control plane and agents (minutes each) are handed out
+      first, so that no worker is left with one of them at the end while the other idles.
+    """
+    def group(item: pytest.Item) -> str:
+        path = item.nodeid.split("::")[0]
+        return "tests/node" if path.startswith("tests/node/") else path
+
+    def heavy(item: pytest.Item) -> bool:
+        return bool(item.get_closest_marker("kube")) and bool(item.get_closest_marker("opencode"))
+
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group(item)))
+    heavy_groups = {group(item) for item in items if heavy(item)}
+    items.sort(key=lambda item: group(item) not in heavy_groups)  # stable: file order otherwise
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")

@@ -17,6 +17,7 @@ from reactor_dev.testing.attacks import TESTED_MARK, hanging_filters, plant_hang
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
 from reactor_dev.testing.helpers import wait_for
 from reactor_dev.testing.repos import git, worktrees_of
+from reactor_dev.testing.workers import port_range
 
 pytestmark = pytest.mark.opencode
 
@@ -40,7 +41,7 @@ def config_file(tmp_path):
 def test_run_commits_a_passing_fix_and_prints_json(repo, work_dir, config_file):
     with ScriptedModel([Scenario("TASK-001", [FIX, text("Fixed.")])]) as model:
         out = reactor("run", "--task", "TASK-001", "--desc", "Fix add", "--prompt", "TASK-001: fix add() in calc.py",
-                      "--opencode-config", config_file(model), "--port-range", "18600-18700", "--json",
+                      "--opencode-config", config_file(model), "--port-range", port_range("18600-18700"), "--json",
                       work_dir=work_dir, cwd=repo)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -56,7 +57,7 @@ def test_run_exits_1_when_the_tests_fail(repo, work_dir, config_file):
     main_before = git(repo, "rev-parse", "main")
     with ScriptedModel([Scenario("TASK-BAD", [edit("calc.py", "return a - b", "return a * b"), text("Done.")])]) as m:
         out = reactor("run", "--task", "TASK-BAD", "--prompt", "TASK-BAD: fix add", "--test-cmd", "python3 -m pytest -q",
-                      "--opencode-config", config_file(m), "--port-range", "18600-18700", work_dir=work_dir, cwd=repo)
+                      "--opencode-config", config_file(m), "--port-range", port_range("18600-18700"), work_dir=work_dir, cwd=repo)
     assert out.returncode == 1
     assert "FAIL TASK-BAD: TestsFailed: tests failed (exit 1)" in out.stdout
     assert git(repo, "branch", "--list", "reactor/*") == "" and git(repo, "rev-parse", "main") == main_before
@@ -68,7 +69,7 @@ def test_parallel_tasks_on_one_repository_get_three_branches(repo, work_dir, con
         out = reactor("run", "--parallel", "--task", "P-1,P-2,P-3", "--desc", "One,Two,Three",
                       "--prompt", "P-1: add feature_1.py,P-2: add feature_2.py,P-3: add feature_3.py",
                       "--test-cmd", "ls feature_*.py",
-                      "--opencode-config", config_file(model), "--port-range", "18600-18700", "--json",
+                      "--opencode-config", config_file(model), "--port-range", port_range("18600-18700"), "--json",
                       work_dir=work_dir, cwd=repo)
     assert out.returncode == 0, out.stdout + out.stderr
     results = [json.loads(line) for line in out.stdout.splitlines()]
@@ -85,7 +86,7 @@ def test_run_protect_refuses_a_change_to_the_tests(repo, work_dir, config_file):
     with ScriptedModel([Scenario("TASK-WEAK", [weaken, text("Done.")])]) as model:
         out = reactor("run", "--task", "TASK-WEAK", "--prompt", "TASK-WEAK: make the tests pass", "--protect", "test_*.py",
                       "--test-cmd", "python3 -m pytest -q", "--opencode-config", config_file(model),
-                      "--port-range", "18600-18700", work_dir=work_dir, cwd=repo)
+                      "--port-range", port_range("18600-18700"), work_dir=work_dir, cwd=repo)
     assert out.returncode == 1, out.stderr
     assert "FAIL TASK-WEAK: TestsModified: the agent changed protected paths: test_calc.py" in out.stdout
     assert git(repo, "branch", "--list", "reactor/*") == ""
@@ -121,7 +122,7 @@ def test_cleanup_after_a_crashed_run(repo, work_dir, config_file):
     with ScriptedModel([Scenario("CRASH", [hang(times=100)])]) as model:
         run = subprocess.Popen([sys.executable, "-m", "reactor.cli", "run", "--task", "CRASH", "--prompt", "CRASH: x",
                                 "--test-cmd", "true", "--opencode-config", config_file(model),
-                                "--port-range", "18600-18700", "--work-dir", str(work_dir)],
+                                "--port-range", port_range("18600-18700"), "--work-dir", str(work_dir)],
                                cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
         deadline = time.monotonic() + 120
@@ -149,7 +150,7 @@ def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, co
     with ScriptedModel([Scenario("CTRL-C", [plant_hanging_filter(), FIX, text("Fixed.")])]) as model:
         run = subprocess.Popen([sys.executable, "-m", "reactor.cli", "run", "--task", "CTRL-C", "--prompt", "CTRL-C: x",
                                 "--test-cmd", f"python3 -m pytest -q && touch {TESTED_MARK}",
-                                "--opencode-config", config_file(model), "--port-range", "18600-18700",
+                                "--opencode-config", config_file(model), "--port-range", port_range("18600-18700"),
                                 "--work-dir", str(work_dir)],
                                cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)

@@ -10,6 +10,7 @@ import pytest
 from reactor_dev.testing.scripted_model import Scenario, edit, text
 from reactor_dev.testing.matrix import Matrix
 from reactor_dev.testing.tasks import condition
+from reactor_dev.testing.workers import port_range
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
@@ -18,7 +19,7 @@ TASKS, LIMIT = 3, 2
 
 
 def test_never_more_cells_than_max_agents_and_the_rest_wait(matrix: Matrix):
-    matrix.start_operator("--port-range", "23400-23500", "--max-agents", str(LIMIT))
+    matrix.start_operator("--port-range", port_range("23400-23500"), "--max-agents", str(LIMIT))
     rows = []
     for i in range(TASKS):
         name = f"cap-{i:02d}"

@@ -14,6 +14,7 @@ from reactor_dev.testing.helpers import wait_for
 from reactor_dev.testing.scripted_model import Scenario, edit, hang, text
 from reactor_dev.testing.matrix import Matrix, Row, held_boot_args, process_alive
 from reactor_dev.testing.tasks import condition
+from reactor_dev.testing.workers import port_range
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
@@ -29,7 +30,7 @@ def hanging(matrix: Matrix, row: Row) -> bool:
 
 @pytest.fixture(scope="module")
 def crash(matrix: Matrix) -> dict:
-    args = ("--port-range", "23300-23400", "--max-agents", "5",
+    args = ("--port-range", port_range("23300-23400"), "--max-agents", "5",
             *held_boot_args(matrix.root, BOOT_HOLD))
     op = matrix.start_operator(*args)
     script = matrix.model.script

@@ -14,12 +14,13 @@ from reactor.infra.processes import find_marked_processes
 from reactor_dev.testing.helpers import wait_for
 from reactor_dev.testing.scripted_model import Scenario, edit, hang, text
 from reactor_dev.testing.matrix import Matrix, Row, held_boot_args, process_alive
+from reactor_dev.testing.workers import port_range
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 FIX = edit("calc.py", "return a - b", "return a + b")
-PORTS = "23200-23300"
+PORTS = port_range("23200-23300")
 
 
 def hanging(matrix: Matrix, row: Row) -> bool:

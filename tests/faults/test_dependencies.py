@@ -12,6 +12,7 @@ from reactor_dev.testing.scripted_model import Scenario, edit, text, wait_for, w
 from reactor_dev.testing.repos import git
 from reactor_dev.testing.matrix import Matrix, Origin, Row
 from reactor_dev.testing.tasks import condition
+from reactor_dev.testing.workers import port_range
 
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
@@ -21,7 +22,7 @@ OTHER_FIX = edit("calc.py", "return a - b", "return b + a")  # the same line, ch
 
 @pytest.fixture(scope="module")
 def graph(matrix: Matrix) -> dict[str, Row]:
-    matrix.start_operator("--port-range", "23400-23500", "--max-agents", "3")
+    matrix.start_operator("--port-range", port_range("23400-23500"), "--max-agents", "3")
     script, origin = matrix.model.script, Origin(matrix.root / "origins", "shared")
     release_a = threading.Event()
     rows: dict[str, Row] = {}

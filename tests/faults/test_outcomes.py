@@ -12,6 +12,7 @@ from reactor.infra.mirrors import mirror_path
 from reactor_dev.testing.scripted_model import Scenario, bash, edit, fail, text
 from reactor_dev.testing.matrix import Matrix, Row
 from reactor_dev.testing.tasks import condition
+from reactor_dev.testing.workers import port_range
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
@@ -23,7 +24,7 @@ MEGABYTES = 20
 
 @pytest.fixture(scope="module")
 def outcomes(matrix: Matrix) -> dict[str, Row]:
-    matrix.start_operator("--port-range", "23100-23200", "--max-agents", "6")
+    matrix.start_operator("--port-range", port_range("23100-23200"), "--max-agents", "6")
     script = matrix.model.script
 
     def row(name: str, steps, **spec) -> Row:

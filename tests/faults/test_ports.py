@@ -9,13 +9,15 @@ import pytest
 from reactor_dev.testing.scripted_model import Scenario, edit, text
 from reactor_dev.testing.matrix import Matrix
 from reactor_dev.testing.tasks import condition
+from reactor_dev.testing.workers import ports
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 
 
 def test_every_port_of_the_range_held_by_other_listeners(matrix: Matrix):
-    low, high = 23500, 23503
+    ours = ports(23500, 23503)  # this test worker's own
+    low, high = ours.start, ours.end
     listeners = []
     try:
         for port in range(low, high):

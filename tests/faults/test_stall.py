@@ -11,6 +11,7 @@ import pytest
 from reactor_dev.testing.scripted_model import Scenario, empty, hang, write
 from reactor_dev.testing.matrix import Matrix, Row
 from reactor_dev.testing.tasks import condition
+from reactor_dev.testing.workers import port_range
 
 # The module's rows run in its fixture, which the first test pays for.
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
@@ -20,7 +21,7 @@ STALL_TIMEOUT = 20  # seconds, counted from the start of the agent's turn
 
 @pytest.fixture(scope="module")
 def stalled(matrix: Matrix) -> dict[str, Row]:
-    matrix.start_operator("--port-range", "23600-23700", "--stall-timeout", f"{STALL_TIMEOUT}s")
+    matrix.start_operator("--port-range", port_range("23600-23700"), "--stall-timeout", f"{STALL_TIMEOUT}s")
     rows = {}
     for name, steps in (("model-hang", [write("notes.txt", "looking at calc.py\n"), hang(times=1000)]),
                         ("model-empty", [empty(times=100000)])):

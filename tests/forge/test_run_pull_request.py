@@ -13,6 +13,7 @@ import pytest
 from reactor.forge import STATUS_CONTEXT
 from reactor_dev.testing.repos import git, make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text
+from reactor_dev.testing.workers import port_range
 
 pytestmark = pytest.mark.opencode
 
@@ -28,7 +29,7 @@ def test_run_opens_the_pull_request_on_the_origin(gitea, tmp_path, work_dir):
         env = {**gitea.git_env(), "REACTOR_FORGE_TOKEN": gitea.token}
         out = subprocess.run([sys.executable, "-m", "reactor.cli", "run", "--task", "CLI-1", "--desc", "Fix add",
                               "--prompt", "CLI-1: fix add() in calc.py", "--opencode-config", str(config),
-                              "--port-range", "18700-18800", "--result", "pr", "--forge", "gitea", "--json",
+                              "--port-range", port_range("18700-18800"), "--result", "pr", "--forge", "gitea", "--json",
                               "--work-dir", str(work_dir)], cwd=repo, env=env, capture_output=True, text=True,
                              timeout=300)
     assert out.returncode == 0, out.stderr

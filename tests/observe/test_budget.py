@@ -11,6 +11,7 @@ from reactor.workflow.control import TaskControl
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Budget, Outcome, Reason, TaskSpec
 from reactor_dev.testing.repos import git, worktrees_of
+from reactor_dev.testing.workers import port_range
 
 pytestmark = pytest.mark.opencode
 
@@ -67,7 +68,7 @@ def test_reactor_run_max_tokens_stops_the_task_and_shows_what_the_agent_did(repo
         out = subprocess.run([sys.executable, "-m", "reactor.cli", "run", "--task", "T-TOK", "--prompt", "T-TOK: notes",
                               "--repo", str(repo), "--test-cmd", "true", "--opencode-config", str(config),
                               "--max-tokens", "100000", "--json", "--work-dir", str(work_dir),
-                              "--port-range", "18000-18500"], capture_output=True, text=True, timeout=300)
+                              "--port-range", port_range("18000-18500")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr
     result = json.loads(out.stdout)
     assert result["reason"] == "BudgetExceeded" and "123000 tokens > maxTokens 100000" in result["message"]

@@ -31,6 +31,7 @@ from reactor_dev.testing.operator_process import free_port, operators
 from reactor_dev.testing.repos import git, make_repo
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text, write
 from reactor_dev.testing.tasks import agent_task, condition, kubectl_ok
+from reactor_dev.testing.workers import port_range
 
 pytestmark = pytest.mark.opencode
 
@@ -130,7 +131,7 @@ def observed(crd_installed, module_namespace, tmp_path_factory):
                         "targetRef": {"kind": "Pod", "name": "reactor-operator", "namespace": namespace}}]},
     ]}))
     kubectl_ok(cluster, "create", "secret", "generic", "team-keys", "-n", namespace, f"--from-literal=TEAM_TOKEN={SECRET}")
-    args = ("--web", f"{ip}:{port}", "--progress-interval", "0.5s", "--max-agents", "4", "--port-range", "19500-19700")
+    args = ("--web", f"{ip}:{port}", "--progress-interval", "0.5s", "--max-agents", "4", "--port-range", port_range("19500-19700"))
     with operators(cluster, namespace, work_dir) as start:
         yield {"cluster": cluster, "namespace": namespace, "start": start, "args": args,
                "operator": start(*args), "url": f"http://{ip}:{port}", "work_dir": work_dir}

@@ -23,6 +23,7 @@ from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, se
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, TaskSpec
 from reactor_dev.testing.repos import git, worktrees_of
+from reactor_dev.testing.workers import port_range
 
 pytestmark = pytest.mark.opencode
 
@@ -136,7 +137,7 @@ def test_reactor_run_parallel_with_an_attacker_beside_a_victim(repo, work_dir, t
         run = subprocess.Popen(
             [sys.executable, "-m", "reactor.cli", "run", "--parallel", "--task", "ATTACKER,VICTIM",
              "--prompt", "ATTACKER: fix add,VICTIM: fix add", "--test-cmd", "python3 -m pytest -q",
-             "--opencode-config", str(config), "--port-range", "18700-18800", "--work-dir", str(work_dir),
+             "--opencode-config", str(config), "--port-range", port_range("18700-18800"), "--work-dir", str(work_dir),
              "--protected-path", str(secret_file), "--json"],
             cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # The attacker learns the Reactor process's PID the way a cell could (its server's parent).
@@ -166,7 +167,7 @@ def test_a_kernel_without_landlock_is_refused_unless_unconfined_is_allowed(repo,
     --allow-unconfined says what it costs on every run and in every result."""
     env = {**os.environ, "REACTOR_LANDLOCK_ABI": "0"}
     base = [sys.executable, "-m", "reactor.cli", "run", "--task", "T", "--prompt", "T: x", "--test-cmd", "true",
-            "--work-dir", str(work_dir), "--port-range", "18700-18800", "--json"]
+            "--work-dir", str(work_dir), "--port-range", port_range("18700-18800"), "--json"]
     refused = subprocess.run(base, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert "cannot confine cells: Landlock unavailable" in refused.stderr and "--allow-unconfined" in refused.stderr

@@ -23,6 +23,7 @@ from reactor_dev.testing.repos import BUGGY_CALC, git
 from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import Outcome, TaskSpec
+from reactor_dev.testing.workers import port_range
 
 pytestmark = pytest.mark.opencode
 
@@ -82,7 +83,7 @@ def test_reactor_runs_git_without_the_users_global_config(repo, work_dir, tmp_pa
         config.write_text(json.dumps(model.opencode_config()))
         run = subprocess.run(
             [sys.executable, "-m", "reactor.cli", "run", "--task", "CONF", "--prompt", "CONF: fix add",
-             "--test-cmd", "python3 -m pytest -q", "--opencode-config", str(config), "--port-range", "18700-18800",
+             "--test-cmd", "python3 -m pytest -q", "--opencode-config", str(config), "--port-range", port_range("18700-18800"),
              "--work-dir", str(work_dir), "--json"],
             cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reactor.infra.ports import PortRange
 from reactor.workflow.engine import EngineSettings
 from reactor.workflow.recovery import RecoveryPolicy
+from reactor_dev.testing.workers import ports
 
-# Ports for test servers: away from the default range a developer's own run may use.
-TEST_PORTS = PortRange(18000, 18500)
 
 
 def engine_settings(work_dir: Path, **overrides) -> EngineSettings:
     values = dict(
         work_dir=work_dir,
-        port_range=TEST_PORTS,
+        # Away from the default range a developer's own run may use; this worker's own.
+        port_range=ports(18000, 18500),
         # Two cores shared with other servers: a cold start can take several seconds.
         health_timeout=60.0,
         recovery=RecoveryPolicy(r3_initial_delay=0.2, boot_delay=0.2),

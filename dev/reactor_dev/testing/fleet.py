@@ -15,6 +15,7 @@ from typing import Any
 
 from reactor.infra.processes import find_marked_processes
 from reactor_dev.testing.helpers import wait_for
+from reactor_dev.testing.workers import port_range
 from reactor_dev.testing.tasks import agent_task
 
 
@@ -24,7 +25,7 @@ def fleet_args(index: int, namespace: str, lease_duration: float, *extra: str) -
     cores, and these runs are about coordination, not start-up speed."""
     first = 18500 + 100 * index
     return ("--fleet", f"--replica-id=r{index}", f"--lease-namespace={namespace}",
-            f"--lease-duration={lease_duration:g}s", f"--port-range={first}-{first + 100}",
+            f"--lease-duration={lease_duration:g}s", f"--port-range={port_range(f'{first}-{first + 100}')}",
             "--health-timeout=90s", *extra)
 
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from reactor.infra.cellrecords import verify
 from reactor.infra.cleanup import cleanup_leftovers
-from reactor.infra.ports import PortRange
 from reactor.infra.processes import find_marked_processes
 from reactor.workflow.engine import Engine, EngineSettings
 from reactor.workflow.tcr import run_task
 from reactor.workflow.types import PhaseEvent, TaskResult, TaskSpec
+from reactor_dev.testing.workers import ports
 
-PORTS = PortRange(18000, 18500)
+PORTS = ports(18000, 18500)  # runs as a script: the worker's name comes in its environment
 
 
 class KillableRun:

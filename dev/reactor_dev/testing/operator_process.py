@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from reactor_dev.testing.helpers import free_port, wait_for
+from reactor_dev.testing.workers import port_range
 
 START_TIMEOUT = 180.0
 
@@ -32,7 +33,7 @@ class OperatorProcess:
         # The identity the operator runs as: the cluster's admin unless given (e.g. a
         # ServiceAccount's, minted with cluster.kubeconfig_for).
         self.kubeconfig = Path(kubeconfig) if kubeconfig is not None else Path(cluster.kubeconfig_path)
-        self.extra_args = extra_args
+        self.extra_args = extra_args  # a --port-range among them: the caller's, shifted with workers.port_range
         self.process: subprocess.Popen | None = None
         self.log_path = work_dir / "operator.log"
         self._api = None
@@ -43,7 +44,7 @@ class OperatorProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "reactor.cli", "operator", "--namespace", self.namespace,
-                 "--work-dir", str(self.work_dir), "--port-range", "18500-19000",
+                 "--work-dir", str(self.work_dir), "--port-range", port_range("18500-19000"),  # this test worker's own
                  "--liveness", f"http://127.0.0.1:{port}/healthz", *self.file_url_args, *self.extra_args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )

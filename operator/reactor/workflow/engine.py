@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 
 
-def light_cell_env() -> dict[str, str]:
-    """Environment that makes each cell's `opencode serve` lighter, in one place (measured with
-    bench/cell_memory.py; see docs/opencode-api.md). opencode is a Bun program: JavaScriptCore
-    sizes its heap from the machine's RAM, so on a big node every cell grows a big heap.
-    Telling it the machine has 256 MiB makes it collect sooner."""
-    return {"BUN_JSC_forceRAMSize": str(256 * MiB)}
-
-
 CELL_PERMISSIONS = {
     "read": "allow", "edit": "allow", "glob": "allow", "grep": "allow", "list": "allow", "bash": "allow",
     "task": "allow", "todowrite": "allow", "lsp": "allow", "skill": "allow", "webfetch": "allow",
@@ -85,8 +77,11 @@ class EngineSettings:
     stall_timeout: float = 300.0
     # The CLI hands its own environment to servers (the user's API keys); the operator does not.
     inherit_env: bool = True
-    # Added to every server's environment (below the task's own variables).
-    server_env: dict[str, str] = field(default_factory=light_cell_env)
+    # Added to every server's environment (below the task's own variables). None by default:
+    # capping JavaScriptCore's heap (BUN_JSC_forceRAMSize=256 MiB) saved 15% of a cell's
+    # memory but kept its collector busy, 15% of a core per idle cell against 1% without
+    # (bench/cell_memory.py): on a node CPU runs out long before memory does.
+    server_env: dict[str, str] = field(default_factory=dict)
     # Memory-aware admission: a cell starts only while the memory limit minus the working set
     # covers a cell's peak. memory_limit None = the cgroup's limit (none: --max-agents alone);
     # a number simulates a smaller limit. cell_memory = a cell's peak until a larger is measured.
