@@ -238,7 +238,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     try:
         try:
             async with time_box, control.guard() as stops:
-                files = await _test(spec, cell, phases, result, origin)
+                files = await _test(spec, cell, phases, result, origin, control)
                 await stops.close()  # a change that passed its tests is kept: stop requests end here
         except TimeoutError:
             if not time_box.expired():
@@ -315,7 +315,8 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
         await _push(spec, origin, phases, result)
 
 
-async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult, origin: Origin | None) -> list[str]:
+async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult, origin: Origin | None,
+                control: TaskControl) -> list[str]:
     """Bootstrapping, Executing, Testing. Returns the changed paths when the tests pass;
     raises TaskFailed (or a boot/input error) otherwise."""
     policy = cell.engine.settings.recovery
@@ -346,6 +347,7 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
         result.resumed = cell.resumed or "restarted"
         if result.resumed == "reattached":  # the agent's turn goes on: follow it, say nothing
             cell.following = True
+            control.catch_up(await _usage(cell))  # what it spent while no operator watched
         else:
             done = ", ".join(await _changed_files(cell)) or "none"
             cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
