@@ -285,7 +285,7 @@ def test_get_agenttasks_shows_the_printer_columns(crd_installed, namespace):
 
     wide = ok(crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide")).splitlines()
     assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "WAITING-ON", "AGE", "ACTIVITY", "TOKENS", "PORT",
-                               "REASON", "REPLICA", "CLAIMED", "PR"]
+                               "REASON", "REPLICA", "CLAIMED", "PR", "DEPENDS-ON"]
     row = wide[1].split()
     assert row[:5] == ["fix-add", "Succeeded", "committed", "0123456", "$0.0123"]
     assert row[-4:] == ["idle", "4100", "20001", "Committed"]

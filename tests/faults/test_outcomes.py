@@ -20,11 +20,17 @@ pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(1200)]
 FIX = edit("calc.py", "return a - b", "return a + b")
 WRONG_FIX = edit("calc.py", "return a - b", "return a * b")
 MEGABYTES = 20
+FORGE_TOKEN = "forge-t0ken-of-the-operator"
 
 
 @pytest.fixture(scope="module")
 def outcomes(matrix: Matrix) -> dict[str, Row]:
-    matrix.start_operator("--port-range", port_range("23100-23200"), "--max-agents", "6")
+    # The operator's default forge token, a Secret in the tenant's namespace (as deployed).
+    out = matrix.cluster.kubectl("create", "secret", "generic", "forge-token", "-n", matrix.namespace,
+                                 f"--from-literal=token={FORGE_TOKEN}")
+    assert out.returncode == 0, out.stderr
+    matrix.start_operator("--port-range", port_range("23100-23200"), "--max-agents", "6",
+                          "--forge-token-secret", "forge-token")
     script = matrix.model.script
 
     def row(name: str, steps, **spec) -> Row:
@@ -47,6 +53,9 @@ def outcomes(matrix: Matrix) -> dict[str, Row]:
         row("foreign-mirror", [], repository={"url": f"file://{matrix.root}/origins/shared.git"}),
         row("bad-branch", [], repository={"branch": "develop"}),
         row("no-secret", [], repository={"credentialsSecretRef": {"name": "missing-credentials"}}),
+        # A task naming the operator's forge token for its own cell (the second review).
+        row("forge-token-env", [], agent={"config": matrix.model.opencode_config(),
+                                          "envFrom": [{"secretRef": {"name": "forge-token"}}]}),
         # The agent makes the test pass by changing the test.
         row("protect", [edit("test_calc.py", "== 5", "== -1"), text("Done.")],
             test={"command": "python3 -m pytest -q", "protect": ["test_*.py"]}),
@@ -185,6 +194,16 @@ def test_a_credentials_secret_that_does_not_exist(outcomes, matrix):
     assert (phase, reason) == ("Failed", "InvalidInput")
     assert message == (f"spec.repository.credentialsSecretRef: secret 'missing-credentials' not found in "
                        f"namespace {matrix.namespace}")
+    matrix.assert_nothing_left(row, pushed=False)
+
+
+def test_a_task_cannot_have_the_operators_forge_token_in_its_cell(outcomes, matrix):
+    row = outcomes["forge-token-env"]
+    phase, reason, message = verdict(row)
+    assert (phase, reason) == ("Failed", "InvalidInput")
+    assert message == ("spec.agent.envFrom: secret 'forge-token' is the operator's forge token "
+                       "(--forge-token-secret), which never reaches a task's cell or git")
+    assert FORGE_TOKEN not in json.dumps(row.final)
     matrix.assert_nothing_left(row, pushed=False)
 
 

@@ -55,3 +55,43 @@ def test_an_ssh_key_reaches_ssh_through_memory_only(tmp_path):
         assert public.stdout.split()[:2] == (tmp_path / "id.pub").read_text().split()[:2], public.stderr
         assert set(os.listdir(tempfile.gettempdir())) == before, "the key was written to the temp dir"
     assert all(not os.path.exists(f"/proc/self/fd/{fd}") for fd in auth.fds), "closed afterwards"
+
+
+GREEN = "refs/reactor/green/uid-1"
+
+
+async def test_a_green_record_is_found_by_another_replica_only_when_it_descends_from_the_start(tmp_path):
+    """A fleet replica records its green commit in the repository (refs/reactor/green/<uid>);
+    an adopter with its own mirror (its own volume) finds it there, fetched as objects only,
+    and only when it descends from the commit the lost run started from: a ref someone else
+    moved to another history is not built on. The record goes when the task ends."""
+    from reactor.workflow.origin import MirrorOrigin
+
+    origin = make_repo(tmp_path / "origin")
+    url, start = f"file://{origin}", git(origin, "rev-parse", "main")
+    lost = RepositoryMirrors(tmp_path / "lost" / "mirrors", RepositoryPolicy(tmp_path / "lost", (tmp_path,)))
+    adopter = RepositoryMirrors(tmp_path / "adopter" / "mirrors", RepositoryPolicy(tmp_path / "adopter", (tmp_path,)))
+    recording = MirrorOrigin(lost, "team", url, green_ref=GREEN)
+    await recording.fetch()
+    tree = git(recording.path, "rev-parse", "main^{tree}")
+    green = git(recording.path, "commit-tree", tree, "-p", start, "-m", "Task t1: green, not pushed yet")
+    await recording.record_green(green)
+    assert git(origin, "rev-parse", GREEN) == green
+    assert not git_ok(origin, "rev-parse", "--verify", "refs/heads/reactor/t1"), "a record, not a result"
+
+    finding = MirrorOrigin(adopter, "team", url, green_ref=GREEN)
+    assert await finding.find_green(start) == green
+    assert git_ok(finding.path, "cat-file", "-e", green), "in the adopter's own mirror now"
+    assert await finding.find_green(green) is None, "nothing beyond the start: nothing to resume from"
+    # Someone who may push to the repository moves the record to a commit of another history.
+    planted = git(origin, "commit-tree", tree, "-m", "unrelated root")
+    git(origin, "update-ref", GREEN, planted)
+    assert await MirrorOrigin(adopter, "team", url, green_ref=GREEN).find_green(start) is None
+    # The task ends: its record goes, from the repository and the mirror.
+    await finding.forget_green()
+    assert not git_ok(origin, "rev-parse", "--verify", GREEN)
+    assert not git_ok(finding.path, "rev-parse", "--verify", GREEN)
+    # One replica keeps no record: its mirror, on its own volume, holds the commit.
+    single = MirrorOrigin(lost, "team", url)
+    await single.record_green(green)
+    assert await single.find_green(start) is None and not git_ok(origin, "rev-parse", "--verify", GREEN)

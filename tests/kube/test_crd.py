@@ -76,7 +76,7 @@ def test_spec_is_immutable_and_reapplying_the_same_manifest_changes_nothing(crd_
 
 
 def test_printer_columns(crd_installed, namespace):
-    assert kubectl_apply(crd_installed, namespace, agent_task("cols")).returncode == 0
+    assert kubectl_apply(crd_installed, namespace, agent_task("cols", dependsOn=["add-api"])).returncode == 0
     status = {"status": {"phase": "Succeeded", "result": {"outcome": "committed", "shortCommit": "abc1234"},
                          "usage": {"cost": 0.0123, "costDisplay": "$0.0123"}, "cell": {"port": 8001},
                          "progress": {"costDisplay": "$0.0123", "activity": "idle", "totalTokens": 900},
@@ -89,5 +89,7 @@ def test_printer_columns(crd_installed, namespace):
     assert table[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "WAITING-ON", "AGE"]
     assert table[1].split()[:6] == ["cols", "Succeeded", "committed", "abc1234", "$0.0123", "add-api"]
     wide = crd_installed.kubectl("get", "-n", namespace, "agenttasks", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "WAITING-ON", "AGE", "ACTIVITY", "TOKENS", "PORT", "REASON", "REPLICA", "CLAIMED", "PR"]
-    assert wide[1].split()[-4:] == ["idle", "900", "8001", "Committed"]
+    assert wide[0].split() == ["NAME", "PHASE", "RESULT", "COMMIT", "COST", "WAITING-ON", "AGE", "ACTIVITY", "TOKENS",
+                               "PORT", "REASON", "REPLICA", "CLAIMED", "PR", "DEPENDS-ON"]
+    # Who it builds on stays visible once it no longer waits (-o wide).
+    assert wide[1].split()[-5:] == ["idle", "900", "8001", "Committed", '["add-api"]']

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,9 +23,11 @@ import pytest
 
 from reactor.infra.processes import find_marked_processes
 from reactor_dev.testing.fleet import (
+    BranchPushHold,
     all_terminal,
     apply_all,
     conversations,
+    first_prompt,
     fix_task,
     fleet_args,
     kill_pod,
@@ -33,7 +36,7 @@ from reactor_dev.testing.fleet import (
     wait_until,
 )
 from reactor_dev.testing.operator_process import operators
-from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, text, write
 from reactor_dev.testing.repos import git, make_repo
 
 # Several replicas and up to six cells at once on a small machine: more than the default 5 minutes.
@@ -181,6 +184,93 @@ def test_a_killed_replicas_tasks_are_adopted_and_finish(replica, crd_installed, 
     for survivor in (replicas[0], replicas[2]):
         assert find_marked_processes(str(survivor.work_dir.resolve())) == []
     print(f"\nreplica killed -> its {len(held)} task(s) claimed elsewhere: {failover:.1f}s (Lease {LEASE}s)")
+
+
+RESUMED = "lost before it was published"  # in the prompt of a session started from a lost run's green commit
+
+
+def test_a_replica_lost_after_a_green_commit_is_resumed_from_it_and_a_dependent_starts_elsewhere_at_its_parents_result(
+        replica, crd_installed, namespace, origin, tmp_path):
+    """r0 runs fo-p, then fo-g and fo-h (on a repository of its own: a push held in a hook
+    holds its mirror's lock), whose tests pass: r0 records each green commit in the
+    origin (refs/reactor/green/<uid>) and is SIGKILLed while fo-g's push is held before the
+    branch moves (the commit reaches no branch) and fo-h's after (it landed; no verdict was
+    written). r1 (its own volume: none of r0's mirror) adopts fo-g and starts a fresh session
+    from its recorded commit (tested again, one push), finds fo-h's push landed (no cell, no
+    second push), and runs fo-d, which depends on fo-p, at the result commit r0 pushed for fo-p."""
+    hold, other = BranchPushHold(origin), make_repo(tmp_path / "origin-h")
+    hold_h = BranchPushHold(other)
+    main = git(origin, "rev-parse", "main")
+    scenarios = [Scenario(RESUMED, [text("The change is complete; nothing is missing.")]),  # first match wins
+                 *[Scenario(f"{name}:", [FIX, text("Fixed.")]) for name in ("fo-p", "fo-g", "fo-h")],
+                 Scenario("fo-d:", [write("NOTES.md", "add() adds since fo-p\n"), text("Noted.")])]
+    with ScriptedModel(scenarios) as model:
+        r0 = replica(0, "--max-agents=2")
+        apply_all(crd_installed, namespace, [manifest("fo-p", origin, model)])
+        parent = wait_until(lambda: (all_terminal(crd_installed, namespace, 1) or {}).get("fo-p"), 240, "fo-p done",
+                            r0.log)
+        hold.hold("reactor/fo-g")
+        hold_h.hold("reactor/fo-h", landed=True)
+        apply_all(crd_installed, namespace, [manifest("fo-g", origin, model), manifest("fo-h", other, model)])
+        wait_until(lambda: hold.arrived("reactor/fo-g") and hold_h.arrived("reactor/fo-h"), 300, "both pushes held",
+                   r0.log)
+        child = manifest("fo-d", origin, model)
+        child["spec"]["dependsOn"] = ["fo-p"]
+        apply_all(crd_installed, namespace, [child])  # r0's two slots are fo-g's and fo-h's: it waits
+        lost = tasks(crd_installed, namespace)
+        green_refs = {n: f"refs/reactor/green/{lost[n]['metadata']['uid']}" for n in ("fo-g", "fo-h")}
+        recorded = ref_of(origin, green_refs["fo-g"])
+        kill_pod(r0)
+        hold.release("reactor/fo-g")
+        hold_h.release("reactor/fo-h")
+        assert recorded and not ref_of(origin, "refs/heads/reactor/fo-g"), "recorded, pushed to no branch"
+        landed = lost["fo-h"]["status"]["result"]["commit"]
+        assert ref_of(other, "refs/heads/reactor/fo-h") == landed, "fo-h's push landed before r0 died"
+        r1 = replica(1, "--max-agents=1")
+        objs = wait_until(lambda: all_terminal(crd_installed, namespace, 4), 400, "all terminal", r1.log)
+        requests = model.requests
+
+    assert {n: o["status"]["phase"] for n, o in objs.items()} == dict.fromkeys(objs, "Succeeded"), \
+        {n: o["status"].get("message") for n, o in objs.items()}
+    # The lost run had committed and recorded G; its status named it at Pushing.
+    assert lost["fo-g"]["status"]["phase"] == "Pushing" and lost["fo-g"]["status"]["result"]["commit"] == recorded
+    status = objs["fo-g"]["status"]
+    result = status["result"]
+    assert status["claim"]["replica"] == "r1" and status["attempts"] == 2
+    assert result["resumed"] == "restarted" and result["resumedFrom"] == recorded
+    assert f"resumed from {recorded[:12]}" in status["message"] and "tokens" in status["message"]
+    # One commit on the start, holding what was tested: G's change (the agent added nothing).
+    assert result["startCommit"] == main and git(origin, "rev-parse", f"{result['commit']}^") == main
+    assert git(origin, "rev-parse", f"{result['commit']}^{{tree}}") == git(origin, "rev-parse", f"{recorded}^{{tree}}")
+    assert pushes(origin, "reactor/fo-g") == [result["commit"]], "one push: the adopter's"
+    wait_until(lambda: not ref_of(origin, green_refs["fo-g"]) and not ref_of(other, green_refs["fo-h"]), 30,
+               "the records deleted once the verdicts are written")
+    # fo-h: its push had landed; the adopter resumed at the push, which found it there.
+    landed_status = objs["fo-h"]["status"]
+    assert landed_status["claim"]["replica"] == "r1" and landed_status["result"]["commit"] == landed
+    assert landed_status["result"]["pushed"] is True and pushes(other, "reactor/fo-h") == [landed], "pushed once"
+    # Counted with the model: the adopter's one fresh session had one turn, from a prompt
+    # naming the recorded commit and its files; no tool call of the lost run was made again.
+    resumed = [r for r in requests if r.get("scenario") == RESUMED]
+    assert len({r["workdir"] for r in resumed}) == 1 and len(resumed) == 1, len(resumed)
+    assert recorded[:12] in first_prompt(resumed[0]) and "calc.py" in first_prompt(resumed[0])
+    lost_run = [r for r in requests if r.get("scenario") == "fo-g:"]
+    adopters = [r for r in requests if r.get("scenario") in ("fo-g:", "fo-h:")
+                and (r["workdir"] or "").startswith(str(r1.work_dir.resolve()))]
+    assert lost_run and not adopters, "the adopter ran neither task again from its prompt"
+    # fo-d: claimed by another replica than its parent, at the parent's result commit (pushed by r0).
+    assert parent["status"]["claim"]["replica"] == "r0" and objs["fo-d"]["status"]["claim"]["replica"] == "r1"
+    child = objs["fo-d"]["status"]["result"]
+    assert child["startCommit"] == parent["status"]["result"]["commit"]
+    assert git(origin, "rev-parse", f"{child['commit']}^") == parent["status"]["result"]["commit"]
+    print(f"\nfailover from a green commit: the adopter made {len(resumed)} model call(s), "
+          f"the lost run {len(lost_run)}; status: {status['message']}")
+
+
+def ref_of(repo: Path, name: str) -> str:
+    """The commit ``name`` names in ``repo``; empty when there is no such ref."""
+    return subprocess.run(["git", "rev-parse", "--verify", "--quiet", name], cwd=repo, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def lease_holder(cluster, namespace: str, replica: str) -> str | None:

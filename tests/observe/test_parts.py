@@ -10,7 +10,7 @@ import json
 from reactor.opencode.events import EventDecoder, StepFinished, Streaming, TextDone, ToolUpdate
 from reactor.observe.fleet import SpendLedger
 from reactor.observe.progress import ProgressTracker
-from reactor.observe.redact import Redactor
+from reactor.redact import Redactor
 from reactor.observe.transcript import TranscriptStore
 from reactor.kube.progress import ProgressPublisher
 from reactor.workflow.control import TaskControl

@@ -97,3 +97,38 @@ async def test_the_admission_check_holds_a_dependent_until_its_parent_changes_th
     check.saw("DELETED", body("a"))
     assert check.blocked(ref, child) is None and check.decision(ref, child).verdict is Verdict.FAIL
     assert check.blocked(TaskRef.from_body(body("c")), body("c")) is None, "no dependsOn: never held"
+
+
+async def test_the_fleet_page_shows_who_waits_on_whom(tmp_path):
+    """Every replica sees every task's changes: the page's JSON gives each task of the graph
+    its dependencies, those it still waits for and why; the page has the column for them.
+    A change seen late never moves a task's phase back."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from reactor.observe.observation import Observatory
+    from reactor.observe.web import build_app
+
+    observatory = Observatory(tmp_path / "transcripts")
+    check = DependencyCheck(observatory.views)
+    check.saw(None, body("a", "Executing"))
+    waiting = body("c", "Pending", depends_on=["a", "b"])
+    waiting["status"].update(waitingOn="a", message="waiting for a to succeed",
+                             conditions=[{"type": "Succeeded", "reason": "DependenciesPending"}])
+    check.saw(None, body("b", "Succeeded", commit="b" * 40))
+    check.saw(None, waiting)
+    async with TestClient(TestServer(build_app(observatory))) as client:
+        listed = {t["name"]: t for t in (await (await client.get("/api/v1/tasks")).json())["tasks"]}
+        page = await (await client.get("/")).text()
+        script = await (await client.get("/static/app.js")).text()
+    assert set(listed) == {"c"}, "tasks outside the graph are shown by the runs that ran them"
+    assert listed["c"]["depends_on"] == ["a", "b"] and listed["c"]["waiting_on"] == ["a"]
+    assert (listed["c"]["phase"], listed["c"]["reason"]) == ("Pending", "DependenciesPending")
+    assert listed["c"]["message"] == "waiting for a to succeed"
+    assert "<th>Depends on</th>" in page and 'id="detail-deps"' in page
+    assert "task.waiting_on" in script and "task.depends_on" in script
+
+    started = body("c", "Executing", depends_on=["a", "b"])
+    check.saw(None, started)
+    check.saw(None, waiting)  # an older version of the object, seen late
+    view = observatory.views.get("team", "c")
+    assert view is not None and (view.phase, view.waiting_on, view.depends_on) == ("Executing", [], ["a", "b"])

@@ -69,7 +69,7 @@ def test_reactor_logs_shows_the_pull_request():
 
 def test_the_task_secrets_are_masked_in_what_the_pr_says():
     from reactor.kube.pullrequests import _redact_facts
-    from reactor.observe.redact import Redactor
+    from reactor.redact import Redactor
 
     key = "sk-live-0123456789abcdef"
     facts = PullRequestFacts(task="ns/t", title="Task t: x", commit="c" * 40, branch="reactor/t", base="main",

@@ -12,7 +12,7 @@ from kubernetes import client as k8s
 
 from reactor.kube.fleet import FleetSettings, LeaseView, ReplicaLeases
 from reactor.infra.cellrecords import CellRecord, LiveCell
-from reactor.kube.ownership import MAX_ATTEMPTS, FleetOwnership, SingleReplica, restart_plan
+from reactor.kube.ownership import MAX_ATTEMPTS, FleetOwnership, SingleReplica, green_start, restart_plan
 from reactor.kube.resource import AgentTaskStatus, TaskRef
 
 LEASE = 15.0
@@ -244,6 +244,27 @@ async def test_an_adopted_task_runs_from_the_start_and_only_our_own_cells_are_re
         "the lost replica's commit lived in its own volume"
     plan = await owner.plan(REF, AgentTaskStatus.of(body(claimed_by("r1.before", phase="Executing", attempts=1))))
     assert reaper.calls == [False] and plan.attempt == 2
+
+
+START = "5" * 40
+
+
+@pytest.mark.parametrize(("found", "resume", "looks_from"), [
+    ({"phase": "Pushing", "attempts": 1, "result": {"startCommit": START, "commit": "6" * 40}}, "reattach", START),
+    ({"phase": "Committing", "attempts": 1, "cell": {"startCommit": START}}, "reattach", START),
+    ({"phase": "Testing", "attempts": 1, "cell": {"startCommit": START}}, "reattach", None),  # not green yet
+    ({"phase": "Pushing", "attempts": 1, "result": {"startCommit": START}}, "restart", None),  # told to start over
+    ({"phase": "Pushing", "attempts": MAX_ATTEMPTS, "result": {"startCommit": START}}, "reattach", None),  # gives up
+    ({"phase": "Committing", "attempts": 1}, "reattach", None),  # where it started is not known
+])
+async def test_an_adopter_looks_for_a_green_record_only_where_the_lost_run_may_have_made_one(found, resume, looks_from):
+    """A lost run records its green commit after the tests passed (Committing, Pushing); the
+    adopter looks for it from the commit that run started from, as the status recorded it."""
+    task = status(**claimed_by("r0.aa", **found))
+    assert green_start(task, resume) == looks_from
+    plan = await fleet("r1").plan(REF, task, resume)
+    assert plan.green_start == looks_from and plan.resume_commit is None
+    assert plan.give_up is not None if found["attempts"] == MAX_ATTEMPTS else plan.attempt == 2
 
 
 class InMemoryTask(ReplicaLeases):

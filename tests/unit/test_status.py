@@ -51,8 +51,10 @@ def test_result_usage_and_cell_builders():
     result = result_status(committed(test_output_tail="y" * 3000))
     assert result["shortCommit"] == "aaaaaaa" and result["pushed"] is True and len(result["testOutputTail"]) == 2000
     assert usage_status(committed())["costDisplay"] == "$0.0123"
-    cell = cell_status(CellInfo(port=8001, worktree="/w", server_pid=42, session_id="ses"), REF.cell_id)
-    assert cell == {"port": 8001, "worktree": "/w", "serverPid": 42, "sessionId": "ses", "cellId": "ns.fix-add.01234567"}
+    cell = cell_status(CellInfo(port=8001, worktree="/w", server_pid=42, session_id="ses", start_commit="b" * 40),
+                       REF.cell_id)
+    assert cell == {"port": 8001, "worktree": "/w", "serverPid": 42, "sessionId": "ses", "cellId": "ns.fix-add.01234567",
+                    "startCommit": "b" * 40}
 
 
 async def test_one_write_and_one_event_per_phase_in_order_and_nothing_after_the_verdict():

@@ -93,3 +93,56 @@ def kill_pod(replica) -> None:
         except ProcessLookupError:
             pass
     replica.process.wait()
+
+
+class BranchPushHold:
+    """Hooks in a test origin (a repository of ``reactor_dev.testing.repos``) that hold a push
+    of a branch where a replica can be killed: ``hold(branch)`` before the branch moves (in
+    pre-receive; declined once released, so the push lands nowhere), ``hold(branch,
+    landed=True)`` after it moved (in post-receive: the push landed, the pusher has not heard
+    yet). ``arrived(branch)`` says the push is there. Pushes of other refs (Reactor's
+    refs/reactor/*) pass at once."""
+
+    def __init__(self, origin: Path):
+        self.dir = Path(origin) / ".git" if (Path(origin) / ".git").is_dir() else Path(origin)
+        for hook, stage, after_release in (("pre-receive", "before", 'echo "held push declined" >&2; exit 1'),
+                                           ("post-receive", "after", "")):
+            path = self.dir / "hooks" / hook
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"""#!/bin/sh
+while read old new ref; do
+    case "$ref" in refs/heads/*) ;; *) continue ;; esac
+    name=$(printf '%s' "${{ref#refs/heads/}}" | tr / _)
+    if [ -e "{self.dir}/{stage}-$name" ]; then
+        touch "{self.dir}/arrived-$name"
+        while [ -e "{self.dir}/{stage}-$name" ]; do sleep 0.05; done
+        {after_release}
+    fi
+done
+""")
+            path.chmod(0o755)
+
+    def _flag(self, prefix: str, branch: str) -> Path:
+        return self.dir / f"{prefix}-{branch.replace('/', '_')}"
+
+    def hold(self, branch: str, landed: bool = False) -> None:
+        self._flag("after" if landed else "before", branch).touch()
+
+    def arrived(self, branch: str) -> bool:
+        return self._flag("arrived", branch).exists()
+
+    def release(self, branch: str) -> None:
+        for stage in ("before", "after"):
+            self._flag(stage, branch).unlink(missing_ok=True)
+
+
+def first_prompt(request: dict) -> str:
+    """The first user message of a logged model request (the task's prompt, as the cell's
+    session got it)."""
+    for message in (request.get("body") or {}).get("messages") or []:
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return str(content or "")
+    return ""

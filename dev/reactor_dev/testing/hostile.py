@@ -10,14 +10,15 @@ from pathlib import Path
 
 def hostile_git_config(home: Path, marker: Path) -> Path:
     """A home dir whose ~/.gitconfig (and XDG git config) would run ``touch marker`` from a
-    filter on every file, a hook, fsmonitor, a pager and an alias, if git read it."""
+    filter on every file, a merge driver, a hook, fsmonitor, a pager and an alias, if git
+    read it."""
     touch = f"touch {shlex.quote(str(marker))}"
     hooks = home / "hooks"
     hooks.mkdir(parents=True, exist_ok=True)
     for hook in ("post-checkout", "pre-commit", "post-commit", "reference-transaction", "pre-push"):
         (hooks / hook).write_text(f"#!/bin/sh\n{touch}\n")
         (hooks / hook).chmod(0o755)
-    (home / "attributes").write_text("* filter=owned diff=owned\n")
+    (home / "attributes").write_text("* filter=owned diff=owned merge=owned\n")
     config = f"""[core]
 \tattributesFile = {home / "attributes"}
 \thooksPath = {hooks}
@@ -30,6 +31,8 @@ def hostile_git_config(home: Path, marker: Path) -> Path:
 \trequired = false
 [diff "owned"]
 \ttextconv = {touch}; cat
+[merge "owned"]
+\tdriver = {touch}; true
 [alias]
 \tstatus = !{touch}
 """

@@ -90,6 +90,7 @@ class Step:
     times: int = 1
     usage: tuple[int, int] = DEFAULT_USAGE
     retry_after: float | None = None
+    message: str | None = None  # fail: the error's text
     delay: float = 0.0  # seconds the model "thinks" before answering (a slow model)
     event: threading.Event | None = field(default=None, compare=False)
     delay: float = 0.0  # seconds the server waits before answering (holds the request open)
@@ -138,14 +139,16 @@ def text(content: str, *, usage: tuple[int, int] = DEFAULT_USAGE, delay: float =
     return Step("text", content=content, usage=usage, delay=delay, together=together)
 
 
-def fail(status: int = 500, times: int = 1, *, retry_after: float | None = None) -> Step:
+def fail(status: int = 500, times: int = 1, *, retry_after: float | None = None, message: str | None = None) -> Step:
     """Answer with HTTP ``status`` ``times`` times, then continue with the next step.
+
+    ``message``: the error's text (a real provider's 401 quotes the key it was given).
 
     ``retry_after`` (seconds) adds ``retry-after-ms``/``retry-after`` headers, which
     OpenCode honours for its own retry delay (default backoff: about 2, 4, 8, 16, 32 s)."""
     if times < 1:
         raise ValueError("times must be >= 1")
-    return Step("fail", status=status, times=times, retry_after=retry_after)
+    return Step("fail", status=status, times=times, retry_after=retry_after, message=message)
 
 
 def hang(times: int = 1) -> Step:
@@ -516,7 +519,8 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["retry-after"] = str(max(0, round(step.retry_after)))
             self._send_json(
                 step.status,
-                {"error": {"message": f"scripted failure ({step.status})", "type": "scripted_error", "code": step.status}},
+                {"error": {"message": step.message or f"scripted failure ({step.status})", "type": "scripted_error",
+                           "code": step.status}},
                 headers,
             )
         elif decision.kind == "hang":

@@ -3,6 +3,7 @@ answers mapped onto ForgeUnavailable / ForgeRefused."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -10,6 +11,10 @@ import httpx
 from reactor.forge.types import ForgeRefused, ForgeUnavailable, HeadOutOfDate, NotMergeable
 
 TIMEOUT = httpx.Timeout(20.0, connect=5.0)
+# The forge is a host the tenant names: its answer is read up to this many bytes (decoded),
+# within this many seconds in all (httpx's read timeout is per chunk), never to its end.
+MAX_ANSWER = 1 << 20
+ANSWER_DEADLINE = 60.0
 
 
 class ForgeHTTP:
@@ -39,8 +44,9 @@ class ForgeHTTP:
         caller to read as "none"); raises otherwise."""
         self.calls += 1
         try:
-            response = await self._client.request(method, f"{self.api_url}{path}", json=json, params=params)
-        except httpx.HTTPError as exc:  # connection refused, timeout, reset
+            response = await asyncio.wait_for(self._bounded(method, f"{self.api_url}{path}", json, params),
+                                              ANSWER_DEADLINE)
+        except (httpx.HTTPError, asyncio.TimeoutError) as exc:  # connection refused, timeout, reset
             raise ForgeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         if response.status_code in ok or response.status_code == 404 and method == "GET":
             return response
@@ -48,6 +54,20 @@ class ForgeHTTP:
         if response.status_code >= 500 or response.status_code == 429:
             raise ForgeUnavailable(message)
         raise ForgeRefused(message, response.status_code)
+
+    async def _bounded(self, method: str, url: str, json: Any, params: dict | None) -> httpx.Response:
+        """The answer, its body read up to MAX_ANSWER bytes (ForgeRefused past that)."""
+        async with self._client.stream(method, url, json=json, params=params) as streamed:
+            body = bytearray()
+            async for chunk in streamed.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    raise ForgeRefused(f"{method} {url}: the forge's answer is larger than {MAX_ANSWER} bytes",
+                                       streamed.status_code)
+        # Decoded already: a new response without the encoding headers, holding the body.
+        headers = [(k, v) for k, v in streamed.headers.items()
+                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        return httpx.Response(streamed.status_code, headers=headers, content=bytes(body), request=streamed.request)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -32,6 +32,10 @@ from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused, r
 from reactor.infra.worktrees import ResultRejected, file_lock, repository_lock, safe_component
 
 log = logging.getLogger(__name__)
+# A clone or fetch whose caller gives no deadline (the merge queue's), and every push, ends
+# after this many seconds: a remote that never answers must not hold an operator thread (and
+# a push, the task's capacity slot) forever.
+FETCH_DEADLINE = 900.0
 
 _ASKPASS = """#!/bin/sh
 case "$1" in
@@ -110,6 +114,7 @@ class RepositoryMirrors:
         Branches are fetched into refs/heads/* (without --prune, so result branches that live
         only here survive); the base branch therefore always names the remote's tip."""
         clone_url = self.policy.clone_url(url)
+        until = time.monotonic() + FETCH_DEADLINE if until is None else until
         path = self.path_for(namespace, url)
         creds = credentials or GitCredentials()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +160,42 @@ class RepositoryMirrors:
             if expected is not None and git(mirror, "rev-parse", f"refs/heads/{branch}") != expected:
                 raise ResultRejected(f"branch {branch} is not at the tested commit {expected[:12]}")
             git(mirror, "push", "--quiet", "origin", f"refs/heads/{branch}:refs/heads/{branch}", env=auth.env,
-                pass_fds=auth.fds)
+                pass_fds=auth.fds, timeout=FETCH_DEADLINE)
+
+    def push_record(self, mirror: Path, commit: str | None, ref: str,
+                    credentials: GitCredentials | None = None) -> None:
+        """Set ``ref`` (a ref of Reactor's own namespace, refs/reactor/...) in the repository
+        to ``commit`` of the mirror, or delete it (``commit`` None). Forced: the ref is
+        Reactor's record, never a branch anyone builds on. Deleting a ref that is not there
+        is no error."""
+        if not ref.startswith("refs/reactor/"):
+            raise ValueError(f"{ref}: not a ref of Reactor's namespace")
+        creds = credentials or GitCredentials()
+        with creds.environment() as auth, repository_lock(mirror):
+            if commit is None:
+                remote = git(mirror, "ls-remote", "origin", ref, env=auth.env, pass_fds=auth.fds,
+                             timeout=FETCH_DEADLINE)
+                if remote:
+                    git(mirror, "push", "--quiet", "origin", f":{ref}", env=auth.env, pass_fds=auth.fds,
+                        timeout=FETCH_DEADLINE)
+                git(mirror, "update-ref", "-d", ref, check=False)
+            else:
+                git(mirror, "push", "--quiet", "--force", "origin", f"{commit}:{ref}", env=auth.env,
+                    pass_fds=auth.fds, timeout=FETCH_DEADLINE)
+
+    def fetch_record(self, mirror: Path, ref: str, credentials: GitCredentials | None = None) -> str | None:
+        """The commit ``ref`` (refs/reactor/...) names in the repository, fetched into the
+        mirror under the same name (objects only: nothing of it is checked out or run
+        here); None when the repository has no such ref."""
+        if not ref.startswith("refs/reactor/"):
+            raise ValueError(f"{ref}: not a ref of Reactor's namespace")
+        creds = credentials or GitCredentials()
+        with creds.environment() as auth, repository_lock(mirror):
+            if not git(mirror, "ls-remote", "origin", ref, env=auth.env, pass_fds=auth.fds, timeout=FETCH_DEADLINE):
+                return None
+            git(mirror, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                "origin", f"+{ref}:{ref}", env=auth.env, pass_fds=auth.fds, timeout=FETCH_DEADLINE)
+            return git(mirror, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False) or None
 
     def delete_branch(self, mirror: Path, branch: str) -> None:
         with repository_lock(mirror):

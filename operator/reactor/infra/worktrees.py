@@ -30,7 +30,6 @@ import os
 import shlex
 import shutil
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ from pathlib import Path
 from reactor.errors import ConfigurationError, ReactorError
 from reactor.infra import launcher
 from reactor.infra.git import (DEFAULT_CELL_GIT_DEADLINE, GitError, cell_git_env, git, git_command, git_in_cell, git_ok,
-                               kill_tree)
+                               git_status, kill_tree)
 from reactor.infra.processes import Owner
 from reactor.infra.refledger import RefLedger
 from reactor.infra.safefs import read_regular
@@ -460,10 +459,8 @@ def integrate(repo: Path, commits: list[str], message: str) -> str:
         merged = unique[0]
         tree = git(top, "rev-parse", f"{merged}^{{tree}}")
         for other in unique[1:]:
-            proc = subprocess.run(git_command("merge-tree", "--write-tree", "--name-only", "--no-messages",
-                                              merged, other),
-                                  cwd=top, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True)
+            # Hardened, as every git of the operator: no global config (a merge driver there).
+            proc = git_status(top, "merge-tree", "--write-tree", "--name-only", "--no-messages", merged, other)
             if proc.returncode == 1:  # conflicts: the tree OID, then the conflicted paths
                 paths = [line for line in proc.stdout.splitlines()[1:] if line]
                 raise ParentsConflict(f"the results of {', '.join(c[:12] for c in unique)} conflict in "

@@ -11,8 +11,10 @@ The restart rules (``restart_plan``) are one: a task interrupted mid-run (the op
 restarted, or the replica that ran it was lost) runs once more from the start (its time box
 still counted from its first start) or fails with OperatorRestarted after
 ``MAX_ATTEMPTS``; one that had committed is resumed at its push where its commit is still
-at hand (one replica: the commit is in this machine's mirror; a fleet's lost replica kept
-it in its own volume, so there the task runs again). One replica only: a task interrupted in
+at hand (one replica: the commit is in this machine's mirror). A fleet's lost replica kept
+its mirror in its own volume, but recorded each green commit in the task's repository
+(``refs/reactor/green/<uid>``): the adopter starts a new cell from it (``green_start``), with a
+fresh session, else runs the task again from the start. One replica only: a task interrupted in
 Executing or Testing that recorded its agent's session, with spec.resume not restart, is
 reopened in that session on its checkout as it was (``reopen_session``); the startup sweep
 keeps those cells.
@@ -20,6 +22,7 @@ keeps those cells.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -56,6 +59,9 @@ class Plan:
     give_up: str | None = None  # no attempts left: the verdict's message (reason OperatorRestarted)
     reopen_session: str | None = None  # reopen this OpenCode session on the cell's checkout as it was
     reattach: LiveCell | None = None  # its server still runs (proven): reattach to it instead
+    # A fleet: the start commit of a lost run that may have recorded a green commit; look for
+    # it and start from it (ownership.green_start).
+    green_start: str | None = None
 
 
 def reopen_session(status: AgentTaskStatus, resume: str) -> str | None:
@@ -189,16 +195,39 @@ class SingleReplica:
 
 
 class ClaimedOrigin(MirrorOrigin):
-    """Pushes only while the task is still ours: re-read right before the push."""
+    """Pushes only while the task is still ours: re-read right before the push (and before
+    the record of a green commit, which a deposed replica must not overwrite)."""
 
-    def __init__(self, origin: MirrorOrigin, confirm: Callable[[], Awaitable[bool]]):
-        super().__init__(origin.mirrors, origin.namespace, origin.url, origin.credentials, pushes=origin.pushes)
+    def __init__(self, origin: MirrorOrigin, confirm: Callable[[], Awaitable[bool]], green_ref: str | None = None):
+        super().__init__(origin.mirrors, origin.namespace, origin.url, origin.credentials, pushes=origin.pushes,
+                         green_ref=green_ref)
         self.confirm = confirm
 
     async def push(self, branch: str, commit: str) -> None:
         if not await self.confirm():
             raise PushFailed("this replica no longer holds the task (another replica took it over); nothing pushed")
         await super().push(branch, commit)
+
+    async def record_green(self, commit: str) -> None:
+        if not await self.confirm():
+            raise PushFailed("this replica no longer holds the task; its green commit is not recorded")
+        await super().record_green(commit)
+
+
+GREEN_REFS = "refs/reactor/green/"  # a fleet's record of each task's green commit, in the task's repository
+
+
+def green_start(status: AgentTaskStatus, resume: str) -> str | None:
+    """A fleet adopting a lost replica's task: the commit the lost run started from, when that
+    run may have recorded a green commit (it reached Committing or Pushing: the tests had
+    passed) and the task is to resume (``resume``, spec.resume, is not restart). The adopter
+    then looks for the record and starts from it (``MirrorOrigin.find_green``). None: run
+    from the start."""
+    if resume == "restart" or status.phase not in COMMITTED_PHASES or status.attempts >= MAX_ATTEMPTS:
+        return None
+    start = (status.cell.start_commit if status.cell is not None else None) or \
+        (status.result.start_commit if status.result is not None else None)
+    return start or None
 
 
 class FleetOwnership:
@@ -267,9 +296,12 @@ class FleetOwnership:
         # (No reopening: a lost replica's cell lived in its own pod.)
         if not status.waiting and status.claim is not None and status.claim.replica == self.replica:
             await self.reap(ref, status, False)  # our own earlier incarnation's cell
-        # An adopted task runs from the start: a commit the lost replica had not pushed lived
-        # in its own volume.
-        return restart_plan(status, None, self._lost(status), self._again)
+        # A commit the lost replica had not pushed lived in its own volume; what it recorded
+        # in the repository (refs/reactor/green/<uid>) is looked for before the run starts.
+        plan = restart_plan(status, None, self._lost(status), self._again)
+        if plan.give_up is None and plan.retrying is not None:
+            plan = dataclasses.replace(plan, green_start=green_start(status, resume))
+        return plan
 
     def _lost(self, status: AgentTaskStatus) -> str:
         lost = status.claim.replica if status.claim is not None and status.claim.replica else "?"
@@ -292,7 +324,8 @@ class FleetOwnership:
         # The push must be over before our Lease could expire for others: a renewal interval
         # of margin, plus the third of the duration that fencing keeps in reserve.
         margin = self.leases.settings.renew_interval
-        return ClaimedOrigin(origin, lambda: self.leases.confirm(ref, margin=margin))
+        return ClaimedOrigin(origin, lambda: self.leases.confirm(ref, margin=margin), green_ref=GREEN_REFS + ref.uid)
 
 
-__all__ = ["MAX_ATTEMPTS", "ClaimedOrigin", "FleetOwnership", "Ownership", "Plan", "SingleReplica", "restart_plan"]
+__all__ = ["GREEN_REFS", "MAX_ATTEMPTS", "ClaimedOrigin", "FleetOwnership", "Ownership", "Plan", "SingleReplica",
+           "green_start", "restart_plan"]

@@ -46,7 +46,7 @@ from reactor.forge import (
 from reactor.kube.resource import AgentTaskSpec, TaskRef
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import TaskStatus
-from reactor.observe.redact import Redactor
+from reactor.redact import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +198,17 @@ class PullRequests:
         """The task's forge with its token (ConfigurationError when the Secret is missing)."""
         repository = forge_repository(spec.repository.url, spec.result.forge)
         secret_ref = spec.result.token_secret_ref
-        if secret_ref is not None:
+        default = self.settings.default_token_secret
+        # The default token named as the task's own is still the default: the host rule holds.
+        if secret_ref is not None and secret_ref.name != default:
             name, key, field_path = secret_ref.name, secret_ref.key, "spec.result.tokenSecretRef"
-        elif self.settings.default_token_secret:
+        elif default:
             host = urlsplit(repository.api_url).netloc.lower()
             if host not in {h.lower() for h in self.settings.default_token_hosts}:
                 raise ConfigurationError(
                     f"the operator's default forge token (--forge-token-secret) is sent only to the forges named "
                     f"by --forge-host, and {host} is not one: set spec.result.tokenSecretRef")
-            name, key, field_path = self.settings.default_token_secret, "token", "--forge-token-secret"
+            name, key, field_path = default, secret_ref.key if secret_ref else "token", "--forge-token-secret"
         else:
             raise ConfigurationError("no forge token: set spec.result.tokenSecretRef, or start the operator "
                                      "with --forge-token-secret")

@@ -150,6 +150,7 @@ class CellStatus(_Status):
     server_pid: int | None = Field(default=None, alias="serverPid")
     session_id: str | None = Field(default=None, alias="sessionId")
     cell_id: str | None = Field(default=None, alias="cellId")
+    start_commit: str | None = Field(default=None, alias="startCommit")  # what its checkout started from
 
 
 class ResultStatus(_Status):
@@ -163,6 +164,7 @@ class ResultStatus(_Status):
     test_output_tail: str | None = Field(default=None, alias="testOutputTail")
     start_commit: str | None = Field(default=None, alias="startCommit")  # the commit the cell started from
     resumed: str | None = None  # reopened | restarted: taken over from a run an operator crash cut off
+    resumed_from: str | None = Field(default=None, alias="resumedFrom")  # a lost replica's green commit
 
     def as_written(self) -> dict[str, Any]:
         """The fields as the status holds them (to carry a first run's result into a resumed one)."""

@@ -31,12 +31,22 @@ class TaskSecrets:
 
 
 class SecretReader:
-    def __init__(self, api_client: k8s.ApiClient):
+    def __init__(self, api_client: k8s.ApiClient, operator_secrets: tuple[str, ...] = ()):
+        """``operator_secrets``: Secrets of the operator's own kept in tenant namespaces (the
+        default forge token, --forge-token-secret), which no task may name for its cell or git."""
         self.core = k8s.CoreV1Api(api_client)
+        self.operator_secrets = frozenset(name for name in operator_secrets if name)
 
     async def for_task(self, ref: TaskRef, spec: AgentTaskSpec) -> TaskSecrets:
         """What the spec references. ConfigurationError, naming the field, for a Secret that
         does not exist or may not be read."""
+        named = [(s.secret_ref.name, "spec.agent.envFrom") for s in spec.agent.env_from]
+        if spec.repository.credentials_secret_ref is not None:
+            named.append((spec.repository.credentials_secret_ref.name, "spec.repository.credentialsSecretRef"))
+        for name, field_path in named:
+            if name in self.operator_secrets:
+                raise ConfigurationError(f"{field_path}: secret {name!r} is the operator's forge token "
+                                         "(--forge-token-secret), which never reaches a task's cell or git")
         secrets = TaskSecrets()
         for source in spec.agent.env_from:
             data = await self.read(ref.namespace, source.secret_ref.name, "spec.agent.envFrom")

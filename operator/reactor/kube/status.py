@@ -83,7 +83,7 @@ def succeeded_condition(status: str, reason: str, message: str, generation: int 
 
 def cell_status(cell: CellInfo, cell_id: str) -> dict[str, Any]:
     return {"port": cell.port, "worktree": cell.worktree, "serverPid": cell.server_pid,
-            "sessionId": cell.session_id, "cellId": cell_id}
+            "sessionId": cell.session_id, "cellId": cell_id, "startCommit": cell.start_commit}
 
 
 def result_status(result: TaskResult) -> dict[str, Any]:
@@ -102,6 +102,7 @@ def result_status(result: TaskResult) -> dict[str, Any]:
         "attempts": [attempt.model_dump() for attempt in result.attempts],
         "confined": result.confined,
         "resumed": result.resumed,
+        "resumedFrom": result.resumed_from,
     }
 
 

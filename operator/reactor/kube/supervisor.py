@@ -58,6 +58,7 @@ from reactor.kube.resource import (GROUP, PLURAL, VERSION, AgentTaskSpec, AgentT
 from reactor.kube.secrets import SecretReader, TaskSecrets
 from reactor.kube.spendlimits import SpendLimits
 from reactor.kube.status import ClaimLost, StatusWriter, TaskStatus
+from reactor.observe.fleet import TaskViews
 from reactor.observe.local import observatory_for
 from reactor.observe.observation import Observatory
 from reactor.opencode.events import Event
@@ -65,8 +66,9 @@ from reactor.opencode.models import TokenUsage
 from reactor.workflow.control import Spend, TaskControl
 from reactor.workflow.engine import Engine
 from reactor.workflow.origin import MirrorOrigin
+from reactor.workflow.recovery import ignore_and_warn
 from reactor.workflow.tcr import run_task, uncancellable
-from reactor.workflow.types import Outcome, PhaseEvent, Reason, TaskResult, TaskSpec
+from reactor.workflow.types import Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec
 
 WaitingCallback = Callable[[Reason, str], Awaitable[None]]
 
@@ -115,7 +117,8 @@ class DependencyCheck:
     tasks (every task event, and the startup listing); a task that must fail passes admission
     and is failed with DependencyFailed once taken (only the task's holder writes a verdict)."""
 
-    def __init__(self) -> None:
+    def __init__(self, views: TaskViews | None = None) -> None:
+        self.views = views  # the fleet page's: each task's place in the graph, as its events show it
         self.tasks: dict[str, dict[str, TaskView]] = {}  # namespace -> name -> view
         self.seen: dict[str, dict[str, str]] = {}  # a waiting task's uid -> parents seen (name -> uid)
         self._wake: dict[str, asyncio.Event] = {}  # a waiting task's uid -> set when a parent changes
@@ -128,7 +131,13 @@ class DependencyCheck:
         if event_type == "DELETED":
             names.pop(meta["name"], None)
         else:
-            names[meta["name"]] = TaskView.from_body(body)
+            names[meta["name"]] = view = TaskView.from_body(body)
+            if self.views is not None:
+                status = AgentTaskStatus.of(body)
+                self.views.follow(meta["namespace"], meta["name"], created=meta.get("creationTimestamp") or "",
+                                  phase=view.phase, reason=view.reason, message=status.message or "",
+                                  depends_on=list(view.depends_on),
+                                  waiting_on=[n.strip() for n in (status.waiting_on or "").split(",") if n.strip()])
         for uid in self._parents.get((meta["namespace"], meta["name"]), ()):
             self._wake[uid].set()
 
@@ -192,7 +201,7 @@ class Supervisor:
         self.engine = engine
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
-        self.secrets = SecretReader(api_client)
+        self.secrets = SecretReader(api_client, (pull_requests.default_token_secret,) if pull_requests else ())
         # file:// only under the prefixes the administrator allows (--allow-file-urls).
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors", RepositoryPolicy(engine.work_dir,
                                                                                        tuple(allow_file_urls)))
@@ -211,7 +220,7 @@ class Supervisor:
         self.status = StatusWriter(api_client, (engine.confinement.enabled, engine.confinement.status.message),
                                    self.observatory.metrics, fence=self.ownership.fence)
         # The admission hook: every check a task waits on before it takes a slot.
-        self.dependencies = DependencyCheck()
+        self.dependencies = DependencyCheck(self.observatory.views)
         self.admission: list[AdmissionCheck] = [SpendLimitCheck(self.limits), self.dependencies]
         self.custom = k8s.CustomObjectsApi(api_client)
         self.progress_interval = progress_interval
@@ -456,6 +465,13 @@ class Supervisor:
         await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
 
         async def execute() -> None:
+            landed = await self._landed(ref, spec, origin, plan, previous)
+            if landed is not None:  # the lost run's push landed before its verdict: that is the result
+                if previous.result is not None:
+                    status.previous_result = previous.result.as_written()
+                task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time))
+                await self._execute(ref, spec, task, secrets, status, origin, landed)
+                return
             start_commits: list[str] = []
             # (A resumed push or a reopened session built on its parents already.)
             decision = None if plan.resume_commit is not None else self.dependencies.decision(ref, body)
@@ -467,13 +483,54 @@ class Supervisor:
             if decision is not None and decision.verdict is Verdict.START:
                 await status.dependencies_met(self.dependencies.parents(ref), decision.message)
                 start_commits = list(decision.start_commits)
+            resumed_from = await self._green_commit(ref, origin, plan)
+            if resumed_from is not None and plan.green_start is not None:
+                start_commits = [plan.green_start]  # the lost run's start (its parents' results already)
             task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time), start_commits)
+            task.resumed_from = resumed_from
             await self._execute(ref, spec, task, secrets, status, origin, plan.resume_commit)
 
         if holding_slot or plan.resume_commit is not None:  # (a resumed push needs no cell)
             await execute()
         else:
             await self._in_slot(ref, body, status, execute)
+
+    async def _landed(self, ref: TaskRef, spec: AgentTaskSpec, origin: MirrorOrigin, plan: Plan,
+                      previous: AgentTaskStatus) -> str | None:
+        """A fleet adopting a task lost while Pushing: the commit its status recorded, when the
+        repository's result branch holds exactly it (the push landed, the verdict was not
+        written). The adopter then resumes at the push, which finds it there: pushed once."""
+        if plan.green_start is None or previous.phase is not Phase.PUSHING or not previous.commit:
+            return None
+        branch = spec.result_branch or f"reactor/{ref.name}"
+        try:
+            await origin.fetch()  # (this replica may not have a mirror of the repository yet)
+            head = await origin.head(branch)
+        except Exception as exc:  # noqa: BLE001 - then the record decides (a push that landed fails there)
+            log.warning("%s: cannot read %s in the repository: %s", ref, branch, exc)
+            return None
+        if head != previous.commit:
+            return None
+        origin.green_known = True  # the lost run's record goes with the verdict
+        return head
+
+    async def _green_commit(self, ref: TaskRef, origin: MirrorOrigin, plan: Plan) -> str | None:
+        """A fleet adopting a lost replica's task: the green commit that run recorded in the
+        repository, when it descends from the commit that run started from (else None: the
+        task runs from the start). Said in an Event."""
+        if plan.green_start is None:
+            return None
+        try:
+            green = await origin.find_green(plan.green_start)
+        except Exception as exc:  # noqa: BLE001 - IG: without the record the task runs from the start
+            log.warning("%s: cannot look for the lost run's green commit: %s", ref, exc)
+            green = None
+        if green is not None:
+            await self.status.event(ref, "Resuming", f"starting from {green[:12]}, the tested commit the lost run "
+                                    f"recorded (on {plan.green_start[:12]}), in a fresh session")
+        else:
+            log.info("%s: no usable green commit recorded by the lost run; running from the start", ref)
+        return green
 
     async def _in_slot(self, ref: TaskRef, body: dict, status: TaskStatus, work: Callable[[], Awaitable[None]]) -> None:
         """Admission, then a capacity slot (oldest task first), then ``work``."""
@@ -496,7 +553,8 @@ class Supervisor:
             check, why = held
             if why != said:
                 await say(why[0], why[1], **(why[2] if len(why) > 2 else {}))  # type: ignore[misc]
-                self.observatory.views.view(ref.namespace, ref.name).message = why[1]
+                view = self.observatory.views.view(ref.namespace, ref.name)
+                view.reason, view.message = why[0].value, why[1]
                 said = why
             await check.changed(ref)
 
@@ -537,6 +595,8 @@ class Supervisor:
                 except Exception:  # noqa: BLE001 - the verdict is written whatever happens here
                     log.exception("%s: after the push", ref)
             await status.report(event)
+            if event.phase.terminal:  # the task ended: its green record (a fleet's) goes
+                await ignore_and_warn(f"{ref}: delete the green record", origin.forget_green, None)
             if event.phase.terminal and status.final is not None:
                 # The pull request (kube/pullrequests.py) is opened in the background once the
                 # verdict is written: no slot held, and the verdict stands whatever the forge says.

@@ -19,6 +19,10 @@ from reactor.infra.git import GitError, git, git_ok
 from reactor.infra.mirrors import GitCredentials
 from reactor.infra.worktrees import repository_lock
 
+# The base's fetch and push talk to the tenant's remote, which may never answer: past this
+# (seconds) git is killed (GitTimeout) and the round ends; the next one starts over.
+GIT_DEADLINE = 300.0
+
 
 class BaseBranch(Protocol):
     def tip(self) -> str:
@@ -51,8 +55,10 @@ class PushedBranch:
     """``remote``: a remote name, URL or path; ``credentials``: for git (askpass or a key
     file), never in argv."""
 
-    def __init__(self, repo: Path, remote: str, branch: str, credentials: GitCredentials | None = None):
+    def __init__(self, repo: Path, remote: str, branch: str, credentials: GitCredentials | None = None,
+                 deadline: float | None = None):
         self.repo, self.remote, self.branch = Path(repo), remote, branch
+        self.deadline = GIT_DEADLINE if deadline is None else deadline
         self.credentials = credentials or GitCredentials()
         # Outside refs/heads and refs/tags: a mirror's ref ledger vouches for those only.
         self.tracking = f"refs/reactor/queue-base/{branch}"
@@ -67,7 +73,7 @@ class PushedBranch:
     def tip(self) -> str:
         with self.credentials.environment() as auth, repository_lock(self.repo):
             git(self.repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self._url(),
-                f"+refs/heads/{self.branch}:{self.tracking}", env=auth.env, pass_fds=auth.fds)
+                f"+refs/heads/{self.branch}:{self.tracking}", env=auth.env, pass_fds=auth.fds, timeout=self.deadline)
         return git(self.repo, "rev-parse", "--verify", f"{self.tracking}^{{commit}}")
 
     def advance(self, old: str, new: str) -> bool:
@@ -76,7 +82,7 @@ class PushedBranch:
         try:
             with self.credentials.environment() as auth:
                 git(self.repo, "push", "--quiet", "--no-verify", f"--force-with-lease={ref}:{old}", self._url(),
-                    f"{new}:{ref}", env=auth.env, pass_fds=auth.fds)
+                    f"{new}:{ref}", env=auth.env, pass_fds=auth.fds, timeout=self.deadline)
         except GitError as exc:
             if "stale info" in exc.stderr or "rejected" in exc.stderr:
                 return False

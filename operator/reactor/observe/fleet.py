@@ -29,6 +29,8 @@ class TaskView:
     commit: str | None = None
     pull_request: str | None = None  # its URL (spec.result.kind pullRequest)
     pull_request_state: str = ""  # open | merged | closed
+    depends_on: list[str] = field(default_factory=list)  # spec.dependsOn: the tasks it builds on
+    waiting_on: list[str] = field(default_factory=list)  # those it still waits for (DependenciesPending)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -61,6 +63,26 @@ class TaskViews:
 
     def get(self, namespace: str, name: str) -> TaskView | None:
         return self._tasks.get((namespace, name))
+
+    def follow(self, namespace: str, name: str, *, created: str, phase: str | None, reason: str, message: str,
+               depends_on: list[str], waiting_on: list[str]) -> None:
+        """What the API server shows of a task (every replica sees every task change): who it
+        depends on and waits for, and where it is. Tasks outside the graph are left to the
+        runs that show them. A phase never goes back here (a run updates its own view as it
+        goes; a change seen late must not undo that)."""
+        view = self._tasks.get((namespace, name))
+        if view is None:
+            if not depends_on:
+                return
+            view = self._tasks[(namespace, name)] = TaskView(namespace, name, created=created or utc_iso())
+        view.depends_on = list(depends_on)
+        if phase and Phase(phase).rank < Phase(view.phase).rank:
+            return  # seen late: the view already shows a later state
+        view.waiting_on = list(waiting_on)
+        if phase:
+            if phase != view.phase or phase == Phase.PENDING.value:
+                view.reason, view.message = reason, message
+            view.phase = phase
 
     def remove(self, namespace: str, name: str) -> None:
         self._tasks.pop((namespace, name), None)

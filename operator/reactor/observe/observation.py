@@ -12,7 +12,7 @@ from reactor.opencode.events import Event, StepFinished, ToolUpdate
 from reactor.observe.fleet import SpendLedger, TaskViews, utc_iso
 from reactor.observe.metrics import CapacityReader, Metrics
 from reactor.observe.progress import Milestone, ProgressTracker
-from reactor.observe.redact import Redactor
+from reactor.redact import Redactor
 from reactor.observe.transcript import TranscriptStore
 from reactor.workflow.control import TaskControl
 from reactor.workflow.types import Phase, PhaseEvent, TaskResult

@@ -18,7 +18,7 @@ from typing import Any
 
 from reactor.opencode.client import is_wrapped_command
 from reactor.opencode.events import Event, FileEdited, SessionBusy, SessionRetry, StepFinished, StepStarted, ToolUpdate
-from reactor.observe.redact import Redactor, shorten
+from reactor.redact import Redactor, shorten
 from reactor.workflow.control import TaskControl
 from reactor.workflow.types import Phase, PhaseEvent
 

@@ -23,7 +23,7 @@ from typing import Any
 from reactor.opencode.client import is_wrapped_command
 from reactor.opencode.events import Event, StepFinished, TextDone, ToolUpdate
 from reactor.observe.progress import utc_now
-from reactor.observe.redact import Redactor, shorten
+from reactor.redact import Redactor, shorten
 from reactor.workflow.types import PhaseEvent
 
 MAX_BYTES = 1 << 20  # per transcript

@@ -77,6 +77,7 @@ class Cell:
             worktree=str(self.worktree.path) if self.worktree else None,
             server_pid=self.server.pid if self.server else None,
             session_id=self.session_id,
+            start_commit=self.worktree.base_commit if self.worktree else None,
         )
 
     def opencode_config(self) -> dict[str, Any]:
@@ -285,10 +286,23 @@ class Cell:
             raise ServerBootError(f"the OpenCode server of {self.cell_id} was lost and its "
                                   f"{self.engine.settings.recovery.boot_restarts} restarts are used up")
         self.restarts_left -= 1
+        await self.start_over()
+        self.reopen_session = None  # the dead agent's edits are gone: a fresh session
+        await self.start_server()
+
+    async def start_over(self) -> None:
+        """Back to the checkout as the task started it (a retry after a lost server or a
+        transient error): the start commit, with the files laid in at the start if any (a
+        rebase round's earlier result, a lost run's green change). The first message is the
+        task's own again, unless that start came with one (a lost run's summary)."""
         if self.worktree is not None:
             await asyncio.to_thread(self.worktree.revert, self.box_end)
-        self.reopen_session = self.next_prompt = None  # the dead agent's edits are gone: a fresh session
-        await self.start_server()
+            laid = self.spec.start_from or self.spec.resumed_from
+            if laid:
+                await asyncio.to_thread(self.worktree.lay_files, laid)
+        if not self.spec.resumed_from:
+            self.next_prompt = None
+        self.following = False  # a reattached turn is not followed again: the retry prompts
 
     async def sweep(self) -> None:
         """End every process of the cell but its server (what the agent left running)."""

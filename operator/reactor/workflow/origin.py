@@ -2,7 +2,12 @@
 
 `reactor run` has none: the user's repository is the source and the result branch stays
 in it. The operator fetches a mirror of the task's repository before the task
-(Bootstrapping) and pushes the result branch from it (Pushing)."""
+(Bootstrapping) and pushes the result branch from it (Pushing).
+
+A fleet's replica also records each green commit in the repository under a ref of Reactor's
+own namespace, ``refs/reactor/green/<task uid>``, so that the replica adopting the task after
+this one is lost finds it (its mirror lives in this replica's volume); see
+docs/architecture.md, "Many replicas"."""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ import asyncio
 from typing import Protocol
 
 from reactor.errors import ReactorError
-from reactor.infra.git import GitError, git
-from reactor.infra.mirrors import GitCredentials, RepositoryMirrors, redact_url
+from reactor.infra.git import GitError, git, git_ok
+from reactor.infra.mirrors import FETCH_DEADLINE, GitCredentials, RepositoryMirrors, redact_url
 
 
 class FetchFailed(ReactorError):
@@ -36,6 +41,11 @@ class Origin(Protocol):
     async def push(self, branch: str, commit: str) -> None:
         """Publish ``branch`` (holding ``commit``). Raises PushFailed."""
 
+    async def record_green(self, commit: str) -> None:
+        """``commit`` passed the tests (it is in the local repository): keep it where whoever
+        takes the task over finds it, if this origin keeps such records. Raises on failure
+        (the caller only warns: the record is a help, not the result)."""
+
 
 class MirrorOrigin:
     """A repository by URL: a bare mirror in the work dir, fetched before each task, the
@@ -43,10 +53,14 @@ class MirrorOrigin:
     the namespace's own. Raises RepositoryRefused for a URL the mirrors' policy refuses."""
 
     def __init__(self, mirrors: RepositoryMirrors, namespace: str, url: str, credentials: GitCredentials | None = None,
-                 pushes: bool = True):
+                 pushes: bool = True, green_ref: str | None = None):
         self.mirrors, self.namespace, self.url, self.credentials, self.pushes = mirrors, namespace, url, credentials, pushes
         mirrors.policy.clone_url(url)  # refused before anything else happens
         self.path = mirrors.path_for(namespace, url)
+        # Where the task's green commit is recorded in the repository (a fleet:
+        # refs/reactor/green/<uid>); None: not recorded (one replica: its mirror keeps it).
+        self.green_ref = green_ref
+        self.green_known = False  # this run recorded or found one (so it is deleted at the end)
 
     def describe(self) -> str:
         return redact_url(self.url)
@@ -81,10 +95,46 @@ class MirrorOrigin:
         # otherwise the teardown removes it with the worktree.
         await asyncio.to_thread(self.mirrors.delete_branch, self.path, branch)
 
+    async def record_green(self, commit: str) -> None:
+        if self.green_ref is None or not self.pushes:
+            return
+        self.green_known = True
+        await asyncio.to_thread(self.mirrors.push_record, self.path, commit, self.green_ref, self.credentials)
+
+    async def find_green(self, start: str) -> str | None:
+        """The green commit a lost run of this task recorded, if there is one that descends
+        from ``start`` (the commit that run started from, as its status says), fetched into
+        the mirror. Objects only: the commit is untrusted (a cell made it, and anyone who may
+        push to the repository may have moved the ref); it is only ever laid into a new
+        cell's checkout and tested again there. None: nothing usable is recorded."""
+        if self.green_ref is None:
+            return None
+        await self.fetch()  # the mirror exists and holds the start commit's history
+        green = await asyncio.to_thread(self.mirrors.fetch_record, self.path, self.green_ref, self.credentials)
+        if green is None:
+            return None
+        self.green_known = True  # found: deleted with the task's end whatever becomes of it
+        if green == start or not await asyncio.to_thread(
+                git_ok, self.path, "merge-base", "--is-ancestor", start, green):
+            return None
+        return green
+
+    async def forget_green(self) -> None:
+        """The task ended: its record goes (in the repository and the mirror)."""
+        if self.green_ref is None or not self.green_known:
+            return
+        await asyncio.to_thread(self.mirrors.push_record, self.path, None, self.green_ref, self.credentials)
+        self.green_known = False
+
+    async def head(self, branch: str) -> str:
+        """The commit ``branch`` holds in the repository ("" when it has no such branch)."""
+        return await asyncio.to_thread(self._remote_head, branch)
+
     def _remote_head(self, branch: str) -> str:
         with (self.credentials or GitCredentials()).environment() as auth:
             try:
-                out = git(self.path, "ls-remote", "origin", f"refs/heads/{branch}", env=auth.env, pass_fds=auth.fds)
+                out = git(self.path, "ls-remote", "origin", f"refs/heads/{branch}", env=auth.env, pass_fds=auth.fds,
+                          timeout=FETCH_DEADLINE)
             except GitError as exc:
                 raise PushFailed(f"cannot reach {self.describe()}: {redact_url(exc.stderr)}") from None
         return out.split()[0] if out else ""

@@ -53,6 +53,7 @@ from reactor.infra.repository_urls import RepositoryRefused
 from reactor.infra.servers import ServerBootError
 from reactor.infra.worktrees import ParentsConflict, ResultRejected, integrate, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
+from reactor.redact import Redactor
 from reactor.opencode.events import Consumer, Event, SessionIdle
 from reactor.workflow.cell import Cell
 from reactor.workflow.control import TaskControl, TaskStopped
@@ -75,6 +76,11 @@ CONTINUATION = ("Reactor was restarted while you worked on this task and your la
 # Appended to the prompt when the session could not be reopened (a fresh one on the checkout).
 RESTARTED = ("An earlier attempt at this task was interrupted; the checkout holds its changes to: {files}. "
              "Check them and finish the task.")
+# Appended to the prompt of a fresh session started from a lost run's green commit (a fleet
+# replica that died before publishing it): its change is in the checkout, uncommitted.
+RESUMED_FROM = ("An earlier run of this task made a change that passed the tests (commit {commit}), but it was "
+                "lost before it was published. The checkout holds that change, to: {files}. Check it and finish the "
+                "task; if nothing is missing, change nothing more.")
 OUTPUT_TAIL_CHARS = 4000
 EXIT_COMMAND_NOT_FOUND = 127
 
@@ -106,10 +112,14 @@ class TimeBox:
 
 class _Phases:
     """The one place a task's phase changes: enters each phase once, in order, times it, and
-    reports it to the callback (IG: a report that fails does not fail the task)."""
+    reports it to the callback (IG: a report that fails does not fail the task).
 
-    def __init__(self, task_id: str, callback: PhaseCallback | None, result: TaskResult):
-        self.task_id, self.callback, self.result = task_id, callback, result
+    Every message it reports is masked of the task's secret values: messages quote what a
+    cell, a model provider or a remote said (a provider's 401 may quote the key it was given),
+    and they go to the log, status and Events."""
+
+    def __init__(self, task_id: str, callback: PhaseCallback | None, result: TaskResult, redactor: Redactor):
+        self.task_id, self.callback, self.result, self.redactor = task_id, callback, result, redactor
         self.durations: dict[str, float] = {}
         self.current: Phase | None = None
         self._since = time.monotonic()
@@ -121,6 +131,7 @@ class _Phases:
         if self.current is not None and not self.current.terminal:
             self.durations[self.current.value] = round(self.durations.get(self.current.value, 0.0) + now - self._since, 3)
         self.current, self._since = phase, now
+        message = self.redactor.text(message)
         log.info("%s: %s%s", self.task_id, phase.value, f": {message}" if message else "")
         await self._report(PhaseEvent(task_id=self.task_id, phase=phase, message=message,
                                       started_at=self.result.started_at, **event), cell)
@@ -128,6 +139,7 @@ class _Phases:
     async def update(self, message: str, cell: Cell) -> None:
         """News within the current phase (a restarted server): same phase, new cell."""
         assert self.current is not None
+        message = self.redactor.text(message)
         log.info("%s: %s: %s", self.task_id, self.current.value, message)
         await self._report(PhaseEvent(task_id=self.task_id, phase=self.current, message=message, update=True,
                                       started_at=self.result.started_at), cell)
@@ -172,7 +184,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
                         message="", branch=spec.branch, base_branch=spec.base_branch, started_at=spec.started_at,
                         confined=engine.confinement.enabled, model=spec.model)
-    phases = _Phases(spec.task_id, on_phase, result)
+    phases = _Phases(spec.task_id, on_phase, result, Redactor(spec.env.values()))
     cell = Cell(spec, engine, cell_id)
     control = control or TaskControl()
     control.budget = spec.budget
@@ -210,7 +222,11 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
         result.boot_attempts = cell.boot_attempts
         result.phase_durations = phases.durations
         result.duration = round(time.monotonic() - started, 3)
+    result.message = phases.redactor.text(result.message)  # the result goes to status and the PR body too
     _close_attempt(result)
+    if result.resumed_from:  # what resuming cost: this run's spend (the lost run's is in status.progress)
+        result.message += (f" (resumed from {result.resumed_from[:12]}, a lost run's tested commit; this run: "
+                           f"{result.usage.total_tokens} tokens, ${result.usage.cost:.4f})")
     if not _holds_commit(result):
         result.commit = None
         result.branch = None  # deleted at teardown: there is nothing to point at
@@ -312,6 +328,10 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     result.outcome, result.reason = Outcome.COMMITTED, Reason.COMMITTED
     result.message = f"tests passed; committed {result.commit[:12]} on {spec.branch}"
     if origin is not None and origin.pushes:
+        # A fleet's replica records the green commit in the repository first, so the replica
+        # adopting the task if this one is lost starts from it (IG: the record only saves
+        # work; without it an adopter runs the task again).
+        await ignore_and_warn(f"{spec.task_id}: record the green commit", lambda: origin.record_green(commit), None)
         await _push(spec, origin, phases, result)
 
 
@@ -338,8 +358,11 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
             cell.start_commit = await asyncio.to_thread(integrate, repo, spec.start_commits,
                                                         f"Integration of the tasks {spec.task_id} builds on")
         worktree = await cell.create_worktree()
-        if spec.start_from:  # a rebase round: the earlier result on the new base, conflicts marked
-            await asyncio.to_thread(worktree.lay_files, spec.start_from)
+        # A rebase round: the earlier result on the new base, conflicts marked. A lost run's
+        # green commit: its change on the commit that run started from.
+        laid = spec.start_from or spec.resumed_from
+        if laid:
+            await asyncio.to_thread(worktree.lay_files, laid)
     assert cell.worktree is not None
     result.start_commit = cell.worktree.base_commit
     await cell.start_server()
@@ -352,6 +375,10 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
             done = ", ".join(await _changed_files(cell)) or "none"
             cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
                                 else f"{spec.prompt}\n\n{RESTARTED.format(files=done)}")
+    elif spec.resumed_from:
+        result.resumed, result.resumed_from = "restarted", spec.resumed_from
+        done = ", ".join(await _changed_files(cell)) or "none"
+        cell.next_prompt = f"{spec.prompt}\n\n{RESUMED_FROM.format(commit=spec.resumed_from[:12], files=done)}"
 
     # -- Executing: the agent edits the worktree --
     await phases.enter(Phase.EXECUTING, cell=cell)
@@ -403,7 +430,9 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     except OpenCodeError as exc:
         raise TaskFailed(Reason.AGENT_ERROR, f"the test command could not be run: {exc}") from exc
     result.test_exit_code = test.exit_code
-    result.test_output_tail = test.output[-OUTPUT_TAIL_CHARS:]
+    # The cell holds the task's secrets and its tests may print them: never into the result
+    # (status, the PR body), as never into the transcript.
+    result.test_output_tail = phases.redactor.text(test.output)[-OUTPUT_TAIL_CHARS:]
     if test.timed_out:
         raise TaskFailed(Reason.TESTS_TIMED_OUT, f"tests ran past their time limit of {spec.test_timeout:g}s and were "
                          "stopped", Outcome.REVERTED)
@@ -493,9 +522,7 @@ async def _fresh_session(cell: Cell, result: TaskResult) -> None:
     assert cell.client is not None and cell.worktree is not None
     cell.spent = _add(cell.spent, await _usage(cell))  # the failed turn's tokens were paid for too
     _close_attempt(result, "reverted", "a transient model or server error; retried from a clean checkout")
-    await asyncio.to_thread(cell.worktree.revert, cell.box_end)
-    cell.next_prompt = None  # the retry starts over: the task's own prompt
-    cell.following = False
+    await cell.start_over()  # the retry starts over from the task's start (and its own prompt)
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
     cell.remember()
 

@@ -121,6 +121,11 @@ class TaskSpec(BaseModel):
     # agent starts: a rebase round's earlier result replayed onto the new base, conflict
     # markers and all (made by the merge queue). None: the checkout is the base as it is.
     start_from: str | None = None
+    # A green commit an earlier, lost run of this task recorded (a fleet replica that died
+    # before its push): its files are laid into the checkout at the start commit, and a fresh
+    # session gets the prompt and a summary of what that run did. The result is still one
+    # commit on the start commit, tested here. None: a normal start.
+    resumed_from: str | None = None
     # Environment of the opencode process only (API keys). Excluded from repr and dumps.
     env: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
 
@@ -140,6 +145,7 @@ class CellInfo(BaseModel):
     worktree: str | None = None
     server_pid: int | None = None
     session_id: str | None = None
+    start_commit: str | None = None  # the commit its checkout started from (a fleet's adopter checks a record against it)
 
 
 class Attempt(BaseModel):
@@ -175,8 +181,10 @@ class TaskResult(BaseModel):
     model: str | None = None  # provider/model the agent ran with (None: OpenCode's default)
     confined: bool = False  # whether the cell ran under Landlock (see docs/security.md)
     # Taken over from a run an operator killed mid-turn: "reopened" (its session, one
-    # continuation message) or "restarted" (a fresh session on its checkout); None otherwise.
+    # continuation message) or "restarted" (a fresh session on its checkout, or on the green
+    # commit a lost replica recorded: ``resumed_from``); None otherwise.
     resumed: str | None = None
+    resumed_from: str | None = None  # with resumed "restarted": the lost run's green commit it started from
 
     @property
     def succeeded(self) -> bool:

@@ -22,6 +22,12 @@ function age(iso, now) {
   return Math.round(s / 3600) + "h";
 }
 
+// spec.dependsOn, each parent it still waits for marked: "add-api (waiting), add-db".
+function dependencies(task) {
+  const waiting = new Set(task.waiting_on || []);
+  return (task.depends_on || []).map((name) => waiting.has(name) ? name + " (waiting)" : name).join(", ");
+}
+
 async function getJSON(path) {
   const response = await fetch(path, { cache: "no-store" });
   if (!response.ok) throw new Error(path + ": HTTP " + response.status);
@@ -59,7 +65,7 @@ function renderTasks(tasks, now) {
     row.dataset.task = task.namespace + "/" + task.name;
     if (selected && selected[0] === task.namespace && selected[1] === task.name) row.className = "selected";
     const phase = el("td"); phase.append(el("span", task.phase, "phase phase-" + task.phase));
-    row.append(el("td", task.namespace), el("td", task.name), phase, el("td", task.reason),
+    row.append(el("td", task.namespace), el("td", task.name), phase, el("td", task.reason), el("td", dependencies(task)),
                el("td", money(task.cost)), el("td", task.activity), el("td", age(task.created, now)));
     row.addEventListener("click", () => { location.hash = "#/task/" + task.namespace + "/" + task.name; });
     body.append(row);
@@ -77,6 +83,8 @@ async function refreshDetail() {
   document.getElementById("detail-message").textContent = (task.reason ? task.reason + ": " : "") + task.message;
   document.getElementById("detail-spend").textContent =
     money(task.cost) + " · " + task.tokens + " tokens" + (task.model ? " · " + task.model : "");
+  document.getElementById("detail-deps").hidden = !(task.depends_on || []).length;
+  document.getElementById("detail-deps-list").textContent = dependencies(task);
   const files = document.getElementById("files");
   files.replaceChildren(...task.files.map((f) => el("li", f)));
   const pr = document.getElementById("detail-pr"), link = document.getElementById("detail-pr-link");
