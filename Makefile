@@ -96,11 +96,11 @@ test-node:
 
 # tests/node (marker `node`) build the image themselves (incremental) and need the node.
 # The run ends with the slowest tests and modules, and what was skipped and why.
-# Two workers (pytest-xdist; a module stays on one worker, see tests/conftest.py);
+# Two workers (pytest-xdist; a module stays on one worker: tests/conftest.py's scheduler);
 # PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 test: setup test-node observe-tools forge
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope --durations=10 $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m reactor_dev.demo

@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import kubernetes
@@ -62,7 +63,8 @@ def main() -> None:
             web = f"127.0.0.1:{_free()}"
             with ScriptedModel(script) as model:
                 op = OperatorProcess(cluster, "bench", tmp / "work", "--max-agents", str(args.max_agents),
-                                     "--forge-token-secret", "forge-token", "--web", web)
+                                     "--forge-token-secret", "forge-token", "--forge-host", urlsplit(url).netloc,
+                                     "--web", web)
                 (tmp / "work").mkdir()
                 op.start()
                 try:

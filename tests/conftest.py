@@ -21,27 +21,40 @@ pytest_plugins = ["reactor_dev.testing.kube_fixtures", "reactor_dev.testing.suit
 os.environ.setdefault("REACTOR_HEALTH_TIMEOUT", "60")
 
 
-@pytest.hookimpl(trylast=True)  # after the kube and node marks are added
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`make test` runs the suite on two workers (pytest-xdist, ``--dist loadgroup``).
+# `make test` runs the suite on two workers (pytest-xdist):
+# - a module runs whole on one worker: its shared fixture (an operator and its tasks, a Gitea)
+#   is paid once; the dev node's tests share one worker: one node per machine;
+# - the modules that start both a control plane and agents, and the node's (minutes each),
+#   are handed out first, so that no worker is left with one at the end while the other idles.
 
-    - A module runs whole on one worker: its shared fixture (an operator and its tasks, a
-      Gitea) is paid once. The dev node's tests share one worker: one node per machine.
-    - The modules that start both a control plane and agents (minutes each) are handed out
-      first, so that no worker is left with one of them at the end while the other idles.
-    """
-    def group(item: pytest.Item) -> str:
-        path = item.nodeid.split("::")[0]
-        return "tests/node" if path.startswith("tests/node/") else path
+
+def _scope(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return "tests/node" if path.startswith("tests/node/") else path
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    # xdist's loadscope, scoped by module (the node's tests as one). Not `--dist loadgroup`:
+    # under pytest 9 its groups are silently ignored (measured: marked tests still split).
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    from reactor_dev.testing.kube_fixtures import KUBE_FIXTURES  # a plugin: imported (and rewritten) by now
 
     def heavy(item: pytest.Item) -> bool:
-        return bool(item.get_closest_marker("kube")) and bool(item.get_closest_marker("opencode"))
+        return _scope(item.nodeid) == "tests/node" or (bool(KUBE_FIXTURES & set(getattr(item, "fixturenames", ())))
+                                                       and bool(item.get_closest_marker("opencode")))
 
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(group(item)))
-    heavy_groups = {group(item) for item in items if heavy(item)}
-    items.sort(key=lambda item: group(item) not in heavy_groups)  # stable: file order otherwise
+    heavy_scopes = {_scope(item.nodeid) for item in items if heavy(item)}
+    items.sort(key=lambda item: _scope(item.nodeid) not in heavy_scopes)  # stable: file order otherwise
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ docs/forge.md)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 import pytest
@@ -133,6 +134,30 @@ async def test_merge_is_guarded_by_head_commit_and_a_merged_pr_is_left_alone(git
     assert published.pull_request.number == pr.number
     assert after.action is Action.UNCHANGED and after.pull_request.state is PRState.MERGED
     assert len(gitea.pull_requests(name)) == 1
+
+
+async def test_a_stacked_pull_request_is_found_under_its_parents_branch_and_retargeted(gitea, forge_repo):
+    """A task stacked on fix-add: its PR targets fix-add's branch; published again once the
+    parent integrated (``base`` main, the parent's branch among the other bases), the same
+    PR is found and retargeted (Gitea: PATCH pulls/{n} with "base")."""
+    name, local, _ = forge_repo
+    git(local, "checkout", "--quiet", "-b", "reactor/child")
+    (local / "NOTES.md").write_text("add() adds\n")
+    git(local, "add", "NOTES.md")
+    git(local, "commit", "--quiet", "-m", "Task child: notes")
+    gitea.push(local, name, "reactor/child")
+    child = dataclasses.replace(facts(git(local, "rev-parse", "HEAD")), branch="reactor/child", base=BRANCH,
+                                title="Task child: notes", stacked_on="fix-add", retarget_to="main")
+    forge = forge_for(gitea, name)
+    try:
+        stacked = await publish_pull_request(forge, child, other_bases=("main",))
+        retargeted = await publish_pull_request(forge, dataclasses.replace(child, base="main", stacked_on=""),
+                                                other_bases=(BRANCH,))
+    finally:
+        await forge.aclose()
+    assert stacked.pull_request.base_branch == BRANCH and retargeted.pull_request.number == stacked.pull_request.number
+    pulls = [p for p in gitea.pull_requests(name) if p["head"]["ref"] == "reactor/child"]
+    assert [p["base"]["ref"] for p in pulls] == ["main"]
 
 
 async def test_errors_say_whether_to_try_again(gitea, forge_repo):

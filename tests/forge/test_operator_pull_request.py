@@ -5,13 +5,14 @@ One task, followed through every fault of the PR path (the suite's budget allows
 run): the operator SIGKILLed at each step between the push and the recorded PR, then the
 forge down when the PR is due; at the end exactly one PR, whose body holds the passing test
 output and whose head carries reactor/tcr = success; the forge token nowhere a cell or a
-reader of the cluster could see it; and a merge on the forge shows in the status."""
+reader of the cluster could see it. Then a task stacked on it (spec.dependsOn) opens its PR
+onto the first task's branch, and once the first PR is merged on the forge (which the status
+shows) the stacked PR is retargeted to main."""
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import base64
 import json
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from reactor.kube.pullrequests import CRASH_HOOK
 from reactor_dev.testing.helpers import install_crds, wait_for
 from reactor_dev.testing.operator_process import operators
 from reactor_dev.testing.repos import make_repo
-from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text
+from reactor_dev.testing.tasks import apply_secret
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, bash, edit, text, write
 
 pytestmark = [pytest.mark.opencode, pytest.mark.kube, pytest.mark.timeout(900)]
 
@@ -32,6 +34,8 @@ NAME = "fix-add"
 # process's command line (committed with the fix, so the test reads them from the forge).
 SPY = bash("env > cell-env.txt; for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done > cell-ps.txt 2>/dev/null; true")
 STEPS = [edit("calc.py", "return a - b", "return a + b"), SPY, text("Fixed.")]
+CHILD = "notes"  # stacked on NAME
+CHILD_STEPS = [write("NOTES.md", "add() adds its arguments\n"), text("Noted.")]
 # Crash points of the PR path (reactor.forge.publish), in order: before the lookup, before
 # the create, after the create (before the commit status), after everything but the status write.
 CRASHES = ["find", "create", "status", "done"]
@@ -43,13 +47,6 @@ def cluster(control_plane):
     return control_plane
 
 
-def secret(cluster, namespace: str, name: str, data: dict[str, str]) -> None:
-    manifest = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
-                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
-    out = cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    assert out.returncode == 0, out.stderr
-
-
 def condition(obj: dict, type_: str) -> dict | None:
     return next((c for c in (obj or {}).get("status", {}).get("conditions") or [] if c["type"] == type_), None)
 
@@ -57,11 +54,12 @@ def condition(obj: dict, type_: str) -> dict | None:
 def test_one_pull_request_through_crashes_and_an_outage(cluster, namespace, work_dir, gitea, tmp_path, monkeypatch):
     repo = f"app-{namespace[-8:]}"
     url = gitea.create_repository(repo, make_repo(tmp_path / "app"))
-    secret(cluster, namespace, "git-creds", {"username": "reactor", "password": gitea.password})
-    secret(cluster, namespace, "forge-token", {"token": gitea.token})
+    apply_secret(cluster, namespace, "git-creds", {"username": "reactor", "password": gitea.password})
+    apply_secret(cluster, namespace, "forge-token", {"token": gitea.token})
     flags = ("--forge-token-secret", "forge-token", "--forge-host", urlsplit(url).netloc, "--pr-check-interval", "1s")
 
-    with operators(cluster, namespace, work_dir) as start, ScriptedModel([Scenario(f"{NAME}:", STEPS)]) as model:
+    scenarios = [Scenario(f"{NAME}:", STEPS), Scenario(f"{CHILD}:", CHILD_STEPS)]
+    with operators(cluster, namespace, work_dir) as start, ScriptedModel(scenarios) as model:
         # 1. The task runs to a pushed commit; the operator dies before its first forge call.
         monkeypatch.setenv(CRASH_HOOK, "pr:find")
         op = start(*flags)
@@ -105,7 +103,7 @@ def test_one_pull_request_through_crashes_and_an_outage(cluster, namespace, work
         pr = pulls[0]
         status = obj["status"]
         assert status["pullRequest"] == {"url": pr["html_url"], "number": pr["number"], "headCommit": commit,
-                                         "state": "open"}
+                                         "state": "open", "base": "main"}
         assert condition(obj, "PullRequestOpened")["reason"] == "Created"
         assert condition(obj, "Succeeded")["reason"] == "Committed" and condition(obj, "Confined") is not None
         tail = status["result"]["testOutputTail"].strip().splitlines()[-1]
@@ -142,7 +140,18 @@ def test_one_pull_request_through_crashes_and_an_outage(cluster, namespace, work
                 assert token.encode() not in path.read_bytes(), path
         assert token not in json.dumps(obj) and token not in json.dumps(op.events(NAME))
 
-        # Merged on the forge: the status says so.
+        # Stacked: a task on this one's result opens its PR onto this one's branch.
+        stacked = {**manifest, "metadata": {"name": CHILD},
+                   "spec": {**manifest["spec"], "description": "Notes", "dependsOn": [NAME],
+                            "prompt": f"{CHILD}: write NOTES.md about add()"}}
+        out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(stacked))
+        assert out.returncode == 0, out.stderr
+        child = op.wait_for(CHILD, lambda o: (((o or {}).get("status") or {}).get("pullRequest") or {}).get("base"),
+                            240, "the stacked PR recorded")
+        assert child["status"]["pullRequest"]["base"] == f"reactor/{NAME}"
+        assert child["status"]["result"]["startCommit"] == commit
+
+        # Merged on the forge: the status says so, and the stacked PR is retargeted to main.
         # (Gitea answers 405 "try again later" while it re-checks mergeability after a change.)
         wait_for(lambda: gitea.api("POST", f"/repos/reactor/{repo}/pulls/{pr['number']}/merge",
                                    json={"Do": "merge", "head_commit_id": commit}).status_code == 200,
@@ -150,4 +159,10 @@ def test_one_pull_request_through_crashes_and_an_outage(cluster, namespace, work
         obj = op.wait_for(NAME, lambda o: (o["status"].get("pullRequest") or {}).get("state") == "merged", 60,
                           "pullRequest.state merged")
         assert condition(obj, "PullRequestOpened")["status"] == "True"
-        assert len(gitea.pull_requests(repo)) == 1
+        child = op.wait_for(CHILD, lambda o: o["status"]["pullRequest"].get("base") == "main", 60,
+                            "the stacked PR retargeted to main")
+        pulls = {p["head"]["ref"]: p for p in gitea.pull_requests(repo)}
+        assert sorted(pulls) == sorted([f"reactor/{NAME}", f"reactor/{CHILD}"]), "one PR per task"
+        assert pulls[f"reactor/{CHILD}"]["base"]["ref"] == "main"
+        assert pulls[f"reactor/{CHILD}"]["number"] == child["status"]["pullRequest"]["number"]
+        assert "PullRequestRetargeted" in [e["reason"] for e in op.events(CHILD)]

@@ -58,6 +58,13 @@ def test_a_url_carrying_credentials_is_refused_pointing_at_the_secret_ref(crd_in
         assert "S3cr3t" not in out.stderr, "the refusal repeats the token"
     ssh_user = kubectl_apply(crd_installed, namespace, agent_task("ssh-user", "ssh://git@github.com/e/a.git"))
     assert ssh_user.returncode == 0, ssh_user.stderr
+    # A MergeQueue names the same repository by the same rules (its tasks' URL must fit it).
+    queue = {"apiVersion": "reactor.dev/v1alpha1", "kind": "MergeQueue", "metadata": {"name": "creds"},
+             "spec": {"repository": {"url": "https://ghp_S3cr3tT0ken@github.com/e/a.git"}}}
+    out = kubectl_apply(crd_installed, namespace, queue)
+    assert out.returncode != 0 and "credentialsSecretRef" in out.stderr and "S3cr3t" not in out.stderr, out.stderr
+    queue["spec"]["repository"]["url"] = "http://127.0.0.1:3000/team/app.git"  # a forge on the operator's machine
+    assert kubectl_apply(crd_installed, namespace, queue).returncode == 0
 
 
 def test_spec_is_immutable_and_reapplying_the_same_manifest_changes_nothing(crd_installed, namespace):

@@ -121,6 +121,13 @@ async def test_update_status_and_errors_say_retry_or_not():
     assert forge.calls == 6
 
 
+async def test_retargeting_sends_the_new_base():
+    rec = Recorded((200, {**PULL, "base": {**PULL["base"], "ref": "main"}}))
+    pr = await rec.forge().update_pull_request(1347, base="main")
+    assert rec.requests[0].method == "PATCH" and body_of(rec.requests[0]) == {"base": "main"}
+    assert pr.base_branch == "main"
+
+
 async def test_merge_is_guarded_by_head_commit():
     rec = Recorded((200, {"sha": "abc", "merged": True, "message": "Pull Request successfully merged"}),
                    (409, {"message": "Head branch was modified. Review and try the merge again."}),

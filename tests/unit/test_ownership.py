@@ -318,3 +318,33 @@ async def test_a_claim_in_flight_when_the_replica_fenced_itself_is_not_held():
 
     assert await leases.claim(REF, lambda read: {"phase": "Bootstrapping"}, write) is None
     assert not leases.holds(REF)
+
+
+async def test_a_finished_task_is_claimed_for_its_pull_request_only_once_its_claim_is_dead():
+    """The replica that ran a task keeps its claim while it opens and follows the task's PR;
+    another takes the PR up only by claiming the task again, after that replica is lost."""
+    clock = Clock()
+    owner = fleet("r1", clock=clock)
+    owner.leases = InMemoryTask(k8s.ApiClient(), FleetSettings("r1", "reactor-system", LEASE), clock=clock,
+                                task=body(claimed_by("r0.aa", phase="Succeeded"), version="7"))
+    owner.leases.note_renewal(sent=clock.now)
+    owner.leases.note_leases([LeaseView("r0", "r0.aa", "t1", LEASE)])
+    done = owner.leases.task
+    assert not owner.may_adopt(done), "r0 is live: its PR is its own"
+    clock.now += LEASE
+    owner.leases.note_renewal(sent=clock.now)
+    assert owner.may_adopt(done) and not owner.may_take(done), "only its PR is taken up: never run again"
+    assert not owner.may_adopt(body(claimed_by("r0.aa", phase="Succeeded"), deletionTimestamp="2026-01-01T00:00:00Z"))
+    assert not owner.may_adopt(body(claimed_by("r0.aa", phase="Executing"))), "unfinished: claimed to run"
+    assert not owner.may_adopt(body(claimed_by(owner.leases.holder, phase="Succeeded"))), "our own, live"
+    assert owner.may_adopt(body(claimed_by("r1.before", phase="Succeeded"))), "our earlier incarnation's"
+
+    writes: list[tuple[str, dict]] = []
+
+    async def write(read: dict, status: dict) -> bool:
+        writes.append((read["metadata"]["resourceVersion"], status))
+        return True
+
+    assert await owner.claim_finished(REF, write) is done
+    assert writes == [("7", {"claim": writes[0][1]["claim"]})] and writes[0][1]["claim"]["holder"] == owner.leases.holder
+    assert owner.leases.holds(REF), "its PR status writes are fenced on this claim"

@@ -154,3 +154,25 @@ async def test_the_pull_request_is_written_after_the_verdict_keeping_it():
     assert "pullRequest" not in first and first["conditions"][1]["status"] == "False"
     assert [e[0] for e in writer.events[-2:]] == ["ForgeUnavailable", "Created"]  # not one per retry
     assert writer.events[-2][2] is True and writer.events[-1][2] is False
+
+
+async def test_a_rebase_round_starts_from_pending_without_the_old_result_and_conflict_keeps_the_last():
+    writer = Recorder()
+    await TaskStatus(writer, REF, 1).rebase_round(2, "rebase round 2 of 2: conflicts in calc.py")
+    (round_start,) = writer.patches
+    assert (round_start["phase"], round_start["conditions"][0]["reason"], round_start["rebases"]) == (
+        "Pending", "Rebasing", 2)
+    # The earlier result goes (its branch stays on the origin); the round has its own attempts and box;
+    # the spend so far (progress) is not touched: it keeps counting.
+    assert {k: round_start[k] for k in ("result", "attempts", "startTime", "completionTime")} == {
+        "result": None, "attempts": 0, "startTime": None, "completionTime": None}
+    assert "progress" not in round_start and writer.events == [("Rebasing", "rebase round 2 of 2: conflicts in calc.py",
+                                                                False)]
+    writer = Recorder()
+    status = TaskStatus(writer, REF, 1)
+    await status.conflict("still conflicts in calc.py after 2 rebase rounds")
+    (verdict,) = writer.patches
+    assert (verdict["phase"], verdict["conditions"][0]["status"], verdict["conditions"][0]["reason"]) == (
+        "Failed", "False", "Conflict")
+    assert verdict["completionTime"] and not {"result", "usage", "progress"} & set(verdict), "the last result stays"
+    assert writer.events[0][0] == "Failed" and writer.events[0][2] is True and status.finished

@@ -38,12 +38,12 @@ from reactor_dev.devcluster.controlplane import (
     use_existing_cluster,
 )
 
-_KUBE_FIXTURES = {"kube_assets", "control_plane", "kube_api", "namespace", "crd_installed"}
+KUBE_FIXTURES = {"kube_assets", "control_plane", "kube_api", "namespace", "crd_installed"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if _KUBE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if KUBE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.kube)
 
 

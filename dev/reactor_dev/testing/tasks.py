@@ -64,3 +64,12 @@ def kubectl_ok(cluster, *args: str, input: str | None = None, timeout: float = 1
 def kubectl_apply(cluster, namespace: str, obj: dict, *extra: str):
     """`kubectl apply -n NAMESPACE -f -` of one object; the CompletedProcess (tests of refusals look at it)."""
     return cluster.kubectl("apply", "-n", namespace, *extra, "-f", "-", input=json.dumps(obj))
+
+
+def apply_secret(cluster, namespace: str, name: str, data: dict[str, str]) -> None:
+    """A Secret holding ``data`` (given in clear, stored base64) in ``namespace``."""
+    import base64
+
+    manifest = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+    kubectl_ok(cluster, "apply", "-f", "-", input=json.dumps(manifest))

@@ -41,6 +41,11 @@ def add_subparser(sub: Any) -> None:
                             "from each task's repository URL, so without this the default token is sent nowhere)")
     forge.add_argument("--pr-check-interval", default="60s",
                        help="how often open pull requests are checked for merged/closed (default: 60s)")
+    queues = parser.add_argument_group("merge queues (spec.integrate: queue)")
+    queues.add_argument("--rebase-rounds", type=_rounds, default=2, metavar="N",
+                        help="a queued result that conflicts textually with the base branch sends its task back to "
+                             "a cell to rebase it this many times, then the task fails with reason Conflict "
+                             "(default: 2; 0: Conflict at once)")
     fleet = parser.add_argument_group("many replicas (a StatefulSet; see manifests-fleet)")
     fleet.add_argument("--fleet", action="store_true",
                        help="share the tasks with other replicas through Leases and claims")
@@ -51,6 +56,16 @@ def add_subparser(sub: Any) -> None:
     fleet.add_argument("--lease-duration", default="15s",
                        help="a replica whose Lease is not renewed for this long is considered gone (default: 15s)")
     parser.set_defaults(func=cmd_operator)
+
+
+def _rounds(value: str) -> int:
+    try:
+        rounds = int(value)
+    except ValueError:
+        rounds = -1
+    if rounds < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of rounds (0 or more)")
+    return rounds
 
 
 def _absolute_path(value: str):
@@ -110,7 +125,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
                                         default_token_hosts=tuple(args.forge_host),
                                         check_interval=parse_duration(args.pr_check_interval))
     supervisor = Supervisor(engine, api_client, fleet=fleet, namespaces=watched, progress_interval=interval,
-                            allow_file_urls=args.allow_file_urls, pull_requests=pull_requests)
+                            allow_file_urls=args.allow_file_urls, pull_requests=pull_requests,
+                            rebase_rounds=args.rebase_rounds)
     # MergeQueues: driven here while this replica holds each queue's Lease; results reach them
     # from the supervisor's post-push point (spec.integrate: queue).
     from reactor.kube.mergequeues import MergeQueues
@@ -119,7 +135,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     merge_queues = MergeQueues(api_client, ConfinedTests(engine.confinement, engine.work_dir, engine.owner),
                                supervisor.mirrors, identity=fleet.replica if fleet is not None else None,
                                lease_duration=fleet.lease_duration if fleet is not None else 15.0,
-                               metrics=supervisor.observatory.metrics)
+                               metrics=supervisor.observatory.metrics, forge_for=supervisor.pull_requests.forge_for,
+                               views=supervisor.observatory.queues)
     supervisor.merge_queues = merge_queues
     web = None
     if args.web != "none":

@@ -47,6 +47,10 @@ class PullRequestFacts:
     cost: float = 0.0
     model: str = ""
     confined: bool | None = None
+    # A stacked PR (its task's parent has not integrated yet): ``base`` is the parent's result
+    # branch, and the PR is retargeted to ``retarget_to`` once the parent integrates.
+    stacked_on: str = ""
+    retarget_to: str = ""
 
 
 def fenced(text: str, info: str = "") -> str:
@@ -104,6 +108,9 @@ def render_body(facts: PullRequestFacts) -> str:
         + ("" if facts.confined is None else f"; the cell ran {'confined (Landlock)' if facts.confined else 'UNCONFINED'}")
         + ".",
     ]
+    if facts.stacked_on:
+        lines += ["", f"Stacked on the result of task `{inline(facts.stacked_on)}`: this pull request is retargeted "
+                      f"to `{inline(facts.retarget_to)}` once that task's result integrates."]
     return _cut("\n".join(lines), MAX_BODY)
 
 

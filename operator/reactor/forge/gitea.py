@@ -51,8 +51,9 @@ class GiteaForge:
             raise
         return _pull_request(response.json())
 
-    async def update_pull_request(self, number: int, title: str | None = None, body: str | None = None) -> PullRequest:
-        payload = {key: value for key, value in (("title", title), ("body", body)) if value is not None}
+    async def update_pull_request(self, number: int, title: str | None = None, body: str | None = None,
+                                  base: str | None = None) -> PullRequest:
+        payload = {key: value for key, value in (("title", title), ("body", body), ("base", base)) if value is not None}
         response = await self.http.request("PATCH", f"{self.repo_path}/pulls/{number}", json=payload, ok=(201, 200))
         return _pull_request(response.json())
 

@@ -5,7 +5,7 @@ Written against GitHub's documented shapes and unit-tested on recorded answers
 - find:   GET /repos/{o}/{r}/pulls?head={o}:{branch}&base={base}&state=all (a list)
 - create: POST /repos/{o}/{r}/pulls {title, head, base, body, draft} -> 201; a duplicate answers
           422 "Validation Failed" with an error "A pull request already exists for {o}:{branch}."
-- update: PATCH /repos/{o}/{r}/pulls/{n} {title, body} -> 200
+- update: PATCH /repos/{o}/{r}/pulls/{n} {title, body, base} -> 200 (base: retarget, as for stacked PRs)
 - status: POST /repos/{o}/{r}/statuses/{sha} {state, target_url, description, context} -> 201
 - merge:  PUT /repos/{o}/{r}/pulls/{n}/merge {sha, merge_method} -> 200; 409 when the head is not
           ``sha``; 405 when it is not mergeable (checks, conflicts)
@@ -64,8 +64,9 @@ class GitHubForge:
             raise
         return _pull_request(response.json())
 
-    async def update_pull_request(self, number: int, title: str | None = None, body: str | None = None) -> PullRequest:
-        payload = {key: value for key, value in (("title", title), ("body", body)) if value is not None}
+    async def update_pull_request(self, number: int, title: str | None = None, body: str | None = None,
+                                  base: str | None = None) -> PullRequest:
+        payload = {key: value for key, value in (("title", title), ("body", body), ("base", base)) if value is not None}
         response = await self.http.request("PATCH", f"{self.repo_path}/pulls/{number}", json=payload, ok=(200,))
         return _pull_request(response.json())
 

@@ -77,8 +77,9 @@ class Forge(Protocol):
     async def create_pull_request(self, head: str, base: str, title: str, body: str, draft: bool) -> PullRequest:
         """Raises AlreadyExists when one exists for this head and base."""
 
-    async def update_pull_request(self, number: int, title: str | None = None, body: str | None = None) -> PullRequest:
-        ...
+    async def update_pull_request(self, number: int, title: str | None = None, body: str | None = None,
+                                  base: str | None = None) -> PullRequest:
+        """Change what is given; ``base`` retargets the pull request (stacked PRs)."""
 
     async def get_pull_request(self, number: int) -> PullRequest:
         ...

@@ -40,14 +40,20 @@ class TaskView:
     url: str  # spec.repository.url
     depends_on: tuple[str, ...]
     deleting: bool = False
+    branch: str | None = None  # its result branch, once pushed to the origin
+    integrated: bool = False  # its result is on the base branch: its PR merged, or its merge queue integrated it
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> TaskView:
         meta, spec, status = body["metadata"], body.get("spec") or {}, AgentTaskStatus.of(body)
+        result = status.result
+        integrated = ((status.pull_request is not None and status.pull_request.state == "merged")
+                      or (status.integration is not None and status.integration.state == "Integrated"))
         return cls(name=meta["name"], uid=meta.get("uid") or "", phase=status.phase.value if status.phase else None,
                    reason=status.reason or "", commit=status.commit,
                    url=(spec.get("repository") or {}).get("url") or "",
-                   depends_on=tuple(spec.get("dependsOn") or ()), deleting=bool(meta.get("deletionTimestamp")))
+                   depends_on=tuple(spec.get("dependsOn") or ()), deleting=bool(meta.get("deletionTimestamp")),
+                   branch=result.branch if result is not None and result.pushed else None, integrated=integrated)
 
 
 class Verdict(str, enum.Enum):

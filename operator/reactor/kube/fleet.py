@@ -348,15 +348,16 @@ class ReplicaLeases:
             return False
         return not self.claim_alive(status.claim)
 
-    async def _claimable_now(self, body: dict) -> bool:
+    async def _claimable_now(self, body: dict, claimable: Callable[[dict], bool] | None = None) -> bool:
         """claimable(), but a claim that looks dead is judged on a fresh list of Leases: our
         view may predate the claimer's Lease (a replica that just started or restarted)."""
-        if not self.claimable(body):
+        claimable = claimable or self.claimable
+        if not claimable(body):
             return False
         claim = AgentTaskStatus.of(body).claim
         if claim is not None and claim.replica != self.replica:
             await self.refresh()
-            return self.claimable(body)
+            return claimable(body)
         return True
 
     def holds(self, ref: TaskRef) -> bool:
@@ -389,16 +390,20 @@ class ReplicaLeases:
         return {"replica": self.replica, "holder": self.holder, "since": micro_time()}
 
     async def claim(self, ref: TaskRef, first_status: Callable[[dict], dict[str, Any] | None],
-                    write: ClaimWrite, attempts: int = 5) -> tuple[dict, dict[str, Any]] | None:
+                    write: ClaimWrite, attempts: int = 5,
+                    claimable: Callable[[dict], bool] | None = None) -> tuple[dict, dict[str, Any]] | None:
         """Claim the task if it is claimable: ``first_status(fresh body)`` gives the status to
         write with the claim (or None: do not claim); ``write(body, status)`` writes it onto
         the version read (TaskStatus.claim: False when anything changed the task meanwhile;
-        then read again and decide again). Returns (the body read, the status written), or None."""
+        then read again and decide again). ``claimable``: instead of :meth:`claimable` (a
+        finished task taken for its pull request). Returns (the body read, the status
+        written), or None."""
         for _ in range(attempts):
             if not self.holds_lease(margin=self.settings.renew_interval):
                 return None
             body = await self.read(ref)
-            if body is None or body["metadata"]["uid"] != ref.uid or not await self._claimable_now(body):
+            if (body is None or body["metadata"]["uid"] != ref.uid
+                    or not await self._claimable_now(body, claimable)):
                 return None
             status = first_status(body)
             if status is None:

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import secrets as token
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kubernetes import client as k8s
@@ -40,15 +41,22 @@ from reactor.durations import parse_duration
 from reactor.infra.mirrors import GitCredentials, RepositoryMirrors
 from reactor.kube.fleet import micro_time
 from reactor.kube.status import JSON_PATCH, json_patch_operations
-from reactor.kube.resource import GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, MergeQueueSpec, TaskRef, format_time
+from reactor.kube.resource import (GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, MergeQueueSpec, TaskRef,
+                                   format_time, parse_time)
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import IntegrationStatus
-from reactor.mergequeue import ConfinedTests, EntryState, MergeQueue, PushedBranch, QueueConfig, QueueEvent, QueueState
+from reactor.forge import Forge
+from reactor.mergequeue import (ConfinedTests, EntryState, ForgeMerge, MergeQueue, PushedBranch, QueueConfig, QueueEvent,
+                                QueueState)
+from reactor.observe.fleet import QUEUE_FINISHED_SHOWN, QueueView, QueueViews
 from reactor.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 LEASE_PREFIX = "reactor-mergequeue-"
 TAIL_CHARS = 2000  # of a failing test output, in a task's status
+# A result whose pull request is not recorded this long after its verdict (the forge is down;
+# a fleet, whose PR status write is refused: docs/forge.md) is pushed like one without.
+PULL_REQUEST_WAIT = 120.0
 
 
 class HolderLost(Exception):
@@ -131,8 +139,10 @@ class QueueLease:
 class StatusStore:
     """A queue's record in its MergeQueue's status, and its tasks' ``status.integration``."""
 
-    def __init__(self, api_client: k8s.ApiClient, namespace: str, name: str, holder: str):
+    def __init__(self, api_client: k8s.ApiClient, namespace: str, name: str, holder: str,
+                 views: QueueViews | None = None):
         self.custom = k8s.CustomObjectsApi(api_client)
+        self.views = views  # the fleet page's, updated with every record saved
         self.integration = IntegrationStatus(api_client)
         self.namespace, self.name, self.holder = namespace, name, holder
         self._written: dict[str, dict[str, Any]] = {}  # entry id -> integration last written
@@ -157,10 +167,14 @@ class StatusStore:
             if exc.status == 422:  # the test failed: another replica holds the queue now
                 raise HolderLost(f"merge queue {self.namespace}/{self.name} is held by another replica") from None
             raise
+        if self.views is not None:
+            self.views.update(queue_view(self.namespace, self.name, state))
         for entry in state.entries:
             integration = task_integration(state, entry.id, self.name)
             if self._written.get(entry.id) != integration:
-                self.integration.write(self.namespace, *task_of(entry.id), integration)  # False: gone
+                # Only onto the result it is about (False: gone, or the task has moved on: a
+                # rebase round started, or a newer result is in).
+                self.integration.write(self.namespace, *task_of(entry.id), integration, about=entry.commit)
                 self._written[entry.id] = integration
 
 
@@ -189,11 +203,29 @@ def summary(state: QueueState) -> dict[str, Any]:
     }
 
 
+def queue_view(namespace: str, name: str, state: QueueState) -> QueueView:
+    """The queue as the fleet page draws it: waiting and integrating items in queue order,
+    then the latest finished ones."""
+    def item(entry) -> dict[str, Any]:
+        return {"task": task_of(entry.id)[0], "state": entry.state.value, "position": state.position(entry.id),
+                "reason": entry.reason, "commit": entry.integrated_as or entry.commit}
+    active = [e for e in state.entries if e.state in (EntryState.QUEUED, EntryState.INTEGRATING)]
+    active.sort(key=lambda e: (e.state is EntryState.QUEUED, state.position(e.id) or 0))
+    finished = sorted((e for e in state.entries if e.state in (EntryState.INTEGRATED, EntryState.EJECTED)),
+                      key=lambda e: e.finished_at, reverse=True)[:QUEUE_FINISHED_SHOWN]
+    stats = state.stats
+    return QueueView(namespace, name, branch=state.config.base_branch, depth=state.depth, base_green=stats.base_green,
+                     last_integration=stats.last_integration,
+                     last_integration_at=format_time(stats.last_integration_at) if stats.last_integration_at else None,
+                     test_runs=stats.test_runs, integrated=stats.integrated, ejected=stats.ejected,
+                     items=[item(e) for e in active + finished])
+
+
 def task_integration(state: QueueState, entry_id: str, queue: str) -> dict[str, Any]:
     entry = state.get(entry_id)
     assert entry is not None
-    integration: dict[str, Any] = {"state": entry.state.value, "queue": queue, "position": None,
-                                   "baseCommit": None, "reason": None, "message": None}
+    integration: dict[str, Any] = {"state": entry.state.value, "queue": queue, "commit": entry.commit,
+                                   "position": None, "baseCommit": None, "reason": None, "message": None}
     if entry.state is EntryState.QUEUED:
         integration["position"] = state.position(entry_id)
         integration["message"] = f"position {integration['position']} in merge queue {queue}"
@@ -204,8 +236,9 @@ def task_integration(state: QueueState, entry_id: str, queue: str) -> dict[str, 
         integration["message"] = f"integrated into {state.config.base_branch} as {entry.integrated_as[:12]}"
     else:
         integration["reason"], integration["message"] = entry.reason, entry.detail[-TAIL_CHARS:]
-        if entry.conflict_commit:  # where the task's rebase round starts from
-            integration["conflictCommit"] = entry.conflict_commit
+        if entry.conflict_commit:  # where the task's rebase round starts from (kube/rebase.py)
+            integration.update(conflictCommit=entry.conflict_commit, onto=entry.conflict_onto,
+                               conflictPaths=entry.conflict_paths)
     return integration
 
 
@@ -218,6 +251,7 @@ class _Driver:
         self.wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._driving: asyncio.Task | None = None
+        self._specs: dict[str, AgentTaskSpec] = {}  # entry id -> its task's spec (its forge and token)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._heartbeat(), name=f"merge queue {self.namespace}/{self.name}")
@@ -242,7 +276,7 @@ class _Driver:
             await asyncio.sleep(self.lease.renew_interval)
 
     async def _drive(self) -> None:
-        store = StatusStore(self.queues.api_client, self.namespace, self.name, self.lease.identity)
+        store = StatusStore(self.queues.api_client, self.namespace, self.name, self.lease.identity, self.queues.views)
         await asyncio.to_thread(store.take)
         while self.lease.holds():
             try:
@@ -271,7 +305,7 @@ class _Driver:
         spec = MergeQueueSpec.model_validate(body.get("spec") or {})
         state = await asyncio.to_thread(store.load)
         waiting, present = await self._inbox(custom, spec)
-        inbox = [(entry, task, commit) for entry, task, commit in waiting
+        inbox = [(entry, task, commit, pr) for entry, task, commit, pr in waiting
                  if state is None or state.get(entry) is None or state.get(entry).commit != commit]
         gone = [e.id for e in state.queued() if e.id not in present] if state is not None else []
         if not inbox and not gone and (state is None or not (state.queued() or state.pending)):
@@ -284,20 +318,30 @@ class _Driver:
             config = QueueConfig(repo=str(mirror), base_branch=spec.repository.branch, test_command=command,
                                  max_batch=spec.max_batch, max_parallel=spec.max_parallel,
                                  test_timeout=parse_duration(spec.test.timeout))
-        queue = MergeQueue(store, PushedBranch(mirror, "origin", spec.repository.branch, credentials), queues.tests,
-                           config, repo=mirror, on_event=lambda event: self._count(queue, event))
+        base = PushedBranch(mirror, "origin", spec.repository.branch, credentials)
+        merge = ForgeMerge(base, self._forge_for) if queues.forge_for is not None else None
+        queue = MergeQueue(store, base, queues.tests, config, repo=mirror, pull_requests=merge,
+                           on_event=lambda event: self._count(queue, event))
         queue.config.max_batch, queue.config.max_parallel = spec.max_batch, spec.max_parallel
         for entry in gone:  # its task was deleted while it waited
             await asyncio.to_thread(queue.withdraw, entry)
-        for entry, _, commit in inbox:
+        for entry, _, commit, pr in inbox:
             try:
-                await asyncio.to_thread(queue.enqueue_result, entry, commit)
+                await asyncio.to_thread(queue.enqueue_result, entry, commit, pr)
             except Exception as exc:  # noqa: BLE001 - a result that does not hold up is ejected, not retried
                 await asyncio.to_thread(store.integration.write, self.namespace, *task_of(entry), {
                     "state": "Ejected", "queue": self.name, "reason": "InvalidResult", "message": str(exc)[:1024]})
         while self.lease.holds(margin=self.lease.renew_interval) and await queue.run_round():
             self.queues.depths[(self.namespace, self.name)] = queue.state.depth
         self.queues.depths[(self.namespace, self.name)] = queue.state.depth
+
+    async def _forge_for(self, entry: str) -> Forge:
+        """The forge of an entry's pull request, with its task's token (as its PR was opened)."""
+        spec = self._specs.get(entry)
+        if spec is None or self.queues.forge_for is None:
+            raise LookupError(f"merge queue {self.namespace}/{self.name}: no task for {entry}")
+        name, uid = task_of(entry)
+        return await self.queues.forge_for(TaskRef(self.namespace, name, uid, ""), spec)
 
     def _count(self, queue: MergeQueue, event: QueueEvent) -> None:
         metrics, labels = self.queues.metrics, (self.namespace, self.name)
@@ -314,9 +358,10 @@ class _Driver:
             metrics.queue_results.labels(*labels, "ejected", event.detail).inc()
 
     async def _inbox(self, custom: k8s.CustomObjectsApi, spec: MergeQueueSpec
-                     ) -> tuple[list[tuple[str, AgentTaskSpec, str]], set[str]]:
-        """Tasks of the namespace waiting for this queue, (entry id, spec, result commit) in
-        the order they finished; and the entry ids of every task that exists."""
+                     ) -> tuple[list[tuple[str, AgentTaskSpec, str, int]], set[str]]:
+        """Tasks of the namespace waiting for this queue, (entry id, spec, result commit, its
+        open pull request's number or 0) in the order they finished; and the entry ids of every
+        task that exists."""
         listed = await asyncio.to_thread(custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL)
         waiting, present = [], set()
         for body in listed.get("items", []):
@@ -332,9 +377,18 @@ class _Driver:
             except ValueError:
                 continue
             if spec.takes(task):
-                waiting.append((status.get("completionTime") or "", entry_id(body), task, result["commit"]))
+                self._specs[entry_id(body)] = task
+                number = 0
+                if task.result.pull_request:
+                    pull = status.get("pullRequest") or {}
+                    if pull.get("headCommit") == result["commit"] and pull.get("state") == "open":
+                        number = int(pull.get("number") or 0)  # lands through the forge's merge
+                    elif not _pull_request_refused(status) and time.time() - (parse_time(
+                            status.get("completionTime")) or 0) < PULL_REQUEST_WAIT:
+                        continue  # its pull request is being opened (after the verdict): wait for it
+                waiting.append((status.get("completionTime") or "", entry_id(body), task, result["commit"], number))
         waiting.sort(key=lambda w: (w[0], w[1]))
-        return [(entry, task, commit) for _, entry, task, commit in waiting], present
+        return [(entry, task, commit, number) for _, entry, task, commit, number in waiting], present
 
     async def _credentials(self, spec: MergeQueueSpec) -> GitCredentials | None:
         ref = spec.repository.credentials_secret_ref
@@ -343,6 +397,13 @@ class _Driver:
         data = await self.queues.secrets.read(self.namespace, ref.name, "spec.repository.credentialsSecretRef")
         return GitCredentials(username=data.get("username"), password=data.get("password"),
                               ssh_private_key=data.get("ssh-privatekey"))
+
+
+def _pull_request_refused(status: dict) -> bool:
+    """The forge refused the task's pull request (kube/pullrequests.py gave up): its result
+    is pushed like one without."""
+    return any(c.get("type") == "PullRequestOpened" and c.get("status") == "False" and c.get("reason") == "ForgeRefused"
+               for c in status.get("conditions") or [])
 
 
 class _DepthCollector(Collector):
@@ -365,8 +426,13 @@ class MergeQueues:
 
     def __init__(self, api_client: k8s.ApiClient, tests: ConfinedTests, mirrors: RepositoryMirrors,
                  identity: str | None = None, lease_duration: float = 15.0, poll_interval: float = 2.0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None,
+                 forge_for: Callable[[TaskRef, AgentTaskSpec], Awaitable[Forge]] | None = None,
+                 views: QueueViews | None = None):
+        """``forge_for``: a task's forge with its token (kube/pullrequests.py): a result with an
+        open pull request then lands through the forge's merge (the PR reads as merged)."""
         self.api_client, self.tests, self.mirrors, self.metrics = api_client, tests, mirrors, metrics
+        self.forge_for, self.views = forge_for, views
         self.depths: dict[tuple[str, str], int] = {}  # of the queues driven here
         if metrics is not None:
             metrics.registry.register(_DepthCollector(self))
@@ -388,6 +454,8 @@ class MergeQueues:
         driver = self._drivers.pop((namespace, name), None)
         if driver is not None:
             await driver.stop()
+        if self.views is not None:
+            self.views.remove(namespace, name)
 
     async def submit(self, ref: TaskRef, spec: AgentTaskSpec) -> None:
         """The supervisor's post-push point: a task whose result is pushed asks to be

@@ -5,7 +5,11 @@
 - ``FleetOwnership`` (``reactor operator --fleet``): every replica sees every task (kopf's
   on.event); a replica takes a task only once it holds a free slot, by a claim written onto
   the version it read, kept live by its Lease (kube/fleet.py ``ReplicaLeases``). Only the
-  holder writes (fenced on the API server) and pushes (after re-reading its claim).
+  holder writes (fenced on the API server) and pushes (after re-reading its claim). A
+  finished task's claim stays with the replica that ran it while it opens and follows the
+  task's pull request; once that replica is lost, a finished task whose PR work is left is
+  claimed again (``claim_finished``: the claim alone), so one replica at a time talks to
+  the forge about it.
 
 The restart rules (``restart_plan``) are one: a task interrupted mid-run (the operator
 restarted, or the replica that ran it was lost) runs once more from the start (its time box
@@ -124,6 +128,17 @@ class Ownership(Protocol):
 
     def origin(self, ref: TaskRef, origin: MirrorOrigin) -> MirrorOrigin: ...
 
+    async def confirm(self, ref: TaskRef) -> bool:
+        """Right before a change outside the cluster (a pull request on the forge): the task is
+        still ours on the API server."""
+
+    def may_adopt(self, body: dict) -> bool:
+        """A finished task whose claim nobody live holds (its pull request work may be taken up)."""
+
+    async def claim_finished(self, ref: TaskRef, write: Callable[[dict, dict[str, Any]], Awaitable[bool]]) -> dict | None:
+        """Claim a finished task for its pull request (``write``: TaskStatus.claim, with the
+        claim only); the body read, or None: not ours."""
+
 
 class SingleReplica:
     """One operator: every task is ours; an interrupted run's cell and commit are on this machine."""
@@ -192,6 +207,15 @@ class SingleReplica:
 
     def origin(self, ref: TaskRef, origin: MirrorOrigin) -> MirrorOrigin:
         return origin
+
+    async def confirm(self, ref: TaskRef) -> bool:
+        return True
+
+    def may_adopt(self, body: dict) -> bool:
+        return False  # (one operator resumes its finished tasks' pull requests at start-up)
+
+    async def claim_finished(self, ref: TaskRef, write: Callable[[dict, dict[str, Any]], Awaitable[bool]]) -> dict | None:
+        raise AssertionError("one replica claims nothing")
 
 
 class ClaimedOrigin(MirrorOrigin):
@@ -319,6 +343,21 @@ class FleetOwnership:
 
     def release(self, ref: TaskRef) -> None:
         self.leases.release(ref)
+
+    async def confirm(self, ref: TaskRef) -> bool:
+        return await self.leases.confirm(ref, margin=self.leases.settings.renew_interval)
+
+    def may_adopt(self, body: dict) -> bool:
+        """Finished, not being deleted, and its claim died with its replica (or incarnation):
+        the replica that ran it holds it while its pull request is being opened or followed."""
+        status = AgentTaskStatus.of(body)
+        return (status.finished and not body["metadata"].get("deletionTimestamp")
+                and not self.leases.claim_alive(status.claim))
+
+    async def claim_finished(self, ref: TaskRef, write: Callable[[dict, dict[str, Any]], Awaitable[bool]]) -> dict | None:
+        # The claim alone, onto the version read: of two replicas adopting it, one wins.
+        claimed = await self.leases.claim(ref, lambda body: {}, write, claimable=self.may_adopt)
+        return None if claimed is None else claimed[0]
 
     def origin(self, ref: TaskRef, origin: MirrorOrigin) -> MirrorOrigin:
         # The push must be over before our Lease could expire for others: a renewal interval

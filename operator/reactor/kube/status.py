@@ -406,6 +406,30 @@ class TaskStatus:
         if changed:
             await self.writer.event(self.ref, reason, message, warning=not opened)
 
+    async def rebase_round(self, number: int, message: str) -> None:
+        """Its queued result conflicts with the base's new tip: the task runs again as rebase
+        round ``number`` (kube/rebase.py), from Pending. The earlier result goes (its branch
+        stays on the origin); the spend so far (progress) stays and keeps counting; the round
+        has its own attempts and time box."""
+        status = phase_status(Phase.PENDING, message, self.generation, Reason.REBASING.value)
+        status.update(rebases=number, result=None, attempts=0, startTime=None, completionTime=None, cell=None,
+                      waitingOn=None)
+        self.phase, self.waiting_reason, self.waiting_detail = Phase.PENDING, Reason.REBASING, {}
+        self.conditions = status["conditions"]
+        await self.writer.patch(self.ref, status)
+        await self.writer.event(self.ref, Reason.REBASING.value, message)
+
+    async def conflict(self, message: str) -> None:
+        """The verdict after the last rebase round: Failed, reason Conflict. The last result,
+        usage and progress stay as they were written."""
+        if self.finished:
+            return
+        status = phase_status(Phase.FAILED, message, self.generation, Reason.CONFLICT.value)
+        status.update(cell=None, completionTime=now())
+        self.phase, self.conditions, self.final = Phase.FAILED, status["conditions"], status
+        await self.writer.patch(self.ref, status)
+        await self.writer.event(self.ref, Phase.FAILED.value, f"{Reason.CONFLICT.value}: {message}", warning=True)
+
     async def requeue(self, reason: Reason, message: str) -> None:
         """Back to Pending and unclaimed (the operator stops): the task runs again on the next
         start, or at once on another replica of a fleet."""
@@ -487,11 +511,16 @@ class IntegrationStatus:
     def __init__(self, api_client: k8s.ApiClient):
         self.custom = k8s.CustomObjectsApi(api_client)
 
-    def write(self, namespace: str, name: str, uid: str, integration: dict[str, Any]) -> bool:
+    def write(self, namespace: str, name: str, uid: str, integration: dict[str, Any], about: str | None = None) -> bool:
         """Blocking. Only onto the object ``uid`` names (a JSON patch led by a `test` of it: a
-        task deleted and made again under its name is another task). False when it is gone."""
-        operations = [{"op": "test", "path": "/metadata/uid", "value": uid},
-                      {"op": "add", "path": "/status/integration",
+        task deleted and made again under its name is another task). False when it is gone.
+        ``about``: only while the task is Succeeded with this result commit (the supervisor
+        may have taken it back for a rebase round, kube/rebase.py, which ends in a new result)."""
+        operations = [{"op": "test", "path": "/metadata/uid", "value": uid}]
+        if about is not None:
+            operations += [{"op": "test", "path": "/status/phase", "value": "Succeeded"},
+                           {"op": "test", "path": "/status/result/commit", "value": about}]
+        operations += [{"op": "add", "path": "/status/integration",
                        "value": {k: v for k, v in integration.items() if v is not None}}]
         try:
             self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, operations,

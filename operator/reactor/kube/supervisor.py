@@ -14,6 +14,9 @@ when a lost replica's tasks may be adopted. Everything else is the same code in 
              the push, give up)
          ─► dependencies (fail, or the commits to start from) ─► secrets, spec ─► ``run_task`` ─► push ─► ``after_push`` ─► verdict
 
+A Succeeded task whose queued result the merge queue ejected for a textual conflict is
+taken back the same way for a rebase round (kube/rebase.py; ``_rebase``), or ends Conflict.
+
 Each run has one exit that writes its status (``_run``, like Tekton's TaskRun reconciler),
 and every status write of the task goes through the run's ``TaskStatus`` (kube/status.py):
 the claim, why it waits, each phase, the verdict, the requeue on shutdown.
@@ -52,7 +55,8 @@ from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.fleet import FleetSettings
 from reactor.kube.ownership import FleetOwnership, Ownership, Plan, SingleReplica, reopen_session
 from reactor.kube.progress import ProgressPublisher
-from reactor.kube.pullrequests import PullRequests, PullRequestSettings
+from reactor.kube import rebase
+from reactor.kube.pullrequests import PullRequests, PullRequestSettings, pull_request_work
 from reactor.kube.resource import (GROUP, PLURAL, VERSION, AgentTaskSpec, AgentTaskStatus, ProgressStatus, TaskRef,
                                    parse_time)
 from reactor.kube.secrets import SecretReader, TaskSecrets
@@ -197,8 +201,11 @@ class Supervisor:
                  namespaces: list[str] | None = None, observatory: Observatory | None = None,
                  progress_interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
                  allow_file_urls: list[Path] | tuple[Path, ...] = (),
-                 pull_requests: PullRequestSettings | None = None):
+                 pull_requests: PullRequestSettings | None = None, rebase_rounds: int = rebase.DEFAULT_REBASE_ROUNDS):
         self.engine = engine
+        # A queued result that conflicts with the base goes back to its task this many times
+        # (kube/rebase.py); after that the task ends Conflict.
+        self.rebase_rounds = rebase_rounds
         self.namespaces = namespaces or []  # watched; [] = all
         self.observatory = observatory or observatory_for(engine)
         self.secrets = SecretReader(api_client, (pull_requests.default_token_secret,) if pull_requests else ())
@@ -206,7 +213,11 @@ class Supervisor:
         self.mirrors = RepositoryMirrors(engine.work_dir / "mirrors", RepositoryPolicy(engine.work_dir,
                                                                                        tuple(allow_file_urls)))
         self.limits = SpendLimits(api_client, self.observatory.spend, self.stop_namespace)
-        self.pull_requests = PullRequests(self.secrets, pull_requests, self.observatory)
+        # The PR publisher works under the task's claim (a fleet: one publisher per task).
+        self.pull_requests = PullRequests(self.secrets, pull_requests, self.observatory,
+                                          confirm=lambda ref: self.ownership.confirm(ref),
+                                          release=lambda ref: self.ownership.release(ref),
+                                          parents=lambda ref: self.dependencies.tasks.get(ref.namespace, {}))
         self.ownership: Ownership
         # Cells an earlier operator left running (--cells-outlive-operator), proven by their
         # private records (infra/cellrecords.py) before the startup sweep; taken by their runs.
@@ -227,6 +238,7 @@ class Supervisor:
         self._runs: dict[str, Run] = {}
         self._controls: dict[str, tuple[TaskRef, TaskControl]] = {}  # running tasks' stop switches
         self._background: set[asyncio.Task] = set()
+        self._adopting: set[str] = set()  # a fleet: finished tasks being claimed for their pull request
         self._stopping = False
         self.merge_queues: Any = None  # kube.mergequeues.MergeQueues, set by the operator's command
 
@@ -251,12 +263,29 @@ class Supervisor:
         if status.finished:
             self._remember_finished(ref, status)
             self._resume_pull_request(ref, body, status)
+            self._rebase_if_due(body)
         elif ref.uid not in self._runs:
             self._take(body)
 
     def task_changed(self, event_type: str | None, body: dict) -> None:
-        """One replica: any AgentTask changed (or went away): wakes the tasks that depend on it."""
+        """One replica: any AgentTask changed (or went away): wakes the tasks that depend on
+        it; a result the merge queue ejected for a textual conflict goes back to its task."""
         self.dependencies.saw(event_type, body)
+        if event_type != "DELETED":
+            self._rebase_if_due(body)
+
+    def _rebase_if_due(self, body: dict) -> None:
+        """One replica: the task's result was ejected for a textual conflict: take it for a
+        rebase round (or its Conflict verdict). (A fleet does not yet: see docs/architecture.md.)"""
+        if (self._stopping or self.ownership.claims or body["metadata"]["uid"] in self._runs
+                or body["metadata"].get("deletionTimestamp")):
+            return
+        try:
+            spec = AgentTaskSpec.model_validate(body.get("spec") or {})
+        except ValueError:
+            return
+        if rebase.due(spec, AgentTaskStatus.of(body)):
+            self._take(body)
 
     async def cells_to_keep(self) -> frozenset[str]:
         """Before the startup sweep: the cells of the watched tasks that will be reopened in
@@ -297,6 +326,7 @@ class Supervisor:
         run = self._runs.get(ref.uid)
         if event_type == "DELETED":
             self.ownership.known.pop(ref.uid, None)
+            self.pull_requests.forget(ref)
             if run is not None:
                 run.task.cancel()  # gone: stop at once (its teardown needs nothing of the object)
             self.observatory.forget(ref.namespace, ref.name)
@@ -318,7 +348,7 @@ class Supervisor:
         the deletion must wait (a fleet: another replica still runs the cell), else None."""
         ref, status = TaskRef.from_body(body), AgentTaskStatus.of(body)
         run = self._runs.get(ref.uid)
-        self.pull_requests.forget(ref.uid)
+        self.pull_requests.forget(ref)
         if run is not None:
             run.task.cancel()
             await asyncio.wait([run.task])  # the run tears its cell down before it ends
@@ -366,6 +396,46 @@ class Supervisor:
             return
         if self.ownership.may_take(body):
             self._take(body)
+        else:
+            self._adopt_pull_request(body)
+
+    def _adopt_pull_request(self, body: dict) -> None:
+        """A fleet: a finished task whose PR work is left (not recorded at its commit, or open)
+        and whose claim died with its replica is claimed again, then its PR is taken up here.
+        Of several replicas trying, the claim lets one through: the forge does not serialise
+        creates, so two publishers could open two PRs."""
+        if ((body.get("spec") or {}).get("result") or {}).get("kind") != "pullRequest":
+            return
+        ref = TaskRef.from_body(body)
+        if ref.uid in self._adopting or self.pull_requests.busy(ref.uid) or not self.ownership.may_adopt(body):
+            return
+        try:
+            spec = AgentTaskSpec.model_validate(body["spec"])
+        except ValueError:
+            return
+        if not pull_request_work(spec, body.get("status") or {}):
+            return
+        self._adopting.add(ref.uid)
+        self._spawn(self._claim_pull_request(ref, spec, body))
+
+    async def _claim_pull_request(self, ref: TaskRef, spec: AgentTaskSpec, seen: dict) -> None:
+        try:
+            status = TaskStatus(self.status, ref, seen["metadata"].get("generation"), claimed=False)
+            body = await self.ownership.claim_finished(ref, status.claim)
+            if body is None:
+                return  # another replica has it, or it went away
+            if self._stopping:  # (the Lease goes with the operator: another replica takes it up)
+                self.ownership.release(ref)
+                return
+            log.info("%s: claimed to take up its pull request", ref)
+            found = AgentTaskStatus.of(body)
+            status.phase, status.conditions = found.phase, list((body.get("status") or {}).get("conditions") or [])
+            self.pull_requests.resume(ref, spec, status, body.get("status") or {})
+        except Exception:  # noqa: BLE001 - the next look at the Leases tries again
+            log.exception("%s: cannot take up its pull request", ref)
+            self.ownership.release(ref)
+        finally:
+            self._adopting.discard(ref.uid)
 
     async def _rescan(self) -> None:
         """A fleet, after each look at the Leases: a replica may have died (its tasks are claimable now)."""
@@ -390,7 +460,11 @@ class Supervisor:
                 # task is the next one claimed anywhere, and a claim is never left idle.
                 await self._in_slot(ref, body, status, lambda: self._claim_and_run(ref, status))
             else:
-                plan = await self.ownership.plan(ref, AgentTaskStatus.of(body), _resume_mode(body))
+                current = AgentTaskStatus.of(body)
+                if current.finished:  # taken back for the merge queue (kube/rebase.py)
+                    await self._rebase(ref, body, status, current)
+                    return
+                plan = await self.ownership.plan(ref, current, _resume_mode(body))
                 await self._carry_out(ref, body, status, plan, holding_slot=False)
         except asyncio.CancelledError:
             if self._stopping:
@@ -414,7 +488,8 @@ class Supervisor:
                     log.exception("%s: cannot record the internal error", ref)
         finally:
             self.dependencies.forget(ref)
-            self.ownership.release(ref)
+            if not self.pull_requests.busy(ref.uid):  # (else the claim goes when its PR work ends)
+                self.ownership.release(ref)
 
     async def _claim_and_run(self, ref: TaskRef, status: TaskStatus) -> None:
         body = await self.ownership.claim(ref, status.claim)
@@ -423,19 +498,37 @@ class Supervisor:
         plan = await self.ownership.plan(ref, AgentTaskStatus.of(body), _resume_mode(body))
         await self._carry_out(ref, body, status, plan, holding_slot=True)
 
-    async def _carry_out(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool) -> None:
-        """The task is ours: carry the restart rules' plan out."""
+    async def _rebase(self, ref: TaskRef, body: dict, status: TaskStatus, current: AgentTaskStatus) -> None:
+        """A finished task whose result the merge queue ejected for a textual conflict: the
+        next rebase round, or the Conflict verdict after the last one."""
+        decided = rebase.next_round(current, self.rebase_rounds)
+        if isinstance(decided, str):
+            await status.conflict(decided)
+            self._observed(status)  # counted and shown as any verdict; its transcript ends with it
+            status.observation.finish(TaskResult(task_id=ref.name, outcome=Outcome.FAILED, reason=Reason.CONFLICT,
+                                                 message=decided, commit=current.commit))
+            return
+        await status.rebase_round(decided.number, (
+            f"rebase round {decided.number} of {self.rebase_rounds}: the result conflicts with "
+            f"{decided.onto[:12]} in {', '.join(decided.paths) or 'the tree'}; a cell reopens on it"))
+        await self._carry_out(ref, body, status, Plan(attempt=1), holding_slot=False, fresh_round=decided)
+
+    async def _carry_out(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool,
+                         fresh_round: rebase.RebaseRound | None = None) -> None:
+        """The task is ours: carry the restart rules' plan out. ``fresh_round``: a rebase
+        round starting now (one interrupted by a restart is found in the status)."""
         try:
-            await self._carry_out_plan(ref, body, status, plan, holding_slot)
+            await self._carry_out_plan(ref, body, status, plan, holding_slot, fresh_round)
         finally:
             live = plan.reattach
             if live is not None and not live.taken:  # ended before its run took the running cell over
                 await uncancellable(kill_live(live, self.engine.settings.stop_grace, self.engine.work_dir))
                 self.engine.records.remove(live.record.cell_id)
 
-    async def _carry_out_plan(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan,
-                              holding_slot: bool) -> None:
+    async def _carry_out_plan(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool,
+                              fresh_round: rebase.RebaseRound | None = None) -> None:
         previous = AgentTaskStatus.of(body)
+        rebase_round = fresh_round or rebase.interrupted_round(previous)
         status.attempt = plan.attempt
         if plan.give_up is not None:
             self._observed(status)
@@ -444,8 +537,8 @@ class Supervisor:
             return
         if plan.retrying is not None:
             await self.status.event(ref, "Retrying", plan.retrying, warning=True)
-        # The task's budget covers all its attempts (and what a reattached cell spent before).
-        if plan.attempt > 1 or plan.resume_commit is not None or plan.reattach is not None:
+        # The task's budget covers all its attempts and rounds (and what a reattached cell spent before).
+        if plan.attempt > 1 or plan.resume_commit is not None or rebase_round is not None or plan.reattach is not None:
             status.previous_progress = previous.progress
         if plan.resume_commit is not None and previous.result is not None:
             status.previous_result = previous.result.as_written()  # files, test exit code of the first run
@@ -473,8 +566,9 @@ class Supervisor:
                 await self._execute(ref, spec, task, secrets, status, origin, landed)
                 return
             start_commits: list[str] = []
-            # (A resumed push or a reopened session built on its parents already.)
-            decision = None if plan.resume_commit is not None else self.dependencies.decision(ref, body)
+            # (A resumed push, a reopened session or a rebase round built on its parents already.)
+            decision = (None if plan.resume_commit is not None or rebase_round is not None
+                        else self.dependencies.decision(ref, body))
             if decision is not None and decision.verdict is Verdict.FAIL:
                 self._observed(status)
                 await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
@@ -486,8 +580,11 @@ class Supervisor:
             resumed_from = await self._green_commit(ref, origin, plan)
             if resumed_from is not None and plan.green_start is not None:
                 start_commits = [plan.green_start]  # the lost run's start (its parents' results already)
-            task = spec.to_task_spec(ref, origin.path, secrets.env, parse_time(previous.start_time), start_commits)
+            started = None if fresh_round is not None else parse_time(previous.start_time)  # a round's own box
+            task = spec.to_task_spec(ref, origin.path, secrets.env, started, start_commits)
             task.resumed_from = resumed_from
+            if rebase_round is not None:
+                task = rebase_round.task(task)
             await self._execute(ref, spec, task, secrets, status, origin, plan.resume_commit)
 
         if holding_slot or plan.resume_commit is not None:  # (a resumed push needs no cell)
@@ -653,7 +750,7 @@ class Supervisor:
     def _resume_pull_request(self, ref: TaskRef, body: dict, status: AgentTaskStatus) -> None:
         """One replica, at start-up: a finished task whose PR is not recorded at its pushed
         commit (the operator died between the push and the PR) is published now; an open one
-        is followed. (A fleet does not: replicas would race to create it.)"""
+        is followed. (A fleet claims the task first: ``_adopt_pull_request``.)"""
         finished = TaskStatus(self.status, ref, body["metadata"].get("generation"), status.attempts)
         finished.phase, finished.conditions = status.phase, list((body.get("status") or {}).get("conditions") or [])
         self.pull_requests.resume(ref, AgentTaskSpec.model_validate(body["spec"]), finished, body.get("status") or {})
@@ -679,9 +776,11 @@ class Supervisor:
             run.cancel()
         if runs:
             await asyncio.wait(runs)
+        await self.pull_requests.stop()  # held under claims that are void now: taken up again once claimed
 
     def _lost(self, ref: TaskRef) -> None:
-        """The API server says the task is someone else's now: drop our run of it."""
+        """The API server says the task is someone else's now: drop our run of it (and its PR work)."""
+        self.pull_requests.forget(ref)
         run = self._runs.get(ref.uid)
         if run is not None and run.task is not asyncio.current_task():
             run.task.cancel()

@@ -15,6 +15,12 @@ One round:
    output's tail) and the green prefix before it advances the base. Entries after the
    culprit stay queued and are rebuilt on the new tip next round.
 
+An entry whose result has a pull request (``Entry.pull_request``, with ``pull_requests``
+given) is a batch of its own and lands through the forge's merge (``base.ForgeMerge``): the
+forge merges one pull request at a time, so the base must be exactly its tested parent. A
+refused merge queues the entry again (it is rebuilt and tested again), up to
+MAX_MERGE_REFUSALS, then it is ejected MergeRefused.
+
 Only tested commits ever become the base tip, so the base never goes red; with batches of
 more than one entry the commits inside a batch are carried without a run of their own
 (``max_batch: 1`` tests every one). The bisection assumes the tip it starts from is green,
@@ -36,7 +42,7 @@ from pathlib import Path
 
 from reactor.infra.git import git, git_ok
 from reactor.infra.worktrees import repository_key
-from reactor.mergequeue.base import BaseBranch
+from reactor.mergequeue.base import BaseBranch, PullRequestMerge
 from reactor.mergequeue.candidates import (StaleBase, TextualConflict, carried_since, check_result,
                                            conflicted_replay, replay)
 from reactor.mergequeue.state import Entry, EntryState, Pending, QueueConfig, QueueState, Reason, Store
@@ -44,6 +50,7 @@ from reactor.mergequeue.tests import ConfinedTests, TestRun
 
 log = logging.getLogger(__name__)
 KEEP_FINISHED = 100  # finished entries kept in the record (a task's own status keeps its verdict)
+MAX_MERGE_REFUSALS = 3  # forge merges refused (each followed by a new test) before the entry is ejected
 
 
 @dataclass(frozen=True)
@@ -65,11 +72,15 @@ class _Link:
 
 class MergeQueue:
     def __init__(self, store: Store, base: BaseBranch, tests: ConfinedTests, config: QueueConfig | None = None,
-                 on_event: Callable[[QueueEvent], None] | None = None, repo: Path | None = None):
+                 on_event: Callable[[QueueEvent], None] | None = None, repo: Path | None = None,
+                 pull_requests: PullRequestMerge | None = None):
         """``config`` makes a new queue when the store holds none; a stored queue keeps its
         own (the test command is locked with the queue). ``repo``: where this driver finds
-        the objects, when not where the record says (another replica's own mirror)."""
+        the objects, when not where the record says (another replica's own mirror).
+        ``pull_requests``: how an entry with a pull request lands (the forge's merge); None:
+        by pushes only."""
         self.store, self.base, self.tests, self.on_event = store, base, tests, on_event
+        self.pull_requests = pull_requests
         state = store.load()
         if state is None:
             if config is None:
@@ -89,18 +100,19 @@ class MergeQueue:
 
     # -- entries --
 
-    def enqueue(self, entry_id: str, commit: str, base: str) -> Entry:
+    def enqueue(self, entry_id: str, commit: str, base: str, pull_request: int = 0) -> Entry:
         """A green result enters the queue (idempotent: the same id again changes nothing,
         unless its earlier result was ejected, or it is still waiting with another commit).
-        Raises ValueError when the result is not one commit on the base commit it names."""
+        Raises ValueError when the result is not one commit on the base commit it names.
+        ``pull_request``: its pull request's number, merged through the forge."""
         existing = self.state.get(entry_id)
         if existing is not None and (existing.state in (EntryState.INTEGRATED, EntryState.INTEGRATING)
                                      or existing.commit == commit):
             return existing
         check_result(self.repo, commit, base)
-        entry = Entry(entry_id, commit, base)
+        entry = Entry(entry_id, commit, base, pull_request=pull_request)
         if existing is not None and existing.state is EntryState.QUEUED:
-            existing.commit, existing.base = commit, base
+            existing.commit, existing.base, existing.pull_request = commit, base, pull_request
             entry = existing
         else:
             if existing is not None:
@@ -110,13 +122,13 @@ class MergeQueue:
         self._emit("queued", entry.id, commit)
         return entry
 
-    def enqueue_result(self, entry_id: str, commit: str) -> Entry:
+    def enqueue_result(self, entry_id: str, commit: str, pull_request: int = 0) -> Entry:
         """``enqueue`` of a result that names no base: its only parent is the commit it was
         tested on. Blocking (git). Raises ValueError for a merge or a root commit."""
         parents = git(self.repo, "rev-list", "--parents", "-n", "1", commit).split()[1:]
         if len(parents) != 1:
             raise ValueError(f"result {commit[:12]} is not a single commit on a base commit")
-        return self.enqueue(entry_id, commit, parents[0])
+        return self.enqueue(entry_id, commit, parents[0], pull_request)
 
     def withdraw(self, entry_id: str) -> None:
         """Its task was deleted: a queued entry leaves (an integrating one is already tested)."""
@@ -144,7 +156,7 @@ class MergeQueue:
             chain = await asyncio.to_thread(self._build, tip, window)
             if not chain:
                 return True  # every entry of the window was ejected or found already carried
-            ends = list(range(self.config.max_batch, len(chain), self.config.max_batch)) + [len(chain)]
+            ends = self._batch_ends(chain)
             runs = await self._test([chain[end - 1].commit for end in ends])
             green, red, red_run = 0, 0, None
             for end, run in zip(ends, runs):
@@ -152,8 +164,8 @@ class MergeQueue:
                     red, red_run = end, run
                     break
                 green = end
-            if green and not await self._advance(chain, 0, green, tip):
-                return True  # the branch moved under us: rebuild on the new tip
+            if green and not await self._advance_green(chain, [e for e in ends if e <= green], tip):
+                return True  # the branch moved under us (or a forge refused): rebuild on the new tip
             if red_run is None:
                 return True
             lo, hi, hi_run = green, red, red_run
@@ -179,8 +191,10 @@ class MergeQueue:
         if pending is None:
             return
         tip = self.base.tip()
-        if tip == pending.old_tip and self.base.advance(pending.old_tip, pending.new_tip):
-            tip = pending.new_tip  # tested on exactly this tip: the swap is made now
+        # Tested on exactly this tip: the swap is made now (a pull request's merge is not
+        # repeated blindly: its entry is queued again and tested again).
+        if tip == pending.old_tip and not pending.pull_request and self.base.advance(pending.old_tip, pending.new_tip):
+            tip = pending.new_tip
         done = tip == pending.new_tip or git_ok(self.repo, "merge-base", "--is-ancestor", pending.new_tip, tip)
         log.info("merge queue %s: resumed an advance to %s: %s", self.name, pending.new_tip[:12],
                  "it was made" if done else "the branch moved elsewhere, entries queued again")
@@ -212,7 +226,7 @@ class MergeQueue:
                     except TextualConflict as with_tip:
                         conflict = with_tip
                 entry.conflict_commit = conflicted_replay(self.repo, entry.id, conflict) if conflict.tree else ""
-                entry.conflict_paths = list(conflict.paths)
+                entry.conflict_paths, entry.conflict_onto = list(conflict.paths), conflict.onto
                 self._eject(entry, Reason.TEXTUAL_CONFLICT,
                             f"conflicts with base {tip} in: {', '.join(conflict.paths)}")
                 continue
@@ -238,17 +252,64 @@ class MergeQueue:
         await asyncio.to_thread(self._save)
         return list(runs)
 
+    def _lands_by_forge(self, entry: Entry) -> bool:
+        return bool(entry.pull_request) and self.pull_requests is not None
+
+    def _batch_ends(self, chain: list[_Link]) -> list[int]:
+        """Where the chain's batches end (1-based): every ``max_batch`` entries, and around
+        an entry that lands through its pull request (alone in its batch: the forge merges
+        one pull request onto a tested base at a time)."""
+        ends, size = [], 0
+        for index, link in enumerate(chain, start=1):
+            alone = self._lands_by_forge(link.entry)
+            if alone and size:
+                ends.append(index - 1)
+                size = 0
+            size += 1
+            if alone or size == self.config.max_batch or index == len(chain):
+                ends.append(index)
+                size = 0
+        return ends
+
+    async def _advance_green(self, chain: list[_Link], ends: list[int], tip: str) -> bool:
+        """Advance through the leading green batches (``ends``): pushes jump over batches of
+        plain results at once; an entry with a pull request lands by the forge's merge."""
+        start, old = 0, tip
+        for index, end in enumerate(ends):
+            last = index + 1 == len(ends)
+            if not self._lands_by_forge(chain[end - 1].entry) and not last \
+                    and not self._lands_by_forge(chain[ends[index + 1] - 1].entry):
+                continue  # the next batch is pushed along with this one
+            if not await self._advance(chain, start, end, old):
+                return False
+            start, old = end, chain[end - 1].commit
+        return True
+
     async def _advance(self, chain: list[_Link], start: int, end: int, old: str) -> bool:
         """Move the base from ``old`` to chain[end-1], carrying chain[start:end]."""
-        pending = Pending(old, chain[end - 1].commit, {link.entry.id: link.commit for link in chain[start:end]})
+        entry = chain[end - 1].entry
+        by_forge = self._lands_by_forge(entry) and end - start == 1
+        pending = Pending(old, chain[end - 1].commit, {link.entry.id: link.commit for link in chain[start:end]},
+                          pull_request=entry.pull_request if by_forge else 0)
         for link in chain[start:end]:
             link.entry.state = EntryState.INTEGRATING
         self.state.pending = pending
         await asyncio.to_thread(self._save)  # the record names the advance before it is made
         self._emit("advancing", commit=pending.new_tip)
-        made = await asyncio.to_thread(self.base.advance, old, pending.new_tip)
+        if by_forge:
+            assert self.pull_requests is not None
+            refused = await self.pull_requests.merge(entry.id, entry.pull_request, entry.commit, old, pending.new_tip)
+            made = refused is None
+            if refused is not None:
+                entry.merge_refusals += 1
+                log.warning("merge queue %s: %s: %s", self.name, entry.id, refused)
+        else:
+            made = await asyncio.to_thread(self.base.advance, old, pending.new_tip)
         self._emit("advanced" if made else "advance-refused", commit=pending.new_tip)
         await asyncio.to_thread(self._settle, pending, made)
+        if by_forge and not made and entry.merge_refusals >= MAX_MERGE_REFUSALS:
+            self._eject(entry, Reason.MERGE_REFUSED, refused or "")
+            await asyncio.to_thread(self._save)
         return made
 
     def _settle(self, pending: Pending, made: bool) -> None:

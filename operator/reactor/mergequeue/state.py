@@ -37,6 +37,7 @@ class Reason(str, Enum):
     SEMANTIC_CONFLICT = "SemanticConflict"  # applies cleanly, but the tests fail with it (bisected)
     STALE_BASE = "StaleBase"  # tested on a commit the base branch no longer contains (rewritten)
     WITHDRAWN = "Withdrawn"
+    MERGE_REFUSED = "MergeRefused"  # its pull request's merge was refused again and again (checks, a moved head)
 
 
 @dataclass
@@ -72,6 +73,11 @@ class Entry:
     # what its task's rebase round starts from (TaskSpec.start_from).
     conflict_commit: str = ""
     conflict_paths: list[str] = field(default_factory=list)
+    conflict_onto: str = ""  # the tip it was replayed onto (the conflict commit's parent)
+    # The result's pull request on the forge (0: none): it lands through the forge's merge,
+    # guarded by the tested candidate as its head, so the pull request reads as merged.
+    pull_request: int = 0
+    merge_refusals: int = 0  # forge merges refused so far (each time re-tested; ejected after MAX_MERGE_REFUSALS)
     integrated_at: float = 0.0
     finished_at: float = 0.0
 
@@ -88,6 +94,7 @@ class Pending:
     old_tip: str
     new_tip: str
     carried: dict[str, str]  # entry id -> its commit in the new base history
+    pull_request: int = 0  # made through the forge's merge of this pull request (not a push)
 
 
 @dataclass

@@ -149,3 +149,44 @@ class SpendLedger:
 
     def namespaces(self) -> dict[str, DaySpend]:
         return {ns: self.today(ns) for ns in list(self._days)}
+
+
+QUEUE_FINISHED_SHOWN = 10  # the most recent integrated/ejected items a queue shows after its waiting ones
+
+
+@dataclass
+class QueueView:
+    """One merge queue as the page draws it (the replica driving it fills it in)."""
+
+    namespace: str
+    name: str
+    branch: str = ""
+    depth: int = 0
+    base_green: bool = True
+    last_integration: str = ""
+    last_integration_at: str | None = None
+    test_runs: int = 0
+    integrated: int = 0
+    ejected: int = 0
+    # In order: those waiting or being integrated (queue order), then the latest finished.
+    # Each: task, state (Queued/Integrating/Integrated/Ejected), position, reason, commit.
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class QueueViews:
+    """The merge queues this process drives, for the fleet page."""
+
+    def __init__(self) -> None:
+        self._queues: dict[tuple[str, str], QueueView] = {}
+
+    def update(self, view: QueueView) -> None:
+        self._queues[(view.namespace, view.name)] = view
+
+    def remove(self, namespace: str, name: str) -> None:
+        self._queues.pop((namespace, name), None)
+
+    def queues(self) -> list[QueueView]:
+        return [self._queues[key] for key in sorted(self._queues)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from reactor.opencode.client import is_wrapped_command
 from reactor.opencode.events import Event, StepFinished, ToolUpdate
-from reactor.observe.fleet import SpendLedger, TaskViews, utc_iso
+from reactor.observe.fleet import QueueViews, SpendLedger, TaskViews, utc_iso
 from reactor.observe.metrics import CapacityReader, Metrics
 from reactor.observe.progress import Milestone, ProgressTracker
 from reactor.redact import Redactor
@@ -25,6 +25,7 @@ LOCAL_NAMESPACE = "local"  # the namespace label of `reactor run` tasks
 class Observatory:
     def __init__(self, transcripts_dir: Path, capacity: CapacityReader | None = None) -> None:
         self.views = TaskViews()
+        self.queues = QueueViews()  # the merge queues this process drives (kube/mergequeues.py)
         self.spend = SpendLedger()
         self.metrics = Metrics(self.views, capacity)
         self.transcripts = TranscriptStore(transcripts_dir)

@@ -1,7 +1,8 @@
 """The read-only HTTP side: the fleet page, its JSON API, transcripts, ``/metrics``.
 
     GET /                                       the page (plain HTML + a little script)
-    GET /api/v1/tasks                           every task, and spend per namespace today
+    GET /api/v1/tasks                           every task, spend per namespace today, and the merge
+                                                queues this process drives (their items in order)
     GET /api/v1/tasks/{ns}/{name}               one task, with its phase timeline
     GET /api/v1/tasks/{ns}/{name}/transcript    ?follow=1 streams a running task's records
                                                 ?format=text renders them as `reactor logs` does
@@ -55,7 +56,7 @@ def build_app(observatory: Observatory) -> web.Application:
         spend = {ns: {"day": day.day, "cost": round(day.cost, 6), "tokens": day.tokens}
                  for ns, day in sorted(observatory.spend.namespaces().items())}
         return web.json_response({"now": utc_iso(), "tasks": [v.to_dict() for v in observatory.views.tasks()],
-                                  "spend": spend})
+                                  "spend": spend, "queues": [q.to_dict() for q in observatory.queues.queues()]})
 
     @routes.get("/api/v1/tasks/{namespace}/{name}")
     async def task(request: web.Request) -> web.Response:

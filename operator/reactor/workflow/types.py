@@ -75,12 +75,14 @@ class Reason(str, enum.Enum):
     SPEND_LIMIT_EXCEEDED = "SpendLimitExceeded"  # a limit over many tasks (the operator's SpendLimit)
     DEPENDENCY_FAILED = "DependencyFailed"  # a task it depends on failed, was deleted, or cannot be built on
     PARENTS_CONFLICT = "ParentsConflict"  # the results of the tasks it depends on do not merge
+    CONFLICT = "Conflict"  # its result still conflicts with the base branch after the merge queue's rebase rounds
     INTERNAL_ERROR = "InternalError"
     # the task waits
     WAITING_FOR_CAPACITY = "WaitingForCapacity"  # all agents (--max-agents) busy
     WAITING_FOR_MEMORY = "WaitingForMemory"  # the memory limit cannot hold another cell's peak
     OPERATOR_SHUTDOWN = "OperatorShutdown"  # back to Pending; runs again when the operator restarts
     DEPENDENCIES_PENDING = "DependenciesPending"  # a task it depends on has not succeeded yet
+    REBASING = "Rebasing"  # its queued result conflicts with the base's new tip: a cell reopens to rebase it
 
 
 class Budget(BaseModel):

@@ -39,6 +39,7 @@ async function refresh() {
     const data = await getJSON("api/v1/tasks");
     renderSpend(data.spend);
     renderTasks(data.tasks, data.now);
+    renderQueues(data.queues || []);
     document.getElementById("updated").textContent = "updated " + data.now;
     if (selected) await refreshDetail();
   } catch (error) {
@@ -69,6 +70,36 @@ function renderTasks(tasks, now) {
                el("td", money(task.cost)), el("td", task.activity), el("td", age(task.created, now)));
     row.addEventListener("click", () => { location.hash = "#/task/" + task.namespace + "/" + task.name; });
     body.append(row);
+  }
+}
+
+// Each merge queue this operator drives: a line of figures, then its items in order (waiting
+// and integrating first, by position; then the latest integrated or ejected), each a chip
+// coloured by its state.
+function renderQueues(queues) {
+  document.getElementById("queues-section").hidden = queues.length === 0;
+  const box = document.getElementById("queues");
+  box.replaceChildren();
+  for (const queue of queues) {
+    const div = el("div", null, "queue");
+    div.dataset.queue = queue.namespace + "/" + queue.name;
+    const head = el("p");
+    head.append(el("strong", queue.namespace + "/" + queue.name), " → " + queue.branch + " · depth " + queue.depth + " · base ",
+                el("span", queue.base_green ? "green" : "red", queue.base_green ? "base-green" : "base-red"),
+                " · last integration " + (queue.last_integration ? queue.last_integration.slice(0, 7) : "none") +
+                " · " + queue.test_runs + " test runs, " + queue.integrated + " integrated, " + queue.ejected + " ejected");
+    const items = el("ol", null, "queue-items");
+    for (const item of queue.items) {
+      const detail = item.state === "Queued" ? "#" + item.position : (item.reason || "");
+      const li = el("li", null, "item item-" + item.state);
+      li.dataset.task = item.task; li.dataset.state = item.state;
+      li.append(el("span", item.task, "item-task"), el("span", item.state + (detail ? " " + detail : ""), "item-state"));
+      li.title = item.task + ": " + item.state + (item.commit ? " " + item.commit.slice(0, 12) : "");
+      li.addEventListener("click", () => { location.hash = "#/task/" + queue.namespace + "/" + item.task; });
+      items.append(li);
+    }
+    div.append(head, items);
+    box.append(div);
   }
 }
 
