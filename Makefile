@@ -114,6 +114,7 @@ bench: setup forge
 	$(PY) bench/observe_overhead.py
 	$(PY) bench/pr_latency.py
 	$(PY) bench/merge_queue.py
+	$(PY) bench/resume.py
 
 # The operator pod on the dev node against a local operator process, and the pod's memory (root).
 bench-node: setup node

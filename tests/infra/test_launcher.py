@@ -20,6 +20,7 @@ from reactor.infra.confinement import PortRulesets, readable_roots
 from reactor.infra.git import GitTimeout
 from reactor.infra.worktrees import WorktreeManager
 from reactor_dev.testing.attacks import build_preload_object
+from reactor_dev.testing.helpers import wait_for
 from reactor_dev.testing.repos import git
 from reactor_dev.testing.matrix import process_alive
 
@@ -156,6 +157,44 @@ def test_the_deadline_kills_the_command_and_everything_it_started(cell):
     assert done.returncode == launcher.EXIT_DEADLINE and "deadline of 2s expired" in done.stderr, done.stderr
     assert 2 <= time.monotonic() - began < 10
     assert not any(process_alive(int((cell / name).read_text())) for name in ("daemon.pid", "unmarked.pid"))
+
+
+# An operator stand-in: starts a cell under the launcher, says its pid, and waits to be killed.
+PARENT = r"""
+import subprocess, sys, time
+from reactor.infra import launcher
+launch = launcher.prepare([sys.executable, "daemons.py", "stay"], {"PATH": "/usr/bin:/bin"}, None,
+                          deadline=float(sys.argv[2]) if sys.argv[2] != "none" else None, term_grace=0.2,
+                          parent_death=sys.argv[1] == "dies")
+proc = subprocess.Popen(launch.argv, pass_fds=launch.pass_fds, stdout=subprocess.DEVNULL, start_new_session=True)
+print(proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("cells", ["die with the operator", "outlive the operator until their deadline"])
+def test_a_killed_operators_cells_end_with_it_or_at_their_deadline(cell, cells):
+    (cell / "daemons.py").write_text(DAEMONS)
+    outlive = cells != "die with the operator"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, "outlives" if outlive else "dies", "5" if outlive else "none"],
+                              cwd=cell, stdout=subprocess.PIPE, text=True)
+    cell_launcher = int(parent.stdout.readline())
+    pids = [int(wait_for(lambda n=name: (cell / n).exists() and (cell / n).read_text(), 30, name))
+            for name in ("daemon.pid", "unmarked.pid")]
+    parent.kill()
+    parent.wait()
+    killed = time.monotonic()
+    if outlive:
+        # The operator's death is not a stop: the cell runs on (to be reattached) ...
+        assert process_alive(cell_launcher) and all(process_alive(pid) for pid in pids)
+    # ... and ends, every process of it, with its deadline; without the option, at once.
+    wait_for(lambda: not any(process_alive(pid) for pid in [cell_launcher, *pids]), 30, "the cell gone")
+    assert time.monotonic() - killed < (15 if outlive else 5)
+
+
+def test_a_cell_that_may_outlive_its_operator_needs_a_deadline():
+    with pytest.raises(ValueError, match="needs a deadline"):
+        launcher.prepare(["true"], {}, None, parent_death=False)
 
 
 @needs_landlock

@@ -8,13 +8,15 @@ SIGKILL then retry: test_crash; --max-agents: test_capacity)."""
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import psutil
 import pytest
 
 from reactor.infra.processes import find_marked_processes
-from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, text, write
+from reactor_dev.testing.matrix import process_alive
+from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, hang, set_event, text, wait_for, write
 from reactor_dev.testing.operator_process import operators
 from reactor_dev.testing.repos import make_repo
 from reactor_dev.testing.tasks import agent_task, condition, kubectl_apply
@@ -80,6 +82,45 @@ def test_operator_killed_mid_run_reopens_the_agents_session_on_restart(operator,
           f"model calls after recovery: {len(after)} (from scratch: 3)")
     restarted.cluster.kubectl("delete", "-n", namespace, "agenttask", "survivor", "--timeout=15s")
     assert restarted.get("survivor") is None, "no finalizer stuck"
+
+
+@pytest.mark.timeout(900)
+def test_operator_killed_mid_turn_reattaches_to_the_agents_running_cell(operator, namespace, app_repo, work_dir):
+    op = operator("--cells-outlive-operator")
+    reached, release = threading.Event(), threading.Event()
+    # The agent writes notes.txt; its next model call is held across the operator's death
+    # and answered once the next operator has reattached.
+    steps = [write("notes.txt", "step one\n"), set_event(reached), wait_for(release), FIX, text("Fixed.")]
+    with ScriptedModel([Scenario("live:", steps)]) as model:
+        kubectl_apply(op.cluster, namespace, task_manifest("live", app_repo, model, timeout="10m"))
+        obj = op.wait_for("live", lambda o: reached.is_set() and o and (o["status"].get("cell") or {}).get("sessionId"),
+                          what="agent mid-turn")
+        launcher, session = obj["status"]["cell"]["serverPid"], obj["status"]["cell"]["sessionId"]
+        op.stop(signal.SIGKILL)
+        assert process_alive(launcher), "the cell outlives its operator"
+        before = len(model.requests)
+
+        restarted_at = time.time()
+        restarted = operator("--cells-outlive-operator")
+        restarted.wait_for("live", lambda o: [e["reason"] for e in restarted.events("live")].count("Executing") == 2,
+                           what="the reattached run executing")
+        busy_after = time.time() - restarted_at
+        release.set()
+        obj = restarted.wait_terminal("live", timeout=600)
+        after = [r for r in model.requests[before:] if r.get("scenario") == "live:"]
+        assert not process_alive(launcher) and find_marked_processes(str(work_dir)) == [], "no process left after"
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["result"]["resumed"] == "reattached" and status["attempts"] == 1, status
+    assert status["result"]["filesChanged"] == ["calc.py", "notes.txt"]
+    retried = [e["message"] for e in restarted.events("live") if e["reason"] == "Retrying"]
+    assert retried and f"reattaching to the agent's running session {session}" in retried[0], retried
+    # The model saw no extra message: every call after the crash has the task's prompt as its
+    # only user message, and the tool call made before the crash is not made again.
+    assert after and all(sum(m["role"] == "user" for m in r["body"]["messages"]) == 1 for r in after)
+    assert [r.get("answer") for r in model.requests if r.get("scenario") == "live:"].count("tool write") == 1
+    print(f"\nrestart to agent busy (reattach): {busy_after:.1f}s; model calls after recovery: {len(after)}; "
+          f"tokens: {status['usage']['inputTokens'] + status['usage']['outputTokens']}")
 
 
 def test_reapplying_a_finished_task_does_not_run_it_again(operator, namespace, app_repo):

@@ -11,6 +11,7 @@ import pytest
 from kubernetes import client as k8s
 
 from reactor.kube.fleet import FleetSettings, LeaseView, ReplicaLeases
+from reactor.infra.cellrecords import CellRecord, LiveCell
 from reactor.kube.ownership import MAX_ATTEMPTS, FleetOwnership, SingleReplica, green_start, restart_plan
 from reactor.kube.resource import AgentTaskStatus, TaskRef
 
@@ -116,6 +117,19 @@ async def test_one_replica_reopens_the_session_of_a_task_cut_off_in_its_agents_w
     assert restart.retrying == "operator restarted during Testing; orphaned cell cleaned up; running again"
     adopted = await fleet().plan(REF, status(phase="Executing", attempts=1, cell=cell, **claimed_by("r0.a")))
     assert adopted.reopen_session is None, "a fleet runs a lost replica's task again from the start"
+
+
+async def test_one_replica_reattaches_to_a_cell_still_running_and_spends_no_attempt():
+    cell = {"sessionId": "ses_1", "cellId": "team.t1.uid-1"}
+    live = LiveCell(CellRecord("team.t1.uid-1", 4242, 1, 8123, "pw", "ses_1", "1:2.00", 0.0), -1)
+    reaper, live_cells = Reaper(), {"team.t1.uid-1": live}
+    plan = await SingleReplica(reaper, live_cells).plan(REF, status(phase="Executing", attempts=1, cell=cell))
+    assert plan.reattach is live and plan.reopen_session == "ses_1" and plan.attempt == 1
+    assert reaper.calls == [] and live_cells == {}, "nothing of the cell is reaped; it is taken once"
+    assert plan.retrying == "operator restarted during Executing; reattaching to the agent's running session ses_1"
+    restart = await SingleReplica(Reaper(), {"team.t1.uid-1": live}).plan(
+        REF, status(phase="Executing", attempts=1, cell=cell), "restart")
+    assert restart.reattach is None, "spec.resume restart: the running cell is swept, the task runs again"
 
 
 # ------------------------------------------------------------------ a fleet: claims and Leases

@@ -1,9 +1,13 @@
-"""Resume, don't restart: which interrupted tasks are reopened, and what of a cell's state
-dir (cell-written, untrusted) the operator keeps for the reopened server."""
+"""Resume, don't restart: which interrupted tasks are reopened, what of a cell's state dir
+(cell-written, untrusted) the operator keeps for the reopened server, and how a reattached
+cell's unwatched spend is counted."""
 
 import os
 
 from reactor.infra.servers import keep_session_store
+from reactor.opencode.models import TokenUsage, Usage
+from reactor.workflow.control import Spend, TaskControl
+from reactor.workflow.types import Budget, Reason
 from reactor.kube.supervisor import resumable_cells
 
 
@@ -61,3 +65,14 @@ def test_a_store_planted_as_a_link_is_refused(tmp_path):
         assert list(state.iterdir()) == []
         assert (outside / "opencode" / "opencode.db").read_text() == "someone else's\n", "nothing moved out of it"
     assert keep_session_store(tmp_path / "cells" / "never") is False
+
+
+def test_a_reattached_cell_spend_while_unwatched_is_counted_once_and_against_the_budget():
+    control = TaskControl(Spend(TokenUsage(input_tokens=100, output_tokens=20), 0.5, 1))  # the last progress
+    control.budget = Budget(max_tokens=1000)
+    control.catch_up(Usage(input_tokens=300, output_tokens=60, cost=1.5))  # the server's total for the session
+    assert (control.spend.tokens.input_tokens, control.spend.tokens.output_tokens, control.spend.cost) == (300, 60, 1.5)
+    control.catch_up(Usage(input_tokens=300, output_tokens=60, cost=1.5))
+    assert control.spend.total_tokens == 360 and control.request is None, "nothing is counted twice"
+    control.catch_up(Usage(input_tokens=1200, output_tokens=60, cost=2.0))
+    assert control.request is not None and control.request.reason is Reason.BUDGET_EXCEEDED

@@ -25,6 +25,11 @@ def add_subparser(sub: Any) -> None:
     parser.add_argument("--allow-file-urls", action="append", default=[], metavar="PREFIX", type=_absolute_path,
                         help="fetch file:// repositories under this path (repeatable; default: none, file:// is "
                              "refused). Never inside --work-dir, whatever this allows")
+    parser.add_argument("--cells-outlive-operator", action="store_true",
+                        help="a cell is not stopped when this process dies, only by its task's time box, so the next "
+                             "operator reattaches to the agent's running turn (spec.resume: reattach) instead of "
+                             "reopening its session. For an operator run outside a pod; no effect on a clean stop "
+                             "(SIGTERM), which stops every cell (default: cells end with the operator)")
     parser.add_argument("--progress-interval", default="2s",
                         help="at most one status.progress write per task this often; 0: none while it runs (default: 2s)")
     forge = parser.add_argument_group("pull requests (spec.result.kind pullRequest)")
@@ -112,7 +117,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
     # Servers must not inherit the operator's environment: only their task's secrets.
-    engine = Engine(engine_settings_from(args, inherit_env=False))
+    engine = Engine(engine_settings_from(args, inherit_env=False, cells_outlive_operator=args.cells_outlive_operator))
     api_client = kubernetes.client.ApiClient()
     watched = [] if clusterwide else namespaces
     interval = 0.0 if args.progress_interval.strip() in ("0", "0s") else parse_duration(args.progress_interval)

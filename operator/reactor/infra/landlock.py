@@ -21,7 +21,10 @@ it. When the command exits, when the launcher gets SIGTERM (the operator's stop)
 parent dies (PR_SET_PDEATHSIG), or when the deadline expires, it kills every descendant
 (kill the children, reap, repeat until none is left) and exits with the command's status
 (EXIT_DEADLINE on expiry). Not being in the cell's Landlock domain, it cannot be signalled
-by the cell (ABI >= 6 signal scoping).
+by the cell (ABI >= 6 signal scoping). With ``parent_death`` false in the configuration
+(an operator run with --cells-outlive-operator, so that its next incarnation can reattach
+to a running cell) the parent's death is not a stop: the deadline, which the operator then
+always sets, is what bounds the cell.
 
 What a policy does to the child, in order (all irreversible, inherited by every descendant):
 1. ``PR_SET_NO_NEW_PRIVS`` (required by Landlock and seccomp; setuid binaries gain nothing).
@@ -484,17 +487,22 @@ class _Reaper:
 
 
 def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadline: float | None = None,
-              term_grace: float = 1.0) -> int:
+              term_grace: float = 1.0, parent_death: bool = True) -> int:
     """Run ``argv`` in a confined child and stay outside it as its subreaper. Returns the
     exit code to leave with: the child's (128+N for a signal), EXIT_DEADLINE when
     ``deadline`` (seconds) expired. Every descendant is gone when this returns.
-    SIGUSR1: kill every process of the cell but the main child, then say so on stdout."""
+    SIGUSR1: kill every process of the cell but the main child, then say so on stdout.
+    ``parent_death``: the parent's death stops the cell (PR_SET_PDEATHSIG); False only with
+    a deadline (a cell meant to outlive its operator still ends with its time box)."""
+    if not parent_death and deadline is None:
+        raise LandlockError(22, "a cell that may outlive its operator needs a deadline")
     parent = os.getppid()
     _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)")
-    _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl(PDEATHSIG)")
+    if parent_death:
+        _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl(PDEATHSIG)")
     watched = {signal.SIGCHLD, signal.SIGUSR1, *_STOP_SIGNALS}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    if os.getppid() != parent:  # the operator died before PDEATHSIG was set
+    if parent_death and os.getppid() != parent:  # the operator died before PDEATHSIG was set
         return 128 + signal.SIGTERM
     main = os.fork()
     if main == 0:
@@ -565,7 +573,8 @@ def launch(config_fd: int, argv: list[str]) -> int:
     for name in config.get("pass_env", ()):  # e.g. GIT_PROTOCOL, set by a git that runs us
         if name in os.environ:
             env[name] = os.environ[name]
-    return supervise(argv, env, config.get("policy"), config.get("deadline"), config.get("term_grace", 1.0))
+    return supervise(argv, env, config.get("policy"), config.get("deadline"), config.get("term_grace", 1.0),
+                     config.get("parent_death", True) is not False)
 
 
 def _which(name: str, path: str) -> str:

@@ -81,6 +81,13 @@ class PortAllocator:
             "widen --port-range or lower --max-agents"
         )
 
+    def reserve(self, port: int, owner: str) -> int:
+        """Hold ``port``, which a running server already listens on (a cell reattached after
+        an operator restart): never handed out while held."""
+        with self._lock:
+            self._held[port] = owner
+            return port
+
     def release(self, port: int) -> None:
         with self._lock:
             self._held.pop(port, None)

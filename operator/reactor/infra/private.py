@@ -10,7 +10,10 @@ directory ``<work-dir>/operator/``:
   processes that are gone (a SIGKILL leaves the keys behind) are removed at the next start.
 - ``home/``: HOME and XDG_CONFIG_HOME of every git the operator runs (empty: no user or
   planted config is read).
-- ``logs/<cell>.log``: each cell server's output, read by the operator through a pipe.
+- ``logs/<cell>.log``: each cell server's output, read by the operator through a pipe (a
+  cell that may outlive the operator writes it directly, through the descriptor it inherits).
+- ``cells/<cell>.json``: the record of each cell that may outlive the operator, for the next
+  one to reattach to (``reactor.infra.cellrecords``).
 
 Cells are granted their own checkout and state dir only, never the work dir, so none of
 this is readable by a cell; nothing here is ever reached through a cell-writable path.

@@ -36,6 +36,11 @@ class Owner:
     def token(self) -> str:
         return f"{self.pid}:{self.started:.2f}"
 
+    @classmethod
+    def from_token(cls, token: str) -> Owner:
+        pid, started = token.split(":", 1)
+        return cls(int(pid), float(started))
+
     @staticmethod
     def is_alive_token(token: str) -> bool:
         try:

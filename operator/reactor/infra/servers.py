@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -38,6 +39,7 @@ import httpx
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
 from reactor.infra import landlock, launcher, safefs
+from reactor.infra.cellrecords import LiveCell
 from reactor.infra.confinement import CellPolicy
 from reactor.infra.processes import Owner, find_marked_processes, kill_process_group, marker_env
 
@@ -136,6 +138,11 @@ class ServerSpec:
     owner: Owner = field(default_factory=Owner.current)
     seed_dir: Path | None = None  # a finished install of OpenCode's plugin package (read-only)
     confinement: CellPolicy | None = None  # None: unconfined (only with --allow-unconfined)
+    # Seconds the cell may run on should the operator die (--cells-outlive-operator), to be
+    # reattached by the next one: its launcher then gets no parent-death signal but this
+    # deadline, and writes its output straight to the log file (a pipe would die with the
+    # operator). None: the cell ends with the operator.
+    outlive_deadline: float | None = None
 
 
 class OpenCodeServer:
@@ -143,6 +150,7 @@ class OpenCodeServer:
         self.spec = spec
         self.password = secrets.token_urlsafe(24)
         self._process: asyncio.subprocess.Process | None = None
+        self._live: LiveCell | None = None  # a cell an earlier operator started (attach())
         self._pump: asyncio.Task | None = None
         self._listening = asyncio.Event()
         self._swept = asyncio.Event()
@@ -153,6 +161,9 @@ class OpenCodeServer:
 
     @property
     def pid(self) -> int | None:
+        """The cell launcher's pid (the server is its child)."""
+        if self._live is not None:
+            return self._live.record.launcher_pid
         return self._process.pid if self._process else None
 
     @property
@@ -199,15 +210,23 @@ class OpenCodeServer:
         started = time.monotonic()
         argv = [spec.binary, "serve", "--port", str(spec.port), "--hostname", "127.0.0.1"]
         launch = await asyncio.to_thread(self._launch, argv)  # may wait for the cell's TCP ruleset
+        output: int = asyncio.subprocess.PIPE
+        offset = 0
+        if spec.outlive_deadline is not None:  # to the log itself: the cell may outlive our pipes
+            output = self._open_log(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            offset = os.fstat(output).st_size
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *launch.argv, cwd=spec.cwd, env=launch.env, pass_fds=launch.pass_fds,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output,
                 start_new_session=True,  # its own process group: the fallback of stop()
             )
         finally:
             launch.close()
-        self._pump = asyncio.create_task(self._pump_output(), name=f"opencode-output-{spec.cell_id}")
+            if output != asyncio.subprocess.PIPE:
+                os.close(output)
+        self._pump = asyncio.create_task(self._pump_output() if output == asyncio.subprocess.PIPE
+                                         else self._tail_log(offset), name=f"opencode-output-{spec.cell_id}")
         try:
             await self._wait_healthy(started + timeout)
         except BaseException:
@@ -227,7 +246,37 @@ class OpenCodeServer:
             fds = () if net is None else (net,)
             policy = spec.confinement.launch_policy(net_ruleset_fd=net)
         return launcher.prepare(argv, self.environment(), policy, term_grace=STOP_TERM_GRACE,
-                                launcher_env=marker_env(spec.cell_id, spec.owner, str(spec.work_dir)), extra_fds=fds)
+                                launcher_env=marker_env(spec.cell_id, spec.owner, str(spec.work_dir)), extra_fds=fds,
+                                deadline=spec.outlive_deadline, parent_death=spec.outlive_deadline is None)
+
+    @classmethod
+    async def attach(cls, spec: ServerSpec, live: LiveCell, timeout: float = 5.0) -> OpenCodeServer | None:
+        """Take over a running cell an earlier operator started (``live``: its launcher,
+        proven by pid and start time and held by a pidfd; ``spec``: the same cell). None
+        when its server does not answer its health check with the recorded password; the
+        caller then stops it (``stop()`` of the returned-None case: ``kill_live``)."""
+        server = cls(spec)
+        server.password, server._live = live.record.password, live
+        try:
+            offset = os.stat(server.log_path, follow_symlinks=False).st_size
+        except OSError:
+            offset = 0
+        async with httpx.AsyncClient(auth=("opencode", server.password), timeout=timeout) as http:
+            try:
+                response = await http.get(server.base_url + HEALTH_PATH)
+                healthy = response.status_code == 200 and response.json().get("healthy") is True
+            except (httpx.HTTPError, ValueError):
+                healthy = False
+        if not healthy or not server.alive():
+            server._live = None  # not ours to keep: the caller kills it with kill_live
+            return None
+        server._listening.set()
+        server._pump = asyncio.create_task(server._tail_log(offset), name=f"opencode-output-{spec.cell_id}")
+        return server
+
+    def _open_log(self, flags: int) -> int:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.log_path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def _prepare_state_dir(self) -> None:
         """Lay out the state dir. On a restart the cell had it to itself: every entry written
@@ -290,8 +339,7 @@ class OpenCodeServer:
         the launcher's word that it swept the cell."""
         process = self._process
         assert process is not None and process.stdout is not None and process.stderr is not None
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = self._open_log(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         written = 0
 
         async def copy(stream: asyncio.StreamReader, watch: bool) -> None:
@@ -303,12 +351,7 @@ class OpenCodeServer:
                 if written < LOG_LIMIT:
                     written += os.write(fd, chunk[:LOG_LIMIT - written])
                 if watch:
-                    recent = (recent + chunk)[-4096:]
-                    if not self._listening.is_set() and LISTENING_LINE.encode() in recent:
-                        self._listening.set()
-                    if landlock.SWEPT_LINE.encode() in recent:
-                        self._swept.set()
-                        recent = b""
+                    recent = self._watch(recent, chunk)
 
         try:
             # Both copies end before the file is closed (return_exceptions: one failing must
@@ -317,16 +360,51 @@ class OpenCodeServer:
         finally:
             os.close(fd)
 
+    def _watch(self, recent: bytes, chunk: bytes) -> bytes:
+        """Notice the listening line and the launcher's word that it swept the cell."""
+        recent = (recent + chunk)[-4096:]
+        if not self._listening.is_set() and LISTENING_LINE.encode() in recent:
+            self._listening.set()
+        if landlock.SWEPT_LINE.encode() in recent:
+            self._swept.set()
+            recent = b""
+        return recent
+
+    async def _tail_log(self, offset: int) -> None:
+        """A cell that may outlive the operator writes its output to the log itself (no cap:
+        see docs/security.md); follow it from ``offset`` for the same two lines."""
+        fd = self._open_log(os.O_RDONLY)
+        recent = b""
+        try:
+            while True:
+                chunk = os.pread(fd, 1 << 16, offset)
+                if chunk:
+                    offset += len(chunk)
+                    recent = self._watch(recent, chunk)
+                elif not self.alive():
+                    return
+                else:
+                    await asyncio.sleep(0.05)
+        finally:
+            os.close(fd)
+
+    def _signal(self, signum: int) -> None:
+        """Signal the launcher: through the pidfd when it is an attached cell's (never by a
+        pid number that could have been reused)."""
+        if self._live is not None:
+            signal.pidfd_send_signal(self._live.pidfd, signum)
+        elif self._process is not None:
+            os.kill(self._process.pid, signum)
+
     async def sweep(self, timeout: float = 10.0) -> None:
         """Kill every process of the cell but the server itself (shells, daemons the agent
         started, escaped or not): the launcher does it and says so on the server's stdout."""
-        process = self._process
-        if process is None or process.returncode is not None:
+        if not self.alive():
             return
         self._swept.clear()
         began = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGUSR1)
+            self._signal(signal.SIGUSR1)
         try:
             await asyncio.wait_for(self._swept.wait(), timeout)
             log.debug("cell %s: swept in %.3fs", self.spec.cell_id, time.monotonic() - began)
@@ -335,6 +413,8 @@ class OpenCodeServer:
                                   f"processes within {timeout:g}s") from None
 
     def alive(self) -> bool:
+        if self._live is not None:
+            return self._live.pidfd >= 0 and not _pidfd_exited(self._live.pidfd)
         return self._process is not None and self._process.returncode is None
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -342,6 +422,9 @@ class OpenCodeServer:
         cell, escaped or not, and exits. If it has not after the server's grace and ``grace``
         more seconds (at least _REAPER_SLACK), SIGKILL the group and sweep by markers
         (no process of the cell outlives it). Idempotent."""
+        if self._live is not None:
+            await self._stop_attached(grace)
+            return
         process = self._process
         if process is None:
             return
@@ -366,6 +449,19 @@ class OpenCodeServer:
                 await asyncio.wait_for(self._pump, 1.0)
             self._pump = None
 
+    async def _stop_attached(self, grace: float) -> None:
+        """stop() of a cell an earlier operator started: not our child, so it is waited on
+        and signalled through its pidfd."""
+        live = self._live
+        assert live is not None
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+            self._pump = None
+        await kill_live(live, grace, self.spec.work_dir)
+        self._live = None
+
     def _kill_escaped(self) -> None:
         """Shells the agent or a test started run in sessions of their own, outside the
         server's group; they carry this cell's markers, so end them by those."""
@@ -384,3 +480,42 @@ class OpenCodeServer:
         except OSError:
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
+
+
+def kill_marked(work_dir: Path, cell_id: str, owner: str) -> None:
+    """The process groups carrying ``cell_id``'s markers and started by ``owner``."""
+    for leftover in find_marked_processes(str(work_dir), cell_id):
+        if leftover.owner == owner:
+            kill_process_group(leftover.pid, grace=1.0)
+
+
+def _pidfd_exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+async def kill_live(live: LiveCell, grace: float, work_dir: Path) -> None:
+    """Stop an attached (or not reattachable) cell's launcher through its pidfd, as stop()
+    does a child's: SIGTERM (it ends the server, then every process of the cell), SIGKILL if
+    it has not exited in time, then whatever carries the cell's markers and the recorded
+    owner (``work_dir``: the markers'). Closes the pidfd."""
+    pid = live.record.launcher_pid
+    try:
+        if not _pidfd_exited(live.pidfd):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(live.pidfd, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TERM_GRACE + max(grace, _REAPER_SLACK)
+            while not _pidfd_exited(live.pidfd) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if not _pidfd_exited(live.pidfd):
+                log.warning("cell %s: launcher pid %s still running after SIGTERM; killing it and its group",
+                            live.record.cell_id, pid)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(live.pidfd, signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)  # still ours: the pidfd says it has not exited
+        # Whatever of the cell the launcher did not end (it was itself killed, say).
+        await asyncio.to_thread(kill_marked, work_dir, live.record.cell_id, live.record.owner)
+    finally:
+        live.close()

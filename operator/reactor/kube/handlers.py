@@ -57,7 +57,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     (logger.info if confinement.confined else logger.warning)("%s", confinement.message)
     # Cells of tasks that will be reopened in their sessions keep their checkout and state dir.
     keep = await memo.supervisor.cells_to_keep()
-    for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir, None, keep):
+    # Cells proven to be those an earlier operator recorded (--cells-outlive-operator) keep running.
+    running = memo.supervisor.running_cells()
+    for line in await asyncio.to_thread(cleanup_leftovers, memo.supervisor.engine.work_dir, None, keep, running):
         logger.warning("startup cleanup: %s", line)
     await memo.supervisor.start()  # reads the SpendLimits first: no task starts past one
     if memo.get("web") is not None:

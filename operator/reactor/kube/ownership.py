@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from kubernetes import client as k8s
 
+from reactor.infra.cellrecords import LiveCell
 from reactor.kube.fleet import FleetSettings, ReplicaLeases
 from reactor.kube.resource import AgentTaskStatus, TaskRef
 from reactor.kube.status import Fence, now, phase_status
@@ -61,6 +62,7 @@ class Plan:
     retrying: str | None = None  # why it runs again (the Retrying Event); None: a first start
     give_up: str | None = None  # no attempts left: the verdict's message (reason OperatorRestarted)
     reopen_session: str | None = None  # reopen this OpenCode session on the cell's checkout as it was
+    reattach: LiveCell | None = None  # its server still runs (proven): reattach to it instead
     # A fleet: the start commit of a lost run that may have recorded a green commit; look for
     # it and start from it (ownership.green_start).
     green_start: str | None = None
@@ -144,9 +146,11 @@ class SingleReplica:
     claims = False
     fence = None
 
-    def __init__(self, reap: Reap):
+    def __init__(self, reap: Reap, live_cells: dict[str, LiveCell] | None = None):
         self.reap = reap
         self.known: dict[str, dict] = {}  # (unused: kopf's create and resume hand tasks over)
+        # Cells an earlier operator left running, proven to be the ones it recorded (by cell id).
+        self.live_cells = live_cells if live_cells is not None else {}
 
     async def start(self) -> None:
         pass
@@ -172,9 +176,16 @@ class SingleReplica:
     async def plan(self, ref: TaskRef, status: AgentTaskStatus, resume: str = "reattach") -> Plan:
         session = reopen_session(status, resume)
         if session is not None:
+            phase = status.phase.value if status.phase else "Pending"
+            live = self.live_cells.pop((status.cell.cell_id if status.cell else None) or ref.cell_id, None)
+            if live is not None:
+                # The cell outlived the operator and is still the one recorded: its turn goes on.
+                # Nothing runs again, so no attempt is spent (the time box still bounds it).
+                return Plan(attempt=max(status.attempts, 1), reopen_session=session, reattach=live,
+                            retrying=f"operator restarted during {phase}; reattaching to the agent's running "
+                                     f"session {session}")
             # spec.resume reattach: the agent's checkout and session stay; only its server goes.
             await self.reap(ref, status, False, keep_cell=True)
-            phase = status.phase.value if status.phase else "Pending"
             return Plan(attempt=status.attempts + 1, reopen_session=session,
                         retrying=f"operator restarted during {phase}; reopening the agent's session {session} "
                                  "on its checkout as it was")

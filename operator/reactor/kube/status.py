@@ -308,6 +308,7 @@ class TaskStatus:
         # The parents (spec.dependsOn) this task saw, name -> uid, as its status recorded them.
         self.seen_parents: dict[str, str] = {}
         self.reopen_session: str | None = None  # an interrupted run's OpenCode session, to reopen
+        self.reattach: Any = None  # its cell, still running (infra.cellrecords.LiveCell): reattach instead
         self.observation: Any = None  # reactor.observe TaskObservation of the run, once it runs
         self.publisher: Any = None  # its ProgressPublisher
         # The object's conditions as last written (a merge patch replaces the whole list, so a

@@ -44,10 +44,12 @@ from typing import Any, Protocol
 from kubernetes import client as k8s
 
 from reactor.errors import ConfigurationError
+from reactor.infra.cellrecords import LiveCell, verify
 from reactor.infra.git import git
 from reactor.infra.mirrors import RepositoryMirrors
 from reactor.infra.repository_urls import RepositoryPolicy, RepositoryRefused
 from reactor.infra.processes import find_marked_processes, is_marked_for, kill_process_group
+from reactor.infra.servers import kill_live
 from reactor.infra.worktrees import safe_component
 from reactor.kube.dependencies import Decision, TaskView, Verdict, decide
 from reactor.kube.fleet import FleetSettings
@@ -69,7 +71,7 @@ from reactor.workflow.control import Spend, TaskControl
 from reactor.workflow.engine import Engine
 from reactor.workflow.origin import MirrorOrigin
 from reactor.workflow.recovery import ignore_and_warn
-from reactor.workflow.tcr import run_task
+from reactor.workflow.tcr import run_task, uncancellable
 from reactor.workflow.types import Outcome, Phase, PhaseEvent, Reason, TaskResult, TaskSpec
 
 WaitingCallback = Callable[[Reason, str], Awaitable[None]]
@@ -217,8 +219,11 @@ class Supervisor:
                                           release=lambda ref: self.ownership.release(ref),
                                           parents=lambda ref: self.dependencies.tasks.get(ref.namespace, {}))
         self.ownership: Ownership
+        # Cells an earlier operator left running (--cells-outlive-operator), proven by their
+        # private records (infra/cellrecords.py) before the startup sweep; taken by their runs.
+        self.live_cells: dict[str, LiveCell] = {}
         if fleet is None:
-            self.ownership = SingleReplica(self.reap)
+            self.ownership = SingleReplica(self.reap, self.live_cells)
         else:
             self.ownership = FleetOwnership(api_client, fleet, self.reap, on_fenced=self._fenced,
                                             on_view=self._rescan, on_lost=self._lost, clock=clock)
@@ -302,7 +307,17 @@ class Supervisor:
             self.dependencies.saw(None, body)
         if self.ownership.claims:  # a fleet reopens nothing (a lost replica's cell lived in its pod)
             return frozenset()
-        return resumable_cells(bodies)
+        keep = resumable_cells(bodies)
+        for cell_id in keep:
+            record = self.engine.records.read(cell_id)
+            live = await asyncio.to_thread(verify, record, self.engine.work_dir) if record is not None else None
+            if live is not None:
+                self.live_cells[cell_id] = live
+        return keep
+
+    def running_cells(self) -> frozenset[str]:
+        """The cells the startup sweep must leave running: those to reattach to."""
+        return frozenset(self.live_cells)
 
     def observe(self, event_type: str | None, body: dict) -> None:
         """A fleet: every change of every task (kopf's on.event, on every replica)."""
@@ -502,6 +517,16 @@ class Supervisor:
                          fresh_round: rebase.RebaseRound | None = None) -> None:
         """The task is ours: carry the restart rules' plan out. ``fresh_round``: a rebase
         round starting now (one interrupted by a restart is found in the status)."""
+        try:
+            await self._carry_out_plan(ref, body, status, plan, holding_slot, fresh_round)
+        finally:
+            live = plan.reattach
+            if live is not None and not live.taken:  # ended before its run took the running cell over
+                await uncancellable(kill_live(live, self.engine.settings.stop_grace, self.engine.work_dir))
+                self.engine.records.remove(live.record.cell_id)
+
+    async def _carry_out_plan(self, ref: TaskRef, body: dict, status: TaskStatus, plan: Plan, holding_slot: bool,
+                              fresh_round: rebase.RebaseRound | None = None) -> None:
         previous = AgentTaskStatus.of(body)
         rebase_round = fresh_round or rebase.interrupted_round(previous)
         status.attempt = plan.attempt
@@ -512,8 +537,9 @@ class Supervisor:
             return
         if plan.retrying is not None:
             await self.status.event(ref, "Retrying", plan.retrying, warning=True)
-        if plan.attempt > 1 or plan.resume_commit is not None or rebase_round is not None:
-            status.previous_progress = previous.progress  # the task's budget covers all its attempts and rounds
+        # The task's budget covers all its attempts and rounds (and what a reattached cell spent before).
+        if plan.attempt > 1 or plan.resume_commit is not None or rebase_round is not None or plan.reattach is not None:
+            status.previous_progress = previous.progress
         if plan.resume_commit is not None and previous.result is not None:
             status.previous_result = previous.result.as_written()  # files, test exit code of the first run
         spec = AgentTaskSpec.model_validate(body["spec"])
@@ -527,7 +553,7 @@ class Supervisor:
             await status.finish(TaskResult(task_id=spec.task_id or ref.name, outcome=Outcome.FAILED,
                                            reason=reason, message=str(exc)))
             return
-        status.reopen_session = plan.reopen_session
+        status.reopen_session, status.reattach = plan.reopen_session, plan.reattach
         confined, message = self.status.confinement  # said on every task: never a silent downgrade
         await self.status.event(ref, "Confined" if confined else "Unconfined", message, warning=not confined)
 
@@ -678,7 +704,7 @@ class Supervisor:
             await run_task(task, self.engine, on_phase, cell_id=ref.cell_id,
                            priority=(ref.creation, ref.namespace, ref.name), origin=origin,
                            resume_commit=resume_commit, take_capacity=False, control=control, watchers=[watch],
-                           reopen_session=status.reopen_session)
+                           reopen_session=status.reopen_session, reattach=status.reattach)
         finally:
             self._controls.pop(ref.uid, None)
             if publisher is not None:
@@ -768,6 +794,9 @@ class Supervisor:
         ``keep_cell``: only the server goes (its checkout and state dir are reopened)."""
         cell = status.cell
         cell_id = (cell.cell_id if cell else None) or ref.cell_id
+        live = self.live_cells.pop(cell_id, None)  # left running for a run that will not come (deleted)
+        if live is not None:
+            await kill_live(live, self.engine.settings.stop_grace, self.engine.work_dir)
         pid = cell.server_pid if cell else None
         if pid and is_marked_for(pid, cell_id):
             log.warning("%s: killing orphaned server pid %s", ref, pid)

@@ -350,6 +350,18 @@ class OpenCodeClient:
         tokens = TokenUsage.from_opencode(data.get("tokens"))
         return Usage(**tokens.model_dump(), cost=float(data.get("cost") or 0.0))
 
+    async def message_count(self, session_id: str) -> int:
+        """How many messages the session holds (``GET /session/{id}/message``)."""
+        listed = await self._request("GET", f"/session/{session_id}/message")
+        return len(listed) if isinstance(listed, list) else 0
+
+    async def busy(self, session_id: str) -> bool:
+        """Whether the session's turn is still running (``GET /session/status``: the sessions
+        that are not idle, with their state)."""
+        data = await self._request("GET", "/session/status")
+        state = (data or {}).get(session_id) if isinstance(data, dict) else None
+        return isinstance(state, dict) and state.get("type") not in (None, "idle")
+
     def events(self, *, read_timeout: float = 30.0) -> AsyncIterator[Event]:
         """The server's event stream (``GET /event``, all sessions) as typed events, until
         the server closes it. Raises :class:`OpenCodeUnavailable` when nothing (not even a

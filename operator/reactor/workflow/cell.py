@@ -6,10 +6,13 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
+from reactor.infra.cellrecords import CellRecord, LiveCell, start_ticks
 from reactor.infra.confinement import CellPolicy
-from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec, keep_session_store
+from reactor.infra.processes import Owner
+from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec, keep_session_store, kill_live
 from reactor.infra.worktrees import Worktree, safe_component
 from reactor.opencode.client import OpenCodeClient
 from reactor.opencode.events import EventFollower, EventHub
@@ -17,6 +20,10 @@ from reactor.workflow.engine import Engine
 from reactor.workflow.types import CellInfo, TaskSpec, Usage
 
 log = logging.getLogger(__name__)
+
+# A cell that may outlive its operator (--cells-outlive-operator) is ended by its launcher
+# this long after the task's time box (which covers the agent's turn and the tests).
+OUTLIVE_SLACK = 15.0
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -55,6 +62,10 @@ class Cell:
         self.reopen_session: str | None = None
         self.resumed: str | None = None
         self.next_prompt: str | None = None  # the first message when it is not spec.prompt (a resume)
+        # A running cell an earlier operator started, proven to be it, to reattach to (set
+        # before the server starts; reopened instead when it does not answer).
+        self.live: LiveCell | None = None
+        self.following = False  # reattached mid-turn: the first turn is followed, not prompted
         self.policy: CellPolicy | None = None  # the cell's Landlock rules (None: unconfined)
         # When the task's time box ends (time.monotonic()): git in the checkout is killed then.
         self.box_end: float | None = None
@@ -94,14 +105,14 @@ class Cell:
 
     async def adopt_worktree(self) -> Worktree | None:
         """Take over the checkout an earlier, killed run of this cell left (with the agent's
-        changes as they were), keeping OpenCode's session store of its state dir. None when
-        there is no checkout to take over."""
+        changes as they were), keeping OpenCode's session store of its state dir (unless its
+        server still runs, to be reattached). None when there is no checkout to take over."""
         worktree = await asyncio.to_thread(self.engine.worktrees.adopt, self.cell_id)
         if worktree is None:
             return None
         self.worktree = worktree
         self.start_commit = worktree.base_commit
-        if not await asyncio.to_thread(keep_session_store, self.state_dir):
+        if self.live is None and not await asyncio.to_thread(keep_session_store, self.state_dir):
             self.reopen_session = None  # nothing to reopen it from: a fresh session on the checkout
         self.policy = await asyncio.to_thread(self._confinement_policy)
         # The checkout was the cell's: git in it only under the launcher, as in create_worktree.
@@ -125,6 +136,11 @@ class Cell:
         """Start the server and open a session; BOOT_RETRY: on failure kill it and start
         again while restarts are left (linear backoff, a fresh port each time)."""
         policy = self.engine.settings.recovery
+        if self.live is not None:
+            if await self._reattach():
+                return
+            if not await asyncio.to_thread(keep_session_store, self.state_dir):
+                self.reopen_session = None
         while True:
             self.boot_attempts += 1
             try:
@@ -141,12 +157,10 @@ class Cell:
                             self.cell_id, self.boot_attempts, self.restarts_left, str(exc).splitlines()[0])
                 await asyncio.sleep(policy.boot_delay * self.boot_attempts)
 
-    async def _boot_once(self) -> None:
-        assert self.worktree is not None
-        if self.port is None:
-            self.port = self.engine.ports.allocate(owner=self.cell_id)
+    def _server_spec(self, owner: Owner, outlive_deadline: float | None = None) -> ServerSpec:
+        assert self.worktree is not None and self.port is not None
         settings = self.engine.settings
-        self.server = OpenCodeServer(ServerSpec(
+        return ServerSpec(
             binary=self.engine.opencode_bin,
             cwd=self.worktree.path,
             port=self.port,
@@ -159,9 +173,12 @@ class Cell:
             config=self.opencode_config(),
             env={**settings.server_env, **self.spec.env},
             inherit_env=settings.inherit_env,
-            owner=self.engine.owner,
-        ))
-        await self.server.start(timeout=settings.health_timeout)
+            owner=owner,
+            outlive_deadline=outlive_deadline,
+        )
+
+    async def _follow_events(self) -> None:
+        assert self.server is not None
         # The client knows only http://127.0.0.1:PORT and the cell's password: the cell is
         # reached through its own server's API and nothing else.
         self.client = OpenCodeClient(self.server.base_url, self.server.password)
@@ -171,6 +188,77 @@ class Cell:
             await self._follower.start()
         except Exception as exc:
             raise ServerBootError(f"server on port {self.port} is healthy but its event stream failed: {exc}") from exc
+
+    async def _reattach(self) -> bool:
+        """Take over the running server of ``self.live`` (an earlier operator's, proven by
+        pid and start time): it must answer its health check with the recorded password and
+        know the session. True: reattached (``resumed`` = "reattached", no message sent);
+        False: it was stopped, every process of it, and the caller reopens the session."""
+        live, self.live = self.live, None
+        assert live is not None and self.worktree is not None
+        live.taken = True
+        record = live.record
+        owner = Owner.from_token(record.owner)  # its markers name the operator that started it
+        self.port = self.engine.ports.reserve(record.port, owner=self.cell_id)
+        spec = self._server_spec(owner, max(1.0, record.deadline_at - time.time()))  # its launcher's deadline
+        server = await OpenCodeServer.attach(spec, live)
+        session = None
+        if server is not None:
+            self.server = server
+            try:
+                await self._follow_events()
+                assert self.client is not None
+                session = await self.client.get_session(self.reopen_session or record.session_id)
+            except Exception as exc:  # noqa: BLE001 - then it is stopped and the session reopened
+                log.warning("%s: the running server does not answer (%s): reopening instead", self.cell_id, exc)
+        if session is None:
+            log.warning("%s: could not reattach to the cell's running server: stopping it, reopening the session",
+                        self.cell_id)
+            if server is not None:
+                await self.stop_server()
+            else:
+                self.live = live
+                await self.drop_live()
+            self._release_port()
+            return False
+        self.session_id, self.resumed = session.id, "reattached"
+        log.info("%s: reattached to its running server (launcher pid %s, port %s), session %s",
+                 self.cell_id, record.launcher_pid, record.port, session.id)
+        return True
+
+    async def drop_live(self) -> None:
+        """The running cell of ``self.live`` is not taken over: stop it, every process of it."""
+        live, self.live = self.live, None
+        if live is not None:
+            live.taken = True
+            await kill_live(live, self.engine.settings.stop_grace, self.engine.work_dir)
+            self.engine.records.remove(self.cell_id)
+
+    def remember(self) -> None:
+        """A cell that may outlive this operator: record what the next one needs to reattach
+        to it (infra/cellrecords.py), in the operator's private dir."""
+        server = self.server
+        if server is None or server.spec.outlive_deadline is None or self.session_id is None or server.pid is None:
+            return
+        started = start_ticks(server.pid)
+        if started is None:
+            return
+        self.engine.records.write(CellRecord(
+            cell_id=self.cell_id, launcher_pid=server.pid, launcher_start=started, port=server.spec.port,
+            password=server.password, session_id=self.session_id, owner=server.spec.owner.token,
+            deadline_at=time.time() + server.spec.outlive_deadline))
+
+    async def _boot_once(self) -> None:
+        assert self.worktree is not None
+        if self.port is None:
+            self.port = self.engine.ports.allocate(owner=self.cell_id)
+        settings = self.engine.settings
+        outlive = None
+        if settings.cells_outlive_operator and self.box_end is not None:
+            outlive = max(1.0, self.box_end - time.monotonic()) + OUTLIVE_SLACK
+        self.server = OpenCodeServer(self._server_spec(self.engine.owner, outlive))
+        await self.server.start(timeout=settings.health_timeout)
+        await self._follow_events()
         if self.reopen_session is not None:
             try:
                 reopened = await self.client.get_session(self.reopen_session)
@@ -180,12 +268,14 @@ class Cell:
             self.resumed = "reopened" if reopened is not None else "restarted"
             if reopened is not None:
                 self.session_id = reopened.id
+                self.remember()
                 return
         try:
             session = await self.client.create_session(title=self.spec.commit_message)
         except Exception as exc:
             raise ServerBootError(f"server on port {self.port} is healthy but could not open a session: {exc}") from exc
         self.session_id = session.id
+        self.remember()
 
     async def restart_server(self) -> None:
         """BOOT_RETRY after the server died mid-task: kill what is left, throw away the dead
@@ -212,6 +302,7 @@ class Cell:
                 await asyncio.to_thread(self.worktree.lay_files, laid)
         if not self.spec.resumed_from:
             self.next_prompt = None
+        self.following = False  # a reattached turn is not followed again: the retry prompts
 
     async def sweep(self) -> None:
         """End every process of the cell but its server (what the agent left running)."""
@@ -229,6 +320,7 @@ class Cell:
             self.client = None
         if self.server is not None:
             await self.server.stop(grace=self.engine.settings.stop_grace)
+        self.engine.records.remove(self.cell_id)  # nothing of it runs on to reattach to
         self.session_id = None
 
     def _release_port(self) -> None:
@@ -242,6 +334,7 @@ class Cell:
         if self.worktree is not None:  # a git step a cancelled run left running (a hanging filter)
             self.worktree.kill_running()
         try:
+            await self.drop_live()  # a running cell handed over that this run never took up
             await self.stop_server()
         finally:
             try:
@@ -251,3 +344,4 @@ class Cell:
                 self._release_port()
                 shutil.rmtree(self.state_dir, ignore_errors=True)  # fd-based: follows no link the cell planted
                 self.engine.files.cell_log(self.cell_id).unlink(missing_ok=True)
+

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from reactor.opencode.events import Event, StepFinished
-from reactor.opencode.models import TokenUsage
+from reactor.opencode.models import TokenUsage, Usage
 from reactor.workflow.types import Budget, Reason
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,23 @@ class TaskControl:
             why = budget_exceeded(self.budget, self.spend)
             if why is not None:
                 self.stop(Reason.BUDGET_EXCEEDED, why)
+
+    def catch_up(self, session: Usage) -> None:
+        """A reattached cell ran while no operator watched its events: count what its
+        session's own total (``session``, as the server sums it) holds beyond the running
+        total, field by field, then check the budget. Exact for a task with one session; with
+        earlier sessions (R3 retries) the running total already holds more, and the steps
+        missed are undercounted, never counted twice."""
+        seen = self.spend.tokens
+        missed = TokenUsage(**{name: max(0, getattr(session, name) - getattr(seen, name))
+                               for name in TokenUsage.model_fields})
+        cost = max(0.0, session.cost - self.spend.cost)
+        if not missed.total_tokens and not cost:
+            return
+        self.spend.tokens, self.spend.cost = seen + missed, self.spend.cost + cost
+        why = budget_exceeded(self.budget, self.spend) if self.request is None else None
+        if why is not None:
+            self.stop(Reason.BUDGET_EXCEEDED, why)
 
     # -- stopping --
 

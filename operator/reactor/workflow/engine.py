@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import reactor
+from reactor.infra.cellrecords import CellRecords
 from reactor.infra.confinement import Confinement, ConfinementSettings
 from reactor.infra.ports import DEFAULT_PORT_RANGE, PortAllocator, PortRange
 from reactor.infra.private import OperatorFiles
@@ -92,6 +93,9 @@ class EngineSettings:
     # time left or has just run out: a tested change is not lost for the box ending
     # meanwhile, and a commit a planted filter hangs holds the task no longer (docs/faults.md).
     commit_grace: float = 60.0
+    # reactor operator --cells-outlive-operator: a cell is not ended by its operator's death
+    # (only by its time box), so the next operator can reattach to it (docs/architecture.md).
+    cells_outlive_operator: bool = False
     confinement: ConfinementSettings = field(default_factory=ConfinementSettings)
     # Base OpenCode config for every cell. A headless agent has nobody to answer a
     # permission prompt, so every permission OpenCode 1.18 knows is set here (a key left
@@ -112,6 +116,7 @@ class Engine:
         self.seed_dir = _usable_seed(self.settings.opencode_seed)
         # What the engine keeps for itself (servers' logs), where no cell reaches.
         self.files = OperatorFiles(self.work_dir).prepare()
+        self.records = CellRecords(self.files.root)  # the cells that may outlive this process
         # Raises ConfinementUnavailable when cells cannot be confined and that was not allowed.
         self.confinement = Confinement(self.settings.confinement, self.work_dir,
                                        shared_read=[p for p in (_install_root(self.opencode_bin),

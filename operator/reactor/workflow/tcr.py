@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import pathspec
 
 from reactor.errors import ConfigurationError
+from reactor.infra.cellrecords import LiveCell
 from reactor.infra.git import GitTimeout
 from reactor.infra.ports import PortsExhausted
 from reactor.infra.repository_urls import RepositoryRefused
@@ -53,7 +54,7 @@ from reactor.infra.servers import ServerBootError
 from reactor.infra.worktrees import ParentsConflict, ResultRejected, integrate, resolve_repository
 from reactor.opencode.errors import ModelError, OpenCodeError, OpenCodeUnavailable
 from reactor.redact import Redactor
-from reactor.opencode.events import Consumer
+from reactor.opencode.events import Consumer, Event, SessionIdle
 from reactor.workflow.cell import Cell
 from reactor.workflow.control import TaskControl, TaskStopped
 from reactor.workflow.engine import Engine
@@ -156,7 +157,8 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                    cell_id: str | None = None, priority: object = 0, take_capacity: bool = True,
                    origin: Origin | None = None, resume_commit: str | None = None,
                    control: TaskControl | None = None, watchers: Sequence[Consumer] = (),
-                   clock: Clock = time.time, reopen_session: str | None = None) -> TaskResult:
+                   clock: Clock = time.time, reopen_session: str | None = None,
+                   reattach: LiveCell | None = None) -> TaskResult:
     """Run one task to a verdict and report it (the terminal phase carries the result).
     Never raises for task failures (they are results); a cancellation tears the cell down
     and propagates, unless the push had begun (then the verdict is reported first).
@@ -172,7 +174,11 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
     this cell was killed mid-turn (the operator died): take over its checkout as it is and
     reopen this OpenCode session from the cell's state dir with one continuation message,
     or, when the session cannot be reopened, a fresh session on the checkout with the
-    prompt and what was done (no checkout left: a normal start)."""
+    prompt and what was done (no checkout left: a normal start). ``reattach`` (with
+    ``reopen_session``): that cell's server still runs (cells outliving their operator) and
+    its launcher was proven to be the recorded one: reattach to it, follow the session's turn
+    to its end without sending anything, and go on with the tests; when it does not answer,
+    it is stopped and the session reopened."""
     gate = engine.capacity if take_capacity else None
     started = time.monotonic()
     result = TaskResult(task_id=spec.task_id, outcome=Outcome.FAILED, reason=Reason.INTERNAL_ERROR,
@@ -199,6 +205,7 @@ async def run_task(spec: TaskSpec, engine: Engine, on_phase: PhaseCallback | Non
                 if result.started_at is None:
                     result.started_at = clock()
                 cell.reopen_session = reopen_session
+                cell.live = reattach if reopen_session is not None else None
                 try:
                     await _in_cell(spec, cell, phases, result, origin, control, clock)
                 finally:
@@ -247,7 +254,7 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
     try:
         try:
             async with time_box, control.guard() as stops:
-                files = await _test(spec, cell, phases, result, origin)
+                files = await _test(spec, cell, phases, result, origin, control)
                 await stops.close()  # a change that passed its tests is kept: stop requests end here
         except TimeoutError:
             if not time_box.expired():
@@ -328,7 +335,8 @@ async def _in_cell(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResu
         await _push(spec, origin, phases, result)
 
 
-async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult, origin: Origin | None) -> list[str]:
+async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult, origin: Origin | None,
+                control: TaskControl) -> list[str]:
     """Bootstrapping, Executing, Testing. Returns the changed paths when the tests pass;
     raises TaskFailed (or a boot/input error) otherwise."""
     policy = cell.engine.settings.recovery
@@ -343,6 +351,8 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     protected = _protected_paths(spec.protect)  # a bad pattern fails here, before any work
     adopted = await cell.adopt_worktree() if cell.reopen_session is not None else None
     if adopted is None:
+        if cell.live is not None:  # no checkout to go on with: what still runs of the cell goes
+            await cell.drop_live()
         cell.reopen_session = None
         if spec.start_commits:  # built on other tasks' results: their commit, or Reactor's merge of them
             cell.start_commit = await asyncio.to_thread(integrate, repo, spec.start_commits,
@@ -358,9 +368,13 @@ async def _test(spec: TaskSpec, cell: Cell, phases: _Phases, result: TaskResult,
     await cell.start_server()
     if adopted is not None:
         result.resumed = cell.resumed or "restarted"
-        done = ", ".join(await _changed_files(cell)) or "none"
-        cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
-                            else f"{spec.prompt}\n\n{RESTARTED.format(files=done)}")
+        if result.resumed == "reattached":  # the agent's turn goes on: follow it, say nothing
+            cell.following = True
+            control.catch_up(await _usage(cell))  # what it spent while no operator watched
+        else:
+            done = ", ".join(await _changed_files(cell)) or "none"
+            cell.next_prompt = (CONTINUATION.format(files=done) if result.resumed == "reopened"
+                                else f"{spec.prompt}\n\n{RESTARTED.format(files=done)}")
     elif spec.resumed_from:
         result.resumed, result.resumed_from = "restarted", spec.resumed_from
         done = ", ".join(await _changed_files(cell)) or "none"
@@ -472,7 +486,34 @@ async def _prompt(cell: Cell, result: TaskResult) -> None:
     result.attempts.append(Attempt(number=result.prompt_attempts))
     text = cell.next_prompt or cell.spec.prompt
     watch = TurnWatch(client, cell.engine.settings.stall_timeout)
+    if cell.following:  # a reattached cell: its turn is running (or has ended); no message
+        cell.following = False
+        if await client.busy(session_id) or await client.message_count(session_id):
+            await watch.run(cell.events, lambda: _turn_ends(cell, session_id))
+            return
+        # An empty, idle session: the operator died before its prompt was sent. Send it now
+        # (the agent sees the task's prompt once, as it would have).
     await watch.run(cell.events, lambda: client.prompt(session_id, text, model=cell.spec.model))
+
+
+async def _turn_ends(cell: Cell, session_id: str, recheck: float = 5.0) -> None:
+    """Until the session is idle: its ``session.idle`` event, or the server's session status
+    (read first, and again every ``recheck`` seconds in case the event fell into a gap of the
+    stream)."""
+    assert cell.client is not None
+    idle = asyncio.Event()
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, SessionIdle) and event.session_id == session_id:
+            idle.set()
+
+    unsubscribe = cell.events.subscribe(on_event)
+    try:
+        while not idle.is_set() and await cell.client.busy(session_id):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), recheck)
+    finally:
+        unsubscribe()
 
 
 async def _fresh_session(cell: Cell, result: TaskResult) -> None:
@@ -483,6 +524,7 @@ async def _fresh_session(cell: Cell, result: TaskResult) -> None:
     _close_attempt(result, "reverted", "a transient model or server error; retried from a clean checkout")
     await cell.start_over()  # the retry starts over from the task's start (and its own prompt)
     cell.session_id = (await cell.client.create_session(title=cell.spec.commit_message)).id
+    cell.remember()
 
 
 async def _changed_files(cell: Cell) -> list[str]:
