@@ -1,0 +1,165 @@
+"""Ways in found by the third adversarial review (cells that outlive their operator and are
+reattached, and a fleet's green record), each turned into a test at the cheapest level that
+proves it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from reactor.infra import landlock, launcher
+from reactor.infra.cellrecords import CellRecord, LiveCell
+from reactor.infra.confinement import readable_roots
+from reactor.infra.processes import Owner
+from reactor.infra.servers import OpenCodeServer, ServerSpec
+
+# A cell's own program (it may run any): it keeps its launcher getting SIGCHLD, one child
+# exiting after another. Chains of processes, each forking the next and exiting: every link
+# is the launcher's child by then (its subreaper), so each exit is a SIGCHLD to it. It stops
+# by itself after STORM_SECONDS, so a launcher it held is not held forever.
+STORM = r'''
+import os, sys, time
+seconds, chains = float(sys.argv[1]), int(sys.argv[2])
+end = time.monotonic() + seconds
+for _ in range(chains):
+    if os.fork() == 0:
+        while time.monotonic() < end:
+            if os.fork():
+                os._exit(0)
+        os._exit(0)
+print("storming", flush=True)
+time.sleep(seconds + 1)
+'''
+STORM_SECONDS = 40.0
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def test_a_cell_cannot_hold_its_launcher_past_the_deadline_with_a_stream_of_sigchld(tmp_path):
+    """The launcher ended a cell at its deadline only when it waited for a signal and none
+    came (sigtimedwait returning None). A cell whose processes keep exiting (each one the
+    launcher's child, as its subreaper) always has a SIGCHLD pending, so the wait never timed
+    out: the cell ran on past its deadline (a cell outliving its operator: indefinitely, with
+    nobody else to stop it), and a git step's or merge-queue run's launcher was SIGKILLed by
+    the operator instead, leaving what had left its group and markers running."""
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "storm.py").write_text(STORM)
+    launch = launcher.prepare([sys.executable, "storm.py", str(STORM_SECONDS), "4"], {"PATH": os.environ["PATH"]},
+                              None, deadline=2.0, term_grace=0.2, parent_death=False)
+    try:
+        proc = subprocess.Popen(launch.argv, cwd=cell, env=launch.env, pass_fds=launch.pass_fds, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    finally:
+        launch.close()
+    began = time.monotonic()
+    try:
+        assert proc.stdout.readline().strip() == "storming"
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the cell runs on {time.monotonic() - began:.0f}s after its 2s deadline") from None
+        assert proc.returncode == launcher.EXIT_DEADLINE, proc.stderr.read()
+    finally:
+        if proc.poll() is None:  # held: let the storm end by itself, then stop the launcher
+            proc.wait(timeout=STORM_SECONDS + 30)
+        proc.communicate(timeout=30)
+    assert _descendants(proc.pid) == []
+
+
+async def test_a_cell_flooding_its_log_does_not_stall_the_operator(tmp_path):
+    """A cell that may outlive its operator writes its output straight to its log, which the
+    operator follows for the listening and swept lines. The follower read everything the
+    cell had written before it let any other coroutine run: a cell that wrote a few GiB (or
+    wrote faster than it was read) froze the operator's event loop, and with it every
+    tenant's tasks and the liveness probe. Other coroutines run while it catches up."""
+    sleeper = subprocess.Popen(["sleep", "60"])  # stands for the cell's launcher: alive
+    try:
+        log_path = tmp_path / "operator" / "logs" / "ns.t.cell.log"
+        log_path.parent.mkdir(parents=True)
+        with open(log_path, "wb") as out:  # what the cell wrote, its sweep's line last
+            chunk = b"x" * (1 << 20)
+            for _ in range(32):
+                out.write(chunk)
+            out.write(f"\n{landlock.SWEPT_LINE} 0 processes\n".encode())
+        spec = ServerSpec(binary="opencode", cwd=tmp_path, port=8123, cell_id="ns.t.cell",
+                          state_dir=tmp_path / "state", work_dir=tmp_path, log_path=log_path, outlive_deadline=60.0)
+        server = OpenCodeServer(spec)
+        record = CellRecord("ns.t.cell", sleeper.pid, 0, 8123, "pw", "ses", Owner.current().token, 0.0)
+        server._live = LiveCell(record, os.pidfd_open(sleeper.pid))
+        follower = asyncio.create_task(server._tail_log(0))
+        await asyncio.sleep(0)  # the follower runs first; this resumes at its first yield
+        assert not server._swept.is_set(), "the follower read 32 MiB of the cell's output without yielding once"
+        await asyncio.wait_for(server._swept.wait(), 30)  # ... and still notices the line
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    await asyncio.wait_for(follower, 30)  # the cell is gone: the follower ends
+    server._live.close()
+
+
+# The cell's server holding its log as stdout (as a cell that may outlive its operator does):
+# it takes a write lease on it while no operator reads it, and ignores the lease-break signal.
+LEASE = r'''
+import fcntl, signal, time
+signal.signal(signal.SIGIO, signal.SIG_IGN)
+fcntl.fcntl(1, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+open("leased", "w").close()
+time.sleep(120)
+'''
+
+
+async def test_a_cell_holding_a_lease_on_its_log_does_not_stall_the_operator(tmp_path):
+    """While no operator runs, a surviving cell's server (same uid, its log as stdout) took a
+    write lease on the log. The next operator's open of the log to follow it then blocked,
+    in its event loop, until the kernel broke the lease (fs.lease-break-time, 45 s): every
+    tenant's tasks and the liveness probe stood still. Confinement does not stop it
+    (Landlock does not mediate leases); the operator must not wait on the cell."""
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "lease.py").write_text(LEASE)
+    log_path = tmp_path / "operator" / "logs" / "ns.t.cell.log"
+    log_path.parent.mkdir(parents=True)
+    abi = landlock.abi_version()
+    policy = None if abi < 1 else {"read": readable_roots(Path("/"), [tmp_path / "operator"]),
+                                   "write": [str(cell), "/dev/null"], "abi": abi,
+                                   "refuse_socket_families": list(launcher.REFUSED_SOCKET_FAMILIES)}
+    launch = launcher.prepare([sys.executable, "lease.py"], {"PATH": os.environ["PATH"]}, policy, deadline=120,
+                              term_grace=0.2, parent_death=False)
+    output = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(launch.argv, cwd=cell, env=launch.env, pass_fds=launch.pass_fds, stdout=output,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        launch.close()
+        os.close(output)
+    try:
+        deadline = time.monotonic() + 30
+        while not (cell / "leased").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the cell could not take its lease"
+            await asyncio.sleep(0.02)
+        spec = ServerSpec(binary="opencode", cwd=cell, port=8123, cell_id="ns.t.cell", state_dir=tmp_path / "state",
+                          work_dir=tmp_path, log_path=log_path, outlive_deadline=60.0)
+        server = OpenCodeServer(spec)
+        record = CellRecord("ns.t.cell", proc.pid, 0, 8123, "pw", "ses", Owner.current().token, 0.0)
+        server._live = LiveCell(record, os.pidfd_open(proc.pid))
+        began = time.monotonic()
+        follower = asyncio.create_task(server._tail_log(0))
+        await asyncio.sleep(0)  # the follower opens the log first; this resumes at its first yield
+        assert time.monotonic() - began < 5, f"the operator's loop stood still {time.monotonic() - began:.0f}s"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    await asyncio.wait_for(follower, 30)
+    server._live.close()
