@@ -163,3 +163,35 @@ async def test_a_cell_holding_a_lease_on_its_log_does_not_stall_the_operator(tmp
         proc.wait(timeout=30)
     await asyncio.wait_for(follower, 30)
     server._live.close()
+
+
+# The operator quoting a failed boot's last lines, in a process of its own to measure its memory.
+QUOTE = r'''
+import resource, sys
+from pathlib import Path
+from reactor.infra.servers import OpenCodeServer, ServerSpec
+log = Path(sys.argv[1])
+spec = ServerSpec(binary="opencode", cwd=log.parent, port=8123, cell_id="ns.t.cell", state_dir=log.parent / "state",
+                  work_dir=log.parent, log_path=log, outlive_deadline=60.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tail = OpenCodeServer(spec).log_tail()
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(grown >> 10, tail.splitlines()[-1])
+'''
+
+
+def test_a_failed_boot_quotes_only_the_end_of_a_flooded_log(tmp_path):
+    """A cell that may outlive its operator writes its log itself, without the 4 MiB cap: it
+    can make it as large as the disk allows, then have its next server fail to boot (it
+    writes its own state dir). The boot error quoted the log's last lines by reading the
+    whole file into the operator's memory (GiB, in its event loop). Only its end is read."""
+    log_path = tmp_path / "ns.t.cell.log"
+    with open(log_path, "wb") as out:
+        out.truncate(512 << 20)  # 512 MiB the cell wrote (sparse here: costs no disk)
+        out.seek(0, os.SEEK_END)
+        out.write(b"\nError: the config is invalid\n")
+    quoted = subprocess.run([sys.executable, "-c", QUOTE, str(log_path)], capture_output=True, text=True, timeout=120)
+    assert quoted.returncode == 0, quoted.stderr
+    grown_mib, last_line = quoted.stdout.strip().split(" ", 1)
+    assert last_line == "Error: the config is invalid"
+    assert int(grown_mib) < 64, f"quoting the log grew the operator by {grown_mib} MiB"
