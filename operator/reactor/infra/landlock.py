@@ -412,6 +412,10 @@ def kill_descendants() -> int:
                 pass
         try:
             os.waitpid(-1, 0)
+            # Every child that has ended, not one a round: a round lists and signals every
+            # child, so reaping one a round took minutes for a cell of a few thousand processes.
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
         except ChildProcessError:
             return len(killed)
 

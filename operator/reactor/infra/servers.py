@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 LISTENING_LINE = "opencode server listening on"
 LOG_LIMIT = 4 << 20  # bytes of a server's output kept in its log (the rest is read and dropped)
 HEALTH_PATH = "/global/health"
+_TAIL_BYTES = 64 << 10  # of a server's log quoted in a boot error (its last lines)
 
 # What a server inherits from our environment when it must not see the rest of it (the
 # operator's). Secrets reach a server only through ServerSpec.env.
@@ -372,8 +373,17 @@ class OpenCodeServer:
 
     async def _tail_log(self, offset: int) -> None:
         """A cell that may outlive the operator writes its output to the log itself (no cap:
-        see docs/security.md); follow it from ``offset`` for the same two lines."""
-        fd = self._open_log(os.O_RDONLY)
+        see docs/security.md); follow it from ``offset`` for the same two lines.
+
+        The cell writes the file: it may flood it, or hold a lease on it (it runs as our
+        user). Opened without waiting on a lease (a leased log is not followed: the cell's
+        sweep then times out), and read one chunk per turn of the event loop, never all there
+        is at once: either would stop every other task of the operator."""
+        try:
+            fd = self._open_log(os.O_RDONLY | os.O_NONBLOCK)
+        except BlockingIOError:
+            log.warning("cell %s: its log is leased by the cell; not followed", self.spec.cell_id)
+            return
         recent = b""
         try:
             while True:
@@ -381,6 +391,7 @@ class OpenCodeServer:
                 if chunk:
                     offset += len(chunk)
                     recent = self._watch(recent, chunk)
+                    await asyncio.sleep(0)
                 elif not self.alive():
                     return
                 else:
@@ -472,11 +483,15 @@ class OpenCodeServer:
                 kill_process_group(leftover.pid, grace=1.0)
 
     def log_tail(self, lines: int = 20) -> str:
-        """The last lines the server printed (from the operator's own log file)."""
+        """The last lines the server printed (from the operator's own log file). Only its
+        end is read: a cell that may outlive the operator writes the file itself, uncapped."""
         try:
-            fd = os.open(self.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as log_file:
-                text = log_file.read().decode(errors="replace")
+            fd = os.open(self.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # no lease waited on
+            try:
+                size = os.fstat(fd).st_size
+                text = os.pread(fd, _TAIL_BYTES, max(0, size - _TAIL_BYTES)).decode(errors="replace")
+            finally:
+                os.close(fd)
         except OSError:
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
