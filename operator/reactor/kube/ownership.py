@@ -227,10 +227,10 @@ class ClaimedOrigin(MirrorOrigin):
                          green_ref=green_ref)
         self.confirm = confirm
 
-    async def push(self, branch: str, commit: str) -> None:
+    async def push(self, branch: str, commit: str, replaces: str | None = None) -> None:
         if not await self.confirm():
             raise PushFailed("this replica no longer holds the task (another replica took it over); nothing pushed")
-        await super().push(branch, commit)
+        await super().push(branch, commit, replaces)
 
     async def record_green(self, commit: str) -> None:
         if not await self.confirm():

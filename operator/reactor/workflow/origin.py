@@ -38,8 +38,9 @@ class Origin(Protocol):
         if given. Raises FetchFailed, RepositoryRefused or ConfigurationError (e.g. a
         credentials Secret that does not exist)."""
 
-    async def push(self, branch: str, commit: str) -> None:
-        """Publish ``branch`` (holding ``commit``). Raises PushFailed."""
+    async def push(self, branch: str, commit: str, replaces: str | None = None) -> None:
+        """Publish ``branch`` (holding ``commit``; replacing the task's own earlier result
+        ``replaces`` there, if given). Raises PushFailed."""
 
     async def record_green(self, commit: str) -> None:
         """``commit`` passed the tests (it is in the local repository): keep it where whoever

@@ -128,7 +128,10 @@ async function refreshDetail() {
   drawTimeline(data.timeline, data.now, task.phase === "Succeeded" || task.phase === "Failed");
 }
 
-// The phases as bars along a time axis: each phase's width is its share of the task's time.
+// The phases as bars along a time axis: each phase's width is its share of the task's time,
+// at least a few pixels, laid end to end (a phase of a fraction of a second stays visible,
+// not covered by the next one).
+const MIN_BAR = 6;
 function drawTimeline(timeline, now, finished) {
   const svg = document.getElementById("timeline");
   svg.replaceChildren();
@@ -138,12 +141,15 @@ function drawTimeline(timeline, now, finished) {
   const start = Date.parse(timeline[0].at);
   const end = finished ? Date.parse(timeline[timeline.length - 1].at) : Date.parse(now);
   const span = Math.max(1000, end - start);
-  timeline.forEach((entry, i) => {
-    const from = Date.parse(entry.at);
+  const widths = timeline.map((entry, i) => {
+    if (i + 1 === timeline.length && finished) return 10;
     const to = i + 1 < timeline.length ? Date.parse(timeline[i + 1].at) : end;
-    const x = ((from - start) / span) * (width - 10) + 5;
-    const isLast = i + 1 === timeline.length;
-    const w = isLast && finished ? 10 : Math.max(4, ((to - from) / span) * (width - 10));
+    return Math.max(MIN_BAR, ((to - Date.parse(entry.at)) / span) * (width - 10));
+  });
+  const scale = Math.min(1, (width - 10) / widths.reduce((sum, w) => sum + w, 0));
+  let x = 5;
+  timeline.forEach((entry, i) => {
+    const w = widths[i] * scale;
     const rect = document.createElementNS(ns, "rect");
     rect.setAttribute("x", x); rect.setAttribute("y", barY);
     rect.setAttribute("width", w); rect.setAttribute("height", barH);
@@ -159,6 +165,7 @@ function drawTimeline(timeline, now, finished) {
       label.setAttribute("font-size", "10"); label.textContent = entry.phase;
       svg.append(label);
     }
+    x += w;
   });
 }
 
