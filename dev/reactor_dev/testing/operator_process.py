@@ -38,7 +38,9 @@ class OperatorProcess:
         self.log_path = work_dir / "operator.log"
         self._api = None
 
-    def start(self) -> OperatorProcess:
+    def start(self, live: bool = True) -> OperatorProcess:
+        """``live``: return once kopf's liveness endpoint answers; False: at once (an
+        operator meant to die at a crash hook may get there before it is live)."""
         port = self.liveness_port = free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with open(self.log_path, "ab") as log:
@@ -48,6 +50,8 @@ class OperatorProcess:
                  "--liveness", f"http://127.0.0.1:{port}/healthz", *self.file_url_args, *self.extra_args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
+        if not live:
+            return self
         # Liveness answers after kopf's startup handlers, which reap a killed predecessor's
         # orphans (up to the stop grace each): give a loaded machine room.
         deadline = time.monotonic() + START_TIMEOUT
@@ -123,10 +127,11 @@ def operators(cluster, namespace: str, work_dir: Path, kubeconfig: Path | None =
     the operators still run (so they reap their cells and release finalizers), then stops them."""
     started: list[OperatorProcess] = []
 
-    def start(*args: str, work_dir: Path = work_dir) -> OperatorProcess:
-        """``work_dir``: a replica of a fleet has its own (its own volume, in a StatefulSet)."""
+    def start(*args: str, work_dir: Path = work_dir, live: bool = True) -> OperatorProcess:
+        """``work_dir``: a replica of a fleet has its own (its own volume, in a StatefulSet);
+        ``live``: see OperatorProcess.start."""
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-        proc = OperatorProcess(cluster, namespace, work_dir, *args, kubeconfig=kubeconfig).start()
+        proc = OperatorProcess(cluster, namespace, work_dir, *args, kubeconfig=kubeconfig).start(live)
         started.append(proc)
         return proc
 
