@@ -136,7 +136,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
                                supervisor.mirrors, identity=fleet.replica if fleet is not None else None,
                                lease_duration=fleet.lease_duration if fleet is not None else 15.0,
                                metrics=supervisor.observatory.metrics, forge_for=supervisor.pull_requests.forge_for,
-                               views=supervisor.observatory.queues)
+                               views=supervisor.observatory.queues,
+                               operator_secrets=(args.forge_token_secret,) if args.forge_token_secret else ())
     supervisor.merge_queues = merge_queues
     web = None
     if args.web != "none":

@@ -394,6 +394,9 @@ class _Driver:
         ref = spec.repository.credentials_secret_ref
         if ref is None:
             return None
+        # The queue's author names the host its git talks to (spec.repository.url): the
+        # operator's own forge token must not be handed to it (fourth review).
+        self.queues.secrets.refuse_operator_secret(ref.name, "spec.repository.credentialsSecretRef")
         data = await self.queues.secrets.read(self.namespace, ref.name, "spec.repository.credentialsSecretRef")
         return GitCredentials(username=data.get("username"), password=data.get("password"),
                               ssh_private_key=data.get("ssh-privatekey"))
@@ -428,15 +431,17 @@ class MergeQueues:
                  identity: str | None = None, lease_duration: float = 15.0, poll_interval: float = 2.0,
                  metrics: Metrics | None = None,
                  forge_for: Callable[[TaskRef, AgentTaskSpec], Awaitable[Forge]] | None = None,
-                 views: QueueViews | None = None):
+                 views: QueueViews | None = None, operator_secrets: tuple[str, ...] = ()):
         """``forge_for``: a task's forge with its token (kube/pullrequests.py): a result with an
-        open pull request then lands through the forge's merge (the PR reads as merged)."""
+        open pull request then lands through the forge's merge (the PR reads as merged).
+        ``operator_secrets``: the operator's own Secrets (--forge-token-secret), never a queue's
+        git credentials."""
         self.api_client, self.tests, self.mirrors, self.metrics = api_client, tests, mirrors, metrics
         self.forge_for, self.views = forge_for, views
         self.depths: dict[tuple[str, str], int] = {}  # of the queues driven here
         if metrics is not None:
             metrics.registry.register(_DepthCollector(self))
-        self.secrets = SecretReader(api_client)
+        self.secrets = SecretReader(api_client, operator_secrets)
         self.identity = identity or f"reactor.{token.token_hex(4)}"
         self.lease_duration, self.poll_interval = lease_duration, poll_interval
         self.integration = IntegrationStatus(api_client)

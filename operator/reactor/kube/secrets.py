@@ -44,9 +44,7 @@ class SecretReader:
         if spec.repository.credentials_secret_ref is not None:
             named.append((spec.repository.credentials_secret_ref.name, "spec.repository.credentialsSecretRef"))
         for name, field_path in named:
-            if name in self.operator_secrets:
-                raise ConfigurationError(f"{field_path}: secret {name!r} is the operator's forge token "
-                                         "(--forge-token-secret), which never reaches a task's cell or git")
+            self.refuse_operator_secret(name, field_path)
         secrets = TaskSecrets()
         for source in spec.agent.env_from:
             data = await self.read(ref.namespace, source.secret_ref.name, "spec.agent.envFrom")
@@ -57,6 +55,13 @@ class SecretReader:
             secrets.git = GitCredentials(username=data.get("username"), password=data.get("password"),
                                          ssh_private_key=data.get("ssh-privatekey"))
         return secrets
+
+    def refuse_operator_secret(self, name: str, field_path: str) -> None:
+        """ConfigurationError when a tenant's field names one of the operator's own Secrets
+        (a cell's environment, or git for a host the tenant chooses, would receive it)."""
+        if name in self.operator_secrets:
+            raise ConfigurationError(f"{field_path}: secret {name!r} is the operator's forge token "
+                                     "(--forge-token-secret), which never reaches a task's cell or git")
 
     async def read(self, namespace: str, name: str, field_path: str) -> dict[str, str]:
         try:
