@@ -63,7 +63,7 @@ from reactor.kube.dependencies import TaskView
 from reactor.kube.resource import AgentTaskSpec, TaskRef
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import ClaimLost, TaskStatus
-from reactor.redact import Redactor
+from reactor.redact import Redactor, shorten
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +402,16 @@ class PullRequests:
                 self._outcome(ref, "ForgeRefused")
                 message = (f"the forge refused the pull request: {exc}" if isinstance(exc, ForgeRefused)
                            else f"cannot open the pull request: {exc}")
+                log.error("%s: %s", ref, message)
+                await _write(ref, status, None, False, "ForgeRefused", message)
+                return
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # The forge is a host the tenant names: an answer that is not JSON, or not a
+                # pull request, once ended the publisher silently (no condition, no PR).
+                await _close(forge)
+                self._outcome(ref, "ForgeRefused")
+                message = ("cannot open the pull request: the forge's answer is not one of a forge's API "
+                           f"({type(exc).__name__}: {shorten(str(exc), 200)})")
                 log.error("%s: %s", ref, message)
                 await _write(ref, status, None, False, "ForgeRefused", message)
                 return
