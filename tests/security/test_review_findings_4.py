@@ -123,3 +123,100 @@ async def test_a_forge_answering_garbage_leaves_the_task_a_condition_saying_so()
         assert forge.requests >= 1
         assert [(c["status"], c["reason"]) for c in status.conditions] == [("False", "ForgeRefused")], answer
         assert "answer" in status.conditions[0]["message"], status.conditions[0]["message"]
+
+
+class _Listener:
+    """Something else listening on a cell's recorded port (any process of the machine, or
+    a port handed to another cell meanwhile): answers like a healthy server, keeps what it
+    was sent."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.received = b""
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        body = b'{"healthy": true, "version": "1"}'
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            with connection:
+                self.received += connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def close(self) -> None:
+        import socket
+
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self.thread.join(timeout=30)
+
+
+async def test_reattaching_never_sends_the_cells_password_to_another_listener(tmp_path):
+    """A cell that outlived its operator is reattached once its launcher is proven (pid,
+    start time, command line, markers); its server was then asked for its health with the
+    recorded password (HTTP basic auth) on the recorded port, whoever listened there: a
+    server that no longer listens left the port to anyone, and the password went to them.
+    The listener must be a process of that cell before the password is sent."""
+    import base64
+    import subprocess
+
+    from reactor.infra import launcher
+    from reactor.infra.cellrecords import CellRecord, start_ticks, verify
+    from reactor.infra.processes import Owner, marker_env
+    from reactor.infra.servers import OpenCodeServer, ServerSpec, kill_live
+
+    other = _Listener()
+    server = tmp_path / "opencode"  # the cell's server: running, verified, but not listening
+    server.write_text("#!/bin/sh\nexec sleep 60\n")
+    server.chmod(0o755)
+    work_dir, owner = tmp_path / "work", "1:1.00"
+    launch = launcher.prepare([str(server), "serve", "--port", str(other.port), "--hostname", "127.0.0.1"],
+                              {"PATH": "/usr/bin:/bin"}, None, deadline=60, parent_death=False,
+                              launcher_env=marker_env("ns.t.cell", Owner.from_token(owner), str(work_dir)))
+    try:
+        proc = subprocess.Popen(launch.argv, env=launch.env, pass_fds=launch.pass_fds, start_new_session=True)
+    finally:
+        launch.close()
+    password = "the-cells-own-password"
+    try:
+        record = CellRecord("ns.t.cell", proc.pid, start_ticks(proc.pid), other.port, password, "ses", owner, 0.0)
+        live = verify(record, work_dir)
+        assert live is not None, "the cell's launcher is proven"
+        spec = ServerSpec(binary=str(server), cwd=tmp_path, port=other.port, cell_id="ns.t.cell",
+                          state_dir=tmp_path / "state", work_dir=work_dir, outlive_deadline=60.0)
+        attached = await OpenCodeServer.attach(spec, live)
+        assert attached is None, "reattached to a server that is not the cell's"
+        await kill_live(live, 0.2, work_dir)
+    finally:
+        other.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    secret = base64.b64encode(f"opencode:{password}".encode())
+    assert secret not in other.received, "the cell's password went to another listener"
+
+
+def test_a_reattached_cell_never_takes_the_port_of_another_cell():
+    """Reattaching reserved the recorded port whoever held it: a port handed to a new cell
+    while the old server did not listen (the allocator skips only ports something listens
+    on) was then held by both, the new cell's server was sent the old cell's password, and
+    the reattach's failure released the new cell's port for a third cell."""
+    from reactor.infra.ports import PortAllocator, PortRange, PortTaken
+
+    ports = PortAllocator(PortRange(47000, 47010))
+    port = ports.allocate(owner="team-b.new.cell")
+    with pytest.raises(PortTaken):
+        ports.reserve(port, owner="team-a.old.cell")
+    assert ports.held() == {port: "team-b.new.cell"}
+    assert ports.reserve(port + 1, owner="team-a.old.cell") == port + 1  # a free one is reserved

@@ -15,6 +15,10 @@ class PortsExhausted(ReactorError):
     """Every port of the range is held by a cell or taken by another process."""
 
 
+class PortTaken(ReactorError):
+    """A port to reserve is held by another cell."""
+
+
 @dataclass(frozen=True)
 class PortRange:
     """Ports ``start`` up to but not including ``end`` (8000-9000 is 1000 ports, the design's default)."""
@@ -83,8 +87,12 @@ class PortAllocator:
 
     def reserve(self, port: int, owner: str) -> int:
         """Hold ``port``, which a running server already listens on (a cell reattached after
-        an operator restart): never handed out while held."""
+        an operator restart): never handed out while held. PortTaken when another cell holds
+        it already (it was free when that cell got it: the reattached server is not there)."""
         with self._lock:
+            holder = self._held.get(port)
+            if holder is not None and holder != owner:
+                raise PortTaken(f"port {port} is held by cell {holder}")
             self._held[port] = owner
             return port
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
@@ -262,12 +263,16 @@ class OpenCodeServer:
             offset = os.stat(server.log_path, follow_symlinks=False).st_size
         except OSError:
             offset = 0
-        async with httpx.AsyncClient(auth=("opencode", server.password), timeout=timeout) as http:
-            try:
-                response = await http.get(server.base_url + HEALTH_PATH)
-                healthy = response.status_code == 200 and response.json().get("healthy") is True
-            except (httpx.HTTPError, ValueError):
-                healthy = False
+        # The password goes only to a listener that is a process of this cell: a server that
+        # no longer listens leaves its port to whoever binds it next (fourth review).
+        healthy = await asyncio.to_thread(_listens_in_cell, live.record.launcher_pid, spec.port)
+        if healthy:
+            async with httpx.AsyncClient(auth=("opencode", server.password), timeout=timeout) as http:
+                try:
+                    response = await http.get(server.base_url + HEALTH_PATH)
+                    healthy = response.status_code == 200 and response.json().get("healthy") is True
+                except (httpx.HTTPError, ValueError):
+                    healthy = False
         if not healthy or not server.alive():
             server._live = None  # not ours to keep: the caller kills it with kill_live
             return None
@@ -495,6 +500,25 @@ class OpenCodeServer:
         except OSError:
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
+
+
+def _listens_in_cell(launcher_pid: int, port: int) -> bool:
+    """Whether what listens on 127.0.0.1:``port`` is a process of the cell whose launcher
+    (already proven, held by a pidfd) is ``launcher_pid``: one of its descendants holds the
+    listening socket."""
+    try:
+        processes = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return False
+    for process in processes:
+        try:
+            sockets = process.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(s.status == psutil.CONN_LISTEN and s.laddr.port == port
+               and s.laddr.ip in ("127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1") for s in sockets):
+            return True
+    return False
 
 
 def kill_marked(work_dir: Path, cell_id: str, owner: str) -> None:

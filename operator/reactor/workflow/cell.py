@@ -11,6 +11,7 @@ from typing import Any
 
 from reactor.infra.cellrecords import CellRecord, LiveCell, start_ticks
 from reactor.infra.confinement import CellPolicy
+from reactor.infra.ports import PortTaken
 from reactor.infra.processes import Owner
 from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec, keep_session_store, kill_live
 from reactor.infra.worktrees import Worktree, safe_component
@@ -199,7 +200,13 @@ class Cell:
         live.taken = True
         record = live.record
         owner = Owner.from_token(record.owner)  # its markers name the operator that started it
-        self.port = self.engine.ports.reserve(record.port, owner=self.cell_id)
+        try:
+            self.port = self.engine.ports.reserve(record.port, owner=self.cell_id)
+        except PortTaken as exc:  # another cell got it while it was free: not this cell's server there
+            log.warning("%s: cannot reattach: %s; stopping its cell, reopening the session", self.cell_id, exc)
+            self.live = live
+            await self.drop_live()
+            return False
         spec = self._server_spec(owner, max(1.0, record.deadline_at - time.time()))  # its launcher's deadline
         server = await OpenCodeServer.attach(spec, live)
         session = None
