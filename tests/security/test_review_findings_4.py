@@ -220,3 +220,47 @@ def test_a_reattached_cell_never_takes_the_port_of_another_cell():
         ports.reserve(port, owner="team-a.old.cell")
     assert ports.held() == {port: "team-b.new.cell"}
     assert ports.reserve(port + 1, owner="team-a.old.cell") == port + 1  # a free one is reserved
+
+
+def test_a_cells_record_names_the_launcher_as_spawned_not_what_holds_its_pid_later(tmp_path):
+    """The record a cell that may outlive its operator leaves for the next one (launcher pid
+    and start time) read the start time when the record was written, after the boot, the
+    event stream and the session: a launcher gone by then had its pid's next holder recorded,
+    which the next operator would then prove to be "the recorded launcher". The start time is
+    the one read right after the spawn, and a pid that no longer has it is not recorded."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from reactor.infra.cellrecords import CellRecords, start_ticks
+    from reactor.infra.processes import Owner
+    from reactor.infra.servers import OpenCodeServer, ServerSpec
+    from reactor.workflow.cell import Cell
+    from reactor.workflow.types import TaskSpec
+
+    spawned = subprocess.Popen(["sleep", "60"])  # the launcher as spawned
+    at_spawn = start_ticks(spawned.pid)
+    later = subprocess.Popen(["sleep", "60"])  # whatever holds that pid when the record is written
+    while start_ticks(later.pid) == at_spawn:  # a reused pid has a later start (clock ticks)
+        later.kill()
+        later.wait()
+        later = subprocess.Popen(["sleep", "60"])
+    try:
+        engine = SimpleNamespace(settings=SimpleNamespace(recovery=SimpleNamespace(boot_restarts=2)),
+                                 cells_dir=tmp_path / "cells", records=CellRecords(tmp_path / "operator"))
+        cell = Cell(TaskSpec(task_id="t", prompt="p", repo=tmp_path, test_command="true"), engine, "ns.t.cell")
+        server = OpenCodeServer(ServerSpec(binary="opencode", cwd=tmp_path, port=8123, cell_id="ns.t.cell",
+                                           state_dir=tmp_path / "state", work_dir=tmp_path, owner=Owner.current(),
+                                           outlive_deadline=60.0))
+        server.launcher_start = at_spawn  # what start() read right after the spawn
+        cell.server, cell.session_id = server, "ses"
+        server._process = SimpleNamespace(pid=spawned.pid, returncode=None)
+        cell.remember()
+        assert engine.records.read("ns.t.cell").launcher_start == at_spawn
+        engine.records.remove("ns.t.cell")
+        server._process = SimpleNamespace(pid=later.pid, returncode=None)  # the pid now another process's
+        cell.remember()
+        assert engine.records.read("ns.t.cell") is None, "a record naming another process"
+    finally:
+        for proc in (spawned, later):
+            proc.kill()
+            proc.wait()

@@ -40,7 +40,7 @@ import psutil
 from reactor import OPENCODE_VERSION
 from reactor.errors import ConfigurationError, ReactorError
 from reactor.infra import landlock, launcher, safefs
-from reactor.infra.cellrecords import LiveCell
+from reactor.infra.cellrecords import LiveCell, start_ticks
 from reactor.infra.confinement import CellPolicy
 from reactor.infra.processes import Owner, find_marked_processes, kill_process_group, marker_env
 
@@ -153,6 +153,9 @@ class OpenCodeServer:
         self.password = secrets.token_urlsafe(24)
         self._process: asyncio.subprocess.Process | None = None
         self._live: LiveCell | None = None  # a cell an earlier operator started (attach())
+        # The launcher's start time (infra/cellrecords.py), read right after the spawn: read
+        # later, its pid could have been reused by then and the record name another process.
+        self.launcher_start: int | None = None
         self._pump: asyncio.Task | None = None
         self._listening = asyncio.Event()
         self._swept = asyncio.Event()
@@ -227,6 +230,7 @@ class OpenCodeServer:
             launch.close()
             if output != asyncio.subprocess.PIPE:
                 os.close(output)
+        self.launcher_start = start_ticks(self._process.pid)  # our unreaped child: still the launcher
         self._pump = asyncio.create_task(self._pump_output() if output == asyncio.subprocess.PIPE
                                          else self._tail_log(offset), name=f"opencode-output-{spec.cell_id}")
         try:
@@ -259,6 +263,7 @@ class OpenCodeServer:
         caller then stops it (``stop()`` of the returned-None case: ``kill_live``)."""
         server = cls(spec)
         server.password, server._live = live.record.password, live
+        server.launcher_start = live.record.launcher_start
         try:
             offset = os.stat(server.log_path, follow_symlinks=False).st_size
         except OSError:

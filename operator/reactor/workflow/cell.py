@@ -247,8 +247,8 @@ class Cell:
         server = self.server
         if server is None or server.spec.outlive_deadline is None or self.session_id is None or server.pid is None:
             return
-        started = start_ticks(server.pid)
-        if started is None:
+        started = server.launcher_start  # read at the spawn, not now (its pid may be another's by now)
+        if started is None or start_ticks(server.pid) != started:  # the launcher is gone
             return
         self.engine.records.write(CellRecord(
             cell_id=self.cell_id, launcher_pid=server.pid, launcher_start=started, port=server.spec.port,
