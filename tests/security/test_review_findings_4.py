@@ -264,3 +264,36 @@ def test_a_cells_record_names_the_launcher_as_spawned_not_what_holds_its_pid_lat
         for proc in (spawned, later):
             proc.kill()
             proc.wait()
+
+
+# A launcher never idle: every time it would find no signal pending, a child of the cell has
+# just ended again (a cell can keep its children ending, or stopping and continuing, as fast
+# as it likes; here the stream is made certain instead of raced for).
+FLOODED = r'''
+import signal, sys, types
+from reactor.infra import landlock
+real = signal.sigtimedwait
+def flooded(signals, timeout):
+    return real(signals, timeout) or types.SimpleNamespace(si_signo=signal.SIGCHLD)
+signal.sigtimedwait = flooded
+sys.exit(landlock.supervise(["sleep", "60"], {"PATH": "/usr/bin:/bin"}, None, deadline=1.0, parent_death=False))
+'''
+
+
+def test_a_cell_that_never_lets_its_launcher_idle_still_ends_at_its_deadline():
+    """The launcher looked at its deadline only when a wait for signals found none: a cell
+    whose children end without pause (a SIGCHLD pending at every round) ran on past it, and a
+    cell outliving its operator has nothing else to end it. The deadline holds every round."""
+    import subprocess
+    import sys
+    import time
+
+    began = time.monotonic()
+    try:
+        run = subprocess.run([sys.executable, "-c", FLOODED], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the launcher ran on past its deadline of 1 s") from None
+    from reactor.infra.landlock import EXIT_DEADLINE
+
+    assert run.returncode == EXIT_DEADLINE, run.stderr
+    assert time.monotonic() - began < 20

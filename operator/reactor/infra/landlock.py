@@ -522,7 +522,10 @@ def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadlin
     expired, stopping = False, False
     while reaper.status is None:
         timeout = None if until is None else max(0.0, until - now())
-        info = signal.sigtimedwait(watched, timeout) if timeout is not None else signal.sigwaitinfo(watched)
+        # Checked every round, not only when no signal is pending: a cell whose children
+        # end (or stop and continue) without pause would otherwise hold its launcher past it.
+        info = None if timeout == 0.0 else (
+            signal.sigtimedwait(watched, timeout) if timeout is not None else signal.sigwaitinfo(watched))
         if info is None:  # deadline (or the grace after a stop) is over
             expired = not stopping
             break
