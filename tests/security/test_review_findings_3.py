@@ -90,10 +90,11 @@ async def test_a_cell_flooding_its_log_does_not_stall_the_operator(tmp_path):
             chunk = b"x" * (1 << 20)
             for _ in range(32):
                 out.write(chunk)
-            out.write(f"\n{landlock.SWEPT_LINE} 0 processes\n".encode())
+            out.write(f"\n{landlock.SWEPT_LINE} launch-token 0 processes\n".encode())
         spec = ServerSpec(binary="opencode", cwd=tmp_path, port=8123, cell_id="ns.t.cell",
                           state_dir=tmp_path / "state", work_dir=tmp_path, log_path=log_path, outlive_deadline=60.0)
         server = OpenCodeServer(spec)
+        server.sweep_token = "launch-token"  # its launcher's (fourth review: the cell's own line does not count)
         record = CellRecord("ns.t.cell", sleeper.pid, 0, 8123, "pw", "ses", Owner.current().token, 0.0)
         server._live = LiveCell(record, os.pidfd_open(sleeper.pid))
         follower = asyncio.create_task(server._tail_log(0))

@@ -297,3 +297,53 @@ def test_a_cell_that_never_lets_its_launcher_idle_still_ends_at_its_deadline():
 
     assert run.returncode == EXIT_DEADLINE, run.stderr
     assert time.monotonic() - began < 20
+
+
+# The cell's launcher as the operator sees it between its SIGUSR1 and the end of its sweep
+# (it has not swept yet: here it never does), and a process of the cell writing to the
+# output it shares with the server and the launcher: the launcher's own words.
+FORGER = r'''
+import os, signal, sys, time
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+if os.fork() == 0:  # the cell's process: the launcher's line, again and again
+    line = ("\n" + sys.argv[1] + " 0 processes\n").encode()
+    while True:
+        os.write(1, line)
+        time.sleep(0.01)
+print("running", flush=True)
+time.sleep(60)
+'''
+
+
+async def test_the_cell_cannot_say_for_its_launcher_that_it_was_swept(tmp_path):
+    """After the agent's turn the operator has the launcher kill every process of the cell
+    but the server, and waits for the launcher's line saying it did before it looks at the
+    changes and runs the tests. The cell writes the same output (the server's stdout, which
+    every process of the cell can reach): a process of the cell printing that line let the
+    operator go on to the tests while the cell's processes still ran. Only the launcher's
+    own line counts (it carries a token from the launch configuration, which the cell never
+    sees)."""
+    import sys
+
+    from reactor.errors import ReactorError
+    from reactor.infra import landlock
+    from reactor.infra.servers import OpenCodeServer, ServerSpec
+
+    spec = ServerSpec(binary="opencode", cwd=tmp_path, port=8123, cell_id="ns.t.cell", state_dir=tmp_path / "state",
+                      work_dir=tmp_path, log_path=tmp_path / "ns.t.cell.log")
+    server = OpenCodeServer(spec)
+    server._process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FORGER, landlock.SWEPT_LINE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        assert await server._process.stdout.readline() == b"running\n"
+        server._pump = asyncio.create_task(server._pump_output())
+        with pytest.raises(ReactorError, match="did not end the cell's other processes"):
+            await server.sweep(timeout=1.0)
+    finally:
+        import os
+        import signal
+
+        os.killpg(server._process.pid, signal.SIGKILL)
+        await server._process.wait()
+        await asyncio.wait_for(server._pump, 30)

@@ -17,7 +17,7 @@ consulted:
   fixed by the operator and a cell cannot change another process's;
 - the server's port and password (Reactor's own credential for that server, never a
   tenant's secret; a cell cannot read it), so the server can be asked whether it answers;
-- the agent's session id, and the launcher's deadline.
+- the agent's session id, the launcher's deadline, and the token its "swept" line carries.
 
 The task's own secrets are not recorded: the running server already has them.
 """
@@ -48,6 +48,7 @@ class CellRecord:
     session_id: str
     owner: str  # the Owner token in the cell's markers (the operator that started it)
     deadline_at: float  # epoch seconds: the launcher ends the cell then, operator or not
+    sweep_token: str = ""  # what its launcher's "swept" line carries ("": a record from before it did)
 
 
 def start_ticks(pid: int) -> int | None:

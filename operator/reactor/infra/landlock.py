@@ -491,11 +491,13 @@ class _Reaper:
 
 
 def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadline: float | None = None,
-              term_grace: float = 1.0, parent_death: bool = True) -> int:
+              term_grace: float = 1.0, parent_death: bool = True, sweep_token: str = "") -> int:
     """Run ``argv`` in a confined child and stay outside it as its subreaper. Returns the
     exit code to leave with: the child's (128+N for a signal), EXIT_DEADLINE when
     ``deadline`` (seconds) expired. Every descendant is gone when this returns.
-    SIGUSR1: kill every process of the cell but the main child, then say so on stdout.
+    SIGUSR1: kill every process of the cell but the main child, then say so on stdout, with
+    ``sweep_token`` (from the operator, never seen by the cell before that line: the cell
+    writes the same stdout, and its own "swept" line must not pass for ours).
     ``parent_death``: the parent's death stops the cell (PR_SET_PDEATHSIG); False only with
     a deadline (a cell meant to outlive its operator still ends with its time box)."""
     if not parent_death and deadline is None:
@@ -534,7 +536,7 @@ def supervise(argv: list[str], env: dict[str, str], policy: dict | None, deadlin
         elif info.si_signo == signal.SIGUSR1:
             swept = reaper.sweep()
             try:
-                os.write(1, f"\n{SWEPT_LINE} {swept} processes\n".encode())
+                os.write(1, f"\n{SWEPT_LINE} {sweep_token + ' ' if sweep_token else ''}{swept} processes\n".encode())
             except OSError:
                 pass
         elif not stopping:  # stop: the main child may end in its own way, briefly; then everything goes
@@ -581,7 +583,7 @@ def launch(config_fd: int, argv: list[str]) -> int:
         if name in os.environ:
             env[name] = os.environ[name]
     return supervise(argv, env, config.get("policy"), config.get("deadline"), config.get("term_grace", 1.0),
-                     config.get("parent_death", True) is not False)
+                     config.get("parent_death", True) is not False, str(config.get("sweep_token") or ""))
 
 
 def _which(name: str, path: str) -> str:

@@ -45,17 +45,19 @@ class Launch:
 
 def prepare(command: Sequence[str], env: dict[str, str], policy: dict | None, *, deadline: float | None = None,
             term_grace: float = 1.0, launcher_env: dict[str, str] | None = None, pass_env: Sequence[str] = (),
-            extra_fds: Sequence[int] = (), parent_death: bool = True) -> Launch:
+            extra_fds: Sequence[int] = (), parent_death: bool = True, sweep_token: str = "") -> Launch:
     """``policy``: ``CellPolicy.launch_policy(...)``, or None to run unconfined (still reaped,
     still with a fixed launcher environment). ``extra_fds``: descriptors the policy names
     (a net ruleset), handed over and closed with the Launch. ``pass_env``: variables the
     launcher copies from its own environment into the command's (set by a git that runs it).
     ``parent_death=False``: the command is not stopped when the caller dies (a cell meant to
-    outlive its operator); it needs a ``deadline``, which still ends it."""
+    outlive its operator); it needs a ``deadline``, which still ends it. ``sweep_token``: what
+    the launcher's "swept" line carries, so that the cell (which writes the same stdout)
+    cannot pass a line of its own for it."""
     if not parent_death and deadline is None:
         raise ValueError("a cell that may outlive its operator needs a deadline")
     config = {"env": env, "policy": policy, "deadline": deadline, "term_grace": term_grace, "pass_env": list(pass_env),
-              "parent_death": parent_death}
+              "parent_death": parent_death, "sweep_token": sweep_token}
     fd = os.memfd_create("reactor-launch", os.MFD_CLOEXEC)
     try:
         data = json.dumps(config).encode()

@@ -156,6 +156,9 @@ class OpenCodeServer:
         # The launcher's start time (infra/cellrecords.py), read right after the spawn: read
         # later, its pid could have been reused by then and the record name another process.
         self.launcher_start: int | None = None
+        # Carried by the launcher's "swept" line (the launch config, a memfd the cell never
+        # sees): the cell writes the same output and could print that line itself.
+        self.sweep_token = secrets.token_hex(12)
         self._pump: asyncio.Task | None = None
         self._listening = asyncio.Event()
         self._swept = asyncio.Event()
@@ -253,7 +256,8 @@ class OpenCodeServer:
             policy = spec.confinement.launch_policy(net_ruleset_fd=net)
         return launcher.prepare(argv, self.environment(), policy, term_grace=STOP_TERM_GRACE,
                                 launcher_env=marker_env(spec.cell_id, spec.owner, str(spec.work_dir)), extra_fds=fds,
-                                deadline=spec.outlive_deadline, parent_death=spec.outlive_deadline is None)
+                                deadline=spec.outlive_deadline, parent_death=spec.outlive_deadline is None,
+                                sweep_token=self.sweep_token)
 
     @classmethod
     async def attach(cls, spec: ServerSpec, live: LiveCell, timeout: float = 5.0) -> OpenCodeServer | None:
@@ -263,7 +267,7 @@ class OpenCodeServer:
         caller then stops it (``stop()`` of the returned-None case: ``kill_live``)."""
         server = cls(spec)
         server.password, server._live = live.record.password, live
-        server.launcher_start = live.record.launcher_start
+        server.launcher_start, server.sweep_token = live.record.launcher_start, live.record.sweep_token
         try:
             offset = os.stat(server.log_path, follow_symlinks=False).st_size
         except OSError:
@@ -372,14 +376,18 @@ class OpenCodeServer:
             os.close(fd)
 
     def _watch(self, recent: bytes, chunk: bytes) -> bytes:
-        """Notice the listening line and the launcher's word that it swept the cell."""
-        recent = (recent + chunk)[-4096:]
-        if not self._listening.is_set() and LISTENING_LINE.encode() in recent:
+        """Notice the listening line and the launcher's word that it swept the cell: its line
+        with this launch's token (the cell writes the same output; a cell started before
+        records held a token has none). Looked for in the whole chunk, then its end kept (a
+        line split across reads)."""
+        window = recent + chunk
+        if not self._listening.is_set() and LISTENING_LINE.encode() in window:
             self._listening.set()
-        if landlock.SWEPT_LINE.encode() in recent:
+        swept = f"{landlock.SWEPT_LINE} {self.sweep_token} " if self.sweep_token else landlock.SWEPT_LINE
+        if swept.encode() in window:
             self._swept.set()
-            recent = b""
-        return recent
+            return b""
+        return window[-4096:]
 
     async def _tail_log(self, offset: int) -> None:
         """A cell that may outlive the operator writes its output to the log itself (no cap:

@@ -253,7 +253,7 @@ class Cell:
         self.engine.records.write(CellRecord(
             cell_id=self.cell_id, launcher_pid=server.pid, launcher_start=started, port=server.spec.port,
             password=server.password, session_id=self.session_id, owner=server.spec.owner.token,
-            deadline_at=time.time() + server.spec.outlive_deadline))
+            deadline_at=time.time() + server.spec.outlive_deadline, sweep_token=server.sweep_token))
 
     async def _boot_once(self) -> None:
         assert self.worktree is not None
