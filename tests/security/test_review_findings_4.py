@@ -347,3 +347,48 @@ async def test_the_cell_cannot_say_for_its_launcher_that_it_was_swept(tmp_path):
         os.killpg(server._process.pid, signal.SIGKILL)
         await server._process.wait()
         await asyncio.wait_for(server._pump, 30)
+
+
+@pytest.mark.opencode
+@pytest.mark.timeout(600)
+async def test_a_cell_confined_by_laxer_rules_is_not_reattached_by_a_stricter_operator(repo, work_dir):
+    """A cell that outlived its operator keeps the Landlock domain it was started with (the
+    kernel's; nothing can change it). The next operator reattached to it whatever its own
+    rules were: one restarted with a port to protect (here its new --web page, with every
+    task's transcript), another protected path, or without --allow-unconfined, ran on a cell
+    its own rules would not have allowed until the cell's time box. Such a cell is stopped
+    and its session reopened under this operator's rules."""
+    import threading
+
+    from reactor.infra.cellrecords import verify
+    from reactor.infra.confinement import ConfinementSettings
+    from reactor.workflow.engine import Engine
+    from reactor.workflow.tcr import run_task
+    from reactor.workflow.types import Outcome, TaskSpec
+    from reactor_dev.testing.engine import engine_settings
+    from reactor_dev.testing.helpers import until
+    from reactor_dev.testing.killable_run import KillableRun
+    from reactor_dev.testing.matrix import process_alive
+    from reactor_dev.testing.scripted_model import Scenario, ScriptedModel, edit, set_event, text, wait_for, write
+
+    reached, never = threading.Event(), threading.Event()
+    steps = [write("notes.txt", "step one\n"), set_event(reached), wait_for(never),
+             edit("calc.py", "return a - b", "return a + b"), text("Fixed.")]
+    with ScriptedModel([Scenario("T-LAX", steps)]) as model:
+        spec = TaskSpec(task_id="T-LAX", prompt="T-LAX: fix add() in calc.py", repo=repo,
+                        test_command="python3 -m pytest -q", opencode_config=model.opencode_config(), timeout=300)
+        killed = KillableRun(spec, work_dir, "T-LAX", outlive=True).start()
+        try:
+            await until(reached.is_set, 240, "the agent's second model call")
+            session = killed.session_id()
+        finally:
+            killed.kill(cells=False)  # the run only: its cell runs on
+        stricter = ConfinementSettings(protected_ports=[18999])  # this operator's page, say
+        engine = Engine(engine_settings(work_dir, cells_outlive_operator=True, confinement=stricter))
+        record = engine.records.read("T-LAX")
+        live = verify(record, work_dir)
+        assert live is not None, "the recorded launcher runs on, and is provably the one recorded"
+        result = await run_task(spec, engine, None, cell_id="T-LAX", reopen_session=session, reattach=live)
+    assert result.outcome is Outcome.COMMITTED, result.message
+    assert result.resumed == "reopened", "the laxer cell was taken over as it was"
+    assert not process_alive(record.launcher_pid)

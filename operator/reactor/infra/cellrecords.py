@@ -17,7 +17,9 @@ consulted:
   fixed by the operator and a cell cannot change another process's;
 - the server's port and password (Reactor's own credential for that server, never a
   tenant's secret; a cell cannot read it), so the server can be asked whether it answers;
-- the agent's session id, the launcher's deadline, and the token its "swept" line carries.
+- the agent's session id, the launcher's deadline, the token its "swept" line carries, and
+  a digest of the confinement it was started with (a cell is reattached only by an operator
+  that would confine it the same way: one restarted with stricter flags reopens it instead).
 
 The task's own secrets are not recorded: the running server already has them.
 """
@@ -49,6 +51,9 @@ class CellRecord:
     owner: str  # the Owner token in the cell's markers (the operator that started it)
     deadline_at: float  # epoch seconds: the launcher ends the cell then, operator or not
     sweep_token: str = ""  # what its launcher's "swept" line carries ("": a record from before it did)
+    # The confinement it was started with (confinement.policy_fingerprint): reattached only
+    # by an operator that would confine it the same way ("": a record from before, never).
+    policy: str = ""
 
 
 def start_ticks(pid: int) -> int | None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -270,6 +272,12 @@ class CellPolicy:
     # the cell port range, except binding its own server's port.
     net: PortRulesets | None = None
 
+    def fingerprint(self) -> str:
+        """What the kernel enforces on a cell started with this policy, as a digest: a cell an
+        earlier operator started is reattached only under the same rules as this operator's
+        (infra/cellrecords.py)."""
+        return policy_fingerprint(self)
+
     def launch_policy(self, *, net_ruleset_fd: int | None = None, no_tcp: bool = False) -> dict:
         """The policy for the launcher. ``net_ruleset_fd``: the server's ruleset (from
         ``net.take(port)``, passed to the launcher); ``no_tcp``: no TCP at all (git runs)."""
@@ -281,6 +289,16 @@ class CellPolicy:
         if no_tcp:
             policy["no_tcp"] = True
         return policy
+
+
+def policy_fingerprint(policy: CellPolicy | None) -> str:
+    """``CellPolicy.fingerprint``; "unconfined" for no policy (--allow-unconfined)."""
+    if policy is None:
+        return "unconfined"
+    rules = {"read": sorted(policy.read), "write": sorted(policy.write), "abi": kernel_support().abi,
+             "denied_ports": sorted(policy.net.denied) if policy.net is not None else None,
+             "refuse_socket_families": list(launcher.REFUSED_SOCKET_FAMILIES), "oom_score_adj": CELL_OOM_SCORE_ADJ}
+    return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()
 
 
 class PortRulesets:

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from reactor.infra.cellrecords import CellRecord, LiveCell, start_ticks
-from reactor.infra.confinement import CellPolicy
+from reactor.infra.confinement import CellPolicy, policy_fingerprint
 from reactor.infra.ports import PortTaken
 from reactor.infra.processes import Owner
 from reactor.infra.servers import OpenCodeServer, ServerBootError, ServerSpec, keep_session_store, kill_live
@@ -200,6 +200,15 @@ class Cell:
         live.taken = True
         record = live.record
         owner = Owner.from_token(record.owner)  # its markers name the operator that started it
+        if record.policy != policy_fingerprint(self.policy):
+            # Its Landlock domain is the kernel's and cannot be changed: a cell confined by other
+            # rules than this operator's (restarted with stricter flags, or no longer
+            # --allow-unconfined) is not taken over; it is stopped and its session reopened.
+            log.warning("%s: its running cell was confined otherwise than this operator confines cells: "
+                        "stopping it, reopening the session", self.cell_id)
+            self.live = live
+            await self.drop_live()
+            return False
         try:
             self.port = self.engine.ports.reserve(record.port, owner=self.cell_id)
         except PortTaken as exc:  # another cell got it while it was free: not this cell's server there
@@ -253,7 +262,8 @@ class Cell:
         self.engine.records.write(CellRecord(
             cell_id=self.cell_id, launcher_pid=server.pid, launcher_start=started, port=server.spec.port,
             password=server.password, session_id=self.session_id, owner=server.spec.owner.token,
-            deadline_at=time.time() + server.spec.outlive_deadline, sweep_token=server.sweep_token))
+            deadline_at=time.time() + server.spec.outlive_deadline, sweep_token=server.sweep_token,
+            policy=policy_fingerprint(self.policy)))
 
     async def _boot_once(self) -> None:
         assert self.worktree is not None
