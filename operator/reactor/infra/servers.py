@@ -515,17 +515,26 @@ class OpenCodeServer:
         return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
 
 
+_LISTENER_SEARCH = 64  # processes looked at, nearest the launcher first: the server is at the top
+
+
 def _listens_in_cell(launcher_pid: int, port: int) -> bool:
     """Whether what listens on 127.0.0.1:``port`` is a process of the cell whose launcher
-    (already proven, held by a pidfd) is ``launcher_pid``: one of its descendants holds the
-    listening socket."""
+    (already proven, held by a pidfd) is ``launcher_pid``: its command (the oldest child:
+    everything else of the cell descends from it) or what that started holds the listening
+    socket. A bounded search: a cell of many processes must not hold the operator's thread."""
     try:
-        processes = psutil.Process(launcher_pid).children(recursive=True)
+        children = psutil.Process(launcher_pid).children()
+        queue = [min(children, key=lambda p: p.create_time())] if children else []
     except psutil.Error:
         return False
-    for process in processes:
+    for _ in range(_LISTENER_SEARCH):
+        if not queue:
+            break
+        process = queue.pop(0)
         try:
             sockets = process.net_connections(kind="tcp")
+            queue.extend(process.children())
         except psutil.Error:
             continue
         if any(s.status == psutil.CONN_LISTEN and s.laddr.port == port
