@@ -37,6 +37,10 @@ def _scope(nodeid: str) -> str:
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     # xdist's loadscope, scoped by module (the node's tests as one). Not `--dist loadgroup`:
     # under pytest 9 its groups are silently ignored (measured: marked tests still split).
+    # Only for `--dist loadscope` (what `make test` asks for): another mode chosen on the
+    # command line (`--dist each`, `load`) is xdist's own.
+    if config.getoption("dist") != "loadscope":
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleScheduling(LoadScopeScheduling):

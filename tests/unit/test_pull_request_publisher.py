@@ -21,7 +21,7 @@ from reactor.kube.pullrequests import (
     pull_request_base,
     pull_request_work,
 )
-from reactor.kube.resource import AgentTaskSpec, TaskRef
+from reactor.kube.resource import AgentTaskSpec, AgentTaskStatus, TaskRef
 
 REF = TaskRef("team", "child", "uid-child", "2026-01-01T00:00:00Z")
 COMMIT = "c" * 40
@@ -34,7 +34,8 @@ def spec(**fields: Any) -> AgentTaskSpec:
         "test": {"command": "true"}, "result": {"kind": "pullRequest", "forge": "gitea"}, **fields})
 
 
-FINAL = {"phase": "Succeeded", "result": {"pushed": True, "commit": COMMIT, "branch": "reactor/child"}}
+FINAL_FIELDS = {"phase": "Succeeded", "result": {"pushed": True, "commit": COMMIT, "branch": "reactor/child"}}
+FINAL = AgentTaskStatus.read(FINAL_FIELDS)
 
 
 def parent(name: str = "a", integrated: bool = False, branch: str | None = None) -> TaskView:
@@ -232,8 +233,8 @@ async def test_a_stacked_pr_targets_its_parents_branch_then_is_retargeted_once_t
 def test_which_finished_tasks_still_have_pull_request_work():
     recorded = {"number": 3, "headCommit": COMMIT, "state": "open"}
     assert pull_request_work(spec(), FINAL)
-    assert pull_request_work(spec(), {**FINAL, "pullRequest": recorded}), "followed while open"
-    assert not pull_request_work(spec(), {**FINAL, "pullRequest": {**recorded, "state": "merged"}})
-    assert pull_request_work(spec(), {**FINAL, "pullRequest": {**recorded, "headCommit": "d" * 40}})
+    assert pull_request_work(spec(), AgentTaskStatus.read({**FINAL_FIELDS, "pullRequest": recorded})), "followed while open"
+    assert not pull_request_work(spec(), AgentTaskStatus.read({**FINAL_FIELDS, "pullRequest": {**recorded, "state": "merged"}}))
+    assert pull_request_work(spec(), AgentTaskStatus.read({**FINAL_FIELDS, "pullRequest": {**recorded, "headCommit": "d" * 40}}))
     assert not pull_request_work(spec(result={"kind": "branch"}), FINAL)
-    assert not pull_request_work(spec(), {**FINAL, "phase": "Failed"})
+    assert not pull_request_work(spec(), AgentTaskStatus.read({**FINAL_FIELDS, "phase": "Failed"}))

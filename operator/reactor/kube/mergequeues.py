@@ -41,8 +41,8 @@ from reactor.durations import parse_duration
 from reactor.infra.mirrors import GitCredentials, RepositoryMirrors
 from reactor.kube.fleet import micro_time
 from reactor.kube.status import JSON_PATCH, json_patch_operations
-from reactor.kube.resource import (GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, MergeQueueSpec, TaskRef,
-                                   format_time, parse_time)
+from reactor.kube.resource import (GROUP, MERGEQUEUES, PLURAL, VERSION, AgentTaskSpec, AgentTaskStatus, MergeQueueSpec,
+                                   TaskRef, format_time, parse_time)
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import IntegrationStatus
 from reactor.forge import Forge
@@ -50,6 +50,7 @@ from reactor.mergequeue import (ConfinedTests, EntryState, ForgeMerge, MergeQueu
                                 QueueState)
 from reactor.observe.fleet import QUEUE_FINISHED_SHOWN, QueueView, QueueViews
 from reactor.observe.metrics import Metrics
+from reactor.workflow.types import Phase
 
 log = logging.getLogger(__name__)
 LEASE_PREFIX = "reactor-mergequeue-"
@@ -366,10 +367,10 @@ class _Driver:
         waiting, present = [], set()
         for body in listed.get("items", []):
             present.add(entry_id(body))
-            status = body.get("status") or {}
-            result = status.get("result") or {}
-            if (status.get("phase") != "Succeeded" or not result.get("pushed") or not result.get("commit")
-                    or (status.get("integration") or {}).get("state") != "Queued"
+            status = AgentTaskStatus.of(body)
+            result, integration = status.result, status.integration
+            if (status.phase is not Phase.SUCCEEDED or result is None or not result.pushed or not result.commit
+                    or integration is None or integration.state != "Queued"
                     or body["metadata"].get("deletionTimestamp")):
                 continue
             try:
@@ -380,13 +381,13 @@ class _Driver:
                 self._specs[entry_id(body)] = task
                 number = 0
                 if task.result.pull_request:
-                    pull = status.get("pullRequest") or {}
-                    if pull.get("headCommit") == result["commit"] and pull.get("state") == "open":
-                        number = int(pull.get("number") or 0)  # lands through the forge's merge
+                    pull = status.pull_request
+                    if pull is not None and pull.head_commit == result.commit and pull.state == "open":
+                        number = pull.number or 0  # lands through the forge's merge
                     elif not _pull_request_refused(status) and time.time() - (parse_time(
-                            status.get("completionTime")) or 0) < PULL_REQUEST_WAIT:
+                            status.completion_time) or 0) < PULL_REQUEST_WAIT:
                         continue  # its pull request is being opened (after the verdict): wait for it
-                waiting.append((status.get("completionTime") or "", entry_id(body), task, result["commit"], number))
+                waiting.append((status.completion_time or "", entry_id(body), task, result.commit, number))
         waiting.sort(key=lambda w: (w[0], w[1]))
         return [(entry, task, commit, number) for _, entry, task, commit, number in waiting], present
 
@@ -402,11 +403,11 @@ class _Driver:
                               ssh_private_key=data.get("ssh-privatekey"))
 
 
-def _pull_request_refused(status: dict) -> bool:
+def _pull_request_refused(status: AgentTaskStatus) -> bool:
     """The forge refused the task's pull request (kube/pullrequests.py gave up): its result
     is pushed like one without."""
-    return any(c.get("type") == "PullRequestOpened" and c.get("status") == "False" and c.get("reason") == "ForgeRefused"
-               for c in status.get("conditions") or [])
+    return any(c.type == "PullRequestOpened" and c.status == "False" and c.reason == "ForgeRefused"
+               for c in status.conditions)
 
 
 class _DepthCollector(Collector):

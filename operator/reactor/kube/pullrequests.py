@@ -60,10 +60,11 @@ from reactor.forge import (
     publish_pull_request,
 )
 from reactor.kube.dependencies import TaskView
-from reactor.kube.resource import AgentTaskSpec, TaskRef
+from reactor.kube.resource import AgentTaskSpec, AgentTaskStatus, ResultStatus, TaskRef, UsageStatus
 from reactor.kube.secrets import SecretReader
 from reactor.kube.status import ClaimLost, TaskStatus
 from reactor.redact import Redactor, shorten
+from reactor.workflow.types import Phase
 
 log = logging.getLogger(__name__)
 
@@ -117,24 +118,20 @@ def pull_request_base(base: str, depends_on: tuple[str, ...] | list[str],
     return base, ""
 
 
-def facts_from(ref: TaskRef, spec: AgentTaskSpec, status: dict[str, Any]) -> PullRequestFacts:
+def facts_from(ref: TaskRef, spec: AgentTaskSpec, status: AgentTaskStatus) -> PullRequestFacts:
     """The PR body's facts from the task as recorded (so a restarted operator writes the same)."""
-    result = status.get("result") or {}
-    usage = status.get("usage") or {}
+    result = status.result or ResultStatus()
+    usage = status.usage or UsageStatus()
     task = spec.to_task_spec(ref, Path("."))
-    total = sum(int(usage.get(k) or 0) for k in ("inputTokens", "outputTokens", "reasoningTokens",
-                                                   "cacheReadTokens", "cacheWriteTokens"))
-    confined = result.get("confined")
     return PullRequestFacts(
-        task=str(ref), title=task.commit_message, commit=result.get("commit") or "", branch=result.get("branch") or task.branch,
+        task=str(ref), title=task.commit_message, commit=result.commit or "", branch=result.branch or task.branch,
         base=spec.repository.branch, prompt=spec.prompt, description=spec.description,
-        test_command=result.get("testCommand") or spec.test.command, test_exit_code=result.get("testExitCode"),
-        test_output_tail=result.get("testOutputTail") or "",
-        attempts=[Attempt(int(a.get("number") or i + 1), a.get("outcome") or "", a.get("note") or "")
-                  for i, a in enumerate(result.get("attempts") or [])],
-        files_changed=list(result.get("filesChanged") or []), input_tokens=int(usage.get("inputTokens") or 0),
-        output_tokens=int(usage.get("outputTokens") or 0), total_tokens=total, cost=float(usage.get("cost") or 0.0),
-        model=result.get("model") or spec.agent.model or "", confined=confined,
+        test_command=result.test_command or spec.test.command, test_exit_code=result.test_exit_code,
+        test_output_tail=result.test_output_tail or "",
+        attempts=[Attempt(a.number or i + 1, a.outcome, a.note) for i, a in enumerate(result.attempts or [])],
+        files_changed=list(result.files_changed), input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens, total_tokens=usage.total_tokens, cost=usage.cost,
+        model=result.model or spec.agent.model or "", confined=result.confined,
     )
 
 
@@ -149,21 +146,20 @@ def _redact_facts(facts: PullRequestFacts, redactor: Redactor) -> PullRequestFac
     })
 
 
-def wants_pull_request(spec: AgentTaskSpec, status: dict[str, Any]) -> bool:
-    result = status.get("result") or {}
-    return (spec.result.pull_request and status.get("phase") == "Succeeded" and bool(result.get("pushed"))
-            and bool(result.get("commit")))
+def wants_pull_request(spec: AgentTaskSpec, status: AgentTaskStatus) -> bool:
+    result = status.result
+    return (spec.result.pull_request and status.phase is Phase.SUCCEEDED and result is not None
+            and bool(result.pushed) and bool(result.commit))
 
 
-def pull_request_work(spec: AgentTaskSpec, status: dict[str, Any]) -> bool:
+def pull_request_work(spec: AgentTaskSpec, status: AgentTaskStatus) -> bool:
     """A finished task still has PR work: its PR is not recorded at its commit (the operator
     or replica died between the push and the PR), or it is open (followed until merged or
     closed)."""
     if not wants_pull_request(spec, status):
         return False
-    recorded = status.get("pullRequest") or {}
-    commit = (status.get("result") or {}).get("commit")
-    return recorded.get("headCommit") != commit or not recorded.get("number") or recorded.get("state") == "open"
+    recorded = status.pull_request
+    return recorded is None or recorded.head_commit != status.commit or not recorded.number or recorded.state == "open"
 
 
 async def _write(ref: TaskRef, status: TaskStatus, *args: Any) -> None:
@@ -230,24 +226,23 @@ class PullRequests:
 
     # -- what the supervisor calls --
 
-    def after_run(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, final_status: dict[str, Any]) -> None:
+    def after_run(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, final_status: AgentTaskStatus) -> None:
         """A run ended: open (or update) the task's PR when it wants one and pushed."""
         if wants_pull_request(spec, final_status):
             self._start(ref, spec, status, final_status)
 
-    def resume(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, current: dict[str, Any]) -> None:
+    def resume(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, current: AgentTaskStatus) -> None:
         """A finished task found at start-up (or, in a fleet, claimed for its PR): publish when
         its PR is not recorded at its commit (the operator died between the push and the PR),
         else follow it while open."""
         if not pull_request_work(spec, current):
             self._done(ref)
             return
-        recorded = current.get("pullRequest") or {}
-        commit = (current.get("result") or {}).get("commit")
-        if recorded.get("headCommit") != commit or not recorded.get("number"):
+        recorded = current.pull_request
+        if recorded is None or recorded.head_commit != current.commit or not recorded.number:
             self._start(ref, spec, status, current)
         else:
-            self._start(ref, spec, status, current, follow_only=int(recorded["number"]))
+            self._start(ref, spec, status, current, follow_only=recorded.number)
 
     def busy(self, uid: str) -> bool:
         """This replica is opening or following the task's PR (a fleet keeps its claim meanwhile)."""
@@ -280,7 +275,7 @@ class PullRequests:
 
     # -- publishing --
 
-    def _start(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, current: dict[str, Any],
+    def _start(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, current: AgentTaskStatus,
                follow_only: int | None = None) -> None:
         running = self._publishers.get(ref.uid)
         if running is not None and not running.done():
@@ -359,7 +354,7 @@ class PullRequests:
         return (dataclasses.replace(facts, base=target, stacked_on=parent, retarget_to=base if parent else ""),
                 tuple(b for b in others if b != target))
 
-    async def _publish(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, current: dict[str, Any],
+    async def _publish(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus, current: AgentTaskStatus,
                        follow_only: int | None) -> None:
         try:
             await self._publish_until_done(ref, spec, status, current, follow_only)
@@ -367,7 +362,7 @@ class PullRequests:
             log.warning("%s: %s", ref, exc)
 
     async def _publish_until_done(self, ref: TaskRef, spec: AgentTaskSpec, status: TaskStatus,
-                                  current: dict[str, Any], follow_only: int | None) -> None:
+                                  current: AgentTaskStatus, follow_only: int | None) -> None:
         facts = facts_from(ref, spec, current)
         delays = retry_delays(self.settings.retry_first, self.settings.retry_max)
         not_found = 0  # 404s so far (see NOT_FOUND_TRIES)

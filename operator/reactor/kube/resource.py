@@ -153,6 +153,14 @@ class CellStatus(_Status):
     start_commit: str | None = Field(default=None, alias="startCommit")  # what its checkout started from
 
 
+class AttemptStatus(_Status):
+    """One try of the agent within a run (``status.result.attempts``; the PR body lists them)."""
+
+    number: int | None = None
+    outcome: str = ""
+    note: str = ""
+
+
 class ResultStatus(_Status):
     outcome: str | None = None
     branch: str | None = None
@@ -165,6 +173,10 @@ class ResultStatus(_Status):
     start_commit: str | None = Field(default=None, alias="startCommit")  # the commit the cell started from
     resumed: str | None = None  # reopened | restarted: taken over from a run an operator crash cut off
     resumed_from: str | None = Field(default=None, alias="resumedFrom")  # a lost replica's green commit
+    test_command: str | None = Field(default=None, alias="testCommand")
+    model: str | None = None
+    attempts: list[AttemptStatus] | None = None
+    confined: bool | None = None  # whether the cell ran under Landlock
 
     def as_written(self) -> dict[str, Any]:
         """The fields as the status holds them (to carry a first run's result into a resumed one)."""
@@ -275,6 +287,10 @@ class AgentTaskStatus(_Status):
     @property
     def commit(self) -> str | None:
         return self.result.commit if self.result is not None else None
+
+    def conditions_as_written(self) -> list[dict[str, Any]]:
+        """The conditions as the status holds them (for a writer that takes a finished task up)."""
+        return [c.model_dump(by_alias=True, exclude_none=True) for c in self.conditions]
 
 
 class ReplicaSpend(_Status):

@@ -413,7 +413,7 @@ class Supervisor:
             spec = AgentTaskSpec.model_validate(body["spec"])
         except ValueError:
             return
-        if not pull_request_work(spec, body.get("status") or {}):
+        if not pull_request_work(spec, AgentTaskStatus.of(body)):
             return
         self._adopting.add(ref.uid)
         self._spawn(self._claim_pull_request(ref, spec, body))
@@ -429,8 +429,8 @@ class Supervisor:
                 return
             log.info("%s: claimed to take up its pull request", ref)
             found = AgentTaskStatus.of(body)
-            status.phase, status.conditions = found.phase, list((body.get("status") or {}).get("conditions") or [])
-            self.pull_requests.resume(ref, spec, status, body.get("status") or {})
+            status.phase, status.conditions = found.phase, found.conditions_as_written()
+            self.pull_requests.resume(ref, spec, status, found)
         except Exception:  # noqa: BLE001 - the next look at the Leases tries again
             log.exception("%s: cannot take up its pull request", ref)
             self.ownership.release(ref)
@@ -697,7 +697,7 @@ class Supervisor:
             if event.phase.terminal and status.final is not None:
                 # The pull request (kube/pullrequests.py) is opened in the background once the
                 # verdict is written: no slot held, and the verdict stands whatever the forge says.
-                self.pull_requests.after_run(ref, spec, status, status.final)
+                self.pull_requests.after_run(ref, spec, status, AgentTaskStatus.read(status.final))
 
         self._controls[ref.uid] = (ref, control)
         try:
@@ -752,8 +752,8 @@ class Supervisor:
         commit (the operator died between the push and the PR) is published now; an open one
         is followed. (A fleet claims the task first: ``_adopt_pull_request``.)"""
         finished = TaskStatus(self.status, ref, body["metadata"].get("generation"), status.attempts)
-        finished.phase, finished.conditions = status.phase, list((body.get("status") or {}).get("conditions") or [])
-        self.pull_requests.resume(ref, AgentTaskSpec.model_validate(body["spec"]), finished, body.get("status") or {})
+        finished.phase, finished.conditions = status.phase, status.conditions_as_written()
+        self.pull_requests.resume(ref, AgentTaskSpec.model_validate(body["spec"]), finished, status)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
