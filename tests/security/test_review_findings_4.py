@@ -106,7 +106,7 @@ async def test_a_forge_answering_garbage_leaves_the_task_a_condition_saying_so()
     succeeded task with nothing to say where its pull request went. The publisher ends with
     PullRequestOpened False, saying why."""
     from reactor.kube.pullrequests import PullRequests, PullRequestSettings
-    from reactor.kube.resource import AgentTaskSpec, TaskRef
+    from reactor.kube.resource import AgentTaskSpec, AgentTaskStatus, TaskRef
 
     for answer in (b"<html>not an API</html>", b'{"state": "open"}', b"[1, 2]", b'{"number": "twelve"}'):
         forge = _GarbageForge(answer)
@@ -114,7 +114,8 @@ async def test_a_forge_answering_garbage_leaves_the_task_a_condition_saying_so()
             spec = AgentTaskSpec.model_validate({
                 "prompt": "p", "repository": {"url": f"{forge.url}/o/r.git"}, "test": {"command": "true"},
                 "result": {"kind": "pullRequest", "forge": "gitea", "tokenSecretRef": {"name": "tenant-forge"}}})
-            current = {"phase": "Succeeded", "result": {"pushed": True, "commit": "a" * 40, "branch": "reactor/t"}}
+            current = AgentTaskStatus.of({"status": {"phase": "Succeeded", "result": {
+                "pushed": True, "commit": "a" * 40, "branch": "reactor/t"}}})
             status = _PullRequestStatus()
             prs = PullRequests(_TenantSecrets(), PullRequestSettings(retry_first=0.01, retry_max=0.01))
             await asyncio.wait_for(prs._publish(TaskRef("team-a", "t", "uid", ""), spec, status, current, None), 30)
