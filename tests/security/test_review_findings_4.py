@@ -393,3 +393,31 @@ async def test_a_cell_confined_by_laxer_rules_is_not_reattached_by_a_stricter_op
     assert result.outcome is Outcome.COMMITTED, result.message
     assert result.resumed == "reopened", "the laxer cell was taken over as it was"
     assert not process_alive(record.launcher_pid)
+
+
+def test_the_merge_queues_push_to_a_pull_requests_head_has_a_deadline(tmp_path):
+    """The second review gave the queue's git to a tenant's remote a deadline (a remote that
+    never answers held a thread of the operator's shared executor forever: enough queues
+    naming one starved every tenant's tasks). The push that points a result's pull request at
+    the tested candidate, before the forge's merge, came later and had none: a tenant whose
+    forge shows an open pull request at its result, and whose git remote then never answers,
+    held that thread again. It ends (GitTimeout)."""
+    import socket
+    import time
+
+    from reactor.infra.git import GitError, git
+    from reactor.mergequeue.base import PushedBranch
+    from reactor_dev.testing.repos import make_repo
+
+    with socket.socket() as tarpit:  # accepts connections (the kernel's backlog), says nothing
+        tarpit.bind(("127.0.0.1", 0))
+        tarpit.listen(64)
+        mirror = tmp_path / "mirror.git"
+        git(tmp_path, "clone", "--quiet", "--bare", str(make_repo(tmp_path / "repo")), str(mirror))
+        git(mirror, "config", "remote.origin.url", f"http://127.0.0.1:{tarpit.getsockname()[1]}/app.git")
+        tip = git(mirror, "rev-parse", "main")
+        branch = PushedBranch(mirror, "origin", "main", deadline=2.0)
+        started = time.monotonic()
+        with pytest.raises(GitError):
+            branch.push_head("reactor/t", tip, tip)
+        assert time.monotonic() - started < 30, "held past the queue's git deadline"

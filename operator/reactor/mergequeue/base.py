@@ -102,7 +102,7 @@ class PushedBranch:
         try:
             with self.credentials.environment() as auth:
                 git(self.repo, "push", "--quiet", "--no-verify", f"--force-with-lease={ref}:{expected}", self._url(),
-                    f"{new}:{ref}", env=auth.env, pass_fds=auth.fds)
+                    f"{new}:{ref}", env=auth.env, pass_fds=auth.fds, timeout=self.deadline)
         except GitError as exc:
             if "stale info" in exc.stderr or "rejected" in exc.stderr:
                 return False
