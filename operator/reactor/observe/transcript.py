@@ -194,8 +194,19 @@ class TranscriptStore:
                 await signal.wait()
 
 
+# C0 and C1 control characters but newline and tab: a terminal obeys them (colours, cursor
+# moves that overwrite lines shown, a title, OSC 52's write to the clipboard).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def render(record: dict[str, Any]) -> str:
-    """One transcript record as a line of text (``reactor logs``)."""
+    """One transcript record as a line of text (``reactor logs``). The text is the cell's (its
+    agent's words, its commands' output): its control characters are shown as escapes, never
+    sent to the reader's terminal as they are."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", _render(record))
+
+
+def _render(record: dict[str, Any]) -> str:
     when = str(record.get("time", ""))[11:19]
     kind = record.get("kind")
     if kind == "phase":
