@@ -109,7 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def report(event) -> None:
         where = f" (port {event.cell.port})" if event.phase.value == "Executing" and event.cell.port else ""
-        print(f"[{event.task_id}] {event.phase.value}{where}{': ' + event.message if event.message else ''}",
+        from reactor.observe.transcript import printable  # the message may quote the cell
+
+        print(printable(f"[{event.task_id}] {event.phase.value}{where}{': ' + event.message if event.message else ''}"),
               file=sys.stderr, flush=True)
 
     async def run_all():

@@ -11,6 +11,7 @@ from typing import TextIO
 from reactor.opencode.events import Event
 from reactor.observe.observation import LOCAL_NAMESPACE, Observatory
 from reactor.observe.progress import Milestone
+from reactor.observe.transcript import printable
 from reactor.observe.web import WebServer, parse_address
 from reactor.workflow.control import TaskControl
 from reactor.workflow.engine import Engine
@@ -46,7 +47,7 @@ async def _run_one(spec: TaskSpec, engine: Engine, observatory: Observatory,
     control = TaskControl()
 
     def milestone(m: Milestone) -> None:
-        print(f"[{spec.task_id}] {m.reason}: {m.message}", file=out, flush=True)
+        print(printable(f"[{spec.task_id}] {m.reason}: {m.message}"), file=out, flush=True)
 
     observation = observatory.observe(LOCAL_NAMESPACE, spec.task_id, control, list(spec.env.values()), milestone)
     shown = [""]
@@ -56,7 +57,7 @@ async def _run_one(spec: TaskSpec, engine: Engine, observatory: Observatory,
         activity = observation.progress.activity
         if activity and activity != shown[0] and activity not in ("thinking", "prompting the agent"):
             shown[0] = activity
-            print(f"[{spec.task_id}]   {activity}  ({control.spend.describe()})", file=out, flush=True)
+            print(printable(f"[{spec.task_id}]   {activity}  ({control.spend.describe()})"), file=out, flush=True)
 
     async def on_phase(event: PhaseEvent) -> None:
         observation.on_phase(event)

@@ -199,11 +199,16 @@ class TranscriptStore:
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def printable(text: str) -> str:
+    """A cell's text as a terminal may show it: its control characters as escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def render(record: dict[str, Any]) -> str:
     """One transcript record as a line of text (``reactor logs``). The text is the cell's (its
     agent's words, its commands' output): its control characters are shown as escapes, never
     sent to the reader's terminal as they are."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", _render(record))
+    return printable(_render(record))
 
 
 def _render(record: dict[str, Any]) -> str:
