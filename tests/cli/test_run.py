@@ -162,7 +162,7 @@ def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, co
                     break
             assert seen and "[CTRL-C] Committing" in seen[-1], "".join(seen)
             deadline = time.monotonic() + 60
-            while not hanging_filters():  # the commit's `git add` is stuck in the filter
+            while not hanging_filters(work_dir):  # the commit's `git add` is stuck in the filter
                 assert time.monotonic() < deadline and run.poll() is None, "the filter never ran"
                 time.sleep(0.05)
             os.kill(run.pid, signal.SIGINT)
@@ -171,6 +171,6 @@ def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, co
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
                 run.wait()
-    assert hanging_filters() == [] and find_marked_processes(str(work_dir.resolve())) == []
+    assert hanging_filters(work_dir) == [] and find_marked_processes(str(work_dir.resolve())) == []
     assert worktrees_of(repo, work_dir) == [] and git(repo, "branch", "--list", "reactor/*") == ""
     assert not any((work_dir / "cells").iterdir()) if (work_dir / "cells").exists() else True

@@ -169,5 +169,5 @@ async def test_a_commit_that_hangs_ends_at_its_deadline_with_timeout_and_leaves_
     assert Phase.COMMITTING in phases and result.test_exit_code == 0, "the tests passed; the commit hung"
     assert result.phase_durations["Committing"] < grace + 5, result.phase_durations  # not the rest of the box
     assert git(repo, "branch", "--list", "reactor/T-HANG-COMMIT") == "" and result.commit is None
-    assert hanging_filters() == []
+    assert hanging_filters(work_dir) == []
     assert_nothing_left(repo, engine)

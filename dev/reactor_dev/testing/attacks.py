@@ -234,12 +234,18 @@ def plant_hanging_filter() -> Step:
                 "fi; cat' && echo '*.py filter=hang' > .gitattributes")
 
 
-def hanging_filters() -> list[int]:
-    """PIDs of planted filters still running, anywhere."""
+def hanging_filters(under: Path) -> list[int]:
+    """PIDs of planted filters still running in a checkout under ``under`` (a test's work dir:
+    a test on the other worker plants the same filter in its own)."""
     import psutil
 
-    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-            if (p.info["cmdline"] or [])[-1:] == [HANGING_FILTER_SECONDS] and "sleep" in (p.info["cmdline"] or [""])[0]]
+    root = str(Path(under).resolve()) + os.sep
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        cmdline = p.info["cmdline"] or [""]
+        if cmdline[-1:] == [HANGING_FILTER_SECONDS] and "sleep" in cmdline[0] and (p.info["cwd"] or "").startswith(root):
+            found.append(p.info["pid"])
+    return found
 
 
 # -- the cell's process boundary: squatting ports, unix sockets outside, processes that stay --
