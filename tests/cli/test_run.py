@@ -153,7 +153,7 @@ def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, co
                                 "--opencode-config", config_file(model), "--port-range", port_range("18600-18700"),
                                 "--work-dir", str(work_dir)],
                                cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         try:
             seen = []
             for line in run.stderr:  # the phases, as the user sees them
@@ -166,7 +166,16 @@ def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, co
                 assert time.monotonic() < deadline and run.poll() is None, "the filter never ran"
                 time.sleep(0.05)
             os.kill(run.pid, signal.SIGINT)
-            assert run.wait(timeout=30) == 130
+            try:
+                assert run.wait(timeout=30) == 130
+            except subprocess.TimeoutExpired:  # where it waits: its threads' stacks (faulthandler)
+                os.kill(run.pid, signal.SIGABRT)
+                try:
+                    rest = run.communicate(timeout=10)[1]
+                except subprocess.TimeoutExpired:
+                    os.killpg(run.pid, signal.SIGKILL)
+                    rest = run.communicate()[1]
+                pytest.fail("still running 30 s after SIGINT; its stderr:\n" + "".join(seen) + rest)
         finally:
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
