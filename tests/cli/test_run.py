@@ -142,6 +142,16 @@ def test_cleanup_after_a_crashed_run(repo, work_dir, config_file):
     assert worktrees_of(repo, work_dir) == [] and git(repo, "branch", "--list", "reactor/*") == ""
 
 
+def signal_state(pid: int) -> str:
+    """The process's (and each thread's) blocked, ignored, caught and pending signal masks."""
+    lines = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        with open(f"/proc/{pid}/task/{task}/status") as status:
+            masks = [line.split() for line in status if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+        lines.append(f"{task}: " + " ".join(f"{k}{v}" for k, v in masks))
+    return "; ".join(lines)
+
+
 @pytest.mark.timeout(400)
 def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, config_file):
     """Ctrl-C's signal, sent to `reactor run` alone (not its process group, so Reactor itself
@@ -165,10 +175,12 @@ def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, co
             while not hanging_filters(work_dir):  # the commit's `git add` is stuck in the filter
                 assert time.monotonic() < deadline and run.poll() is None, "the filter never ran"
                 time.sleep(0.05)
+            before = signal_state(run.pid)
             os.kill(run.pid, signal.SIGINT)
             try:
                 assert run.wait(timeout=30) == 130
-            except subprocess.TimeoutExpired:  # where it waits: its threads' stacks (faulthandler)
+            except subprocess.TimeoutExpired:  # where it waits: its signal state, its threads' stacks (faulthandler)
+                seen.append(f"signal state before SIGINT: {before}; 30 s after: {signal_state(run.pid)}\n")
                 os.kill(run.pid, signal.SIGABRT)
                 try:
                     rest = run.communicate(timeout=10)[1]

@@ -38,10 +38,12 @@ class OperatorProcess:
         self.log_path = work_dir / "operator.log"
         self._api = None
 
-    def start(self, live: bool = True) -> OperatorProcess:
+    def start(self, live: bool = True, liveness_port: int | None = None) -> OperatorProcess:
         """``live``: return once kopf's liveness endpoint answers; False: at once (an
-        operator meant to die at a crash hook may get there before it is live)."""
-        port = self.liveness_port = free_port()
+        operator meant to die at a crash hook may get there before it is live).
+        ``liveness_port``: its predecessor's (a restarted pod keeps its ports; they are part of
+        the cells' confinement, so a reattached cell's rules match only with the same ones)."""
+        port = self.liveness_port = liveness_port or free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -129,9 +131,12 @@ def operators(cluster, namespace: str, work_dir: Path, kubeconfig: Path | None =
 
     def start(*args: str, work_dir: Path = work_dir, live: bool = True) -> OperatorProcess:
         """``work_dir``: a replica of a fleet has its own (its own volume, in a StatefulSet);
+        an operator started again on a work dir is that replica restarted, on its ports;
         ``live``: see OperatorProcess.start."""
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-        proc = OperatorProcess(cluster, namespace, work_dir, *args, kubeconfig=kubeconfig).start(live)
+        before = next((p.liveness_port for p in reversed(started) if Path(p.work_dir) == Path(work_dir)
+                       and p.process is not None and p.process.poll() is not None), None)  # (a live one holds it)
+        proc = OperatorProcess(cluster, namespace, work_dir, *args, kubeconfig=kubeconfig).start(live, before)
         started.append(proc)
         return proc
 
