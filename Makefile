@@ -68,7 +68,7 @@ envtest:
 	@hack/envtest/build.sh
 
 # Gitea 1.26, the real forge the pull-request tests (tests/forge) open PRs on: built from Go
-# modules once into ~/.cache/reactor-forge/ (5-10 min cold on 2 cores, then instant).
+# modules once into ~/.cache/reactor-forge/ (~3 min cold on 2 quiet cores, then instant).
 forge:
 	@hack/forge/build.sh >/dev/null
 

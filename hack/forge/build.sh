@@ -51,7 +51,7 @@ if is_current; then
 fi
 
 log "building Gitea $version into $bin"
-log "a cold build takes ~5-10 min on 2 cores; later runs are instant"
+log "a cold build takes ~3 min on 2 quiet cores (up to 9 under load); later runs are instant"
 
 export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=readonly" CGO_ENABLED=1
 (cd "$here/gitea" && "$go" mod download) \
