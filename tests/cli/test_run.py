@@ -158,7 +158,12 @@ def test_sigint_while_a_commit_hangs_exits_and_leaves_nothing(repo, work_dir, co
     must stop what runs) while a clean filter the agent planted hangs the commit: it exits
     130 and leaves no process, filter, worktree, branch or cell state."""
     with ScriptedModel([Scenario("CTRL-C", [plant_hanging_filter(), FIX, text("Fixed.")])]) as model:
-        run = subprocess.Popen([sys.executable, "-m", "reactor.cli", "run", "--task", "CTRL-C", "--prompt", "CTRL-C: x",
+        # Started as a terminal starts it: SIGINT at its default. A suite launched in the
+        # background of a script (`make test &`) inherits SIGINT ignored, which Python (and so
+        # reactor) rightly keeps; the signal would then never arrive (measured: three runs).
+        as_from_a_terminal = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                              "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
+        run = subprocess.Popen([*as_from_a_terminal, "-m", "reactor.cli", "run", "--task", "CTRL-C", "--prompt", "CTRL-C: x",
                                 "--test-cmd", f"python3 -m pytest -q && touch {TESTED_MARK}",
                                 "--opencode-config", config_file(model), "--port-range", port_range("18600-18700"),
                                 "--work-dir", str(work_dir)],
