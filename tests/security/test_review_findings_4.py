@@ -43,19 +43,20 @@ async def test_a_merge_queue_cannot_hand_the_operators_forge_token_to_its_own_ho
     assert read_from == ["git-creds"]
 
 
-class _GarbageForge:
-    """A tenant's own forge (spec.result.tokenSecretRef may name any host) answering every
-    request 200 with something that is not JSON (an HTML page). Counts the requests."""
+class _CannedHttp:
+    """A listener on 127.0.0.1 answering every request 200 with ``answer``; it counts the
+    requests and keeps what it was sent."""
 
-    def __init__(self, answer: bytes = b"<html>not an API</html>") -> None:
+    def __init__(self, answer: bytes, content_type: str = "text/html") -> None:
         import socket
         import threading
 
-        self.answer, self.requests = answer, 0
+        self.answer, self.content_type, self.requests, self.received = answer, content_type, 0, b""
         self.server = socket.socket()
         self.server.bind(("127.0.0.1", 0))
         self.server.listen(8)
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.port = self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -66,10 +67,11 @@ class _GarbageForge:
             except OSError:
                 return
             with connection:
-                connection.recv(65536)
+                self.received += connection.recv(65536)
                 self.requests += 1
-                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
-                                   b"Content-Length: %d\r\n\r\n%s" % (len(self.answer), self.answer))
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (self.content_type.encode(), len(self.answer),
+                                                                       self.answer))
 
     def close(self) -> None:
         import socket
@@ -77,6 +79,19 @@ class _GarbageForge:
         self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept
         self.server.close()
         self.thread.join(timeout=30)
+
+
+def _garbage_forge(answer: bytes = b"<html>not an API</html>") -> _CannedHttp:
+    """A tenant's own forge (spec.result.tokenSecretRef may name any host) answering every
+    request 200 with something that is not JSON (an HTML page)."""
+    return _CannedHttp(answer)
+
+
+def _listener() -> _CannedHttp:
+    """Something else listening on a cell's recorded port (any process of the machine, or
+    a port handed to another cell meanwhile): answers like a healthy server, keeps what it
+    was sent."""
+    return _CannedHttp(b'{"healthy": true, "version": "1"}', "application/json")
 
 
 class _TenantSecrets:
@@ -109,7 +124,7 @@ async def test_a_forge_answering_garbage_leaves_the_task_a_condition_saying_so()
     from reactor.kube.resource import AgentTaskSpec, AgentTaskStatus, TaskRef
 
     for answer in (b"<html>not an API</html>", b'{"state": "open"}', b"[1, 2]", b'{"number": "twelve"}'):
-        forge = _GarbageForge(answer)
+        forge = _garbage_forge(answer)
         try:
             spec = AgentTaskSpec.model_validate({
                 "prompt": "p", "repository": {"url": f"{forge.url}/o/r.git"}, "test": {"command": "true"},
@@ -126,43 +141,6 @@ async def test_a_forge_answering_garbage_leaves_the_task_a_condition_saying_so()
         assert "answer" in status.conditions[0]["message"], status.conditions[0]["message"]
 
 
-class _Listener:
-    """Something else listening on a cell's recorded port (any process of the machine, or
-    a port handed to another cell meanwhile): answers like a healthy server, keeps what it
-    was sent."""
-
-    def __init__(self) -> None:
-        import socket
-        import threading
-
-        self.received = b""
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(8)
-        self.port = self.server.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        body = b'{"healthy": true, "version": "1"}'
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return
-            with connection:
-                self.received += connection.recv(65536)
-                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-
-    def close(self) -> None:
-        import socket
-
-        self.server.shutdown(socket.SHUT_RDWR)
-        self.server.close()
-        self.thread.join(timeout=30)
-
-
 async def test_reattaching_never_sends_the_cells_password_to_another_listener(tmp_path):
     """A cell that outlived its operator is reattached once its launcher is proven (pid,
     start time, command line, markers); its server was then asked for its health with the
@@ -177,7 +155,7 @@ async def test_reattaching_never_sends_the_cells_password_to_another_listener(tm
     from reactor.infra.processes import Owner, marker_env
     from reactor.infra.servers import OpenCodeServer, ServerSpec, kill_live
 
-    other = _Listener()
+    other = _listener()
     server = tmp_path / "opencode"  # the cell's server: running, verified, but not listening
     server.write_text("#!/bin/sh\nexec sleep 60\n")
     server.chmod(0o755)
